@@ -1,0 +1,144 @@
+"""Typed configuration for `mt`.
+
+Hydra composes YAML from ``conf/`` on top of these dataclass schemas (registered in Hydra's
+ConfigStore), so an unknown key or a wrongly typed value is rejected before anything runs.
+Everything below the entry points takes these plain dataclasses, never a DictConfig:
+
+    cfg = OmegaConf.to_object(dict_config)   # -> TrainConfig
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
+
+
+@dataclass
+class DataConfig:
+    # Anything `datasets.load_dataset` accepts: a hub id ("bentrevett/multi30k", "wmt/wmt14"),
+    # a local folder with train/validation/test files (jsonl, json, csv, parquet, tsv), or a
+    # folder of parallel text files (train.de + train.en, ...).
+    path: str = "bentrevett/multi30k"
+    name: Optional[str] = None  # dataset configuration, e.g. "de-en" for wmt/wmt14
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    src: str = "de"
+    tgt: str = "en"
+    train_split: str = "train"
+    valid_split: str = "validation"  # aliases valid/val/dev are tried when missing
+    test_split: str = "test"
+    max_src_len: int = 100  # in subword tokens, EOS excluded
+    max_tgt_len: int = 100
+    max_len_ratio: float = 3.0  # drop pairs whose token length ratio exceeds this (either way)
+    max_train_examples: Optional[int] = None  # keep only the first N training pairs (debugging)
+    max_valid_examples: Optional[int] = None  # validate on the first N pairs only
+    num_proc: Optional[int] = None  # processes for datasets.map/filter
+    cache_dir: Optional[str] = None  # tokenizer/tokenized-split cache; default: <run dir>/../.cache? see data.py
+
+
+@dataclass
+class TokenizerConfig:
+    joint: bool = True  # one SentencePiece model for both languages
+    model_type: str = "unigram"  # unigram | bpe | char | word
+    vocab_size: int = 8000  # per model (joint: the shared vocabulary)
+    character_coverage: float = 1.0
+    input_sentence_size: int = 2_000_000  # sample this many sentences for training (0 = all)
+    seed: int = 1
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "auto"  # auto | triton | torch | cudnn
+    emb_dim: int = 512
+    hidden_dim: int = 512  # decoder hidden size; each encoder direction gets hidden_dim // 2
+    enc_layers: int = 2
+    dec_layers: int = 2
+    bidirectional: bool = True
+    attention: str = "general"  # dot | general | concat | bahdanau
+    bridge: str = "dense"  # dense | zero
+    input_feeding: bool = True
+    share_embeddings: bool = False  # source/target embeddings (needs tokenizer.joint=true)
+    tie_output: bool = True  # decoder input embedding = output projection (needs emb_dim == hidden_dim)
+    dropout: float = 0.3  # between layers and before the output layer
+    emb_dropout: float = 0.3
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    scheduler: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant
+    warmup_steps: int = 1000  # inverse_sqrt and constant: linear warm-up from 0
+    plateau_factor: float = 0.5  # plateau: multiply lr by this ...
+    plateau_patience: int = 2  # ... after this many validations without BLEU improvement
+    min_lr: float = 1e-6
+    clip_grad_norm: float = 5.0  # 0 disables clipping (the norm is logged either way)
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20000
+    max_epochs: int = 100
+    max_tokens: int = 4096  # target tokens per batch (per process)
+    max_sentences: int = 256  # cap on sentences per batch
+    eval_every: int = 1000  # validate every N steps (and at the end)
+    patience: int = 10  # early stopping: validations without BLEU improvement (0 = never stop)
+    log_every: int = 50
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    resume: bool = False  # continue from <run dir>/checkpoints/last.pt
+    num_workers: int = 0
+    valid_batch_size: int = 64  # sentences per greedy-decoding batch during validation
+    valid_max_len_a: float = 1.5  # greedy decode length limit: a * src_len + b
+    valid_max_len_b: int = 10
+    num_samples: int = 3  # sample translations written to TensorBoard per validation
+    attention_images: bool = True
+    progress: Optional[bool] = None  # tqdm: None = only when stderr is a TTY
+    num_threads: int = 0  # torch CPU threads (0 = torch default)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/*.yaml` can extend them (`defaults: [schema, ...]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="tokenizer", name="schema", node=TokenizerConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, torch-save-able dict of a config dataclass (stored in checkpoints)."""
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict` output, validating keys through OmegaConf."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.structured(TrainConfig)
+    return OmegaConf.to_object(OmegaConf.merge(base, d))  # type: ignore[return-value]

@@ -1,0 +1,86 @@
+"""THE gate cell: one LSTM implementation shared by the encoder and the decoder.
+
+Two functions make the contract (see `reference.py` for the maths and shapes):
+
+    cell_step(inp, c, weight, pre=None, bias=None, backend=...) -> (h', c')          # one step
+    lstm_sequence(xproj, w_hh, lengths=None, h0=None, c0=None, backend=...) -> (out, h_n, c_n)
+
+Backends:
+  "torch"   the pure-PyTorch reference (any device; the test oracle)
+  "triton"  fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)
+  "auto"    triton on CUDA tensors when Triton imports, torch elsewhere
+The model adds a third, "cudnn" (nn.LSTM / nn.LSTMCell on the same parameters), at module level.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run here (CUDA, or the CPU interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Turn "auto" into a concrete backend for tensors on `device`; validate the others."""
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        return backend
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "model.cell=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+            )
+        return backend
+    raise ValueError(f"unknown gate-cell backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _impl(backend: str):
+    if backend == "torch":
+        return reference
+    if backend == "triton":
+        from . import triton_cell
+
+        return triton_cell
+    raise ValueError(f"unresolved gate-cell backend {backend!r}")
+
+
+def cell_step(
+    inp: Tensor,
+    c: Tensor,
+    weight: Tensor,
+    pre: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step; see `reference.cell_step`."""
+    impl = _impl(resolve_backend(backend, inp.device))
+    return impl.cell_step(inp, c, weight, pre=pre, bias=bias)
+
+
+def lstm_sequence(
+    xproj: Tensor,
+    w_hh: Tensor,
+    lengths: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    c0: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over a whole sequence in 1 or 2 directions; see `reference.lstm_sequence`."""
+    impl = _impl(resolve_backend(backend, xproj.device))
+    return impl.lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)

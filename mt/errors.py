@@ -1,0 +1,17 @@
+"""User-facing errors: anything raised as MTError is printed as one line and exits non-zero."""
+
+
+class MTError(Exception):
+    """Bad input or configuration the user can fix (printed as `error: <message>`, exit 2)."""
+
+
+class DataError(MTError):
+    """The corpus cannot be found, read or used (missing path, split, language column...)."""
+
+
+class CheckpointError(MTError):
+    """A checkpoint is missing, corrupt, or does not fit the current configuration."""
+
+
+class TrainingDiverged(MTError):
+    """The loss became NaN or inf; training stopped and the last good checkpoint was kept."""

@@ -1,0 +1,191 @@
+"""The translation model: bidirectional LSTM encoder, attention, input-feeding LSTM decoder.
+
+    src (B, S) -> Encoder -> memory (B, S, H), final states -> bridge -> decoder state
+    tgt_in (B, T) -> Decoder: per step t
+        h_t    = LSTM stack([emb(y_{t-1}) ; feed_{t-1}], state)            # (B, H)
+        ctx_t  = attention(h_t, memory)                                      # (B, H)
+        feed_t = tanh(W_c [ctx_t ; h_t])   (Luong's attentional vector)      # (B, H)
+        logits = W_out dropout(feed_t)                                       # (B, V)
+
+Every LSTM runs through the shared gate cell (`mt.kernels`, backends "triton" / "torch") or,
+with `cell="cudnn"`, through nn.LSTM / nn.LSTMCell holding the very same parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .config import ModelConfig
+from .errors import MTError
+from .modules.attention import Attention
+from .modules.lstm import DecoderLSTM, EncoderLSTM, compute_dtype
+
+CELLS = ("auto", "triton", "torch", "cudnn")
+
+
+@dataclass
+class Memory:
+    """What the decoder attends to, computed once per source batch."""
+
+    out: Tensor  # (B, S, M) encoder outputs
+    keys: Tensor  # (B, S, Q) memory side of the attention scores
+    mask: Tensor  # (B, S) True at real source tokens
+    backend: str
+    weights: Optional[list[tuple[Tensor, Tensor]]] = None  # gate-cell step weights (decoding)
+
+    def index_select(self, idx: Tensor) -> "Memory":
+        return Memory(self.out.index_select(0, idx), self.keys.index_select(0, idx),
+                      self.mask.index_select(0, idx), self.backend, self.weights)
+
+
+@dataclass
+class DecoderState:
+    h: list[Tensor]  # per layer (B, H)
+    c: list[Tensor]  # per layer (B, H)
+    feed: Tensor  # (B, H) previous attentional vector (input feeding)
+
+    def index_select(self, idx: Tensor) -> "DecoderState":
+        """Reorder / repeat the batch (beam search)."""
+        return DecoderState([h.index_select(0, idx) for h in self.h],
+                            [c.index_select(0, idx) for c in self.c], self.feed.index_select(0, idx))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+        dirs = 2 if cfg.bidirectional else 1
+        if cfg.hidden_dim % dirs:
+            raise MTError(f"model.hidden_dim={cfg.hidden_dim} must be even for a bidirectional encoder")
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.rnn = EncoderLSTM(cfg.emb_dim, cfg.hidden_dim // dirs, cfg.enc_layers, cfg.bidirectional, cfg.dropout)
+
+    def forward(self, src: Tensor, src_len: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        """src (B, S), src_len (B,) -> out (B, S, H), h_n (L, B, H), c_n (L, B, H)."""
+        emb = self.emb_dropout(self.embedding(src))  # (B, S, E)
+        return self.rnn(emb, src_len, backend)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding, vocab_size: int):
+        super().__init__()
+        H = cfg.hidden_dim
+        self.cfg = cfg
+        self.embedding = embedding
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.rnn = DecoderLSTM(cfg.emb_dim, H if cfg.input_feeding else 0, H, cfg.dec_layers, cfg.dropout)
+        self.attention = Attention(cfg.attention, H, H)
+        self.combine = nn.Linear(2 * H, H, bias=False)  # W_c [ctx ; h]
+        self.out_dropout = nn.Dropout(cfg.dropout)
+        self.generator = nn.Linear(H, vocab_size)
+        if cfg.tie_output:
+            if cfg.emb_dim != H:
+                raise MTError(f"model.tie_output needs model.emb_dim == model.hidden_dim (got {cfg.emb_dim} and {H})")
+            self.generator.weight = embedding.weight
+        if cfg.bridge == "dense":
+            self.bridge_h = nn.Linear(H, H)
+            self.bridge_c = nn.Linear(H, H)
+        elif cfg.bridge != "zero":
+            raise MTError(f"unknown model.bridge={cfg.bridge!r}; choose dense or zero")
+
+    def init_state(self, h_enc: Tensor, c_enc: Tensor) -> DecoderState:
+        """Bridge: encoder final states (L_enc, B, H) -> decoder state. With equal depths layer l
+        starts from encoder layer l, otherwise every layer from the top encoder layer."""
+        L, (B, H) = self.cfg.dec_layers, h_enc.shape[1:]
+        acc = torch.promote_types(c_enc.dtype, torch.float32)  # the cell state is carried in fp32
+        src_layer = [l if h_enc.shape[0] == L else -1 for l in range(L)]
+        if self.cfg.bridge == "dense":
+            h = [torch.tanh(self.bridge_h(h_enc[k])) for k in src_layer]
+            c = [self.bridge_c(c_enc[k]).to(acc) for k in src_layer]
+        else:
+            h = [h_enc.new_zeros(B, H) for _ in range(L)]
+            c = [h_enc.new_zeros(B, H, dtype=acc) for _ in range(L)]
+        return DecoderState(h, c, h_enc.new_zeros(B, H))
+
+    def _step(self, x_t: Tensor, state: DecoderState, memory: Memory, weights) -> tuple[Tensor, DecoderState, Tensor]:
+        feed = state.feed if self.cfg.input_feeding else None
+        h, c = self.rnn.step(x_t, feed, state.h, state.c, memory.backend, weights)
+        top = h[-1]  # (B, H)
+        ctx, attn = self.attention(top, memory.keys, memory.out, memory.mask)  # (B, H), (B, S)
+        out = torch.tanh(self.combine(torch.cat([ctx.to(top.dtype), top], dim=-1)))  # (B, H)
+        return out, DecoderState(h, c, out), attn
+
+    def _inputs(self, tokens: Tensor, backend: str) -> tuple[Tensor, Optional[list]]:
+        emb = self.emb_dropout(self.embedding(tokens))  # (..., E)
+        if backend == "cudnn":
+            return emb, None
+        dtype = compute_dtype(emb.device, emb.dtype)
+        return self.rnn.precompute(emb, dtype), self.rnn.step_weights(dtype)
+
+    def forward(self, tgt_in: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: tgt_in (B, T) -> logits (B, T, V), attention (B, T, S)."""
+        x, weights = self._inputs(tgt_in, memory.backend)  # (B, T, E) or (B, T, 4H)
+        outs, attns = [], []
+        for t in range(tgt_in.shape[1]):
+            out, state, attn = self._step(x[:, t], state, memory, weights)
+            outs.append(out)
+            attns.append(attn)
+        hidden = torch.stack(outs, dim=1)  # (B, T, H)
+        return self.generator(self.out_dropout(hidden)), torch.stack(attns, dim=1)
+
+    def step(self, tokens: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, DecoderState, Tensor]:
+        """Incremental decoding: previous tokens (B,) -> log-probs (B, V), new state, attention (B, S)."""
+        emb = self.embedding(tokens)  # (B, E)
+        if memory.backend == "cudnn":
+            x = emb
+        else:
+            if memory.weights is None:
+                memory.weights = self.rnn.step_weights(compute_dtype(emb.device, emb.dtype))
+            x = self.rnn.precompute(emb, memory.weights[0][0].dtype)
+        out, state, attn = self._step(x, state, memory, memory.weights)
+        return torch.log_softmax(self.generator(out).float(), dim=-1), state, attn
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+        super().__init__()
+        if cfg.cell not in CELLS:
+            raise MTError(f"unknown model.cell={cfg.cell!r}; choose one of {', '.join(CELLS)}")
+        self.cfg = cfg
+        self.pad_id = pad_id
+        src_emb = nn.Embedding(src_vocab_size, cfg.emb_dim, padding_idx=pad_id)
+        if cfg.share_embeddings:
+            if src_vocab_size != tgt_vocab_size:
+                raise MTError("model.share_embeddings needs one joint vocabulary (tokenizer.joint=true)")
+            tgt_emb = src_emb
+        else:
+            tgt_emb = nn.Embedding(tgt_vocab_size, cfg.emb_dim, padding_idx=pad_id)
+        for emb in {id(src_emb): src_emb, id(tgt_emb): tgt_emb}.values():
+            nn.init.normal_(emb.weight, std=cfg.emb_dim**-0.5)
+            with torch.no_grad():
+                emb.weight[pad_id].zero_()
+        self.encoder = Encoder(cfg, src_emb)
+        self.decoder = Decoder(cfg, tgt_emb, tgt_vocab_size)
+
+    def backend(self, device: torch.device) -> str:
+        return "cudnn" if self.cfg.cell == "cudnn" else kernels.resolve_backend(self.cfg.cell, device)
+
+    def encode(self, src: Tensor, src_len: Tensor) -> tuple[Memory, DecoderState]:
+        """src (B, S), src_len (B,) -> attention memory and the decoder's initial state."""
+        backend = self.backend(src.device)
+        out, h, c = self.encoder(src, src_len, backend)  # (B, S, H), (L, B, H) x2
+        mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_len[:, None]  # (B, S)
+        memory = Memory(out, self.decoder.attention.keys(out), mask, backend)
+        return memory, self.decoder.init_state(h, c)
+
+    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced logits (B, T, V) and attention weights (B, T, S)."""
+        memory, state = self.encode(src, src_len)
+        return self.decoder(tgt_in, state, memory)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["Seq2Seq", "Memory", "DecoderState", "count_parameters"]

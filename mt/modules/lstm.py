@@ -1,0 +1,152 @@
+"""LSTM layers built on the shared gate cell (`mt.kernels`).
+
+Parameters live in `torch.nn.LSTM` / `torch.nn.LSTMCell` modules, so they have exactly cuDNN's
+layout and names (weight_ih_l0 (4H, K), weight_hh_l0 (4H, H), bias_ih_l0, bias_hh_l0, gate order
+i, f, g, o). The "cudnn" backend simply calls those modules; the "torch" and "triton" backends
+run the same parameters through our gate cell. Same weights, same outputs: `tests/test_model.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .. import kernels
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
+
+
+class EncoderLSTM(nn.Module):
+    """Multi-layer, optionally bidirectional LSTM over padded batches (right padding).
+
+    x: (B, T, I), lengths: (B,) -> out (B, T, D*H), h_n (L, B, D*H), c_n (L, B, D*H)
+    where D = 2 when bidirectional; the final states of both directions are concatenated per layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, dropout: float):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_dirs = 2 if bidirectional else 1
+        self.dropout = dropout
+        # Holds the parameters (cuDNN layout); applies dropout between layers like we do.
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
+                           bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
+
+    def _layer_params(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        sfx = [f"_l{layer}", f"_l{layer}_reverse"][: self.num_dirs]
+        r = self.rnn
+        return [(getattr(r, "weight_ih" + s), getattr(r, "weight_hh" + s),
+                 getattr(r, "bias_ih" + s), getattr(r, "bias_hh" + s)) for s in sfx]
+
+    def forward(self, x: Tensor, lengths: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        if backend == "cudnn":
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, (h, c) = self.rnn(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)  # (B, T, D*H)
+            h = h.view(self.num_layers, self.num_dirs, B, -1)
+            c = c.view(self.num_layers, self.num_dirs, B, -1)
+        else:
+            dtype = compute_dtype(x.device, x.dtype)
+            hs, cs = [], []
+            inp = x  # (B, T, I)
+            for layer in range(self.num_layers):
+                if layer > 0:
+                    inp = F.dropout(inp, self.dropout, self.training)
+                params = self._layer_params(layer)
+                w_ih = torch.stack([p[0] for p in params]).to(dtype)  # (D, 4H, I)
+                bias = torch.stack([p[2] + p[3] for p in params]).to(dtype)  # (D, 4H)
+                # The input part of every gate, for all steps and both directions: one matmul.
+                xproj = torch.einsum("bti,dgi->dbtg", inp.to(dtype), w_ih) + bias[:, None, None, :]  # (D, B, T, 4H)
+                w_hh = torch.stack([p[1].t() for p in params]).to(dtype)  # (D, H, 4H)
+                out, h_n, c_n = kernels.lstm_sequence(xproj, w_hh, lengths, backend=backend)  # (D, B, T, H)
+                inp = torch.cat(out.unbind(0), dim=-1)  # (B, T, D*H)
+                hs.append(h_n)
+                cs.append(c_n)
+            out = inp
+            h = torch.stack(hs)  # (L, D, B, H)
+            c = torch.stack(cs).to(h.dtype)
+        # (L, D, B, H) -> (L, B, D*H): both directions side by side, like the outputs
+        h = h.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
+        c = c.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
+        return out, h, c
+
+
+class DecoderLSTM(nn.Module):
+    """A stack of LSTM cells stepped one time step at a time (the decoder's recurrence).
+
+    Layer 0 reads [x_t ; extra_t] where x_t is the embedding (E) and extra_t the input-feeding
+    vector (F, 0 without input feeding); upper layers read the layer below (H).
+
+    For the gate cell, layer 0 splits its input weight: the embedding part for all steps is one
+    matmul before the loop (`precompute`), and the step multiplies [extra ; h] (K = F + H) by the
+    stacked remainder. Upper layers multiply [h_below ; h] (K = 2H).
+    """
+
+    def __init__(self, emb_size: int, extra_size: int, hidden_size: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.emb_size = emb_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        sizes = [emb_size + extra_size] + [hidden_size] * (num_layers - 1)
+        self.cells = nn.ModuleList(nn.LSTMCell(k, hidden_size) for k in sizes)
+
+    def step_weights(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, (W (K, 4H), bias (4H,)) for the gate cell; built once per forward pass."""
+        ws = []
+        for layer, cell in enumerate(self.cells):
+            w_in = cell.weight_ih[:, self.emb_size:] if layer == 0 else cell.weight_ih
+            w = torch.cat([w_in, cell.weight_hh], dim=1).t().to(dtype)  # (K, 4H)
+            ws.append((w, (cell.bias_ih + cell.bias_hh).to(dtype)))
+        return ws
+
+    def precompute(self, emb: Tensor, dtype: torch.dtype) -> Tensor:
+        """Embedding part of layer 0's gates (bias included): emb (..., E) -> (..., 4H)."""
+        cell = self.cells[0]
+        w = cell.weight_ih[:, : self.emb_size].to(dtype)  # (4H, E)
+        return F.linear(emb.to(dtype), w, (cell.bias_ih + cell.bias_hh).to(dtype))
+
+    def step(
+        self,
+        x_t: Tensor,
+        extra: Optional[Tensor],
+        h: list[Tensor],
+        c: list[Tensor],
+        backend: str,
+        weights: Optional[list[tuple[Tensor, Tensor]]] = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """One time step through all layers.
+
+        cudnn: x_t is the embedding (B, E); gate cell: x_t is `precompute(emb)` (B, 4H) and
+        `weights` comes from `step_weights`. extra: (B, F) or None. Returns new h, c lists.
+        """
+        h_new, c_new = [], []
+        below = None
+        for layer, cell in enumerate(self.cells):
+            if layer > 0:
+                below = F.dropout(h_new[-1], self.dropout, self.training)  # (B, H)
+            if backend == "cudnn":
+                inp = (x_t if extra is None else torch.cat([x_t, extra], -1)) if layer == 0 else below
+                hl, cl = cell(inp, (h[layer], c[layer]))
+            else:
+                w, b = weights[layer]
+                parts = ([] if extra is None else [extra]) if layer == 0 else [below]
+                inp = torch.cat([*parts, h[layer]], dim=-1).to(w.dtype)  # (B, K)
+                if layer == 0:
+                    hl, cl = kernels.cell_step(inp, c[layer], w, pre=x_t, backend=backend)
+                else:
+                    hl, cl = kernels.cell_step(inp, c[layer], w, bias=b, backend=backend)
+            h_new.append(hl)
+            c_new.append(cl)
+        return h_new, c_new

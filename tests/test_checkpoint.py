@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.errors import CheckpointError
+
+
+def state():
+    return {"model": {"w": torch.arange(4.0)}, "config": {"a": 1}, "tokenizer": {"src_model": b"xx"}, "step": 3}
+
+
+def test_round_trip_and_no_temp_files(tmp_path):
+    path = save_checkpoint(state(), tmp_path / "ck" / "last.pt")
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 3 and loaded["tokenizer"]["src_model"] == b"xx"
+    torch.testing.assert_close(loaded["model"]["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_missing_corrupt_and_foreign(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    path = save_checkpoint(state(), tmp_path / "last.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"just": "a dict"}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an mt checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"format": "mt-checkpoint", "version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(state(), tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint({**state(), "step": 4}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

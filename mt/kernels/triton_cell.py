@@ -1,0 +1,1017 @@
+"""The LSTM gate cell as fused Triton kernels (GPU half of `mt.kernels`).
+
+Same two functions, signatures, semantics and output dtypes as `reference.py`:
+
+    cell_step(inp, c, weight, pre=None, bias=None) -> (h', c')            # one step, any K
+    lstm_sequence(xproj, w_hh, lengths=None, h0=None, c0=None) -> (out, h_n, c_n)
+
+plus `GraphedLSTMSequence` / `graphed_lstm_sequence`, which capture `lstm_sequence` (forward and
+backward) as CUDA graphs and replay them.
+
+Layout of this file (Liger-Kernel style): `@triton.jit` helpers and kernels first, then the Python
+launchers, then the `torch.autograd.Function`s, then the public functions.
+
+Kernels (one launch per LSTM step, gate order i, f, g, o as in PyTorch):
+  `_cell_forward_kernel`        cell_step forward: gates = pre + inp @ W + bias, nonlinearities,
+                                cell update, all fused; each program owns a (BLOCK_B, BLOCK_H) tile
+                                and computes the 4 gate blocks of that tile, so the whole update
+                                happens in registers.
+  `_cell_backward_kernel`       cell_step backward: dgates and dc_prev from (dh', dc') and the saved
+                                activations (elementwise). d inp = dgates @ W^T and d W = inp^T @
+                                dgates are then two torch matmuls (fusing d inp would need whole
+                                dgates rows per program, i.e. recomputing them for each K-tile).
+  `_lstm_step_forward_kernel`   one time step of a whole layer, BOTH directions per launch (grid
+                                axis 2 = direction), with length masks. Writes into preallocated
+                                buffers, so the Python loop of T launches allocates nothing,
+                                syncs nothing and can be captured in a CUDA graph.
+  `_lstm_step_backward_kernel`  one step of backpropagation through time, both directions per
+                                launch, fully fused: each program first computes its H-tile of the
+                                recurrent gradient dh = dgates_{next} @ W_hh^T (a tl.dot over 4H,
+                                reading the dgates the previous launch wrote), adds d out, then
+                                does the gate backward for that tile. d W_hh is ONE batched matmul
+                                over all steps after the loop.
+
+Numerics: tl.dot accumulates in fp32; the gate maths and the cell state are fp32 (c_new is stored
+in c's dtype for `cell_step`, fp32 for `lstm_sequence`); activations are saved in fp32. fp32
+dots use `input_precision=FP32_INPUT_PRECISION` ("ieee" by default, so fp32 matches the reference
+tightly; set the env var MT_TRITON_FP32_PRECISION=tf32 for speed). tanh is 2*sigmoid(2x)-1, which
+is finite for any |x| (sigmoid(x) = 1/(1+exp(-x)) goes to 0 or 1, never NaN).
+
+float64 inputs are not run by Triton: both functions fall back to the reference (fp64 is for
+gradcheck, not for speed).
+
+Triton interpreter (TRITON_INTERPRET=1, CPU tensors): in triton 3.6.0 the interpreter's tl.dot
+returns garbage for bfloat16 operands, so on CPU the kernels upcast bf16/fp16 tiles to fp32 before
+tl.dot (`UPCAST_DOT`). Products of two bf16/fp16 numbers are exact in fp32, so the result is the
+same as the GPU's native bf16/fp16 dot with fp32 accumulation up to summation order.
+
+Block sizes come from `_pick_blocks` (untuned heuristics: no GPU was available when this was
+written); MT_TRITON_BLOCKS="BLOCK_B,BLOCK_H,BLOCK_K,num_warps" overrides them for tuning runs.
+Offsets are int32: tensors must stay below 2**31 elements (B=256, H=1024, T=30, D=2 is 63M).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+
+FP32_INPUT_PRECISION = os.environ.get("MT_TRITON_FP32_PRECISION", "ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp(-x) overflows to inf for x << 0, giving 1/inf = 0: never NaN.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2*sigmoid(2x) - 1: saturates to +-1 for large |x| instead of inf/inf = NaN.
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _gate_backward(dh, dc, i, f, g, o, c_prev):
+    """Backward of  c' = f*c + i*g ; h' = o*tanh(c')  through the gate nonlinearities.
+
+    dh, dc: gradients w.r.t. h' and c'; i, f, g, o: activated gates; all (BLOCK_B, BLOCK_H) fp32.
+    Returns the pre-activation gradients (dgate_i, dgate_f, dgate_g, dgate_o), the total gradient
+    reaching c' (dc + the part through h') and dc_prev = that * f.
+    """
+    c_new = f * c_prev + i * g  # recomputed rather than saved
+    tc = _tanh(c_new)
+    dc_tot = dc + dh * o * (1.0 - tc * tc)  # d tanh(c') / dc' = 1 - tanh^2
+    d_i = dc_tot * g * i * (1.0 - i)  # sigmoid' = s(1-s)
+    d_f = dc_tot * c_prev * f * (1.0 - f)
+    d_g = dc_tot * i * (1.0 - g * g)  # tanh' = 1 - tanh^2
+    d_o = dh * tc * o * (1.0 - o)
+    return d_i, d_f, d_g, d_o, dc_tot * f
+
+
+# ----------------------------------------------------------------------------------------------
+# cell_step kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cell_forward_kernel(
+    inp_ptr,  # (B, K)
+    w_ptr,  # (K, 4H), any strides (often a transposed view)
+    pre_ptr,  # (B, 4H) or dummy
+    bias_ptr,  # (4H,) or dummy
+    c_ptr,  # (B, H)
+    h_out_ptr,  # (B, H) in inp's dtype
+    c_out_ptr,  # (B, H) in c's dtype
+    act_ptr,  # (B, 4H) fp32, contiguous: activated i, f, g, o saved for backward
+    B,
+    K: tl.constexpr,  # constexpr: loop bounds (the interpreter cannot range() over a runtime int)
+    H: tl.constexpr,
+    stride_ib,
+    stride_ik,
+    stride_wk,
+    stride_wn,
+    stride_pb,
+    stride_pn,
+    stride_bn,
+    stride_cb,
+    stride_ch,
+    HAS_PRE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) columns inside one gate block
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+
+    # gates = inp @ W, the four H-blocks of this tile in four fp32 accumulators
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(
+            inp_ptr + offs_b[:, None] * stride_ib + kk[None, :] * stride_ik,
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BLOCK_B, BLOCK_K)
+        w_tile = w_ptr + kk[:, None] * stride_wk + offs_h[None, :] * stride_wn  # gate i columns
+        mask_w = mask_k[:, None] & mask_h[None, :]
+        w_i = tl.load(w_tile, mask=mask_w, other=0.0).to(x.dtype)  # (BLOCK_K, BLOCK_H)
+        w_f = tl.load(w_tile + H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_g = tl.load(w_tile + 2 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_o = tl.load(w_tile + 3 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            w_i, w_f, w_g, w_o = (
+                w_i.to(tl.float32),
+                w_f.to(tl.float32),
+                w_g.to(tl.float32),
+                w_o.to(tl.float32),
+            )
+        acc_i = tl.dot(x, w_i, acc_i, input_precision=INPUT_PRECISION)
+        acc_f = tl.dot(x, w_f, acc_f, input_precision=INPUT_PRECISION)
+        acc_g = tl.dot(x, w_g, acc_g, input_precision=INPUT_PRECISION)
+        acc_o = tl.dot(x, w_o, acc_o, input_precision=INPUT_PRECISION)
+
+    if HAS_PRE:  # + pre (B, 4H)
+        p = pre_ptr + offs_b[:, None] * stride_pb + offs_h[None, :] * stride_pn
+        acc_i += tl.load(p, mask=mask_bh, other=0.0).to(tl.float32)
+        acc_f += tl.load(p + H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
+        acc_g += tl.load(p + 2 * H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
+        acc_o += tl.load(p + 3 * H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # + bias (4H,)
+        bp = bias_ptr + offs_h * stride_bn
+        acc_i += tl.load(bp, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_f += tl.load(bp + H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bp + 2 * H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_o += tl.load(bp + 3 * H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+
+    i = _sigmoid(acc_i)  # (BLOCK_B, BLOCK_H)
+    f = _sigmoid(acc_f)
+    g = _tanh(acc_g)
+    o = _sigmoid(acc_o)
+    c_prev = tl.load(
+        c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask_bh, other=0.0
+    ).to(tl.float32)
+    c_new = f * c_prev + i * g  # the conveyor belt
+    h_new = o * _tanh(c_new)
+
+    out_bh = offs_b[:, None] * H + offs_h[None, :]  # h_out, c_out are contiguous (B, H)
+    tl.store(h_out_ptr + out_bh, h_new.to(h_out_ptr.dtype.element_ty), mask=mask_bh)
+    tl.store(c_out_ptr + out_bh, c_new.to(c_out_ptr.dtype.element_ty), mask=mask_bh)
+    a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]  # act is contiguous (B, 4H)
+    tl.store(a, i, mask=mask_bh)
+    tl.store(a + H, f, mask=mask_bh)
+    tl.store(a + 2 * H, g, mask=mask_bh)
+    tl.store(a + 3 * H, o, mask=mask_bh)
+
+
+@triton.jit
+def _cell_backward_kernel(
+    dh_ptr,  # (B, H) grad of h', or dummy
+    dc_ptr,  # (B, H) grad of c', or dummy
+    act_ptr,  # (B, 4H) fp32 contiguous, saved i, f, g, o
+    c_ptr,  # (B, H) c (the input cell state)
+    dgates_ptr,  # (B, 4H) contiguous, out: pre-activation gradients
+    dc_prev_ptr,  # (B, H) contiguous, out: grad of c
+    B,
+    H,
+    stride_dhb,
+    stride_dhh,
+    stride_dcb,
+    stride_dch,
+    stride_cb,
+    stride_ch,
+    HAS_DH: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (offs_b < B)[:, None] & (offs_h < H)[None, :]
+
+    if HAS_DH:
+        dh = tl.load(
+            dh_ptr + offs_b[:, None] * stride_dhb + offs_h[None, :] * stride_dhh,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+    else:
+        dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_DC:
+        dc = tl.load(
+            dc_ptr + offs_b[:, None] * stride_dcb + offs_h[None, :] * stride_dch,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+    else:
+        dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]
+    i = tl.load(a, mask=mask, other=0.0)
+    f = tl.load(a + H, mask=mask, other=0.0)
+    g = tl.load(a + 2 * H, mask=mask, other=0.0)
+    o = tl.load(a + 3 * H, mask=mask, other=0.0)
+    c_prev = tl.load(
+        c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask, other=0.0
+    ).to(tl.float32)
+
+    d_i, d_f, d_g, d_o, dc_prev = _gate_backward(dh, dc, i, f, g, o, c_prev)
+
+    dg = dgates_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]
+    ty = dgates_ptr.dtype.element_ty
+    tl.store(dg, d_i.to(ty), mask=mask)
+    tl.store(dg + H, d_f.to(ty), mask=mask)
+    tl.store(dg + 2 * H, d_g.to(ty), mask=mask)
+    tl.store(dg + 3 * H, d_o.to(ty), mask=mask)
+    tl.store(
+        dc_prev_ptr + offs_b[:, None] * H + offs_h[None, :],
+        dc_prev.to(dc_prev_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# lstm_sequence kernels
+#
+# Buffers (allocated once per call, before the loop; D directions, T steps):
+#   hbuf (D, T+2, B, H) xproj dtype   h state; slot t+1 holds the state GOING INTO step t, for both
+#   cbuf (D, T+2, B, H) fp32          directions. Direction 0 writes the state after step t to
+#                                     slot t+2, direction 1 (reversed) to slot t. So h0 sits in
+#                                     slot 1 (d=0) / T (d=1) and h_n in slot T+1 (d=0) / 0 (d=1),
+#                                     and hbuf[:, 1:T+1] is h_{t-1} for every step t: the left
+#                                     operand of the single d W_hh matmul.
+#   act  (D, T, B, 4H) fp32           activated gates of step t
+#   out  (D, B, T, H) xproj dtype     output (zeros at padded steps)
+#   dG   (D, T, B, 4H) xproj dtype    pre-activation gradients = d xproj (permuted view)
+#   gbuf, cbwd (D, B, H) fp32         gradients w.r.t. the h and c state being carried back
+# Launch s (0..T-1) processes step t = s in direction 0 and t = T-1-s in direction 1.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["s"])
+def _lstm_step_forward_kernel(
+    xproj_ptr,  # (D, B, T, 4H) any strides: the precomputed input part of the gates
+    w_ptr,  # (D, H, 4H) any strides: W_hh per direction
+    hbuf_ptr,  # (D, T+2, B, H) contiguous
+    cbuf_ptr,  # (D, T+2, B, H) contiguous fp32
+    out_ptr,  # (D, B, T, H) contiguous
+    act_ptr,  # (D, T, B, 4H) contiguous fp32
+    len_ptr,  # (B,) int32, or dummy
+    s,  # launch index
+    T,
+    B,
+    H: tl.constexpr,  # constexpr: loop bound (see _cell_forward_kernel)
+    stride_xd,
+    stride_xb,
+    stride_xt,
+    stride_xn,
+    stride_wd,
+    stride_wk,
+    stride_wn,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    d = tl.program_id(2)  # direction
+    t = s + d * (T - 1 - 2 * s)  # d=0: s, d=1: T-1-s
+    slot_in = t + 1
+    slot_out = t + 2 - 2 * d
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+        valid = (t < length)[:, None]  # (BLOCK_B, 1): padded steps keep the state
+    else:
+        valid = tl.full((BLOCK_B, 1), 1, tl.int1)
+
+    plane = B * H  # one (B, H) slot of hbuf / cbuf
+    h_base = hbuf_ptr + (d * (T + 2) + slot_in) * plane  # h_{t-1}: (B, H)
+    w_base = w_ptr + d * stride_wd
+
+    # gates = h_{t-1} @ W_hh: four (BLOCK_B, BLOCK_H) fp32 accumulators
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < H
+        x = tl.load(
+            h_base + offs_b[:, None] * H + kk[None, :],
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BLOCK_B, BLOCK_K)
+        w_tile = w_base + kk[:, None] * stride_wk + offs_h[None, :] * stride_wn
+        mask_w = mask_k[:, None] & mask_h[None, :]
+        w_i = tl.load(w_tile, mask=mask_w, other=0.0).to(x.dtype)  # (BLOCK_K, BLOCK_H)
+        w_f = tl.load(w_tile + H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_g = tl.load(w_tile + 2 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_o = tl.load(w_tile + 3 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            w_i, w_f, w_g, w_o = (
+                w_i.to(tl.float32),
+                w_f.to(tl.float32),
+                w_g.to(tl.float32),
+                w_o.to(tl.float32),
+            )
+        acc_i = tl.dot(x, w_i, acc_i, input_precision=INPUT_PRECISION)
+        acc_f = tl.dot(x, w_f, acc_f, input_precision=INPUT_PRECISION)
+        acc_g = tl.dot(x, w_g, acc_g, input_precision=INPUT_PRECISION)
+        acc_o = tl.dot(x, w_o, acc_o, input_precision=INPUT_PRECISION)
+
+    # + xproj[d, :, t]  (B, 4H)
+    p = xproj_ptr + d * stride_xd + t * stride_xt + offs_b[:, None] * stride_xb
+    p = p + offs_h[None, :] * stride_xn
+    acc_i += tl.load(p, mask=mask_bh, other=0.0).to(tl.float32)
+    acc_f += tl.load(p + H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
+    acc_g += tl.load(p + 2 * H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
+    acc_o += tl.load(p + 3 * H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
+
+    i = _sigmoid(acc_i)
+    f = _sigmoid(acc_f)
+    g = _tanh(acc_g)
+    o = _sigmoid(acc_o)
+    bh = offs_b[:, None] * H + offs_h[None, :]  # (BLOCK_B, BLOCK_H) offsets inside one slot
+    c_prev = tl.load(cbuf_ptr + (d * (T + 2) + slot_in) * plane + bh, mask=mask_bh, other=0.0)
+    h_prev = tl.load(h_base + bh, mask=mask_bh, other=0.0)
+    c_new = f * c_prev + i * g
+    h_new = (o * _tanh(c_new)).to(hbuf_ptr.dtype.element_ty)
+
+    # state after the step (unchanged on padded steps), written to a different slot than it was
+    # read from: no program reads what another one writes in the same launch
+    out_slot = (d * (T + 2) + slot_out) * plane
+    tl.store(hbuf_ptr + out_slot + bh, tl.where(valid, h_new, h_prev), mask=mask_bh)
+    tl.store(cbuf_ptr + out_slot + bh, tl.where(valid, c_new, c_prev), mask=mask_bh)
+    out = out_ptr + ((d * B + offs_b[:, None]) * T + t) * H + offs_h[None, :]
+    tl.store(out, tl.where(valid, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=mask_bh)
+    a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    tl.store(a, i, mask=mask_bh)
+    tl.store(a + H, f, mask=mask_bh)
+    tl.store(a + 2 * H, g, mask=mask_bh)
+    tl.store(a + 3 * H, o, mask=mask_bh)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _lstm_step_backward_kernel(
+    dgates_ptr,  # (D, T, B, 4H) contiguous, xproj dtype: written at step t, read at step t_next
+    w_ptr,  # (D, H, 4H) any strides
+    act_ptr,  # (D, T, B, 4H) contiguous fp32
+    cbuf_ptr,  # (D, T+2, B, H) contiguous fp32
+    dout_ptr,  # (D, B, T, H) any strides, or dummy
+    gbuf_ptr,  # (D, B, H) contiguous fp32: grad w.r.t. the h state after step t (carried)
+    cbwd_ptr,  # (D, B, H) contiguous fp32: grad w.r.t. the c state after step t (carried)
+    len_ptr,  # (B,) int32, or dummy
+    s,  # launch index of the forward step being undone
+    T,
+    B,
+    H: tl.constexpr,  # constexpr: loop bound (see _cell_forward_kernel)
+    stride_wd,
+    stride_wk,
+    stride_wn,
+    stride_od,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_DOUT: tl.constexpr,
+    FIRST: tl.constexpr,  # the last forward step: nothing later to take dh from
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    d = tl.program_id(2)
+    t = s + d * (T - 1 - 2 * s)
+    t_next = t + 1 - 2 * d  # the step that ran after t in the forward pass (undone just before)
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_bh = mask_b[:, None] & mask_h[None, :]
+    bh = offs_b[:, None] * H + offs_h[None, :]
+    state = gbuf_ptr + d * B * H + bh  # this program's tile of gbuf / cbwd
+    cstate = cbwd_ptr + d * B * H + bh
+    if HAS_LENGTHS:
+        length = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+        valid = (t < length)[:, None]
+    else:
+        valid = tl.full((BLOCK_B, 1), 1, tl.int1)
+
+    # G = d loss / d h_t (the state after step t). If step t_next was a real step, h_t fed its
+    # gates: G = dgates_{t_next} @ W_hh^T (this tile's H columns; a dot over 4H). If it was padded,
+    # h_t passed through it unchanged: G is the carried gbuf.
+    G = tl.load(state, mask=mask_bh, other=0.0)  # (BLOCK_B, BLOCK_H)
+    if not FIRST:
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        dg_base = dgates_ptr + ((d * T + t_next) * B + offs_b[:, None]) * (4 * H)
+        w_base = w_ptr + d * stride_wd
+        for k0 in range(0, 4 * H, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < 4 * H
+            dg = tl.load(
+                dg_base + kk[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0
+            )  # (BLOCK_B, BLOCK_K)
+            wt = tl.load(
+                w_base + kk[:, None] * stride_wn + offs_h[None, :] * stride_wk,
+                mask=mask_k[:, None] & mask_h[None, :],
+                other=0.0,
+            ).to(dg.dtype)  # (BLOCK_K, BLOCK_H) tile of W_hh^T
+            if UPCAST_DOT:
+                dg = dg.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(dg, wt, acc, input_precision=INPUT_PRECISION)
+        if HAS_LENGTHS:
+            valid_next = (t_next < length)[:, None]
+            G = tl.where(valid_next, acc, G)
+        else:
+            G = acc
+    dh = G
+    if HAS_DOUT:
+        dh = G + tl.load(
+            dout_ptr
+            + d * stride_od
+            + t * stride_ot
+            + offs_b[:, None] * stride_ob
+            + offs_h[None, :] * stride_oh,
+            mask=mask_bh,
+            other=0.0,
+        ).to(tl.float32)
+    dc = tl.load(cstate, mask=mask_bh, other=0.0)
+
+    a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    i = tl.load(a, mask=mask_bh, other=0.0)
+    f = tl.load(a + H, mask=mask_bh, other=0.0)
+    g = tl.load(a + 2 * H, mask=mask_bh, other=0.0)
+    o = tl.load(a + 3 * H, mask=mask_bh, other=0.0)
+    c_prev = tl.load(cbuf_ptr + (d * (T + 2) + t + 1) * (B * H) + bh, mask=mask_bh, other=0.0)
+
+    d_i, d_f, d_g, d_o, dc_prev = _gate_backward(dh, dc, i, f, g, o, c_prev)
+
+    # padded step: no gate gradient, the state gradients pass through unchanged
+    ty = dgates_ptr.dtype.element_ty
+    dgp = dgates_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    tl.store(dgp, tl.where(valid, d_i, 0.0).to(ty), mask=mask_bh)
+    tl.store(dgp + H, tl.where(valid, d_f, 0.0).to(ty), mask=mask_bh)
+    tl.store(dgp + 2 * H, tl.where(valid, d_g, 0.0).to(ty), mask=mask_bh)
+    tl.store(dgp + 3 * H, tl.where(valid, d_o, 0.0).to(ty), mask=mask_bh)
+    # gbuf keeps G: the next launch uses it only if this step was padded
+    tl.store(state, G, mask=mask_bh)
+    tl.store(cstate, tl.where(valid, dc_prev, dc), mask=mask_bh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pick_blocks(B: int, H: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). Untuned heuristics; tl.dot needs every dim >= 16.
+
+    GPU: small H-tiles so that even B=64 gives enough programs to spread over the SMs (a step is
+    latency-bound). Interpreter: big tiles, because each program costs Python time.
+    """
+    override = os.environ.get("MT_TRITON_BLOCKS")
+    if override:
+        bb, bh, bk, nw = (int(v) for v in override.split(","))
+        return bb, bh, bk, nw
+    if device.type != "cuda":
+        return (
+            min(max(_next_pow2(B), 16), 64),
+            min(max(_next_pow2(H), 16), 64),
+            min(max(_next_pow2(K), 16), 128),
+            4,
+        )
+    block_b = min(max(_next_pow2(B), 16), 64)
+    block_h = 32 if H >= 32 else 16
+    block_k = min(max(_next_pow2(K), 16), 64)
+    return block_b, block_h, block_k, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_INPUT_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def _upcast(device: torch.device) -> bool:
+    # the CPU interpreter mis-computes bf16 tl.dot (see the module docstring)
+    return device.type != "cuda"
+
+
+def _check_triton_device(t: Tensor) -> None:
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "the Triton gate cell needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing "
+            "triton) for CPU tensors"
+        )
+
+
+def _cell_forward(inp, c, weight, pre, bias):
+    """Launch `_cell_forward_kernel`. Returns h' (B, H), c' (B, H), act (B, 4H) fp32."""
+    B, K = inp.shape
+    H = c.shape[1]
+    h_new = torch.empty(B, H, device=inp.device, dtype=inp.dtype)
+    c_new = torch.empty(B, H, device=inp.device, dtype=c.dtype)
+    act = torch.empty(B, 4 * H, device=inp.device, dtype=torch.float32)
+    bb, bh, bk, nw = _pick_blocks(B, H, K, inp.device)
+    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    pre_t = pre if pre is not None else act  # dummy pointer, never read
+    bias_t = bias if bias is not None else act
+    _cell_forward_kernel[grid](
+        inp,
+        weight,
+        pre_t,
+        bias_t,
+        c,
+        h_new,
+        c_new,
+        act,
+        B,
+        K,
+        H,
+        inp.stride(0),
+        inp.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        pre_t.stride(0),
+        pre_t.stride(1),
+        bias_t.stride(0),
+        c.stride(0),
+        c.stride(1),
+        HAS_PRE=pre is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_B=bb,
+        BLOCK_H=bh,
+        BLOCK_K=bk,
+        INPUT_PRECISION=_precision(inp.dtype),
+        UPCAST_DOT=_upcast(inp.device),
+        num_warps=nw,
+    )
+    return h_new, c_new, act
+
+
+def _cell_backward(dh, dc, act, c, gate_dtype):
+    """Launch `_cell_backward_kernel`. Returns dgates (B, 4H) in gate_dtype, dc_prev (B, H) fp32."""
+    B, H = c.shape
+    dgates = torch.empty(B, 4 * H, device=c.device, dtype=gate_dtype)
+    dc_prev = torch.empty(B, H, device=c.device, dtype=torch.float32)
+    bb, bh, _, nw = _pick_blocks(B, H, H, c.device)
+    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    dh_t = dh if dh is not None else dc_prev  # dummies, never read
+    dc_t = dc if dc is not None else dc_prev
+    _cell_backward_kernel[grid](
+        dh_t,
+        dc_t,
+        act,
+        c,
+        dgates,
+        dc_prev,
+        B,
+        H,
+        dh_t.stride(0),
+        dh_t.stride(1),
+        dc_t.stride(0),
+        dc_t.stride(1),
+        c.stride(0),
+        c.stride(1),
+        HAS_DH=dh is not None,
+        HAS_DC=dc is not None,
+        BLOCK_B=bb,
+        BLOCK_H=bh,
+        num_warps=nw,
+    )
+    return dgates, dc_prev
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------
+
+
+class _CellStepFunction(torch.autograd.Function):
+    """One fused step. Backward: `_cell_backward_kernel`, then d inp = dgates @ W^T and
+    d W = inp^T @ dgates as torch matmuls (not fused), d pre = dgates, d bias = dgates.sum(0)."""
+
+    @staticmethod
+    def forward(ctx, inp, c, weight, pre, bias):
+        h_new, c_new, act = _cell_forward(inp, c, weight, pre, bias)
+        ctx.save_for_backward(inp, c, weight, act)
+        ctx.has_pre, ctx.has_bias = pre is not None, bias is not None
+        ctx.pre_dtype = pre.dtype if pre is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        inp, c, weight, act = ctx.saved_tensors
+        d_inp = d_c = d_w = d_pre = d_bias = None
+        if dh is None and dc is None:
+            return d_inp, d_c, d_w, d_pre, d_bias
+        # dgates in inp's dtype: the dtype of the forward matmul, as in the reference
+        dgates, dc_prev = _cell_backward(dh, dc, act, c, inp.dtype)  # (B, 4H), (B, H)
+        need = ctx.needs_input_grad
+        if need[0]:
+            d_inp = dgates @ weight.to(inp.dtype).t()  # (B, K)
+        if need[1]:
+            d_c = dc_prev.to(c.dtype)
+        if need[2]:
+            d_w = (inp.t() @ dgates).to(weight.dtype)  # (K, 4H)
+        if ctx.has_pre and need[3]:
+            d_pre = dgates.to(ctx.pre_dtype)
+        if ctx.has_bias and need[4]:
+            d_bias = dgates.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return d_inp, d_c, d_w, d_pre, d_bias
+
+
+class _LSTMSequenceFunction(torch.autograd.Function):
+    """A whole layer (both directions) under one autograd node: T launches forward, T backward.
+
+    h0 arrives already in xproj's dtype and c0 in fp32 (the public wrapper converts them).
+    """
+
+    @staticmethod
+    def forward(ctx, xproj, w_hh, lengths, h0, c0):
+        D, B, T, G = xproj.shape
+        H = G // 4
+        dev, dtype = xproj.device, xproj.dtype
+        hbuf = torch.empty(D, T + 2, B, H, device=dev, dtype=dtype)  # (D, T+2, B, H)
+        cbuf = torch.empty(D, T + 2, B, H, device=dev, dtype=torch.float32)
+        out = torch.empty(D, B, T, H, device=dev, dtype=dtype)  # (D, B, T, H)
+        act = torch.empty(D, T, B, 4 * H, device=dev, dtype=torch.float32)  # (D, T, B, 4H)
+        in_slots = [1, T][:D]  # slot of the initial state per direction
+        for d, slot in enumerate(in_slots):
+            if h0 is None:
+                hbuf[d, slot].zero_()
+            else:
+                hbuf[d, slot].copy_(h0[d])
+            if c0 is None:
+                cbuf[d, slot].zero_()
+            else:
+                cbuf[d, slot].copy_(c0[d])
+        len_t = lengths if lengths is not None else cbuf  # dummy pointer, never read
+        bb, bh, bk, nw = _pick_blocks(B, H, H, dev)
+        grid = (triton.cdiv(B, bb), triton.cdiv(H, bh), D)
+        prec, upcast = _precision(dtype), _upcast(dev)
+        for s in range(T):  # no allocation, no host sync: capturable in a CUDA graph
+            _lstm_step_forward_kernel[grid](
+                xproj,
+                w_hh,
+                hbuf,
+                cbuf,
+                out,
+                act,
+                len_t,
+                s,
+                T,
+                B,
+                H,
+                xproj.stride(0),
+                xproj.stride(1),
+                xproj.stride(2),
+                xproj.stride(3),
+                w_hh.stride(0),
+                w_hh.stride(1),
+                w_hh.stride(2),
+                HAS_LENGTHS=lengths is not None,
+                BLOCK_B=bb,
+                BLOCK_H=bh,
+                BLOCK_K=bk,
+                INPUT_PRECISION=prec,
+                UPCAST_DOT=upcast,
+                num_warps=nw,
+            )
+        final_slots = [T + 1, 0][:D]
+        h_n = torch.stack([hbuf[d, slot] for d, slot in enumerate(final_slots)])  # (D, B, H)
+        c_n = torch.stack([cbuf[d, slot] for d, slot in enumerate(final_slots)])  # (D, B, H)
+        ctx.save_for_backward(w_hh, lengths, hbuf, cbuf, act)
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        ctx.c0_dtype = c0.dtype if c0 is not None else None
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        w_hh, lengths, hbuf, cbuf, act = ctx.saved_tensors
+        D, T, B, G = act.shape
+        H = G // 4
+        dev, dtype = hbuf.device, hbuf.dtype
+        dgates = torch.empty(D, T, B, G, device=dev, dtype=dtype)  # (D, T, B, 4H)
+        gbuf = torch.zeros(D, B, H, device=dev, dtype=torch.float32)  # d h_n, carried back
+        cbwd = torch.zeros(D, B, H, device=dev, dtype=torch.float32)  # d c_n, carried back
+        if dh_n is not None:
+            gbuf.copy_(dh_n)
+        if dc_n is not None:
+            cbwd.copy_(dc_n)
+        dout_t = dout if dout is not None else act  # dummy pointer, never read
+        len_t = lengths if lengths is not None else act
+        bb, bh, bk, nw = _pick_blocks(B, H, G, dev)
+        grid = (triton.cdiv(B, bb), triton.cdiv(H, bh), D)
+        prec, upcast = _precision(dtype), _upcast(dev)
+        for s in range(T - 1, -1, -1):
+            _lstm_step_backward_kernel[grid](
+                dgates,
+                w_hh,
+                act,
+                cbuf,
+                dout_t,
+                gbuf,
+                cbwd,
+                len_t,
+                s,
+                T,
+                B,
+                H,
+                w_hh.stride(0),
+                w_hh.stride(1),
+                w_hh.stride(2),
+                dout_t.stride(0),
+                dout_t.stride(1),
+                dout_t.stride(2),
+                dout_t.stride(3),
+                HAS_LENGTHS=lengths is not None,
+                HAS_DOUT=dout is not None,
+                FIRST=s == T - 1,
+                BLOCK_B=bb,
+                BLOCK_H=bh,
+                BLOCK_K=bk,
+                INPUT_PRECISION=prec,
+                UPCAST_DOT=upcast,
+                num_warps=nw,
+            )
+        need = ctx.needs_input_grad
+        d_xproj = dgates.permute(0, 2, 1, 3) if need[0] else None  # (D, B, T, 4H) view
+        d_w = None
+        if need[1]:
+            # ONE batched matmul over all steps: sum_t h_{t-1}^T @ dgates_t
+            h_prev = hbuf[:, 1 : T + 1].reshape(D, T * B, H)  # (D, T*B, H)
+            d_w = torch.bmm(h_prev.transpose(1, 2), dgates.reshape(D, T * B, G))  # (D, H, 4H)
+            d_w = d_w.to(w_hh.dtype)
+        d_h0 = d_c0 = None
+        if need[3]:
+            # the last step undone (t=0 forward, t=T-1 reverse) feeds h0 through W_hh
+            last = torch.stack([dgates[0, 0], dgates[1, T - 1]][:D])  # (D, B, 4H)
+            d_h0 = torch.bmm(last, w_hh.to(dtype).transpose(1, 2)).float()  # (D, B, H)
+            if lengths is not None:
+                first_valid = torch.stack([lengths > 0, lengths > T - 1][:D])  # (D, B)
+                d_h0 = torch.where(first_valid[..., None], d_h0, gbuf)
+            d_h0 = d_h0.to(ctx.h0_dtype)
+        if need[4]:
+            d_c0 = cbwd.to(ctx.c0_dtype)
+        return d_xproj, d_w, None, d_h0, d_c0
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API (same as reference.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def cell_step(
+    inp: Tensor,
+    c: Tensor,
+    weight: Tensor,
+    pre: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step: inp (B, K) @ weight (K, 4H) + pre (B, 4H) + bias (4H,) -> (h', c').
+
+    h' has inp's dtype, c' has c's dtype (as `reference.cell_step`). weight may be any strided
+    view (e.g. `param.t()`). One kernel launch forward, one kernel + two matmuls backward.
+    float64 falls back to the reference.
+    """
+    if inp.dtype == torch.float64:
+        return reference.cell_step(inp, c, weight, pre=pre, bias=bias)
+    _check_triton_device(inp)
+    B, K = inp.shape
+    H = c.shape[-1]
+    if weight.shape != (K, 4 * H):
+        raise ValueError(f"weight must be (K, 4H) = ({K}, {4 * H}), got {tuple(weight.shape)}")
+    if pre is not None and pre.shape != (B, 4 * H):
+        raise ValueError(f"pre must be (B, 4H) = ({B}, {4 * H}), got {tuple(pre.shape)}")
+    if bias is not None and bias.shape != (4 * H,):
+        raise ValueError(f"bias must be (4H,) = ({4 * H},), got {tuple(bias.shape)}")
+    return _CellStepFunction.apply(inp, c, weight, pre, bias)
+
+
+def lstm_sequence(
+    xproj: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None = None,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over a whole sequence, D in {1, 2} directions; see `reference.lstm_sequence`.
+
+    xproj (D, B, T, 4H), w_hh (D, H, 4H) (any strides), lengths (B,) (right padding), h0/c0
+    (D, B, H). Returns out (D, B, T, H) and h_n (D, B, H) in xproj's dtype, c_n (D, B, H) fp32.
+    Forward: T launches of `_lstm_step_forward_kernel`; backward: T launches of
+    `_lstm_step_backward_kernel` + one bmm for d W_hh. float64 falls back to the reference.
+    """
+    if xproj.dtype == torch.float64:
+        return reference.lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+    _check_triton_device(xproj)
+    D, B, T, G = xproj.shape
+    if D not in (1, 2):
+        raise ValueError("D is 1 (forward) or 2 (forward + reverse)")
+    H = G // 4
+    if G != 4 * H or w_hh.shape != (D, H, G):
+        raise ValueError(f"w_hh must be (D, H, 4H) = ({D}, {H}, {G}), got {tuple(w_hh.shape)}")
+    if lengths is not None:
+        lengths = lengths.to(device=xproj.device, dtype=torch.int32)
+    if h0 is not None:
+        h0 = h0.to(xproj.dtype)
+    if c0 is not None:
+        c0 = c0.to(torch.float32)
+    return _LSTMSequenceFunction.apply(xproj, w_hh, lengths, h0, c0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------
+
+
+def _sequence_fn(has_lengths: bool, has_h0: bool, has_c0: bool):
+    """lstm_sequence as a function of tensors only (make_graphed_callables takes no None)."""
+
+    def fn(xproj, w_hh, *rest):
+        it = iter(rest)
+        lengths = next(it) if has_lengths else None
+        h0 = next(it) if has_h0 else None
+        c0 = next(it) if has_c0 else None
+        return lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+
+    return fn
+
+
+class GraphedLSTMSequence:
+    """`lstm_sequence` captured as CUDA graphs once per (shapes, strides, dtypes, device,
+    requires_grad, optional-argument) key, then replayed: T launches become one graph launch.
+
+    - Training (grad enabled and some input requires grad): `torch.cuda.make_graphed_callables`
+      captures forward AND backward (the T backward launches + the d W_hh matmul) as two graphs
+      inside one autograd node.
+    - Inference (no grad): one hand-captured `torch.cuda.CUDAGraph` of the forward.
+    - CPU tensors, float64 or capture-incompatible settings (autocast caching): plain eager
+      `lstm_sequence`.
+
+    Rules that come with graphs (read before use):
+    - Inputs are copied into static buffers on every call (one device copy each); `lengths` is
+      moved to the device and cast to int32 eagerly before the replay, so a CPU `lengths` works.
+    - Outputs (and, in training, the returned gradients) are the graph's static buffers: the next
+      replay of the same key overwrites them, and the saved activations too. So use ONE instance
+      per call site (e.g. per encoder layer) and do not call an instance twice for the same key
+      before the backward of the first call has run. Clone outputs you want to keep.
+    - The first call per key runs 3 warm-up iterations (Triton compiles there, never during
+      capture) and captures: slow once.
+    - The captured graph reads `w_hh` from the static copy, so weights updated in place between
+      calls are seen (the copy happens at every call).
+    """
+
+    def __init__(self, num_warmup_iters: int = 3):
+        self.num_warmup_iters = num_warmup_iters
+        self._cache: dict = {}
+
+    def __call__(
+        self,
+        xproj: Tensor,
+        w_hh: Tensor,
+        lengths: Tensor | None = None,
+        h0: Tensor | None = None,
+        c0: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        eager = (
+            xproj.device.type != "cuda"
+            or xproj.dtype == torch.float64
+            or (torch.is_autocast_enabled() and torch.is_autocast_cache_enabled())
+        )
+        if eager:
+            return lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+        if lengths is not None:
+            lengths = lengths.to(device=xproj.device, dtype=torch.int32)
+        flags = (lengths is not None, h0 is not None, c0 is not None)
+        args = tuple(a for a in (xproj, w_hh, lengths, h0, c0) if a is not None)
+        train = torch.is_grad_enabled() and any(a.requires_grad for a in args)
+        key = (
+            flags,
+            train,
+            xproj.device,
+            tuple((tuple(a.shape), a.stride(), a.dtype, a.requires_grad) for a in args),
+        )
+        runner = self._cache.get(key)
+        if runner is None:
+            runner = self._capture(_sequence_fn(*flags), args, train)
+            self._cache[key] = runner
+        return runner(*args)
+
+    def _capture(self, fn, args: tuple[Tensor, ...], train: bool):
+        # static inputs with the same strides as the real ones (the key includes strides)
+        static = tuple(
+            torch.empty_strided(a.shape, a.stride(), device=a.device, dtype=a.dtype)
+            .copy_(a)
+            .requires_grad_(a.requires_grad and train)
+            for a in args
+        )
+        if train:
+            return torch.cuda.make_graphed_callables(
+                fn, static, num_warmup_iters=self.num_warmup_iters
+            )
+        static = tuple(a.detach() for a in static)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(self.num_warmup_iters):  # compile and warm up outside the capture
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = fn(*static)
+
+        def replay(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            for dst, src in zip(static, inputs):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+            graph.replay()
+            return static_out
+
+        return replay
+
+
+_DEFAULT_GRAPHED = GraphedLSTMSequence()
+
+
+def graphed_lstm_sequence(
+    xproj: Tensor,
+    w_hh: Tensor,
+    lengths: Tensor | None = None,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`lstm_sequence` through a module-level `GraphedLSTMSequence` (one shared cache).
+
+    Convenient for a single call site; with several call sites of the same shapes (stacked
+    layers) give each its own `GraphedLSTMSequence`, since replays overwrite static buffers.
+    """
+    return _DEFAULT_GRAPHED(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)

@@ -1,0 +1,347 @@
+"""The gate cell: Triton kernels (under the CPU interpreter) against the PyTorch reference,
+the reference against nn.LSTM / nn.LSTMCell and gradcheck, and the backend dispatch.
+
+TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+(On a GPU machine the CUDA-graph test runs in a subprocess without the interpreter.)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+from mt import kernels  # noqa: E402
+from mt.kernels import reference  # noqa: E402
+
+pytest.importorskip("triton")
+from mt.kernels import triton_cell  # noqa: E402
+
+if type(triton_cell._cell_forward_kernel).__name__ != "InterpretedFunction":
+    # another module imported triton_cell before TRITON_INTERPRET was set: rebuild the kernels
+    triton_cell = importlib.reload(triton_cell)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (atol, rtol) for Triton vs reference in the same dtype. bf16/fp16 differ by rounding: the
+# reference rounds gates/grads to the dtype after each op, the kernels keep fp32 in registers.
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+
+
+def _close(actual, expected, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _cell_inputs(dtype, B, H, K, with_pre, with_bias, transposed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inp = torch.randn(B, K, generator=g).to(dtype)
+    c = torch.randn(B, H, generator=g)  # the cell state stays fp32, as in the model
+    if transposed:  # the usual call: param (4H, K) passed as param.t()
+        weight = (torch.randn(4 * H, K, generator=g) / K**0.5).to(dtype).t()
+    else:
+        weight = (torch.randn(K, 4 * H, generator=g) / K**0.5).to(dtype)
+    pre = torch.randn(B, 4 * H, generator=g).to(dtype) if with_pre else None
+    bias = torch.randn(4 * H, generator=g).to(dtype) if with_bias else None
+    return inp, c, weight, pre, bias
+
+
+def _run_cell(impl, inputs, seed=1):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    inp, c, weight, pre, bias = leaves
+    h_new, c_new = impl.cell_step(inp, c, weight, pre=pre, bias=bias)
+    g = torch.Generator().manual_seed(seed)
+    loss = (h_new.float() * torch.randn(h_new.shape, generator=g)).sum()
+    loss = loss + (c_new.float() * torch.randn(c_new.shape, generator=g)).sum()
+    loss.backward()
+    grads = [x.grad if x is not None else None for x in leaves]
+    return (h_new, c_new), grads
+
+
+@pytest.mark.parametrize(
+    "dtype,B,H,K,with_pre,with_bias,transposed",
+    [
+        (torch.float32, 1, 16, 16, True, True, True),
+        (torch.float32, 3, 32, 64, False, True, False),
+        (torch.float32, 16, 16, 32, True, False, True),
+        (torch.float32, 3, 24, 40, False, False, True),  # H, K not multiples of the tiles
+        (torch.bfloat16, 3, 16, 32, True, True, True),
+        (torch.float16, 16, 32, 32, True, True, True),
+    ],
+)
+def test_cell_step_triton_matches_reference(dtype, B, H, K, with_pre, with_bias, transposed):
+    inputs = _cell_inputs(dtype, B, H, K, with_pre, with_bias, transposed)
+    (h_t, c_t), grads_t = _run_cell(triton_cell, inputs)
+    (h_r, c_r), grads_r = _run_cell(reference, inputs)
+    _close(h_t, h_r, dtype, "h'")
+    _close(c_t, c_r, dtype, "c'")
+    for name, gt, gr in zip(("inp", "c", "weight", "pre", "bias"), grads_t, grads_r):
+        if gr is None:
+            assert gt is None
+            continue
+        _close(gt, gr, dtype, f"d {name}")
+
+
+def _seq_inputs(dtype, D, B, T, H, lengths, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xproj = torch.randn(D, B, T, 4 * H, generator=g).to(dtype)
+    # a non-contiguous stack of transposes, as the model builds it from (4H, H) parameters
+    w_hh = (torch.randn(D, 4 * H, H, generator=g) / H**0.5).to(dtype).transpose(1, 2)
+    h0 = torch.randn(D, B, H, generator=g).to(dtype) if with_state else None
+    c0 = torch.randn(D, B, H, generator=g) if with_state else None
+    lens = torch.tensor(lengths) if lengths is not None else None
+    return xproj, w_hh, lens, h0, c0
+
+
+def _run_seq(impl, inputs, seed=1):
+    xproj, w_hh, lens, h0, c0 = inputs
+    leaves = [
+        x.detach().clone().requires_grad_() if x is not None else None
+        for x in (xproj, w_hh, h0, c0)
+    ]
+    xp, w, h, c = leaves
+    out, h_n, c_n = impl.lstm_sequence(xp, w, lengths=lens, h0=h, c0=c)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in (out, h_n, c_n))
+    loss.backward()
+    return (out, h_n, c_n), [x.grad if x is not None else None for x in leaves]
+
+
+@pytest.mark.parametrize(
+    "dtype,D,B,T,H,lengths,with_state",
+    [
+        (torch.float32, 2, 3, 5, 16, [5, 2, 0], True),  # padded, empty sequence, reverse
+        (torch.float32, 1, 1, 4, 32, None, False),
+        (torch.float32, 2, 16, 3, 16, [3, 1, 2, 3] * 4, False),
+        (torch.float32, 2, 3, 4, 24, [4, 3, 1], True),  # H not a multiple of the tile
+        (torch.bfloat16, 2, 3, 4, 16, [4, 1, 3], True),
+        (torch.float16, 2, 3, 4, 32, [2, 4, 3], False),
+    ],
+)
+def test_lstm_sequence_triton_matches_reference(dtype, D, B, T, H, lengths, with_state):
+    inputs = _seq_inputs(dtype, D, B, T, H, lengths, with_state)
+    outs_t, grads_t = _run_seq(triton_cell, inputs)
+    outs_r, grads_r = _run_seq(reference, inputs)
+    for name, a, b in zip(("out", "h_n", "c_n"), outs_t, outs_r):
+        _close(a, b, dtype, name)
+    for name, a, b in zip(("xproj", "w_hh", "h0", "c0"), grads_t, grads_r):
+        if b is None:
+            assert a is None
+            continue
+        _close(a, b, dtype, f"d {name}")
+    if lengths is not None:  # padded positions output exact zeros
+        mask = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]  # (B, T)
+        assert (outs_t[0][:, mask] == 0).all()
+
+
+def test_dispatch_reaches_triton():
+    inputs = _cell_inputs(torch.float32, 3, 16, 32, True, True, True)
+    inp, c, weight, pre, bias = inputs
+    h1, c1 = kernels.cell_step(inp, c, weight, pre=pre, bias=bias, backend="triton")
+    h2, c2 = triton_cell.cell_step(inp, c, weight, pre=pre, bias=bias)
+    torch.testing.assert_close(h1, h2, atol=0, rtol=0)
+    torch.testing.assert_close(c1, c2, atol=0, rtol=0)
+    xproj, w_hh, lens, h0, c0 = _seq_inputs(torch.float32, 2, 3, 3, 16, [3, 1, 2], True)
+    out1 = kernels.lstm_sequence(xproj, w_hh, lens, h0, c0, backend="triton")
+    out2 = reference.lstm_sequence(xproj, w_hh, lens, h0, c0)
+    for a, b in zip(out1, out2):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_float64_falls_back_to_reference():
+    inputs = _cell_inputs(torch.float64, 3, 16, 16, True, True, True)
+    inputs = tuple(x.double() if x is not None else None for x in inputs)
+    a = triton_cell.cell_step(*inputs)
+    b = reference.cell_step(*inputs)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    xproj, w_hh, lens, _, _ = _seq_inputs(torch.float64, 2, 2, 3, 16, [3, 1], False)
+    out_t = triton_cell.lstm_sequence(xproj, w_hh, lens)
+    out_r = reference.lstm_sequence(xproj, w_hh, lens)
+    assert out_t[2].dtype == torch.float64
+    for x, y in zip(out_t, out_r):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_gradcheck_reference_cell_step():
+    g = torch.Generator().manual_seed(0)
+    B, K, H = 2, 3, 2
+    args = [
+        torch.randn(B, K, generator=g, dtype=torch.float64),
+        torch.randn(B, H, generator=g, dtype=torch.float64),
+        torch.randn(4 * H, K, generator=g, dtype=torch.float64).t(),
+        torch.randn(B, 4 * H, generator=g, dtype=torch.float64),
+        torch.randn(4 * H, generator=g, dtype=torch.float64),
+    ]
+    args = [a.detach().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(
+        lambda i, c, w, p, b: reference.cell_step(i, c, w, pre=p, bias=b), args
+    )
+
+
+def test_gradcheck_reference_lstm_sequence():
+    g = torch.Generator().manual_seed(0)
+    D, B, T, H = 2, 3, 3, 2
+    xproj = torch.randn(D, B, T, 4 * H, generator=g, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.randn(D, H, 4 * H, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(D, B, H, generator=g, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(D, B, H, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 1, 2])
+    assert torch.autograd.gradcheck(
+        lambda x, w, h, c: reference.lstm_sequence(x, w, lengths=lengths, h0=h, c0=c),
+        (xproj, w_hh, h0, c0),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter's exp(1e4): inf
+@pytest.mark.parametrize("impl", [reference, triton_cell], ids=["torch", "triton"])
+def test_large_preactivations_stay_finite(impl):
+    g = torch.Generator().manual_seed(0)
+    B, H = 3, 16
+    inp = torch.randn(B, H, generator=g)
+    c = torch.randn(B, H, generator=g)
+    weight = torch.randn(H, 4 * H, generator=g)
+    pre = (torch.randint(0, 2, (B, 4 * H), generator=g) * 2 - 1).float() * 1e4  # +-1e4
+    leaves = [x.clone().requires_grad_() for x in (inp, c, weight, pre)]
+    h_new, c_new = impl.cell_step(*leaves)
+    (h_new.sum() + c_new.sum()).backward()
+    for t in [h_new, c_new] + [x.grad for x in leaves]:
+        assert torch.isfinite(t).all()
+    assert h_new.abs().max() <= 1.0
+
+    xproj = (torch.randint(0, 2, (2, B, 3, 4 * H), generator=g) * 2 - 1).float() * 1e4
+    xproj.requires_grad_()
+    w_hh = torch.randn(2, H, 4 * H, generator=g, requires_grad=True)
+    out, h_n, c_n = impl.lstm_sequence(xproj, w_hh, lengths=torch.tensor([3, 1, 2]))
+    (out.sum() + h_n.sum() + c_n.sum()).backward()
+    for t in (out, h_n, c_n, xproj.grad, w_hh.grad):
+        assert torch.isfinite(t).all()
+
+
+def test_reference_matches_nn_lstm_packed():
+    """Pins the gate order (i, f, g, o) and the padding/reverse semantics on nn.LSTM's own maths."""
+    torch.manual_seed(0)
+    B, T, n_in, H = 4, 6, 5, 7
+    lstm = nn.LSTM(n_in, H, batch_first=True, bidirectional=True).double()
+    x = torch.randn(B, T, n_in, dtype=torch.float64)
+    lengths = torch.tensor([6, 3, 1, 4])
+    h0 = torch.randn(2, B, H, dtype=torch.float64)
+    c0 = torch.randn(2, B, H, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out_p, (h_n, c_n) = lstm(packed, (h0, c0))
+    out, _ = pad_packed_sequence(out_p, batch_first=True, total_length=T)  # (B, T, 2H)
+
+    sfx = ["", "_reverse"]
+    w_ih = [getattr(lstm, f"weight_ih_l0{s}") for s in sfx]
+    b = [getattr(lstm, f"bias_ih_l0{s}") + getattr(lstm, f"bias_hh_l0{s}") for s in sfx]
+    xproj = torch.stack([x @ w.t() + bb for w, bb in zip(w_ih, b)])  # (2, B, T, 4H)
+    w_hh = torch.stack([getattr(lstm, f"weight_hh_l0{s}").t() for s in sfx])  # (2, H, 4H)
+    with torch.no_grad():
+        r_out, r_h, r_c = reference.lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+    for d in range(2):
+        torch.testing.assert_close(r_out[d], out[..., d * H : (d + 1) * H], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(r_h, h_n, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(r_c, c_n, atol=1e-10, rtol=1e-10)
+
+
+def test_reference_cell_matches_nn_lstmcell():
+    torch.manual_seed(0)
+    B, K, H = 3, 5, 4
+    cell = nn.LSTMCell(K, H).double()
+    x = torch.randn(B, K, dtype=torch.float64)
+    h = torch.randn(B, H, dtype=torch.float64)
+    c = torch.randn(B, H, dtype=torch.float64)
+    h_ref, c_ref = cell(x, (h, c))
+    with torch.no_grad():
+        h_new, c_new = reference.cell_step(
+            torch.cat([x, h], 1),
+            c,
+            torch.cat([cell.weight_ih, cell.weight_hh], 1).t(),
+            bias=cell.bias_ih + cell.bias_hh,
+        )
+    torch.testing.assert_close(h_new, h_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(c_new, c_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_resolve_backend():
+    assert kernels.resolve_backend("auto", "cpu") == "torch"
+    assert kernels.resolve_backend("torch", "cpu") == "torch"
+    assert kernels.resolve_backend("triton", "cpu") == "triton"  # TRITON_INTERPRET=1 here
+    with pytest.raises(ValueError):
+        kernels.resolve_backend("cuda-magic", "cpu")
+
+
+def test_graphed_sequence_falls_back_to_eager_on_cpu():
+    inputs = _seq_inputs(torch.float32, 2, 3, 3, 16, [3, 1, 2], True)
+    graphed = triton_cell.GraphedLSTMSequence()
+    a = graphed(*inputs)
+    b = triton_cell.lstm_sequence(*inputs)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    assert graphed._cache == {}  # nothing captured on CPU
+
+
+_GRAPH_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from mt.kernels import reference, triton_cell
+    torch.manual_seed(0)
+    D, B, T, H = 2, 5, 6, 32
+    dev = "cuda"
+    lengths = torch.tensor([6, 2, 0, 5, 3], device=dev)
+    graphed = triton_cell.GraphedLSTMSequence()
+    for it in range(3):  # capture on the first call, replay afterwards, with new data each time
+        xproj = torch.randn(D, B, T, 4 * H, device=dev)
+        w = (torch.randn(D, 4 * H, H, device=dev) / H**0.5).transpose(1, 2)
+        results = []
+        for fn in (graphed, reference.lstm_sequence):
+            xp = xproj.clone().requires_grad_()
+            ww = w.detach().clone().requires_grad_()
+            out, h_n, c_n = fn(xp, ww, lengths)
+            (out.sum() + 2 * h_n.sum() + 3 * c_n.sum()).backward()
+            results.append([out.clone(), h_n.clone(), c_n.clone(), xp.grad, ww.grad])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(graphed._cache) == 1
+    with torch.no_grad():  # inference graph
+        for it in range(2):
+            xproj = torch.randn(D, B, T, 4 * H, device=dev)
+            a = [t.clone() for t in graphed(xproj, w, lengths)]
+            b = reference.lstm_sequence(xproj, w, lengths)
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    assert len(graphed._cache) == 2
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_lstm_sequence_cuda():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels
+    proc = subprocess.run(
+        [sys.executable, "-c", _GRAPH_SCRIPT],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout

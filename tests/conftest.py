@@ -1,0 +1,111 @@
+"""Shared test fixtures: offline Hugging Face settings and a tiny generated parallel corpus.
+
+`make_toy_corpus` is a plain function (``from conftest import make_toy_corpus``) so end-to-end
+tests can generate their own corpus; `tiny_corpus_dir` is a session-wide copy of the default one.
+
+The toy task: the source is 3-8 words drawn from a 20-word fake-German vocabulary, the target is
+the word-by-word translation into a fake-English vocabulary (optionally in reversed order).
+A tiny LSTM learns it in a few hundred CPU steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Must happen before `datasets` is imported anywhere: it reads these at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+_HF_TMP = tempfile.mkdtemp(prefix="mt-tests-hf-")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_TMP, "datasets")
+os.environ.setdefault("HF_HOME", os.path.join(_HF_TMP, "home"))
+_OWNER_PID = os.getpid()
+
+
+@atexit.register
+def _remove_hf_tmp() -> None:  # atexit, not a fixture: also runs when collection fails
+    if os.getpid() == _OWNER_PID:
+        shutil.rmtree(_HF_TMP, ignore_errors=True)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# fake-German -> fake-English, one word each (20 pairs).
+TOY_LEXICON: dict[str, str] = {
+    "hund": "dog",
+    "katze": "cat",
+    "haus": "house",
+    "baum": "tree",
+    "auto": "car",
+    "mann": "man",
+    "frau": "woman",
+    "kind": "child",
+    "buch": "book",
+    "tisch": "table",
+    "rot": "red",
+    "blau": "blue",
+    "gross": "big",
+    "klein": "small",
+    "sieht": "sees",
+    "hat": "has",
+    "liest": "reads",
+    "und": "and",
+    "nicht": "not",
+    "schnell": "fast",
+}
+
+
+def toy_translate(src: str, reverse: bool = False) -> str:
+    """The reference translation of a toy source sentence."""
+    words = [TOY_LEXICON[w] for w in src.split()]
+    return " ".join(reversed(words) if reverse else words)
+
+
+def _toy_pairs(n: int, rng: random.Random, reverse: bool) -> list[dict[str, str]]:
+    vocab = sorted(TOY_LEXICON)
+    rows = []
+    for _ in range(n):
+        src = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 8)))
+        rows.append({"de": src, "en": toy_translate(src, reverse)})
+    return rows
+
+
+def make_toy_corpus(
+    dirpath: str | os.PathLike,
+    n_train: int = 2000,
+    n_valid: int = 100,
+    n_test: int = 100,
+    seed: int = 0,
+    reverse: bool = False,
+) -> Path:
+    """Write train.jsonl / validation.jsonl / test.jsonl (flat "de", "en" rows) into dirpath."""
+    d = Path(dirpath)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("validation", n_valid), ("test", n_test)):
+        with open(d / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in _toy_pairs(n, rng, reverse):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy corpus folder (2000 / 100 / 100 pairs, seed 0), shared by the whole session."""
+    return make_toy_corpus(tmp_path_factory.mktemp("toy_corpus"))
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+    """The local Multi30k copy (en/de/fr/cs jsonl) at <repo>/../shared/data/multi30k."""
+    d = (REPO / ".." / "shared" / "data" / "multi30k").resolve()
+    if not (d / "train.jsonl").is_file():
+        pytest.skip(f"Multi30k not found at {d}")
+    return d

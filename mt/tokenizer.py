@@ -1,0 +1,310 @@
+"""SentencePiece tokenization: train (or load from cache) and a small wrapper for both sides.
+
+One `Tokenizer` holds the source and the target SentencePiece models (the same model when
+``joint``). It is built from serialized model protos, so it fits into a checkpoint as plain bytes
+(`state_dict` / `from_state_dict`, loadable with ``torch.load(weights_only=True)``) and pickles
+cheaply into DataLoader / `datasets.map` worker processes.
+
+Special ids are set explicitly at training time (pad 0, unk 1, bos 2, eos 3 by default) and
+checked again when a model is loaded, so the model's embedding rows and the batches agree.
+`encode_*` returns piece ids only; bos/eos are added by `mt.batching.collate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+from mt.config import TokenizerConfig
+from mt.errors import DataError
+
+_FORMAT = 1
+# Options that change the trained model; everything here goes into the cache key.
+_SPM_OPTIONS = (
+    "model_type",
+    "vocab_size",
+    "character_coverage",
+    "input_sentence_size",
+    "seed",
+    "pad_id",
+    "unk_id",
+    "bos_id",
+    "eos_id",
+)
+_HASH_CHUNK = 65536
+
+
+def _load_proto(proto: bytes) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    return sp
+
+
+class Tokenizer:
+    """Source and target SentencePiece models with fixed special ids.
+
+    ``Tokenizer(src_model, tgt_model=None, pad_id=0, unk_id=1, bos_id=2, eos_id=3)``:
+    ``tgt_model=None`` means one joint model (one vocabulary) for both languages.
+    """
+
+    def __init__(
+        self,
+        src_model: bytes,
+        tgt_model: bytes | None = None,
+        pad_id: int = 0,
+        unk_id: int = 1,
+        bos_id: int = 2,
+        eos_id: int = 3,
+    ) -> None:
+        self.joint: bool = tgt_model is None
+        self._src_proto = bytes(src_model)
+        self._tgt_proto = self._src_proto if tgt_model is None else bytes(tgt_model)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
+        self._src = _load_proto(self._src_proto)
+        self._tgt = self._src if self.joint else _load_proto(self._tgt_proto)
+        for side, sp in (("source", self._src), ("target", self._tgt)):
+            got = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+            want = (pad_id, unk_id, bos_id, eos_id)
+            if got != want:
+                raise DataError(
+                    f"the {side} SentencePiece model has special ids (pad, unk, bos, eos) = {got}, "
+                    f"expected {want}; retrain the tokenizer or set tokenizer.*_id to match"
+                )
+        self.src_vocab_size: int = self._src.get_piece_size()
+        self.tgt_vocab_size: int = self._tgt.get_piece_size()
+        self._specials = frozenset((pad_id, bos_id, eos_id))
+
+    # ----------------------------------------------------------------------------- encoding
+    @staticmethod
+    def _encode(sp: spm.SentencePieceProcessor, texts: Sequence[str]) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("encode_src/encode_tgt take a list of strings, not one string")
+        return sp.encode(list(texts), out_type=int)
+
+    def encode_src(self, texts: Sequence[str]) -> list[list[int]]:
+        """Piece ids of each source sentence (no bos/eos)."""
+        return self._encode(self._src, texts)
+
+    def encode_tgt(self, texts: Sequence[str]) -> list[list[int]]:
+        """Piece ids of each target sentence (no bos/eos)."""
+        return self._encode(self._tgt, texts)
+
+    # ----------------------------------------------------------------------------- decoding
+    def _clean(self, ids: Iterable[Any]) -> list[int]:
+        out: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in self._specials:
+                out.append(i)
+        return out
+
+    def decode_src(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Text of each id sequence: stops at the first eos, skips pad/bos/eos."""
+        return [self._src.decode(self._clean(seq)) for seq in ids]
+
+    def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Text of each id sequence: stops at the first eos, skips pad/bos/eos."""
+        return [self._tgt.decode(self._clean(seq)) for seq in ids]
+
+    def src_pieces(self, ids: Iterable[Any]) -> list[str]:
+        """Piece strings of ONE source id sequence (labels for attention plots)."""
+        return [self._src.id_to_piece(int(i)) for i in ids]
+
+    def tgt_pieces(self, ids: Iterable[Any]) -> list[str]:
+        """Piece strings of ONE target id sequence (labels for attention plots)."""
+        return [self._tgt.id_to_piece(int(i)) for i in ids]
+
+    # ------------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict:
+        """Plain python types + bytes: safe for ``torch.load(weights_only=True)``."""
+        return {
+            "format": _FORMAT,
+            "joint": self.joint,
+            "src_model": self._src_proto,
+            "tgt_model": None if self.joint else self._tgt_proto,
+            "pad_id": self.pad_id,
+            "unk_id": self.unk_id,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> Tokenizer:
+        if not isinstance(d, dict) or "src_model" not in d:
+            raise DataError(
+                "not a tokenizer state (missing 'src_model'); is this an mt checkpoint?"
+            )
+        return cls(
+            d["src_model"],
+            None if d.get("joint", False) else d.get("tgt_model"),
+            pad_id=int(d["pad_id"]),
+            unk_id=int(d["unk_id"]),
+            bos_id=int(d["bos_id"]),
+            eos_id=int(d["eos_id"]),
+        )
+
+    def __getstate__(self) -> dict:
+        return self.state_dict()
+
+    def __setstate__(self, d: dict) -> None:
+        self.__init__(  # type: ignore[misc]
+            d["src_model"],
+            None if d["joint"] else d["tgt_model"],
+            d["pad_id"],
+            d["unk_id"],
+            d["bos_id"],
+            d["eos_id"],
+        )
+
+    def fingerprint(self) -> str:
+        """A short digest of the models and ids (e.g. for naming cached tokenized data)."""
+        h = hashlib.sha256()
+        h.update(self._src_proto)
+        h.update(self._tgt_proto)
+        h.update(repr((self.pad_id, self.unk_id, self.bos_id, self.eos_id)).encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        if self.joint:
+            return f"Tokenizer(joint, vocab={self.src_vocab_size})"
+        return f"Tokenizer(src_vocab={self.src_vocab_size}, tgt_vocab={self.tgt_vocab_size})"
+
+
+# ---------------------------------------------------------------------------------- training
+def _text_digest(texts: Sequence[str]) -> str:
+    """sha256 over the sentences (count + NUL-separated UTF-8), chunked to bound memory."""
+    h = hashlib.sha256(str(len(texts)).encode())
+    for start in range(0, len(texts), _HASH_CHUNK):
+        chunk = texts[start : start + _HASH_CHUNK]
+        h.update(b"\0")
+        h.update("\0".join(chunk).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _cache_key(cfg: TokenizerConfig, role: str, text_digests: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    opts = {k: getattr(cfg, k) for k in _SPM_OPTIONS}
+    h.update(repr(sorted(opts.items())).encode())
+    h.update(f"role={role};spm={spm.__version__};fmt={_FORMAT}".encode())
+    for d in text_digests:
+        h.update(d.encode())
+    return h.hexdigest()[:24]
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _spm_train(cfg: TokenizerConfig, texts: Sequence[str]) -> bytes:
+    """Train one SentencePiece model on `texts` (in memory) and return its serialized proto."""
+    nonempty = [t for t in texts if t and not t.isspace()]
+    if not nonempty:
+        raise DataError("cannot train a tokenizer: the training text is empty")
+    if 0 < cfg.input_sentence_size <= 100:  # SentencePiece refuses these
+        raise DataError(
+            f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
+            f"(all sentences) or a value above 100"
+        )
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(int(cfg.seed))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(nonempty),
+            model_writer=writer,
+            model_type=cfg.model_type,
+            vocab_size=int(cfg.vocab_size),
+            character_coverage=float(cfg.character_coverage),
+            input_sentence_size=int(cfg.input_sentence_size),
+            shuffle_input_sentence=True,
+            hard_vocab_limit=False,
+            pad_id=cfg.pad_id,
+            unk_id=cfg.unk_id,
+            bos_id=cfg.bos_id,
+            eos_id=cfg.eos_id,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            num_threads=max(1, min(8, os.cpu_count() or 1)),
+            minloglevel=2,
+        )
+    except (RuntimeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise DataError(
+            f"SentencePiece training failed ({msg}); check tokenizer.vocab_size / "
+            f"tokenizer.model_type / tokenizer.character_coverage"
+        ) from None
+    return writer.getvalue()
+
+
+def _train_or_load(
+    cfg: TokenizerConfig,
+    role: str,
+    texts: Sequence[str],
+    cache_dir: pathlib.Path,
+    log: Callable[[str], Any],
+) -> bytes:
+    key = _cache_key(cfg, role, [_text_digest(texts)])
+    path = pathlib.Path(cache_dir) / "spm" / f"{key}.model"
+    if path.is_file():
+        proto = path.read_bytes()
+        try:
+            _load_proto(proto)
+        except Exception:  # corrupt cache entry: retrain and overwrite it
+            log(f"tokenizer: cached {role} model {path} is unreadable; retraining")
+        else:
+            log(f"tokenizer: loaded cached {role} model {path}")
+            return proto
+    log(
+        f"tokenizer: training {role} {cfg.model_type} model (vocab_size={cfg.vocab_size}) "
+        f"on {len(texts)} sentences"
+    )
+    proto = _spm_train(cfg, texts)
+    _atomic_write(path, proto)
+    log(f"tokenizer: saved {role} model to {path}")
+    return proto
+
+
+def train_tokenizer(
+    cfg: TokenizerConfig,
+    src_texts: Sequence[str],
+    tgt_texts: Sequence[str],
+    cache_dir: pathlib.Path,
+    log: Callable[[str], Any] = print,
+) -> Tokenizer:
+    """Train SentencePiece on the training text, or load the cached model trained on the same
+    text with the same options (``cache_dir/spm/<hash>.model``).
+
+    joint: one model on src + tgt sentences; otherwise one model per side.
+    """
+    if cfg.joint:
+        texts = list(src_texts) + list(tgt_texts)
+        proto = _train_or_load(cfg, "joint", texts, cache_dir, log)
+        tok = Tokenizer(proto, None, cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id)
+    else:
+        src = _train_or_load(cfg, "source", list(src_texts), cache_dir, log)
+        tgt = _train_or_load(cfg, "target", list(tgt_texts), cache_dir, log)
+        tok = Tokenizer(src, tgt, cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id)
+    return tok

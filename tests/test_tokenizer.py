@@ -1,0 +1,144 @@
+"""SentencePiece wrapper: training, special ids, round trips, serialisation, caching."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mt.config import TokenizerConfig
+from mt.errors import DataError
+from mt.tokenizer import Tokenizer, train_tokenizer
+
+CFG = TokenizerConfig(vocab_size=100, input_sentence_size=0)
+
+
+@pytest.fixture(scope="module")
+def toy_texts(tiny_corpus_dir):
+    rows = [json.loads(line) for line in open(tiny_corpus_dir / "train.jsonl", encoding="utf-8")]
+    return [r["de"] for r in rows], [r["en"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def joint_tok(toy_texts, tmp_path_factory):
+    return train_tokenizer(CFG, *toy_texts, tmp_path_factory.mktemp("spm"), log=lambda m: None)
+
+
+def _vocab(tok: Tokenizer, side: str) -> set[str]:
+    if side == "src":
+        return set(tok.src_pieces(range(tok.src_vocab_size)))
+    return set(tok.tgt_pieces(range(tok.tgt_vocab_size)))
+
+
+def test_joint_model_shares_one_vocabulary(joint_tok):
+    assert joint_tok.joint
+    assert joint_tok.src_vocab_size == joint_tok.tgt_vocab_size <= CFG.vocab_size
+    assert "▁dog" in _vocab(joint_tok, "src") and "▁hund" in _vocab(joint_tok, "tgt")
+    assert joint_tok.encode_src(["hund dog"]) == joint_tok.encode_tgt(["hund dog"])
+
+
+def test_separate_models_have_their_own_vocabularies(toy_texts, tmp_path):
+    tok = train_tokenizer(replace(CFG, joint=False), *toy_texts, tmp_path, log=lambda m: None)
+    assert not tok.joint
+    src_vocab, tgt_vocab = _vocab(tok, "src"), _vocab(tok, "tgt")
+    assert "▁hund" in src_vocab and "▁hund" not in tgt_vocab
+    assert "▁dog" in tgt_vocab and "▁dog" not in src_vocab
+    # the toy corpus is small: both models stay below the (soft) limit
+    assert tok.src_vocab_size <= CFG.vocab_size and tok.tgt_vocab_size <= CFG.vocab_size
+    assert len(list((tmp_path / "spm").glob("*.model"))) == 2
+
+
+def test_special_ids_and_pieces(joint_tok, toy_texts):
+    tok = joint_tok
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.tgt_pieces([0, 1, 2, 3]) == ["<pad>", "<unk>", "<s>", "</s>"]
+    ids = tok.encode_tgt(toy_texts[1][:200]) + tok.encode_src(toy_texts[0][:200])
+    # encode gives piece ids only: no pad/bos/eos
+    assert all(i not in (0, 2, 3) for seq in ids for i in seq)
+    assert tok.encode_src(["hund ✈"])[0][-1] == tok.unk_id or tok.unk_id in tok.encode_src(["✈"])[0]
+
+
+def test_custom_special_ids_are_honoured(toy_texts, tmp_path):
+    cfg = replace(CFG, pad_id=3, unk_id=0, bos_id=1, eos_id=2)
+    tok = train_tokenizer(cfg, *toy_texts, tmp_path, log=lambda m: None)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (3, 0, 1, 2)
+    assert tok.src_pieces([3, 0, 1, 2]) == ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def test_encode_decode_round_trip(joint_tok, toy_texts):
+    src, tgt = toy_texts
+    assert joint_tok.decode_tgt(joint_tok.encode_tgt(tgt)) == tgt
+    assert joint_tok.decode_src(joint_tok.encode_src(src)) == src
+    # each toy word is a single piece
+    assert [len(x) for x in joint_tok.encode_src(src[:50])] == [len(s.split()) for s in src[:50]]
+
+
+def test_decode_stops_at_eos_and_skips_specials(joint_tok):
+    tok = joint_tok
+    ids = tok.encode_tgt(["big red dog"])[0]
+    garbage = tok.encode_tgt(["cat"])[0]
+    seq = [tok.bos_id, *ids, tok.eos_id, *garbage, tok.pad_id, tok.pad_id]
+    assert tok.decode_tgt([seq]) == ["big red dog"]
+    assert tok.decode_tgt([torch.tensor([tok.bos_id, *ids, tok.pad_id])]) == ["big red dog"]
+    assert tok.decode_src([[tok.eos_id, *ids]]) == [""]
+
+
+def test_state_dict_round_trip_through_weights_only_checkpoint(joint_tok, toy_texts, tmp_path):
+    sep = train_tokenizer(replace(CFG, joint=False), *toy_texts, tmp_path, log=lambda m: None)
+    for tok in (joint_tok, sep):
+        buf = io.BytesIO()
+        torch.save({"tokenizer": tok.state_dict()}, buf)
+        buf.seek(0)
+        back = Tokenizer.from_state_dict(torch.load(buf, weights_only=True)["tokenizer"])
+        assert back.joint == tok.joint
+        assert (back.src_vocab_size, back.tgt_vocab_size) == (
+            tok.src_vocab_size,
+            tok.tgt_vocab_size,
+        )
+        assert back.encode_src(toy_texts[0][:100]) == tok.encode_src(toy_texts[0][:100])
+        assert back.encode_tgt(toy_texts[1][:100]) == tok.encode_tgt(toy_texts[1][:100])
+        clone = pickle.loads(pickle.dumps(tok))
+        assert clone.encode_tgt(toy_texts[1][:100]) == tok.encode_tgt(toy_texts[1][:100])
+
+
+def test_second_call_loads_from_cache(toy_texts, tmp_path):
+    logs: list[str] = []
+    tok1 = train_tokenizer(CFG, *toy_texts, tmp_path, log=logs.append)
+    (model,) = (tmp_path / "spm").glob("*.model")
+    mtime = model.stat().st_mtime_ns
+    assert any("training" in m for m in logs)
+
+    logs.clear()
+    tok2 = train_tokenizer(CFG, *toy_texts, tmp_path, log=logs.append)
+    assert any("loaded cached" in m for m in logs) and not any("training" in m for m in logs)
+    assert model.stat().st_mtime_ns == mtime
+    assert tok2.state_dict() == tok1.state_dict()
+    assert not list((tmp_path / "spm").glob("*.tmp"))  # atomic write left nothing behind
+
+    # other options or other text -> another cache entry
+    train_tokenizer(replace(CFG, vocab_size=90), *toy_texts, tmp_path, log=lambda m: None)
+    train_tokenizer(CFG, toy_texts[0][:-1], toy_texts[1][:-1], tmp_path, log=lambda m: None)
+    assert len(list((tmp_path / "spm").glob("*.model"))) == 3
+
+
+def test_input_sentence_size_samples_training_text(toy_texts, tmp_path):
+    cfg = replace(CFG, input_sentence_size=200, model_type="bpe")
+    tok = train_tokenizer(cfg, *toy_texts, tmp_path, log=lambda m: None)
+    assert tok.decode_tgt(tok.encode_tgt(toy_texts[1][:20])) == toy_texts[1][:20]
+    with pytest.raises(DataError, match="input_sentence_size"):
+        train_tokenizer(replace(cfg, input_sentence_size=50), *toy_texts, tmp_path, log=print)
+
+
+def test_training_failure_is_a_data_error(toy_texts, tmp_path):
+    with pytest.raises(DataError, match="SentencePiece training failed.*vocab_size"):
+        train_tokenizer(replace(CFG, vocab_size=10), *toy_texts, tmp_path, log=lambda m: None)
+
+
+def test_model_with_other_special_ids_is_rejected(joint_tok):
+    proto = joint_tok.state_dict()["src_model"]
+    with pytest.raises(DataError, match="special ids"):
+        Tokenizer(proto, None, pad_id=1, unk_id=0, bos_id=2, eos_id=3)

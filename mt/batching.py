@@ -1,0 +1,264 @@
+"""Token-budget batching: a bucketed batch sampler, padded batches, and the DataLoader around them.
+
+`TokenBucketSampler` sorts examples by length and packs neighbours into batches whose padded size
+(sentences x longest side, counting the eos/bos each side gets) stays within ``max_tokens``, so
+every batch costs about the same and wastes little on padding. The ORDER of the batches is
+shuffled every epoch (deterministically from (seed, epoch)); under DDP every rank builds the same
+list and takes every ``num_replicas``-th batch, truncated so all ranks step the same number of
+times.
+
+`collate` turns examples into a `Batch`::
+
+    src     (B, S)  source pieces + [eos], right-padded with pad_id
+    src_len (B,)    true source lengths (eos included)
+    tgt_in  (B, T)  [bos] + target pieces (decoder input, teacher forcing)
+    tgt_out (B, T)  target pieces + [eos] (what the decoder must predict), pad_id elsewhere
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["TokenBucketSampler", "Batch", "collate", "PairDataset", "make_loader"]
+
+
+class TokenBucketSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices whose padded batch fits a token budget.
+
+    A batch of n examples costs ``n * max(longest src + 1, longest tgt + 1)`` tokens; it must
+    stay <= ``max_tokens`` and n <= ``max_sentences`` (an example longer than max_tokens on its
+    own becomes a batch of one). ``drop_last`` drops the batch left over at the end of packing
+    (the longest sentences, usually under-filled) when there is more than one batch.
+    """
+
+    def __init__(
+        self,
+        src_lens: Sequence[int] | np.ndarray,
+        tgt_lens: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        max_sentences: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.src_lens = np.asarray(src_lens, dtype=np.int64) + 1  # + eos
+        self.tgt_lens = np.asarray(tgt_lens, dtype=np.int64) + 1  # + bos / eos
+        if self.src_lens.shape != self.tgt_lens.shape or self.src_lens.ndim != 1:
+            raise ValueError("src_lens and tgt_lens must be 1-D and of the same length")
+        if max_tokens < 1 or max_sentences < 1:
+            raise ValueError("max_tokens and max_sentences must be positive")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.max_tokens = int(max_tokens)
+        self.max_sentences = int(max_sentences)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch])
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        sizes = np.maximum(self.src_lens, self.tgt_lens)[order].tolist()
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        longest = 0
+        for i, n in zip(order.tolist(), sizes):
+            new_longest = max(longest, n)
+            if cur and (
+                (len(cur) + 1) * new_longest > self.max_tokens or len(cur) >= self.max_sentences
+            ):
+                batches.append(cur)
+                cur, new_longest = [], n
+            cur.append(i)
+            longest = new_longest
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _all_batches(self) -> list[list[int]]:
+        """The epoch's batch list (all ranks), in the order it will be consumed."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        n = len(self.src_lens)
+        rng = self._rng()
+        tiebreak = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = np.lexsort((tiebreak, self.src_lens, self.tgt_lens))  # by tgt, then src
+        batches = self._pack(order)
+        if self.drop_last and len(batches) > 1:
+            batches = batches[:-1]
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        if self.num_replicas > 1:
+            usable = len(batches) // self.num_replicas * self.num_replicas
+            batches = batches[:usable]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._all_batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self._all_batches()) // self.num_replicas
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (B, S) long, pieces + eos, right-padded
+    src_len: torch.Tensor  # (B,) long, eos included
+    tgt_in: torch.Tensor  # (B, T) long, bos + pieces
+    tgt_out: torch.Tensor  # (B, T) long, pieces + eos
+    ntokens: int  # non-pad target tokens (= (tgt_out != pad).sum())
+    indices: torch.Tensor  # (B,) long, dataset row of each example
+
+    @property
+    def batch_size(self) -> int:
+        return self.src.size(0)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            mv(self.src), mv(self.src_len), mv(self.tgt_in), mv(self.tgt_out),
+            self.ntokens, mv(self.indices),
+        )  # fmt: skip
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            self.src.pin_memory(), self.src_len.pin_memory(), self.tgt_in.pin_memory(),
+            self.tgt_out.pin_memory(), self.ntokens, self.indices.pin_memory(),
+        )  # fmt: skip
+
+
+def _long(ids: Any) -> torch.Tensor:
+    if isinstance(ids, np.ndarray):
+        return torch.from_numpy(ids.astype(np.int64))  # copy: also fine for read-only arrays
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int, bos_id: int, eos_id: int) -> Batch:
+    """Pad a list of {"src_ids", "tgt_ids", "idx"} examples into a `Batch` (right padding)."""
+    b = len(examples)
+    src_lens = [len(e["src_ids"]) + 1 for e in examples]
+    tgt_lens = [len(e["tgt_ids"]) + 1 for e in examples]
+    s, t = max(src_lens), max(tgt_lens)
+    src = torch.full((b, s), pad_id, dtype=torch.long)  # (B, S)
+    tgt_in = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
+    tgt_out = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
+    for k, e in enumerate(examples):
+        ls, lt = src_lens[k] - 1, tgt_lens[k] - 1
+        if ls:
+            src[k, :ls] = _long(e["src_ids"])
+        src[k, ls] = eos_id
+        tgt_in[k, 0] = bos_id
+        if lt:
+            ids = _long(e["tgt_ids"])
+            tgt_in[k, 1 : lt + 1] = ids
+            tgt_out[k, :lt] = ids
+        tgt_out[k, lt] = eos_id
+    return Batch(
+        src=src,
+        src_len=torch.tensor(src_lens, dtype=torch.long),  # (B,)
+        tgt_in=tgt_in,
+        tgt_out=tgt_out,
+        ntokens=int(sum(tgt_lens)),
+        indices=torch.tensor([int(e["idx"]) for e in examples], dtype=torch.long),  # (B,)
+    )
+
+
+def _flat_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list<int> column: row i is values[offsets[i]:offsets[i + 1]]."""
+    if isinstance(column, pa.ChunkedArray):
+        column = (
+            column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.int32()))
+        )
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    # a writable copy (Arrow buffers are read-only; torch warns about wrapping those)
+    values = np.array(pc.list_flatten(column).to_numpy(zero_copy_only=False), dtype=np.int32)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return values, offsets
+
+
+class PairDataset(Dataset):
+    """Fast random access to a tokenized split (columns src_ids, tgt_ids).
+
+    Reads the columns once into flat int32 arrays; item i is
+    ``{"src_ids": int32 array, "tgt_ids": int32 array, "idx": i}``.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        self._src, self._src_off = _flat_lists(ds.with_format("arrow")["src_ids"])
+        self._tgt, self._tgt_off = _flat_lists(ds.with_format("arrow")["tgt_ids"])
+        self.src_lens = np.diff(self._src_off)  # (N,)
+        self.tgt_lens = np.diff(self._tgt_off)  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.src_lens)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        return {
+            "src_ids": self._src[self._src_off[i] : self._src_off[i + 1]],
+            "tgt_ids": self._tgt[self._tgt_off[i] : self._tgt_off[i + 1]],
+            "idx": i,
+        }
+
+
+def make_loader(
+    ds: Any,
+    tokenizer: Any,
+    max_tokens: int,
+    max_sentences: int,
+    shuffle: bool,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader of `Batch`es over a tokenized split; ``loader.batch_sampler.set_epoch(e)``
+    reshuffles (call it every epoch)."""
+    data = PairDataset(ds)
+    sampler = TokenBucketSampler(
+        data.src_lens,
+        data.tgt_lens,
+        max_tokens=max_tokens,
+        max_sentences=max_sentences,
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
+    fn = functools.partial(
+        collate, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id
+    )
+    return DataLoader(
+        data,
+        batch_sampler=sampler,
+        collate_fn=fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -34,7 +34,7 @@ class DataConfig:
     max_train_examples: Optional[int] = None  # keep only the first N training pairs (debugging)
     max_valid_examples: Optional[int] = None  # validate on the first N pairs only
     num_proc: Optional[int] = None  # processes for datasets.map/filter
-    cache_dir: Optional[str] = None  # tokenizer/tokenized-split cache; default: <run dir>/../.cache? see data.py
+    cache_dir: Optional[str] = None  # SentencePiece model cache; default $XDG_CACHE_HOME/mt or ~/.cache/mt
 
 
 @dataclass

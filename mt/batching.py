@@ -261,4 +261,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Its own generator: otherwise every new iterator draws a seed from the global RNG,
+        # which would shift dropout masks after a resume mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,473 @@
+"""Train a translation model.
+
+    python -m mt.train data.path=../shared/data/multi30k data.src=de data.tgt=en
+    python -m mt.train debug=tiny data.path=DIR trainer.max_steps=200 hydra.run.dir=OUT
+    torchrun --nproc_per_node=2 -m mt.train hydra.run.dir=OUT ...   # data parallel
+
+Writes, under the Hydra run directory OUT:
+    OUT/checkpoints/best.pt, OUT/checkpoints/last.pt    (model, optimizer, scheduler, RNG, config, SentencePiece)
+    OUT/tensorboard/                                     (tensorboard --logdir OUT)
+    OUT/.hydra/                                          (the composed config)
+
+`main` is a thin Hydra wrapper; `train(config, out_dir)` is a plain function tests call directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from . import batching, data
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, from_dict, register_configs, to_dict
+from .errors import CheckpointError, MTError, TrainingDiverged
+from .metrics import corpus_scores
+from .model import Seq2Seq, count_parameters
+from .search import decode_dataset
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("mt.train")
+
+register_configs()
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MTError(f"unknown trainer.device={name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MTError(f"trainer.device={name} but CUDA is not available here")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in table:
+        raise MTError(f"unknown trainer.precision={name!r}; use auto, bf16, fp16 or fp32")
+    return table[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.name not in kinds:
+        raise MTError(f"unknown optim.name={cfg.name!r}; use adam or adamw")
+    return kinds[cfg.name](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                           weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg):
+    """Stepped once per update, except "plateau", stepped with each validation BLEU."""
+    warm = max(1, cfg.warmup_steps)
+    if cfg.scheduler == "inverse_sqrt":  # linear warm-up, then lr * sqrt(warmup / step)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1))))
+    if cfg.scheduler == "constant":  # linear warm-up, then constant
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0))
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    raise MTError(f"unknown optim.scheduler={cfg.scheduler!r}; use inverse_sqrt, constant or plateau")
+
+
+def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Resuming needs the same model and vocabulary; other settings (steps, lr...) may change."""
+    for group in ("model", "tokenizer"):
+        a, b = asdict(getattr(saved, group)), asdict(getattr(cfg, group))
+        diff = [f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k]
+                and k != "cell"]  # the cell backend is free: same parameters on every backend
+        if diff:
+            raise CheckpointError(f"checkpoint {path} does not fit this config ({'; '.join(diff[:3])})")
+    if (saved.data.src, saved.data.tgt) != (cfg.data.src, cfg.data.tgt):
+        raise CheckpointError(f"checkpoint {path} translates {saved.data.src}->{saved.data.tgt}, "
+                              f"not {cfg.data.src}->{cfg.data.tgt}")
+
+
+class Distributed:
+    """torchrun environment: rank, world size; gloo on CPU, NCCL on CUDA."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+
+    def init(self, device: torch.device) -> None:
+        if self.enabled and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, values: list[float], device: torch.device) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.broadcast(t, 0)
+        return t.tolist()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validation_loss(model: Seq2Seq, loader, device, amp_dtype, pad_id: int) -> float:
+    """Mean per-token negative log-likelihood (no label smoothing) under teacher forcing."""
+    model.eval()
+    total, ntok = 0.0, 0
+    for batch in loader:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, _ = model(batch.src, batch.src_len, batch.tgt_in)
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+                                 ignore_index=pad_id, reduction="sum").item()
+        ntok += batch.ntokens
+    return total / max(1, ntok)
+
+
+def attention_figure(attn: torch.Tensor, src_pieces: list[str], hyp_pieces: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(src_pieces) + 2), max(3, 0.35 * len(hyp_pieces) + 2)))
+    ax.imshow(attn.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(src_pieces)), src_pieces, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(hyp_pieces)), hyp_pieces, fontsize=7)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train per `cfg`, writing checkpoints and TensorBoard logs under `out_dir`.
+
+    Returns a summary: steps, best validation BLEU, last validation scores, paths.
+    """
+    out_dir = Path(out_dir)
+    ddp = Distributed()
+    tc = cfg.trainer
+    device = resolve_device(tc.device, ddp.local_rank)
+    amp_dtype = resolve_precision(tc.precision, device)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    ddp.init(device)
+    try:
+        return _train(cfg, out_dir, ddp, device, amp_dtype)
+    finally:
+        ddp.close()
+
+
+def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype) -> dict[str, Any]:
+    tc, oc = cfg.trainer, cfg.optim
+    ckpt_dir = out_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+
+    # ---- resume: the checkpoint's tokenizer and state
+    resume_state = None
+    tokenizer = None
+    if tc.resume:
+        if not last_path.exists():
+            raise CheckpointError(f"trainer.resume=true but there is no checkpoint at {last_path}")
+        resume_state = load_checkpoint(last_path)
+        try:
+            saved_cfg = from_dict(resume_state["config"])
+            tokenizer = Tokenizer.from_state_dict(resume_state["tokenizer"])
+        except MTError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {last_path} has an unusable config or tokenizer: {e}") from None
+        check_compatible(saved_cfg, cfg, last_path)
+
+    # ---- data (rank 0 trains the tokenizer first; the others then find it in the cache)
+    seed_everything(tc.seed)
+    cache_dir = data.default_cache_dir(cfg.data)
+    if not ddp.main:
+        ddp.barrier()
+    corpus = data.prepare_corpus(cfg.data, cfg.tokenizer, cache_dir, log=log.info if ddp.main else (lambda *_: None),
+                                 tokenizer=tokenizer)
+    if ddp.main:
+        ddp.barrier()
+    tok = corpus.tokenizer
+    if corpus.valid is None or len(corpus.valid) == 0:
+        raise MTError(f"no validation split in {cfg.data.path} (looked for {cfg.data.valid_split}, valid, val, dev)")
+
+    # ---- model, optimizer, scheduler
+    seed_everything(tc.seed)
+    model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(device)
+    optimizer = make_optimizer(model, oc)
+    scheduler = make_scheduler(optimizer, oc)
+    criterion = nn.CrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=oc.label_smoothing, reduction="sum")
+    step, epoch, batch_in_epoch, best_bleu, bad_evals = 0, 0, 0, -1.0, 0
+    if resume_state is not None:
+        try:
+            model.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {last_path} does not fit this model: {first[:200]}") from None
+        step, epoch = resume_state["step"], resume_state["epoch"]
+        batch_in_epoch = resume_state["batch_in_epoch"]
+        best_bleu, bad_evals = resume_state["best_bleu"], resume_state["bad_evals"]
+        rngs = resume_state["rng"]
+        set_rng_state(rngs[ddp.rank] if ddp.rank < len(rngs) else rngs[0])
+        if ddp.main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", last_path, step, epoch, batch_in_epoch)
+    train_model: nn.Module = model
+    if ddp.enabled:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world):
+        return batching.make_loader(ds, tok, tc.max_tokens, tc.max_sentences, shuffle=shuffle, seed=tc.seed,
+                                    num_replicas=world, rank=rank, num_workers=tc.num_workers)
+
+    train_loader = loader_for(corpus.train, shuffle=True)
+    valid_loader = loader_for(corpus.valid, shuffle=False, rank=0, world=1)
+    if len(train_loader) == 0:
+        raise MTError("the training split is empty after filtering; check data.max_src_len/max_tgt_len")
+    first = next(iter(train_loader.batch_sampler))
+    log.info("rank %d/%d: %d batches per epoch, first batch rows %s", ddp.rank, ddp.world, len(train_loader),
+             sorted(first)[:8])
+
+    writer = None
+    if ddp.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if resume_state else None)
+        log.info("model: %s parameters, cell=%s (%s), device=%s, precision=%s, world=%d",
+                 f"{count_parameters(model):,}", cfg.model.cell, model.backend(device), device,
+                 amp_dtype or "fp32", ddp.world)
+        log.info("data: %d train / %d valid pairs, vocab %d/%d", len(corpus.train), len(corpus.valid),
+                 tok.src_vocab_size, tok.tgt_vocab_size)
+
+    def checkpoint_state(metrics: dict) -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
+            "bad_evals": bad_evals, "rng": ddp.gather_objects(rng_state()), "config": to_dict(cfg),
+            "tokenizer": tok.state_dict(), "metrics": metrics,
+        }
+
+    signature_logged = False
+
+    def evaluate() -> tuple[dict, bool]:
+        """Validate on rank 0; every rank learns the BLEU and whether to stop. Saves checkpoints."""
+        nonlocal best_bleu, bad_evals, signature_logged
+        metrics: dict[str, Any] = {}
+        if ddp.main:
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                vloss = validation_loss(model, valid_loader, device, amp_dtype, tok.pad_id)
+                decoded = decode_dataset(model, corpus.valid, tok, device, batch_size=tc.valid_batch_size,
+                                         max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b)
+            hyps = tok.decode_tgt(decoded.tokens)
+            refs = list(corpus.valid["tgt"])
+            scores = corpus_scores(hyps, refs)
+            metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **scores}
+            for k in ("loss", "ppl", "bleu", "chrf", "bleu_lc"):
+                writer.add_scalar(f"valid/{k}", metrics[k], step)
+            if not signature_logged:
+                writer.add_text("valid/signature", f"BLEU: {scores['bleu_signature']}  \n"
+                                f"chrF: {scores['chrf_signature']}", step)
+                log.info("sacreBLEU signatures: %s | %s", scores["bleu_signature"], scores["chrf_signature"])
+                signature_logged = True
+            srcs = list(corpus.valid["src"])
+            samples = [f"**src:** {srcs[i]}  \n**ref:** {refs[i]}  \n**hyp:** {hyps[i]}" for i in range(min(tc.num_samples, len(hyps)))]
+            if samples:
+                writer.add_text("valid/samples", "\n\n---\n\n".join(samples), step)
+            if tc.attention_images and len(hyps):
+                src_ids = corpus.valid[0]["src_ids"] + [tok.eos_id]
+                out_ids = decoded.tokens[0] + [tok.eos_id]
+                attn = decoded.attention[0][: len(out_ids), : len(src_ids)]
+                fig = attention_figure(attn, tok.src_pieces(src_ids), tok.tgt_pieces(out_ids)[: attn.shape[0]])
+                writer.add_figure("valid/attention", fig, step)
+            improved = metrics["bleu"] > best_bleu
+            if improved:
+                best_bleu, bad_evals = metrics["bleu"], 0
+            else:
+                bad_evals += 1
+            state = checkpoint_state(metrics)
+            if improved:
+                save_checkpoint(state, best_path)
+            save_checkpoint(state, last_path)
+            writer.flush()
+            log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
+                     step, vloss, metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"], best_bleu,
+                     " *" if improved else "", time.perf_counter() - t0)
+        else:
+            ddp.gather_objects(rng_state())  # matches rank 0's gather in checkpoint_state
+        bleu, stop = ddp.broadcast([metrics.get("bleu", 0.0), float(tc.patience > 0 and bad_evals >= tc.patience)], device)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(bleu)
+        model.train()
+        return metrics, bool(stop)
+
+    # ---- the loop
+    model.train()
+    progress = None
+    if ddp.main:  # disable=None: a bar only when stderr is a terminal
+        progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None if tc.progress is None else not tc.progress)
+    last_metrics: dict[str, Any] = {}
+    stopped_early = False
+    win_loss = win_nll = win_tok = 0.0
+    win_t0 = time.perf_counter()
+    last_eval_step = step if resume_state else -1
+    done = step >= tc.max_steps
+    while not done and epoch < tc.max_epochs:
+        train_loader.batch_sampler.set_epoch(epoch)
+        for i, batch in enumerate(train_loader):
+            if i < batch_in_epoch:  # resuming mid-epoch: skip what was already trained on
+                continue
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, _ = train_model(batch.src, batch.src_len, batch.tgt_in)  # (B, T, V)
+            logits = logits.float().flatten(0, 1)  # (B*T, V)
+            target = batch.tgt_out.flatten()  # (B*T,)
+            loss_sum = criterion(logits, target)
+            ntok = batch.ntokens
+            (loss_sum / max(1, ntok)).backward()
+            with torch.no_grad():
+                nll_sum = F.cross_entropy(logits, target, ignore_index=tok.pad_id, reduction="sum")
+            loss_tot, nll_tot, ntok_tot = ddp.all_sum([loss_sum.item(), nll_sum.item(), ntok], device)
+            if not math.isfinite(loss_tot):
+                raise TrainingDiverged(
+                    f"loss is {loss_tot} at step {step + 1}; stopped without saving "
+                    f"(last good checkpoint: {last_path if last_path.exists() else 'none yet'})")
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm if oc.clip_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step()
+            step += 1
+            batch_in_epoch = i + 1
+            win_loss += loss_tot
+            win_nll += nll_tot
+            win_tok += ntok_tot
+            if ddp.main:
+                progress.update(1)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    elapsed = time.perf_counter() - win_t0
+                    loss_avg, nll_avg = win_loss / max(1, win_tok), win_nll / max(1, win_tok)
+                    writer.add_scalar("train/loss", loss_avg, step)
+                    writer.add_scalar("train/ppl", math.exp(min(nll_avg, 50)), step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                    writer.add_scalar("train/tokens_per_s", win_tok / max(elapsed, 1e-9), step)
+                    progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                    log.info("step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
+                             step, epoch, loss_avg, math.exp(min(nll_avg, 50)), optimizer.param_groups[0]["lr"],
+                             float(grad_norm), win_tok / max(elapsed, 1e-9))
+                    win_loss = win_nll = win_tok = 0.0
+                    win_t0 = time.perf_counter()
+            if step % tc.eval_every == 0 or step >= tc.max_steps:
+                last_metrics, stop = evaluate()
+                last_eval_step = step
+                if stop:
+                    stopped_early = True
+                    if ddp.main:
+                        log.info("early stopping: no BLEU improvement in %d validations", tc.patience)
+                    done = True
+                    break
+            if step >= tc.max_steps:
+                done = True
+                break
+        else:  # the epoch ran out
+            epoch += 1
+            batch_in_epoch = 0
+    if last_eval_step != step:  # max_epochs reached between validations
+        last_metrics, _ = evaluate()
+    if ddp.main:
+        progress.close()
+        hparams = {f"{g}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for g in ("model", "optim", "tokenizer") for k, v in asdict(getattr(cfg, g)).items()}
+        hparams.update({"trainer.max_tokens": tc.max_tokens, "data.src": cfg.data.src, "data.tgt": cfg.data.tgt})
+        writer.add_hparams(hparams, {"hparam/best_bleu": best_bleu}, run_name=".")
+        writer.close()
+    return {"step": step, "epoch": epoch, "best_bleu": best_bleu, "last": last_metrics,
+            "stopped_early": stopped_early, "best_path": str(best_path), "last_path": str(last_path)}
+
+
+# --------------------------------------------------------------------------- CLI
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(dcfg: DictConfig) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = train(cfg, out_dir)
+    except MTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("done: step %d, best validation BLEU %.2f, checkpoints in %s", summary["step"], summary["best_bleu"],
+             Path(out_dir) / "checkpoints")
+    return summary["best_bleu"]  # the value a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Training end to end on a tiny generated corpus: it learns, resumes exactly, logs to
+TensorBoard, stops on NaN, and refuses bad checkpoints; the real CLI in a subprocess; 2-process DDP."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.config import register_configs
+from mt.errors import CheckpointError, TrainingDiverged
+from mt.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def make_cfg(corpus: Path, cache: Path, *overrides: str):
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["debug=tiny", f"data.path={corpus}", f"data.cache_dir={cache}",
+                                          "trainer.device=cpu", "trainer.precision=fp32", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus_dir, tmp_path_factory):
+    """One tiny model trained for 300 steps (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(tiny_corpus_dir, out / "cache", "trainer.max_steps=300", "trainer.eval_every=150")
+    return out, train(cfg, out)
+
+
+@pytest.mark.slow
+def test_learns_the_toy_corpus(trained):
+    out, summary = trained
+    assert summary["step"] == 300
+    losses = scalars(out)["train/loss"]
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < 0.25 * first, (first, last)
+    assert summary["best_bleu"] > 80, summary
+    assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck["step"] == 300 and ck["tokenizer"]["src_model"] and ck["config"]["model"]["hidden_dim"] == 32
+
+
+@pytest.mark.slow
+def test_tensorboard_tags(trained):
+    out, _ = trained
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    expected = {"train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf", "valid/bleu_lc"}
+    assert expected <= set(tags["scalars"]), set(tags["scalars"])
+    assert "valid/attention" in tags["images"]
+    text_tags = set(tags["tensors"])
+    assert {"valid/samples/text_summary", "valid/signature/text_summary"} <= text_tags, text_tags
+    # hparams with the best BLEU live in the same run directory
+    hp = [p for p in (out / "tensorboard").rglob("events.out.tfevents.*")]
+    assert any(b"hparam/best_bleu" in p.read_bytes() for p in hp)
+    assert all(math.isfinite(v) for v in scalars(out)["train/grad_norm"].values())
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses(tiny_corpus_dir, tmp_path):
+    """60 steps straight == 30 steps, stop, resume to 60: identical per-step losses."""
+    common = ["trainer.eval_every=30", "trainer.log_every=1", "model.dropout=0.3", "model.emb_dropout=0.2",
+              "trainer.max_tokens=512"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=60", *common), straight)
+    train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=30", *common), split)
+    resumed = train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=60", "trainer.resume=true",
+                             *common), split)
+    assert resumed["step"] == 60
+    a, b = scalars(straight)["train/loss"], scalars(split)["train/loss"]
+    assert sorted(b) == list(range(1, 61))
+    assert [a[s] for s in range(31, 61)] == [b[s] for s in range(31, 61)]
+    sa = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    sb = load_checkpoint(split / "checkpoints" / "last.pt")["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_resume_refuses_bad_checkpoints(tiny_corpus_dir, tmp_path, trained):
+    src, _ = trained
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.resume=true", "trainer.max_steps=310")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(cfg, tmp_path / "empty")
+    bad = tmp_path / "corrupt" / "checkpoints" / "last.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(cfg, tmp_path / "corrupt")
+    other = tmp_path / "other" / "checkpoints" / "last.pt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes((src / "checkpoints" / "last.pt").read_bytes())
+    wider = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.resume=true", "model.hidden_dim=64", "model.emb_dim=64")
+    with pytest.raises(CheckpointError, match="hidden_dim"):
+        train(wider, tmp_path / "other")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=40", "trainer.eval_every=10")
+    calls = {"n": 0}
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = real(self, logits, target)
+        return loss * float("nan") if calls["n"] > 15 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="nan at step 16"):
+        train(cfg, tmp_path / "run")
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def run_cli(args, cwd=REPO, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "mt.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.mark.slow
+def test_cli_writes_checkpoints_and_events(tiny_corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(["debug=tiny", f"data.path={tiny_corpus_dir}", "data.src=de", "data.tgt=en", "trainer.max_steps=20",
+                 "trainer.eval_every=20", f"data.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    assert list(out.rglob("events.out.tfevents.*"))
+    assert (out / ".hydra" / "config.yaml").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli(["debug=tiny", f"data.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'o'}"])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and "does not exist" in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    r = run_cli(["debug=tiny", "model.hiden_dim=3", f"hydra.run.dir={tmp_path / 'o2'}"])
+    assert r.returncode != 0 and "hiden_dim" in r.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tiny_corpus_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): different batches per rank, rank 0 alone writes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "mt.train",
+         "debug=tiny", f"data.path={tiny_corpus_dir}", "trainer.max_steps=20", "trainer.eval_every=20",
+         f"data.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    firsts = [ln.split("first batch rows ")[1] for ln in log.splitlines() if "first batch rows" in ln]
+    assert len(firsts) == 2 and firsts[0] != firsts[1], log[-3000:]
+    assert "world=2" in log
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck["step"] == 20 and len(ck["rng"]) == 2
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) >= 1

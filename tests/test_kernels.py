@@ -12,6 +12,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
 
 import importlib  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -148,6 +149,20 @@ def test_lstm_sequence_triton_matches_reference(dtype, D, B, T, H, lengths, with
     if lengths is not None:  # padded positions output exact zeros
         mask = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]  # (B, T)
         assert (outs_t[0][:, mask] == 0).all()
+
+
+def test_inference_matches_training_forward():
+    """Under no_grad the kernels skip saving activations; the outputs must not change."""
+    seq = _seq_inputs(torch.float32, 2, 3, 4, 16, [4, 1, 2], True)
+    cell = _cell_inputs(torch.float32, 3, 16, 32, True, True, True)
+    with torch.no_grad():
+        seq_a = triton_cell.lstm_sequence(*seq)
+        cell_a = triton_cell.cell_step(*cell)
+    seq_b = triton_cell.lstm_sequence(seq[0].clone().requires_grad_(), *seq[1:])
+    cell_b = triton_cell.cell_step(cell[0].clone().requires_grad_(), *cell[1:])
+    for a, b in zip(seq_a + cell_a, seq_b + cell_b):
+        assert not a.requires_grad and b.requires_grad
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_dispatch_reaches_triton():
@@ -345,3 +360,20 @@ def test_graphed_lstm_sequence_cuda():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+def test_bench_cell_script_runs_under_interpreter(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_cell.py"), "--interpret"]
+    cmd += ["--warmup", "0", "--iters", "1", "--steps", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {(r["workload"], r["mode"]) for r in results} == {
+        (w, m) for w in ("encoder", "decoder") for m in ("fwd", "fwd+bwd")
+    }
+    for r in results:
+        assert not r["errors"], r["errors"]
+        assert set(r["ms"]) == {"cudnn", "reference", "triton"}
+        for backend, diff in r["max_abs_diff_vs_cudnn"].items():
+            assert diff < 1e-4, (backend, diff)

@@ -128,6 +128,7 @@ def _cell_forward_kernel(
     stride_ch,
     HAS_PRE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_ACT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -201,11 +202,12 @@ def _cell_forward_kernel(
     out_bh = offs_b[:, None] * H + offs_h[None, :]  # h_out, c_out are contiguous (B, H)
     tl.store(h_out_ptr + out_bh, h_new.to(h_out_ptr.dtype.element_ty), mask=mask_bh)
     tl.store(c_out_ptr + out_bh, c_new.to(c_out_ptr.dtype.element_ty), mask=mask_bh)
-    a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]  # act is contiguous (B, 4H)
-    tl.store(a, i, mask=mask_bh)
-    tl.store(a + H, f, mask=mask_bh)
-    tl.store(a + 2 * H, g, mask=mask_bh)
-    tl.store(a + 3 * H, o, mask=mask_bh)
+    if STORE_ACT:  # only when a backward will need them
+        a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]  # act is contiguous (B, 4H)
+        tl.store(a, i, mask=mask_bh)
+        tl.store(a + H, f, mask=mask_bh)
+        tl.store(a + 2 * H, g, mask=mask_bh)
+        tl.store(a + 3 * H, o, mask=mask_bh)
 
 
 @triton.jit
@@ -314,6 +316,7 @@ def _lstm_step_forward_kernel(
     stride_wk,
     stride_wn,
     HAS_LENGTHS: tl.constexpr,
+    STORE_ACT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -400,11 +403,12 @@ def _lstm_step_forward_kernel(
     tl.store(cbuf_ptr + out_slot + bh, tl.where(valid, c_new, c_prev), mask=mask_bh)
     out = out_ptr + ((d * B + offs_b[:, None]) * T + t) * H + offs_h[None, :]
     tl.store(out, tl.where(valid, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=mask_bh)
-    a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-    tl.store(a, i, mask=mask_bh)
-    tl.store(a + H, f, mask=mask_bh)
-    tl.store(a + 2 * H, g, mask=mask_bh)
-    tl.store(a + 3 * H, o, mask=mask_bh)
+    if STORE_ACT:  # only when a backward will need them
+        a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+        tl.store(a, i, mask=mask_bh)
+        tl.store(a + H, f, mask=mask_bh)
+        tl.store(a + 2 * H, g, mask=mask_bh)
+        tl.store(a + 3 * H, o, mask=mask_bh)
 
 
 @triton.jit(do_not_specialize=["s"])
@@ -561,6 +565,12 @@ def _upcast(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def _grad_needed(*tensors) -> bool:
+    """Will autograd record this call? If not (inference, no_grad), the forward kernels skip
+    saving activations. (ctx.needs_input_grad cannot tell: it ignores no_grad.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_triton_device(t: Tensor) -> None:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
@@ -569,13 +579,15 @@ def _check_triton_device(t: Tensor) -> None:
         )
 
 
-def _cell_forward(inp, c, weight, pre, bias):
-    """Launch `_cell_forward_kernel`. Returns h' (B, H), c' (B, H), act (B, 4H) fp32."""
+def _cell_forward(inp, c, weight, pre, bias, store_act=True):
+    """Launch `_cell_forward_kernel`. Returns h' (B, H), c' (B, H), act (B, 4H) fp32
+    (act is a 1-element dummy when store_act is False: inference needs no saved gates)."""
     B, K = inp.shape
     H = c.shape[1]
     h_new = torch.empty(B, H, device=inp.device, dtype=inp.dtype)
     c_new = torch.empty(B, H, device=inp.device, dtype=c.dtype)
-    act = torch.empty(B, 4 * H, device=inp.device, dtype=torch.float32)
+    act_shape = (B, 4 * H) if store_act else (1, 1)
+    act = torch.empty(act_shape, device=inp.device, dtype=torch.float32)
     bb, bh, bk, nw = _pick_blocks(B, H, K, inp.device)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     pre_t = pre if pre is not None else act  # dummy pointer, never read
@@ -603,6 +615,7 @@ def _cell_forward(inp, c, weight, pre, bias):
         c.stride(1),
         HAS_PRE=pre is not None,
         HAS_BIAS=bias is not None,
+        STORE_ACT=store_act,
         BLOCK_B=bb,
         BLOCK_H=bh,
         BLOCK_K=bk,
@@ -656,8 +669,8 @@ class _CellStepFunction(torch.autograd.Function):
     d W = inp^T @ dgates as torch matmuls (not fused), d pre = dgates, d bias = dgates.sum(0)."""
 
     @staticmethod
-    def forward(ctx, inp, c, weight, pre, bias):
-        h_new, c_new, act = _cell_forward(inp, c, weight, pre, bias)
+    def forward(ctx, inp, c, weight, pre, bias, store_act):
+        h_new, c_new, act = _cell_forward(inp, c, weight, pre, bias, store_act)
         ctx.save_for_backward(inp, c, weight, act)
         ctx.has_pre, ctx.has_bias = pre is not None, bias is not None
         ctx.pre_dtype = pre.dtype if pre is not None else None
@@ -670,7 +683,7 @@ class _CellStepFunction(torch.autograd.Function):
         inp, c, weight, act = ctx.saved_tensors
         d_inp = d_c = d_w = d_pre = d_bias = None
         if dh is None and dc is None:
-            return d_inp, d_c, d_w, d_pre, d_bias
+            return d_inp, d_c, d_w, d_pre, d_bias, None
         # dgates in inp's dtype: the dtype of the forward matmul, as in the reference
         dgates, dc_prev = _cell_backward(dh, dc, act, c, inp.dtype)  # (B, 4H), (B, H)
         need = ctx.needs_input_grad
@@ -684,24 +697,26 @@ class _CellStepFunction(torch.autograd.Function):
             d_pre = dgates.to(ctx.pre_dtype)
         if ctx.has_bias and need[4]:
             d_bias = dgates.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return d_inp, d_c, d_w, d_pre, d_bias
+        return d_inp, d_c, d_w, d_pre, d_bias, None
 
 
 class _LSTMSequenceFunction(torch.autograd.Function):
     """A whole layer (both directions) under one autograd node: T launches forward, T backward.
 
-    h0 arrives already in xproj's dtype and c0 in fp32 (the public wrapper converts them).
+    h0 arrives already in xproj's dtype and c0 in fp32 (the public wrapper converts them);
+    store_act is False when autograd will not record the call (the gates are then not saved).
     """
 
     @staticmethod
-    def forward(ctx, xproj, w_hh, lengths, h0, c0):
+    def forward(ctx, xproj, w_hh, lengths, h0, c0, store_act):
         D, B, T, G = xproj.shape
         H = G // 4
         dev, dtype = xproj.device, xproj.dtype
         hbuf = torch.empty(D, T + 2, B, H, device=dev, dtype=dtype)  # (D, T+2, B, H)
         cbuf = torch.empty(D, T + 2, B, H, device=dev, dtype=torch.float32)
         out = torch.empty(D, B, T, H, device=dev, dtype=dtype)  # (D, B, T, H)
-        act = torch.empty(D, T, B, 4 * H, device=dev, dtype=torch.float32)  # (D, T, B, 4H)
+        act_shape = (D, T, B, 4 * H) if store_act else (1, 1, 1, 1)
+        act = torch.empty(act_shape, device=dev, dtype=torch.float32)  # (D, T, B, 4H)
         in_slots = [1, T][:D]  # slot of the initial state per direction
         for d, slot in enumerate(in_slots):
             if h0 is None:
@@ -737,6 +752,7 @@ class _LSTMSequenceFunction(torch.autograd.Function):
                 w_hh.stride(1),
                 w_hh.stride(2),
                 HAS_LENGTHS=lengths is not None,
+                STORE_ACT=store_act,
                 BLOCK_B=bb,
                 BLOCK_H=bh,
                 BLOCK_K=bk,
@@ -821,7 +837,7 @@ class _LSTMSequenceFunction(torch.autograd.Function):
             d_h0 = d_h0.to(ctx.h0_dtype)
         if need[4]:
             d_c0 = cbwd.to(ctx.c0_dtype)
-        return d_xproj, d_w, None, d_h0, d_c0
+        return d_xproj, d_w, None, d_h0, d_c0, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +869,9 @@ def cell_step(
         raise ValueError(f"pre must be (B, 4H) = ({B}, {4 * H}), got {tuple(pre.shape)}")
     if bias is not None and bias.shape != (4 * H,):
         raise ValueError(f"bias must be (4H,) = ({4 * H},), got {tuple(bias.shape)}")
-    return _CellStepFunction.apply(inp, c, weight, pre, bias)
+    return _CellStepFunction.apply(
+        inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias)
+    )
 
 
 def lstm_sequence(
@@ -885,7 +903,8 @@ def lstm_sequence(
         h0 = h0.to(xproj.dtype)
     if c0 is not None:
         c0 = c0.to(torch.float32)
-    return _LSTMSequenceFunction.apply(xproj, w_hh, lengths, h0, c0)
+    store_act = _grad_needed(xproj, w_hh, h0, c0)
+    return _LSTMSequenceFunction.apply(xproj, w_hh, lengths, h0, c0, store_act)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -335,6 +335,16 @@ def make_timed(backend, fns, params, x, gy, train, device):
 # ----------------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args) -> dict:
     env = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -355,7 +365,7 @@ def environment(args) -> dict:
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
         env["interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     return env
@@ -403,6 +413,10 @@ def main(argv=None) -> int:
         + (f"CUDA {env['cuda']} cuDNN {env['cudnn']}  " if args.device == "cuda" else "")
         + f"{env['date']}"
     )
+    if args.device == "cpu":
+        print(
+            "# the cudnn column is nn.LSTM / nn.LSTMCell: cuDNN on GPU, PyTorch's CPU kernels here"
+        )
     if "triton" not in backends:
         print("# Triton columns skipped (no CUDA; use --interpret for a tiny interpreter run)")
     rows = []

@@ -41,8 +41,9 @@ float64 inputs are not run by Triton: both functions fall back to the reference 
 gradcheck, not for speed).
 
 Triton interpreter (TRITON_INTERPRET=1, CPU tensors): in triton 3.6.0 the interpreter's tl.dot
-returns garbage for bfloat16 operands, so on CPU the kernels upcast bf16/fp16 tiles to fp32 before
-tl.dot (`UPCAST_DOT`). Products of two bf16/fp16 numbers are exact in fp32, so the result is the
+returns garbage for bfloat16 operands (it multiplies the uint16 bit patterns; known upstream as
+triton-lang/triton#11584, "not supported yet"), so on CPU the kernels upcast bf16/fp16 tiles to fp32
+before tl.dot (`UPCAST_DOT`), and do no other arithmetic on 16-bit values (loads are cast to fp32). Products of two bf16/fp16 numbers are exact in fp32, so the result is the
 same as the GPU's native bf16/fp16 dot with fp32 accumulation up to summation order.
 
 Block sizes come from `_pick_blocks` (untuned heuristics: no GPU was available when this was

@@ -377,3 +377,60 @@ def test_bench_cell_script_runs_under_interpreter(tmp_path):
         assert set(r["ms"]) == {"cudnn", "reference", "triton"}
         for backend, diff in r["max_abs_diff_vs_cudnn"].items():
             assert diff < 1e-4, (backend, diff)
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from mt.kernels import triton_cell as tc
+
+    def build(kernel, ptrs, consts):
+        names = kernel.arg_names
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+        consts = {(names.index(k),): v for k, v in consts.items()}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        assert k.asm.get("cubin"), kernel
+
+    tiles = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, INPUT_PRECISION="ieee", UPCAST_DOT=False)
+    bf, f32 = "*bf16", "*fp32"
+    build(tc._lstm_step_forward_kernel,
+          dict(xproj_ptr=bf, w_ptr=bf, hbuf_ptr=bf, cbuf_ptr=f32, out_ptr=bf, act_ptr=f32,
+               len_ptr="*i32"),
+          dict(H=512, HAS_LENGTHS=True, STORE_ACT=True, **tiles))
+    build(tc._lstm_step_backward_kernel,
+          dict(dgates_ptr=bf, w_ptr=bf, act_ptr=f32, cbuf_ptr=f32, dout_ptr=bf, gbuf_ptr=f32,
+               cbwd_ptr=f32, len_ptr="*i32"),
+          dict(H=512, HAS_LENGTHS=True, HAS_DOUT=True, FIRST=False, **tiles))
+    build(tc._cell_forward_kernel,
+          dict(inp_ptr=bf, w_ptr=bf, pre_ptr=bf, bias_ptr=bf, c_ptr=f32, h_out_ptr=bf,
+               c_out_ptr=f32, act_ptr=f32),
+          dict(K=1024, H=512, HAS_PRE=True, HAS_BIAS=True, STORE_ACT=True, **tiles))
+    build(tc._cell_backward_kernel,
+          dict(dh_ptr=bf, dc_ptr=f32, act_ptr=f32, c_ptr=f32, dgates_ptr=bf, dc_prev_ptr=f32),
+          dict(HAS_DH=True, HAS_DC=True, BLOCK_B=64, BLOCK_H=32))
+    print("ok")
+    """
+)
+
+
+def test_kernels_compile_for_h100():
+    """Compile (no launch) every kernel for sm_90 with the real compiler, ptxas included: catches
+    what the interpreter does not check (types, layouts, tl.dot shapes) on machines without a GPU."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout

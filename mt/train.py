@@ -464,8 +464,9 @@ def main(dcfg: DictConfig) -> Optional[float]:
     except MTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    log.info("done: step %d, best validation BLEU %.2f, checkpoints in %s", summary["step"], summary["best_bleu"],
-             Path(out_dir) / "checkpoints")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("done: step %d, best validation BLEU %.2f, checkpoints in %s", summary["step"], summary["best_bleu"],
+                 Path(out_dir) / "checkpoints")
     return summary["best_bleu"]  # the value a Hydra sweeper would optimise
 
 

@@ -164,7 +164,7 @@ def test_ddp_two_processes(tiny_corpus_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "mt.train",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mt.train",
          "debug=tiny", f"data.path={tiny_corpus_dir}", "trainer.max_steps=20", "trainer.eval_every=20",
          f"data.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -23,6 +23,9 @@ import pytest
 # Must happen before `datasets` is imported anywhere: it reads these at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# No GPU in CI: the Triton kernels run under the interpreter (must precede the first `import triton`).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 _HF_TMP = tempfile.mkdtemp(prefix="mt-tests-hf-")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_TMP, "datasets")
 os.environ.setdefault("HF_HOME", os.path.join(_HF_TMP, "home"))

@@ -112,3 +112,24 @@ def test_zero_bridge_and_no_input_feeding_run():
         model.cfg.cell = "cudnn"
         base = loss_and_grads(model, *batch)
         torch.testing.assert_close(ours[0], base[0])
+
+
+@pytest.mark.parametrize("attention", ["general", "bahdanau"])
+def test_triton_cell_gives_the_same_loss_and_gradients(attention):
+    """model.cell=triton (interpreted on CPU) against model.cell=torch, same weights, fp32."""
+    from mt.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("Triton cannot run here (no CUDA, TRITON_INTERPRET unset)")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(emb_dim=32, hidden_dim=32, attention=attention, dec_layers=2)
+    model = Seq2Seq(cfg, 30, 30, 0)
+    batch = toy_batch()
+    model.cfg.cell = "torch"
+    ref = loss_and_grads(model, *batch)
+    model.cfg.cell = "triton"
+    tri = loss_and_grads(model, *batch)
+    torch.testing.assert_close(tri[0], ref[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(tri[1], ref[1], atol=2e-5, rtol=2e-5)
+    for name in ref[2]:
+        torch.testing.assert_close(tri[2][name], ref[2][name], atol=5e-5, rtol=5e-5, msg=name)

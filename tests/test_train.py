@@ -176,3 +176,14 @@ def test_ddp_two_processes(tiny_corpus_dir, tmp_path):
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ck["step"] == 20 and len(ck["rng"]) == 2
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) >= 1
+
+
+@pytest.mark.slow
+def test_multirun_sweep_jobs_get_their_own_directories(tiny_corpus_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", "debug=tiny", f"data.path={tiny_corpus_dir}", "trainer.max_steps=4", "trainer.eval_every=4",
+                 "model.attention=dot,bahdanau", f"data.cache_dir={tmp_path / 'c'}", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job, attention in (("0", "dot"), ("1", "bahdanau")):
+        ck = load_checkpoint(sweep / job / "checkpoints" / "last.pt")
+        assert ck["config"]["model"]["attention"] == attention

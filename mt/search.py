@@ -4,7 +4,7 @@ Both searches encode the source once and then call ``model.decoder.step`` once p
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
 
-Scores are sums of token log-probabilities, EOS included. A hypothesis that reaches the length
+Scores are sums of token log-probabilities, EOS included; BOS and padding are never generated. A hypothesis that reaches the length
 limit ``max_len_a * src_len + max_len_b`` (src_len counts the source EOS) without producing EOS is
 closed there, without EOS.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -36,7 +35,7 @@ from torch import Tensor
 from .errors import MTError
 from .model import Seq2Seq
 
-LengthPenalty = Union[None, float, str]
+LengthPenalty = float | str | None
 
 
 @dataclass
@@ -102,6 +101,12 @@ def _best_reachable(log_prob: float, lo: int, hi: int, length_penalty: LengthPen
     return max(normalized_score(log_prob, lo, length_penalty), normalized_score(log_prob, hi, length_penalty))
 
 
+def _banned(model, bos_id: int) -> list[int]:
+    """Ids never generated: BOS and padding (the model's pad_id)."""
+    pad = getattr(model, "pad_id", None)
+    return [bos_id] + ([pad] if pad is not None and pad != bos_id else [])
+
+
 def max_lengths(src_len: Tensor, a: float, b: int) -> Tensor:
     """Output length limit a * src_len + b per sentence (src_len counts EOS)."""
     return (a * src_len.float() + b).long().clamp(min=1)
@@ -119,8 +124,10 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
     finished = torch.zeros(B, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, device=src.device)
     out_tokens, out_attn = [], []
+    banned = _banned(model, bos_id)
     for t in range(int(limit.max())):
         logp, state, attn = model.decoder.step(tokens, state, memory)  # (B, V), (B, S)
+        logp[:, banned] = float("-inf")
         best, tokens = logp.max(dim=-1)  # (B,)
         tokens = torch.where(finished, torch.full_like(tokens, eos_id), tokens)
         scores += torch.where(finished, torch.zeros_like(best), best)
@@ -173,11 +180,13 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
     hist = torch.empty((B * K, 0, src.shape[1]), dtype=torch.float32, device=device)  # (n*K, t, S)
     finished: list[list[Hyp]] = [[] for _ in range(B)]
     beam_offsets = torch.arange(K, device=device)
+    banned = _banned(model, bos_id)
 
     t = 0
     while active:
         n = len(active)
         logp, state, attn = model.decoder.step(last, state, memory)  # (n*K, V), (n*K, S)
+        logp[:, banned] = float("-inf")
         V = logp.shape[-1]
         cand = scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
         k2 = min(2 * K, K * V)
@@ -193,11 +202,12 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
         new_beam, new_tok, new_score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)
         step_attn = attn.float()  # (n*K, S)
 
-        # ---- bookkeeping on the host (one transfer per step)
-        closing_cpu = closing.cpu()
-        if bool(closing_cpu.any()):
-            sel = closing_cpu.nonzero().tolist()
-            sel_t = closing.nonzero()  # (m, 2)
+        # ---- bookkeeping on the host
+        # best open score, at-limit flag and number of closing candidates per sentence: one sync
+        info = torch.stack([new_score[:, 0], at_limit.float(), closing.sum(-1).float()], dim=1).tolist()
+        if any(row[2] for row in info):
+            sel = closing.nonzero().tolist()
+            sel_t = torch.tensor(sel, device=device)  # (m, 2)
             src_rows = sel_t[:, 0] * K + top_beam[sel_t[:, 0], sel_t[:, 1]]  # (m,)
             m_seqs = seqs.index_select(0, src_rows).tolist()
             m_attn = torch.cat([hist.index_select(0, src_rows), step_attn.index_select(0, src_rows).unsqueeze(1)],
@@ -217,8 +227,8 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
                 del fin[K:]  # only the K best can ever be returned (nbest <= K)
 
         # ---- which sentences are done
-        best_open = new_score[:, 0].tolist()
-        at_limit_cpu = at_limit.tolist()
+        best_open = [row[0] for row in info]
+        at_limit_cpu = [row[1] > 0 for row in info]
         done = []
         for b in range(n):
             orig = active[b]

@@ -1,0 +1,263 @@
+"""Greedy and beam search: beam 1 == greedy, n-best lists, length penalties, length limits,
+batching, and decoding with a tiny model trained on the toy word-mapping task.
+
+`tiny_trained` (a plain function, memoised per process) trains that model once; the decoding
+tests in test_translate.py and test_evaluate.py import it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_toy_corpus, toy_translate
+
+from mt.config import ModelConfig
+from mt.errors import MTError
+from mt.model import DecoderState, Memory, Seq2Seq
+from mt.search import (
+    beam_search,
+    decode_dataset,
+    greedy_search,
+    length_penalty_factor,
+    max_lengths,
+    normalized_score,
+    parse_length_penalty,
+    search,
+)
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+_TINY: dict = {}
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train the debug=tiny model on a toy corpus once per test process (about 10 s on one CPU
+    thread): {"checkpoint": best.pt, "corpus": folder with train/validation/test.jsonl}."""
+    if _TINY:
+        return _TINY
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mt.config import register_configs
+    from mt.train import train
+
+    root = tmp_path_factory.mktemp("tiny_mt")
+    corpus = make_toy_corpus(root / "corpus", n_train=2000, n_valid=50, n_test=40, seed=0)
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = OmegaConf.to_object(compose("train", overrides=[
+            "debug=tiny", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}", "trainer.device=cpu",
+            "trainer.precision=fp32", "trainer.max_steps=300", "trainer.eval_every=1000", "trainer.num_threads=1",
+            "trainer.progress=false", "trainer.attention_images=false", "model.cell=torch",
+        ]))
+    threads = torch.get_num_threads()
+    try:
+        summary = train(cfg, root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    _TINY.update(checkpoint=Path(summary["best_path"]), corpus=corpus, summary=summary)
+    return _TINY
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread (and do not fight other test processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def random_model() -> Seq2Seq:
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="torch", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
+                      attention="general", dropout=0.0, emb_dropout=0.0)
+    return Seq2Seq(cfg, 30, 30, PAD).eval()
+
+
+def random_batch(lengths: list[int], vocab: int = 30, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (B, S) right-padded, each row pieces + EOS; src_len counts EOS."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, : n - 1] = torch.randint(4, vocab, (n - 1,), generator=g)
+        src[i, n - 1] = EOS
+    return src, torch.tensor(lengths)
+
+
+# ----------------------------------------------------------------------------- a scripted model
+class ChainModel:
+    """A first-order Markov chain posing as a Seq2Seq: p(next | previous token) from a table.
+    Lets the tests compute every hypothesis' exact score by hand."""
+
+    def __init__(self, probs: dict[int, dict[int, float]], vocab: int = 6, floor: float = 1e-4):
+        table = torch.full((vocab, vocab), floor)
+        for prev, row in probs.items():
+            for tok, p in row.items():
+                table[prev, tok] = p
+        self.logp = (table / table.sum(-1, keepdim=True)).log()
+        self.decoder = self
+        self.training = False
+
+    def encode(self, src, src_len):
+        B, S = src.shape
+        mask = torch.arange(S)[None, :] < src_len[:, None]
+        memory = Memory(torch.zeros(B, S, 1), torch.zeros(B, S, 1), mask, "torch")
+        return memory, DecoderState([torch.zeros(B, 1)], [torch.zeros(B, 1)], torch.zeros(B, 1))
+
+    def step(self, tokens, state, memory):
+        attn = memory.mask.float() / memory.mask.sum(-1, keepdim=True)
+        return self.logp[tokens], state, attn
+
+    def path_logp(self, tokens: list[int], eos: bool = True) -> float:
+        seq = [BOS, *tokens] + ([EOS] if eos else [])
+        return float(sum(self.logp[a, b] for a, b in zip(seq, seq[1:])))
+
+
+A, B_ = 4, 5
+# BOS -> EOS (0.5) | a (0.5);  a -> b (0.9);  b -> EOS (0.9)
+#   ""    : log .5                    = -0.69 per 1 token   (best raw score)
+#   "a b" : log .5 + 2 log .9         = -0.90 over 3 tokens (best per token)
+SHORT_VS_LONG = {BOS: {EOS: 0.5, A: 0.5}, A: {B_: 0.9}, B_: {EOS: 0.9}}
+
+
+# ----------------------------------------------------------------------------- unit tests
+def test_length_penalty_definitions():
+    assert parse_length_penalty(None) is None and parse_length_penalty(0) is None
+    assert parse_length_penalty("none") is None and parse_length_penalty("0.0") is None
+    assert parse_length_penalty("avg") == "avg" and parse_length_penalty("0.6") == 0.6
+    with pytest.raises(MTError):
+        parse_length_penalty("long")
+    assert length_penalty_factor(7, None) == 1.0
+    assert length_penalty_factor(7, "avg") == 7.0
+    assert length_penalty_factor(7, 1.0) == pytest.approx(12 / 6)
+    assert length_penalty_factor(7, 0.6) == pytest.approx((12 / 6) ** 0.6)
+    assert normalized_score(-4.0, 7, "avg") == pytest.approx(-4 / 7)
+    assert max_lengths(torch.tensor([4, 10]), 1.5, 2).tolist() == [8, 17]
+
+
+@pytest.mark.parametrize("lp, expected", [(None, []), ("avg", [A, B_]), (1.0, [A, B_])])
+def test_length_penalty_changes_ranking_as_defined(lp, expected):
+    model = ChainModel(SHORT_VS_LONG)
+    src, src_len = torch.tensor([[7, EOS]]), torch.tensor([2])
+    out = beam_search(model, src, src_len, BOS, EOS, beam=3, length_penalty=lp, nbest=2)
+    best = out.nbest[0][0]
+    assert best.tokens == expected
+    for h in out.nbest[0]:  # score = log_prob / lp(len), len counting EOS
+        assert h.log_prob == pytest.approx(model.path_logp(h.tokens), abs=1e-5)
+        assert h.score == pytest.approx(normalized_score(h.log_prob, len(h.tokens) + 1, parse_length_penalty(lp)))
+    assert {tuple(h.tokens) for h in out.nbest[0]} == {(), (A, B_)}
+    assert out.nbest[0][0].score >= out.nbest[0][1].score
+
+
+def test_max_length_respected_without_eos():
+    model = ChainModel({BOS: {A: 1.0}, A: {A: 0.6, B_: 0.4}, B_: {A: 0.5, B_: 0.5}}, floor=1e-6)
+    src, src_len = random_batch([3, 6, 2])
+    for a, b in [(1.0, 0), (0.5, 2), (0.0, 1)]:
+        limits = max_lengths(src_len, a, b).tolist()
+        for out in (greedy_search(model, src, src_len, BOS, EOS, a, b),
+                    beam_search(model, src, src_len, BOS, EOS, beam=4, length_penalty="avg", nbest=4,
+                                max_len_a=a, max_len_b=b)):
+            for hyps, limit in zip(out.nbest, limits):
+                for h in hyps:
+                    assert len(h.tokens) == limit and EOS not in h.tokens
+                    assert h.attention.shape[0] == limit  # one row per scored token, no EOS step
+
+
+def test_beam1_equals_greedy(random_model):
+    src, src_len = random_batch([5, 9, 2, 7, 3, 9])
+    g = greedy_search(random_model, src, src_len, BOS, EOS)
+    b = beam_search(random_model, src, src_len, BOS, EOS, beam=1, length_penalty=None)
+    assert b.tokens == g.tokens
+    assert b.scores == g.scores  # the same float32 sums, bit for bit
+    for x, y in zip(b.attention, g.attention):
+        assert torch.equal(x, y)
+    assert search(random_model, src, src_len, BOS, EOS, beam=1).tokens == g.tokens
+
+
+def test_beam_finds_at_least_the_greedy_score(random_model):
+    src, src_len = random_batch([5, 9, 2, 7, 3, 9], seed=3)
+    g = greedy_search(random_model, src, src_len, BOS, EOS)
+    b = beam_search(random_model, src, src_len, BOS, EOS, beam=5, length_penalty=None)
+    for gs, hyps in zip(g.scores, b.nbest):
+        assert hyps[0].log_prob >= gs - 1e-5
+
+
+def test_nbest_sorted_distinct_and_well_formed(random_model):
+    lengths = [5, 9, 2, 7]
+    src, src_len = random_batch(lengths, seed=5)
+    for lp in (None, 1.0, "avg"):
+        out = beam_search(random_model, src, src_len, BOS, EOS, beam=5, length_penalty=lp, nbest=5)
+        limits = max_lengths(src_len, 1.5, 10).tolist()
+        for hyps, n, limit in zip(out.nbest, lengths, limits):
+            assert len(hyps) == 5
+            scores = [h.score for h in hyps]
+            assert scores == sorted(scores, reverse=True)
+            assert len({tuple(h.tokens) for h in hyps}) == 5
+            for h in hyps:
+                assert not {EOS, BOS, PAD} & set(h.tokens) and len(h.tokens) <= limit
+                assert h.attention.shape[1] == n and h.attention.shape[0] in (len(h.tokens), len(h.tokens) + 1)
+                assert torch.allclose(h.attention.sum(-1), torch.ones(h.attention.shape[0]), atol=1e-4)
+                assert math.isfinite(h.score) and h.log_prob <= 0
+        assert out.tokens == [h[0].tokens for h in out.nbest]
+
+
+def test_batched_beam_search_matches_one_sentence_at_a_time(random_model):
+    lengths = [4, 9, 2, 6]
+    src, src_len = random_batch(lengths, seed=7)
+    batched = beam_search(random_model, src, src_len, BOS, EOS, beam=4, length_penalty=1.0, nbest=2)
+    for i, n in enumerate(lengths):
+        alone = beam_search(random_model, src[i : i + 1, :n], src_len[i : i + 1], BOS, EOS, beam=4,
+                            length_penalty=1.0, nbest=2)
+        assert [h.tokens for h in alone.nbest[0]] == [h.tokens for h in batched.nbest[i]]
+        assert alone.scores[0] == pytest.approx(batched.scores[i], abs=1e-4)
+
+
+def test_search_arguments_are_checked(random_model):
+    src, src_len = random_batch([3])
+    with pytest.raises(MTError):
+        beam_search(random_model, src, src_len, BOS, EOS, beam=0)
+    with pytest.raises(MTError):
+        beam_search(random_model, src, src_len, BOS, EOS, beam=2, nbest=3)
+
+
+# ----------------------------------------------------------------------------- trained model
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from mt.translator import Translator
+
+    info = tiny_trained(tmp_path_factory)
+    return info, Translator.from_checkpoint(info["checkpoint"], device="cpu")
+
+
+def test_trained_model_beam_and_greedy_decode_the_toy_task(trained):
+    info, tr = trained
+    import json
+
+    rows = [json.loads(ln) for ln in (info["corpus"] / "test.jsonl").read_text().splitlines()][:20]
+    ids = tr.tokenizer.encode_src([r["de"] for r in rows])
+    greedy = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8)
+    beam1 = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=1, length_penalty=None,
+                           nbest=1)
+    beam1_forced = [beam_search(tr.model, *_collated(tr, [s]), tr.tokenizer.bos_id, tr.tokenizer.eos_id, beam=1,
+                                length_penalty=None).tokens[0] for s in ids[:5]]
+    assert beam1.tokens == greedy.tokens and beam1_forced == greedy.tokens[:5]
+    beam = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=5, length_penalty=1.0,
+                          nbest=3)
+    hyps = tr.tokenizer.decode_tgt(beam.tokens)
+    correct = sum(h == toy_translate(r["de"]) for h, r in zip(hyps, rows))
+    assert correct >= 18, list(zip(hyps, [r["en"] for r in rows]))
+    for g, nb in zip(greedy.scores, beam.nbest):  # raw log-prob of the beam's best >= greedy's
+        assert len(nb) == 3 and max(h.log_prob for h in nb) >= g - 1e-4
+
+
+def _collated(tr, ids):
+    from mt.batching import collate
+
+    b = collate([{"src_ids": ids[0], "tgt_ids": [], "idx": 0}], tr.tokenizer.pad_id, tr.tokenizer.bos_id,
+                tr.tokenizer.eos_id)
+    return b.src, b.src_len

@@ -1,0 +1,246 @@
+"""Translate text with a trained checkpoint.
+
+    from mt.translator import Translator
+    tr = Translator.from_checkpoint("outputs/.../checkpoints/best.pt", device="cpu")
+    hyps = tr.translate(["ein hund läuft .", ""], beam=5, length_penalty=1.0)
+    hyps[0].text, hyps[0].score, hyps[0].tokens, hyps[0].attention  # (out x src) weights
+
+The checkpoint alone is enough: it holds the model weights, the training config (model shape,
+languages, max source length) and the SentencePiece models.
+
+Lines are sorted by length into batches and the results come back in input order. An empty
+(or whitespace-only) line gives an empty hypothesis without running the model. A line with
+more source pieces than `max_src_len` (default: the checkpoint's data.max_src_len) is truncated,
+with a warning naming its line number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .batching import collate
+from .checkpoint import load_checkpoint
+from .config import TrainConfig, from_dict
+from .errors import CheckpointError, MTError
+from .model import CELLS, Seq2Seq
+from .search import LengthPenalty, parse_length_penalty, search
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("mt.translator")
+
+
+@dataclass
+class Hypothesis:
+    """One translation of one input line.
+
+    tokens      output SentencePiece pieces (no BOS/EOS)
+    src_tokens  source pieces the model saw (after truncation, no EOS)
+    attention   (steps, len(src_tokens) + 1) float32: one row per output token, plus a last row
+                for the EOS step when the hypothesis ended with EOS; the last column is the
+                source EOS
+    score       ranking score: log_prob / lp(len) (= log_prob without a length penalty)
+    log_prob    sum of the token log-probabilities (EOS included)
+    """
+
+    text: str
+    score: float
+    tokens: list[str] = field(default_factory=list)
+    attention: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    src_tokens: list[str] = field(default_factory=list)
+    log_prob: float = 0.0
+    ids: list[int] = field(default_factory=list)
+
+    def alignment(self) -> list[tuple[int, int]]:
+        """(source position, output position) pairs, 0-based over pieces: for each output piece
+        the source piece with the highest attention weight (the source EOS column is ignored)."""
+        n_out, n_src = len(self.tokens), len(self.src_tokens)
+        if n_out == 0 or n_src == 0:
+            return []
+        best = self.attention[:n_out, :n_src].argmax(dim=-1).tolist()
+        return [(s, t) for t, s in enumerate(best)]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps ... -> torch.device; anything unusable is an MTError."""
+    name = (name or "auto").strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MTError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MTError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MTError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise MTError(f"device {name!r} asked for, but MPS is not available here")
+    elif device.type != "cpu":
+        raise MTError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _resolve_cell(requested: str | None, saved: str, device: torch.device) -> str:
+    from . import kernels
+
+    if requested is not None:
+        if requested not in CELLS:
+            raise MTError(f"unknown cell {requested!r}; choose one of {', '.join(CELLS)}")
+        if requested == "triton" and not kernels.triton_available():
+            raise MTError("cell=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        return requested
+    # The checkpoint's backend, unless it cannot run here: every backend holds the same parameters.
+    if saved == "triton" and not (device.type == "cuda" and kernels.triton_available()):
+        return "auto"
+    return saved
+
+
+class Translator:
+    """A model, its tokenizer and its training config, ready to translate lines of text."""
+
+    def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, config: TrainConfig,
+                 device: torch.device | str = "cpu", max_src_len: int | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_src_len = max_src_len if max_src_len is not None else config.data.max_src_len
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", cell: str | None = None,
+                        max_src_len: int | None = None) -> Translator:
+        """Build the model described by the checkpoint's config and load its weights.
+        A missing, corrupt or mismatched checkpoint is a one-line CheckpointError."""
+        dev = resolve_device(device)
+        path = Path(path)
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            cfg = from_dict(state["config"])
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} has an unusable config: {_first_line(e)}") from None
+        try:
+            tok = Tokenizer.from_state_dict(state["tokenizer"])
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} has an unusable tokenizer: {_first_line(e)}") from None
+        cfg.model.cell = _resolve_cell(cell, cfg.model.cell, dev)
+        try:
+            model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
+            model.load_state_dict(state["model"])
+        except MTError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+        except Exception as e:  # size mismatch, missing keys...
+            raise CheckpointError(f"checkpoint {path} does not fit its own model config: {_first_line(e)}") from None
+        try:
+            model.backend(dev)
+        except (RuntimeError, ValueError) as e:
+            raise MTError(f"{_first_line(e)}") from None
+        return cls(model, tok, cfg, dev, max_src_len)
+
+    @property
+    def src_lang(self) -> str:
+        return self.config.data.src
+
+    @property
+    def tgt_lang(self) -> str:
+        return self.config.data.tgt
+
+    # ------------------------------------------------------------------ translating
+    def encode(self, lines: list[str], first_line: int = 1,
+               max_src_len: int | None = None) -> list[list[int] | None]:
+        """Source piece ids per line (None for an empty line), truncated to max_src_len."""
+        limit = self.max_src_len if max_src_len is None else max_src_len
+        keep = [i for i, ln in enumerate(lines) if ln and ln.strip()]
+        ids: list[list[int] | None] = [None] * len(lines)
+        for i, seq in zip(keep, self.tokenizer.encode_src([lines[i] for i in keep])):
+            if not seq:
+                continue
+            if limit and limit > 0 and len(seq) > limit:
+                log.warning("line %d: %d source tokens, truncated to %d", first_line + i, len(seq), limit)
+                seq = seq[:limit]
+            ids[i] = list(seq)
+        return ids
+
+    @torch.no_grad()
+    def translate(self, lines: list[str], beam: int = 5, length_penalty: LengthPenalty = 1.0,
+                  nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10, batch_size: int = 32,
+                  max_src_len: int | None = None, first_line: int = 1):
+        """Translate `lines` (in order). Returns one Hypothesis per line, or with nbest > 1 one
+        list of up to nbest Hypotheses (best first) per line. `first_line` numbers the lines
+        in warnings (1-based)."""
+        if isinstance(lines, str):
+            raise TypeError("translate takes a list of lines, not one string")
+        if beam < 1:
+            raise MTError(f"beam must be >= 1 (got {beam})")
+        if not 1 <= nbest <= beam:
+            raise MTError(f"nbest must be between 1 and the beam size {beam} (got {nbest})")
+        if batch_size < 1:
+            raise MTError(f"batch_size must be >= 1 (got {batch_size})")
+        lp = parse_length_penalty(length_penalty)
+        tok = self.tokenizer
+        ids = self.encode(lines, first_line, max_src_len)
+        results: list[list[Hypothesis] | None] = [None] * len(lines)
+        todo = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start : start + batch_size]
+            batch = collate([{"src_ids": ids[i], "tgt_ids": [], "idx": i} for i in idx],
+                            tok.pad_id, tok.bos_id, tok.eos_id).to(self.device)
+            out = search(self.model, batch.src, batch.src_len, tok.bos_id, tok.eos_id, beam, lp, nbest,
+                         max_len_a, max_len_b)
+            for j, i in enumerate(idx):
+                src_pieces = tok.src_pieces(ids[i])
+                results[i] = [
+                    Hypothesis(text=_one_line(tok.decode_tgt([h.tokens])[0]), score=h.score,
+                               tokens=tok.tgt_pieces(h.tokens), attention=h.attention, src_tokens=src_pieces,
+                               log_prob=h.log_prob, ids=list(h.tokens))
+                    for h in out.nbest[j]
+                ]
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = [Hypothesis(text="", score=0.0)]
+        if nbest == 1:
+            return [r[0] for r in results]
+        return results
+
+
+def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:
+    """Write the attention heatmap (output pieces x source pieces, EOS included) as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src = hyp.src_tokens + ["</s>"]
+    out = (hyp.tokens + ["</s>"])[: hyp.attention.shape[0]]
+    attn = hyp.attention[: len(out), : len(src)]
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(src) + 2), max(3, 0.35 * len(out) + 2)))
+    ax.imshow(attn.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(src)), src, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(out)), out, fontsize=7)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]
+
+
+__all__ = ["Translator", "Hypothesis", "resolve_device", "plot_attention"]

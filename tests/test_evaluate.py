@@ -1,0 +1,81 @@
+"""mt.evaluate: evaluate(config, out_dir) on the toy corpus, and the `python -m mt.evaluate` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from test_search import tiny_trained
+
+from mt.errors import MTError
+from mt.evaluate import EvaluateConfig, evaluate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_trained(tmp_path_factory)
+
+
+def compose_eval(overrides: list[str]) -> EvaluateConfig:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return OmegaConf.to_object(compose("evaluate", overrides=overrides))
+
+
+def test_evaluate_writes_scores_and_hypotheses(tiny, tmp_path):
+    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test",
+                        "device=cpu", "batch_size=16"])
+    assert isinstance(cfg, EvaluateConfig) and cfg.beam == 5 and cfg.length_penalty == 1.0
+    result = evaluate(cfg, tmp_path)
+    scores = json.loads((tmp_path / "scores.test.json").read_text())
+    for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "chrf_signature", "bleu_lc_signature"):
+        assert key in scores and scores[key] == result[key]
+    assert "case:mixed" in scores["bleu_signature"] and "case:mixed" in scores["chrf_signature"]
+    assert "case:lc" in scores["bleu_lc_signature"] and "tok:13a" in scores["bleu_signature"]
+    assert scores["bleu"] > 90 and scores["chrf"] > 90  # the toy task is learnt
+    n_rows = len((tiny["corpus"] / "test.jsonl").read_text().splitlines())
+    hyps = (tmp_path / "hypotheses.test.en").read_text(encoding="utf-8").split("\n")
+    assert hyps[-1] == "" and len(hyps) - 1 == n_rows == scores["sentences"]
+
+
+def test_evaluate_greedy_on_validation_into_output_dir(tiny, tmp_path):
+    out = tmp_path / "elsewhere"
+    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", "split=validation", "beam=1", "length_penalty=null",
+                        f"output_dir={out}", "device=cpu"])  # data.path: the checkpoint's own
+    result = evaluate(cfg, tmp_path / "unused")
+    assert (out / "hypotheses.validation.en").is_file() and (out / "scores.validation.json").is_file()
+    assert result["beam"] == 1 and result["length_penalty"] is None and result["sentences"] == 50
+    assert not (tmp_path / "unused").exists()
+
+
+def test_evaluate_user_errors(tiny, tmp_path):
+    base = [f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "device=cpu"]
+    for extra, match in ((["split=nosuch"], "split"), (["length_penalty=long"], "length_penalty"),
+                         (["device=tpu"], "unknown device"), (["data.path=/no/such/dir"], "does not exist")):
+        with pytest.raises(MTError, match=match):
+            evaluate(compose_eval(base + extra), tmp_path)
+
+
+def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "mt.evaluate", f"checkpoint={tmp_path / 'none.pt'}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert err == [f"error: checkpoint not found: {tmp_path / 'none.pt'}"], r.stderr

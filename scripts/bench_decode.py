@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Decoding speed: sentences/s and tokens/s of greedy search and beam search on the Multi30k test set.
+
+    python scripts/bench_decode.py --checkpoint outputs/DATE/TIME/checkpoints/best.pt
+    python scripts/bench_decode.py --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
+    python scripts/bench_decode.py --random-init --device cuda    # no checkpoint: untrained default-size model
+    python scripts/bench_decode.py --checkpoint CKPT --device cpu --threads 1 --limit 200
+
+Reads the test file directly (default: ../shared/data/multi30k/test.jsonl next to the repository,
+one JSON object per line), takes the source field named by the checkpoint's data.src (or --src),
+and translates every line with `Translator.translate`, i.e. sorted by length into batches of
+--batch-size sentences, as scripts/translate.py does. For each setting it prints the device,
+batch size, wall time, sentences/s and output tokens/s (tokens = SentencePiece pieces the decoder
+scored, EOS included). A warm-up batch runs first and is not timed.
+
+--random-init builds an untrained model of the default ModelConfig size (2x512 LSTMs, Luong
+attention) with a SentencePiece model trained on the test sentences themselves. An untrained
+model rarely emits EOS, so most outputs run to the length limit: a worst case, not a typical one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / ".." / "shared" / "data" / "multi30k" / "test.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark greedy and beam-search decoding speed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt)")
+    g.add_argument("--random-init", action="store_true", help="untrained default-size model, no checkpoint needed")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSON-lines test file")
+    p.add_argument("--src", default=None, help="source field (default: the checkpoint's data.src; de with --random-init)")
+    p.add_argument("--tgt", default="en", help="target field (--random-init only: trains the tokenizer)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search run")
+    p.add_argument("--length-penalty", default="1.0", help="length penalty of the beam-search run")
+    p.add_argument("--max-len-a", type=float, default=1.5)
+    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the fastest is reported)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def read_sources(path: str, field: str, limit: int | None) -> list[str]:
+    from mt.errors import MTError
+
+    p = Path(path)
+    if not p.is_file():
+        raise MTError(f"test file not found: {p} (use --data)")
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            row = row.get("translation", row)
+            if field not in row:
+                raise MTError(f"{p}:{n}: no field {field!r} (fields: {', '.join(row)})")
+            out.append(row[field])
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise MTError(f"{p} has no sentences")
+    return out
+
+
+def random_translator(args: argparse.Namespace):
+    import torch
+
+    from mt.config import TokenizerConfig, TrainConfig
+    from mt.model import Seq2Seq
+    from mt.tokenizer import train_tokenizer
+    from mt.translator import Translator, _resolve_cell, resolve_device
+
+    src_field = args.src or "de"
+    srcs = read_sources(args.data, src_field, None)
+    tgts = read_sources(args.data, args.tgt, None)
+    cfg = TrainConfig()
+    cfg.data.src, cfg.data.tgt = src_field, args.tgt
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(TokenizerConfig(), srcs, tgts, Path(tmp), log=lambda *_: None)
+    device = resolve_device(args.device)
+    cfg.model.cell = _resolve_cell(args.cell, cfg.model.cell, device)
+    torch.manual_seed(0)
+    model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
+    return Translator(model, tok, cfg, device)
+
+
+def bench(tr, lines: list[str], beam: int, lp, args: argparse.Namespace) -> dict:
+    import torch
+
+    kw = dict(beam=beam, length_penalty=lp, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+              batch_size=args.batch_size)
+    tr.translate(lines[: args.batch_size], **kw)  # warm-up (allocator, kernels, lazy weights)
+    best = None
+    for _ in range(max(1, args.repeats)):
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize(tr.device)
+        t0 = time.perf_counter()
+        hyps = tr.translate(lines, **kw)
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize(tr.device)
+        seconds = time.perf_counter() - t0
+        best = seconds if best is None else min(best, seconds)
+    tokens = sum(h.attention.shape[0] for h in hyps)
+    return {"beam": beam, "length_penalty": lp, "sentences": len(lines), "output_tokens": tokens,
+            "seconds": round(best, 4), "sentences_per_s": round(len(lines) / best, 2),
+            "tokens_per_s": round(tokens / best, 1)}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    from mt.errors import MTError
+    from mt.model import count_parameters
+    from mt.search import parse_length_penalty
+    from mt.translator import Translator
+
+    if args.beam < 1 or args.batch_size < 1:
+        raise MTError("--beam and --batch-size must be >= 1")
+    lp = parse_length_penalty(args.length_penalty)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.random_init:
+        tr = random_translator(args)
+        what = "random-init model"
+    else:
+        tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
+        what = args.checkpoint
+    lines = read_sources(args.data, args.src or tr.src_lang, args.limit)
+    device_name = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else platform.processor() or "cpu"
+    print(f"model: {what} ({count_parameters(tr.model):,} parameters, cell {tr.model.cfg.cell} -> "
+          f"{tr.model.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}", file=sys.stderr)
+    print(f"data: {args.data} ({len(lines)} sentences) | device: {tr.device} ({device_name}) | "
+          f"batch size: {args.batch_size} | CPU threads: {torch.get_num_threads()} | torch {torch.__version__}",
+          file=sys.stderr)
+    results = []
+    settings = [("greedy", 1, None), (f"beam {args.beam}", args.beam, lp)]
+    for name, beam, pen in settings:
+        r = {"setting": name, "device": str(tr.device), "device_name": device_name, "batch_size": args.batch_size,
+             **bench(tr, lines, beam, pen, args)}
+        results.append(r)
+        print(f"{name:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
+              f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    try:
+        import mt  # noqa: F401
+    except ImportError:  # running from a checkout without `pip install -e .`
+        sys.path.insert(0, str(REPO))
+    from mt.errors import MTError
+
+    try:
+        run(args)
+    except MTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

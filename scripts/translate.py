@@ -151,7 +151,7 @@ class Plotter:
         from mt.translator import plot_attention
 
         for k, (line, hs) in enumerate(zip(lines, hyps)):
-            if line.strip() and hs and hs[0].tokens is not None and hs[0].attention.numel():
+            if line.strip() and hs and hs[0].attention.numel():
                 plot_attention(hs[0], self.path)
                 log.info("attention plot of line %d written to %s", first + k, self.path)
                 self.done = True

@@ -10,7 +10,7 @@ Everything below the entry points takes these plain dataclasses, never a DictCon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
 
@@ -21,8 +21,8 @@ class DataConfig:
     # a local folder with train/validation/test files (jsonl, json, csv, parquet, tsv), or a
     # folder of parallel text files (train.de + train.en, ...).
     path: str = "bentrevett/multi30k"
-    name: Optional[str] = None  # dataset configuration, e.g. "de-en" for wmt/wmt14
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    name: str | None = None  # dataset configuration, e.g. "de-en" for wmt/wmt14
+    revision: str | None = None  # hub revision (branch, tag or commit)
     src: str = "de"
     tgt: str = "en"
     train_split: str = "train"
@@ -31,10 +31,10 @@ class DataConfig:
     max_src_len: int = 100  # in subword tokens, EOS excluded
     max_tgt_len: int = 100
     max_len_ratio: float = 3.0  # drop pairs whose token length ratio exceeds this (either way)
-    max_train_examples: Optional[int] = None  # keep only the first N training pairs (debugging)
-    max_valid_examples: Optional[int] = None  # validate on the first N pairs only
-    num_proc: Optional[int] = None  # processes for datasets.map/filter
-    cache_dir: Optional[str] = None  # SentencePiece model cache; default $XDG_CACHE_HOME/mt or ~/.cache/mt
+    max_train_examples: int | None = None  # keep only the first N training pairs (debugging)
+    max_valid_examples: int | None = None  # validate on the first N pairs only
+    num_proc: int | None = None  # processes for datasets.map/filter
+    cache_dir: str | None = None  # SentencePiece model cache; default $XDG_CACHE_HOME/mt or ~/.cache/mt
 
 
 @dataclass
@@ -103,7 +103,7 @@ class TrainerConfig:
     valid_max_len_b: int = 10
     num_samples: int = 3  # sample translations written to TensorBoard per validation
     attention_images: bool = True
-    progress: Optional[bool] = None  # tqdm: None = only when stderr is a TTY
+    progress: bool | None = None  # tqdm: None = only when stderr is a TTY
     num_threads: int = 0  # torch CPU threads (0 = torch default)
 
 

@@ -14,7 +14,6 @@ with `cell="cudnn"`, through nn.LSTM / nn.LSTMCell holding the very same paramet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +35,9 @@ class Memory:
     keys: Tensor  # (B, S, Q) memory side of the attention scores
     mask: Tensor  # (B, S) True at real source tokens
     backend: str
-    weights: Optional[list[tuple[Tensor, Tensor]]] = None  # gate-cell step weights (decoding)
+    weights: list[tuple[Tensor, Tensor]] | None = None  # gate-cell step weights (decoding)
 
-    def index_select(self, idx: Tensor) -> "Memory":
+    def index_select(self, idx: Tensor) -> Memory:
         return Memory(self.out.index_select(0, idx), self.keys.index_select(0, idx),
                       self.mask.index_select(0, idx), self.backend, self.weights)
 
@@ -49,7 +48,7 @@ class DecoderState:
     c: list[Tensor]  # per layer (B, H)
     feed: Tensor  # (B, H) previous attentional vector (input feeding)
 
-    def index_select(self, idx: Tensor) -> "DecoderState":
+    def index_select(self, idx: Tensor) -> DecoderState:
         """Reorder / repeat the batch (beam search)."""
         return DecoderState([h.index_select(0, idx) for h in self.h],
                             [c.index_select(0, idx) for c in self.c], self.feed.index_select(0, idx))
@@ -98,7 +97,7 @@ class Decoder(nn.Module):
         starts from encoder layer l, otherwise every layer from the top encoder layer."""
         L, (B, H) = self.cfg.dec_layers, h_enc.shape[1:]
         acc = torch.promote_types(c_enc.dtype, torch.float32)  # the cell state is carried in fp32
-        src_layer = [l if h_enc.shape[0] == L else -1 for l in range(L)]
+        src_layer = [k if h_enc.shape[0] == L else -1 for k in range(L)]
         if self.cfg.bridge == "dense":
             h = [torch.tanh(self.bridge_h(h_enc[k])) for k in src_layer]
             c = [self.bridge_c(c_enc[k]).to(acc) for k in src_layer]
@@ -115,7 +114,7 @@ class Decoder(nn.Module):
         out = torch.tanh(self.combine(torch.cat([ctx.to(top.dtype), top], dim=-1)))  # (B, H)
         return out, DecoderState(h, c, out), attn
 
-    def _inputs(self, tokens: Tensor, backend: str) -> tuple[Tensor, Optional[list]]:
+    def _inputs(self, tokens: Tensor, backend: str) -> tuple[Tensor, list | None]:
         emb = self.emb_dropout(self.embedding(tokens))  # (..., E)
         if backend == "cudnn":
             return emb, None

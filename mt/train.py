@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import torch
@@ -59,7 +59,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     if name == "auto":
@@ -454,7 +454,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
 
 # --------------------------------------------------------------------------- CLI
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(dcfg: DictConfig) -> Optional[float]:
+def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]

@@ -112,3 +112,32 @@ def multi30k_dir() -> Path:
     if not (d / "train.jsonl").is_file():
         pytest.skip(f"Multi30k not found at {d}")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The debug=tiny model trained for 300 steps on the toy corpus, once per test session:
+    {"checkpoint": best.pt, "corpus": the corpus folder, "run": the run folder, "summary": train()'s}.
+    Shared by the training, decoding, translation and evaluation tests."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mt.config import register_configs
+    from mt.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = OmegaConf.to_object(compose("train", overrides=[
+            "debug=tiny", f"data.path={tiny_corpus_dir}", f"data.cache_dir={root / 'cache'}", "trainer.device=cpu",
+            "trainer.precision=fp32", "trainer.max_steps=300", "trainer.eval_every=150", "trainer.progress=false",
+            "model.cell=torch",
+        ]))
+    threads = torch.get_num_threads()
+    try:
+        summary = train(cfg, root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    return {"checkpoint": Path(summary["best_path"]), "corpus": tiny_corpus_dir, "run": root / "run",
+            "summary": summary}

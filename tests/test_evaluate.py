@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from conftest import REPO
-from test_search import tiny_trained
 
 from mt.errors import MTError
 from mt.evaluate import EvaluateConfig, evaluate
@@ -25,8 +24,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_trained(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run
 
 
 def compose_eval(overrides: list[str]) -> EvaluateConfig:
@@ -59,7 +58,8 @@ def test_evaluate_greedy_on_validation_into_output_dir(tiny, tmp_path):
                         f"output_dir={out}", "device=cpu"])  # data.path: the checkpoint's own
     result = evaluate(cfg, tmp_path / "unused")
     assert (out / "hypotheses.validation.en").is_file() and (out / "scores.validation.json").is_file()
-    assert result["beam"] == 1 and result["length_penalty"] is None and result["sentences"] == 50
+    n_valid = len((tiny["corpus"] / "validation.jsonl").read_text().splitlines())
+    assert result["beam"] == 1 and result["length_penalty"] is None and result["sentences"] == n_valid
     assert not (tmp_path / "unused").exists()
 
 

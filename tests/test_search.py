@@ -1,18 +1,17 @@
 """Greedy and beam search: beam 1 == greedy, n-best lists, length penalties, length limits,
 batching, and decoding with a tiny model trained on the toy word-mapping task.
 
-`tiny_trained` (a plain function, memoised per process) trains that model once; the decoding
-tests in test_translate.py and test_evaluate.py import it from here.
+The trained model is conftest's session fixture `tiny_run` (trained once, shared with the
+training, translation and evaluation tests).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_toy_corpus, toy_translate
+from conftest import toy_translate
 
 from mt.config import ModelConfig
 from mt.errors import MTError
@@ -29,39 +28,9 @@ from mt.search import (
 )
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-_TINY: dict = {}
 
 
 # ----------------------------------------------------------------------------- shared fixtures
-def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Train the debug=tiny model on a toy corpus once per test process (about 10 s on one CPU
-    thread): {"checkpoint": best.pt, "corpus": folder with train/validation/test.jsonl}."""
-    if _TINY:
-        return _TINY
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mt.config import register_configs
-    from mt.train import train
-
-    root = tmp_path_factory.mktemp("tiny_mt")
-    corpus = make_toy_corpus(root / "corpus", n_train=2000, n_valid=50, n_test=40, seed=0)
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = OmegaConf.to_object(compose("train", overrides=[
-            "debug=tiny", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}", "trainer.device=cpu",
-            "trainer.precision=fp32", "trainer.max_steps=300", "trainer.eval_every=1000", "trainer.num_threads=1",
-            "trainer.progress=false", "trainer.attention_images=false", "model.cell=torch",
-        ]))
-    threads = torch.get_num_threads()
-    try:
-        summary = train(cfg, root / "run")
-    finally:
-        torch.set_num_threads(threads)
-    _TINY.update(checkpoint=Path(summary["best_path"]), corpus=corpus, summary=summary)
-    return _TINY
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models decode fastest on one thread (and do not fight other test processes)."""
@@ -227,10 +196,10 @@ def test_search_arguments_are_checked(random_model):
 
 # ----------------------------------------------------------------------------- trained model
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_run):
     from mt.translator import Translator
 
-    info = tiny_trained(tmp_path_factory)
+    info = tiny_run
     return info, Translator.from_checkpoint(info["checkpoint"], device="cpu")
 
 

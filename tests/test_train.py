@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.checkpoint import load_checkpoint
 from mt.config import register_configs
 from mt.errors import CheckpointError, TrainingDiverged
 from mt.train import train
@@ -37,11 +37,9 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_corpus_dir, tmp_path_factory):
-    """One tiny model trained for 300 steps (shared by the tests below)."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = make_cfg(tiny_corpus_dir, out / "cache", "trainer.max_steps=300", "trainer.eval_every=150")
-    return out, train(cfg, out)
+def trained(tiny_run):
+    """conftest's tiny model: debug=tiny, 300 steps, validated every 150."""
+    return tiny_run["run"], tiny_run["summary"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Translator.from_checkpoint(...).translate(...) and the scripts/translate.py filter, on a tiny
-model trained on the toy word-mapping task (see test_search.tiny_trained)."""
+model trained on the toy word-mapping task (conftest's `tiny_run`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 from conftest import REPO, toy_translate
-from test_search import tiny_trained
 
 from mt.errors import CheckpointError, MTError
 from mt.translator import Hypothesis, Translator
@@ -32,8 +31,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_trained(tmp_path_factory)["checkpoint"]
+def ckpt(tiny_run):
+    return tiny_run["checkpoint"]
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +225,11 @@ def test_script_interactive_on_a_terminal(script_runs):
     assert b"> " in err
 
 
-def test_bench_decode_smoke(ckpt, tmp_path, tmp_path_factory, capsys):
+def test_bench_decode_smoke(ckpt, tmp_path, tiny_run, capsys):
     spec = importlib.util.spec_from_file_location("bench_decode", REPO / "scripts" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    data = tiny_trained(tmp_path_factory)["corpus"] / "test.jsonl"
+    data = tiny_run["corpus"] / "test.jsonl"
     out = tmp_path / "bench.json"
     assert bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--limit", "8", "--batch-size", "4",
                        "--beam", "3", "--json", str(out)]) == 0

@@ -15,7 +15,6 @@ The model adds a third, "cudnn" (nn.LSTM / nn.LSTMCell on the same parameters), 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -64,8 +63,8 @@ def cell_step(
     inp: Tensor,
     c: Tensor,
     weight: Tensor,
-    pre: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    pre: Tensor | None = None,
+    bias: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step; see `reference.cell_step`."""
@@ -76,9 +75,9 @@ def cell_step(
 def lstm_sequence(
     xproj: Tensor,
     w_hh: Tensor,
-    lengths: Optional[Tensor] = None,
-    h0: Optional[Tensor] = None,
-    c0: Optional[Tensor] = None,
+    lengths: Tensor | None = None,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over a whole sequence in 1 or 2 directions; see `reference.lstm_sequence`."""

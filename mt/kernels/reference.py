@@ -13,8 +13,6 @@ through the Python loop), which makes this path slow but obviously right: the or
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -32,8 +30,8 @@ def cell_step(
     inp: Tensor,
     c: Tensor,
     weight: Tensor,
-    pre: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    pre: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step: inp (B, K) @ weight (K, 4H) + pre (B, 4H) + bias (4H,) -> (h', c'), each (B, H).
 
@@ -52,9 +50,9 @@ def cell_step(
 def lstm_sequence(
     xproj: Tensor,
     w_hh: Tensor,
-    lengths: Optional[Tensor] = None,
-    h0: Optional[Tensor] = None,
-    c0: Optional[Tensor] = None,
+    lengths: Tensor | None = None,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one LSTM layer over a whole sequence, in D directions at once.
 

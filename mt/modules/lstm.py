@@ -8,8 +8,6 @@ run the same parameters through our gate cell. Same weights, same outputs: `test
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -120,11 +118,11 @@ class DecoderLSTM(nn.Module):
     def step(
         self,
         x_t: Tensor,
-        extra: Optional[Tensor],
+        extra: Tensor | None,
         h: list[Tensor],
         c: list[Tensor],
         backend: str,
-        weights: Optional[list[tuple[Tensor, Tensor]]] = None,
+        weights: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """One time step through all layers.
 

@@ -213,21 +213,13 @@ class Translator:
 
 def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:
     """Write the attention heatmap (output pieces x source pieces, EOS included) as an image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plotting import attention_figure
 
     src = hyp.src_tokens + ["</s>"]
     out = (hyp.tokens + ["</s>"])[: hyp.attention.shape[0]]
-    attn = hyp.attention[: len(out), : len(src)]
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(src) + 2), max(3, 0.35 * len(out) + 2)))
-    ax.imshow(attn.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(src)), src, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(out)), out, fontsize=7)
-    ax.set_xlabel("source")
-    ax.set_ylabel("output")
-    fig.tight_layout()
+    fig = attention_figure(hyp.attention[: len(out), : len(src)], src, out)
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)

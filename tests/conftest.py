@@ -141,3 +141,15 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         torch.set_num_threads(threads)
     return {"checkpoint": Path(summary["best_path"]), "corpus": tiny_corpus_dir, "run": root / "run",
             "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other test processes).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,19 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import REPO
 
 from mt.errors import MTError
 from mt.evaluate import EvaluateConfig, evaluate
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

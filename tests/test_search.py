@@ -31,13 +31,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread (and do not fight other test processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

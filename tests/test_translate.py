@@ -22,12 +22,7 @@ SCRIPT = REPO / "scripts" / "translate.py"
 GOLDEN = ["hund sieht katze", "rot auto und blau haus", "frau liest buch nicht", "klein kind hat gross tisch schnell"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,81 @@ def _gate_backward(dh, dc, i, f, g, o, c_prev):
 
 
 @triton.jit
+def _gates_dot(
+    x_ptr,  # (B, K) tile source, element (b, k) at x_ptr + b * stride_xb + k * stride_xk
+    stride_xb,
+    stride_xk,
+    w_ptr,  # (K, 4H), element (k, n) at w_ptr + k * stride_wk + n * stride_wn
+    stride_wk,
+    stride_wn,
+    offs_b,
+    offs_h,
+    mask_b,
+    mask_h,
+    K: tl.constexpr,
+    H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """x @ W for the same BLOCK_H columns of each of the four gate blocks: four fp32
+    (BLOCK_B, BLOCK_H) accumulators i, f, g, o."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(
+            x_ptr + offs_b[:, None] * stride_xb + kk[None, :] * stride_xk,
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BLOCK_B, BLOCK_K)
+        w_tile = w_ptr + kk[:, None] * stride_wk + offs_h[None, :] * stride_wn  # gate i columns
+        mask_w = mask_k[:, None] & mask_h[None, :]
+        w_i = tl.load(w_tile, mask=mask_w, other=0.0).to(x.dtype)  # (BLOCK_K, BLOCK_H)
+        w_f = tl.load(w_tile + H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_g = tl.load(w_tile + 2 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        w_o = tl.load(w_tile + 3 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            w_i, w_f, w_g, w_o = (
+                w_i.to(tl.float32),
+                w_f.to(tl.float32),
+                w_g.to(tl.float32),
+                w_o.to(tl.float32),
+            )
+        acc_i = tl.dot(x, w_i, acc_i, input_precision=INPUT_PRECISION)
+        acc_f = tl.dot(x, w_f, acc_f, input_precision=INPUT_PRECISION)
+        acc_g = tl.dot(x, w_g, acc_g, input_precision=INPUT_PRECISION)
+        acc_o = tl.dot(x, w_o, acc_o, input_precision=INPUT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _add_gate_blocks(acc_i, acc_f, acc_g, acc_o, p, stride_n, mask, H: tl.constexpr):
+    """acc += the four H-blocks of a (., 4H) row tile; p points at gate i's tile."""
+    acc_i += tl.load(p, mask=mask, other=0.0).to(tl.float32)
+    acc_f += tl.load(p + H * stride_n, mask=mask, other=0.0).to(tl.float32)
+    acc_g += tl.load(p + 2 * H * stride_n, mask=mask, other=0.0).to(tl.float32)
+    acc_o += tl.load(p + 3 * H * stride_n, mask=mask, other=0.0).to(tl.float32)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _store_gate_blocks(a, i, f, g, o, mask, H: tl.constexpr):
+    """Store activated gates i, f, g, o into the four H-blocks of a contiguous (., 4H) tile."""
+    tl.store(a, i, mask=mask)
+    tl.store(a + H, f, mask=mask)
+    tl.store(a + 2 * H, g, mask=mask)
+    tl.store(a + 3 * H, o, mask=mask)
+
+
+@triton.jit
 def _cell_forward_kernel(
     inp_ptr,  # (B, K)
     w_ptr,  # (K, 4H), any strides (often a transposed view)
@@ -140,55 +215,22 @@ def _cell_forward_kernel(
     pid_h = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) columns inside one gate block
-    offs_k = tl.arange(0, BLOCK_K)
     mask_b = offs_b < B
     mask_h = offs_h < H
     mask_bh = mask_b[:, None] & mask_h[None, :]
 
     # gates = inp @ W, the four H-blocks of this tile in four fp32 accumulators
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x = tl.load(
-            inp_ptr + offs_b[:, None] * stride_ib + kk[None, :] * stride_ik,
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # (BLOCK_B, BLOCK_K)
-        w_tile = w_ptr + kk[:, None] * stride_wk + offs_h[None, :] * stride_wn  # gate i columns
-        mask_w = mask_k[:, None] & mask_h[None, :]
-        w_i = tl.load(w_tile, mask=mask_w, other=0.0).to(x.dtype)  # (BLOCK_K, BLOCK_H)
-        w_f = tl.load(w_tile + H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        w_g = tl.load(w_tile + 2 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        w_o = tl.load(w_tile + 3 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        if UPCAST_DOT:
-            x = x.to(tl.float32)
-            w_i, w_f, w_g, w_o = (
-                w_i.to(tl.float32),
-                w_f.to(tl.float32),
-                w_g.to(tl.float32),
-                w_o.to(tl.float32),
-            )
-        acc_i = tl.dot(x, w_i, acc_i, input_precision=INPUT_PRECISION)
-        acc_f = tl.dot(x, w_f, acc_f, input_precision=INPUT_PRECISION)
-        acc_g = tl.dot(x, w_g, acc_g, input_precision=INPUT_PRECISION)
-        acc_o = tl.dot(x, w_o, acc_o, input_precision=INPUT_PRECISION)
+    acc_i, acc_f, acc_g, acc_o = _gates_dot(
+        inp_ptr, stride_ib, stride_ik, w_ptr, stride_wk, stride_wn, offs_b, offs_h, mask_b, mask_h,
+        K, H, BLOCK_B, BLOCK_H, BLOCK_K, INPUT_PRECISION, UPCAST_DOT,
+    )
 
     if HAS_PRE:  # + pre (B, 4H)
         p = pre_ptr + offs_b[:, None] * stride_pb + offs_h[None, :] * stride_pn
-        acc_i += tl.load(p, mask=mask_bh, other=0.0).to(tl.float32)
-        acc_f += tl.load(p + H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
-        acc_g += tl.load(p + 2 * H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
-        acc_o += tl.load(p + 3 * H * stride_pn, mask=mask_bh, other=0.0).to(tl.float32)
-    if HAS_BIAS:  # + bias (4H,)
-        bp = bias_ptr + offs_h * stride_bn
-        acc_i += tl.load(bp, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        acc_f += tl.load(bp + H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(bp + 2 * H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        acc_o += tl.load(bp + 3 * H * stride_bn, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        acc_i, acc_f, acc_g, acc_o = _add_gate_blocks(acc_i, acc_f, acc_g, acc_o, p, stride_pn, mask_bh, H)
+    if HAS_BIAS:  # + bias (4H,), the same row for every b
+        bp = bias_ptr + offs_b[:, None] * 0 + offs_h[None, :] * stride_bn
+        acc_i, acc_f, acc_g, acc_o = _add_gate_blocks(acc_i, acc_f, acc_g, acc_o, bp, stride_bn, mask_bh, H)
 
     i = _sigmoid(acc_i)  # (BLOCK_B, BLOCK_H)
     f = _sigmoid(acc_f)
@@ -205,10 +247,7 @@ def _cell_forward_kernel(
     tl.store(c_out_ptr + out_bh, c_new.to(c_out_ptr.dtype.element_ty), mask=mask_bh)
     if STORE_ACT:  # only when a backward will need them
         a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]  # act is contiguous (B, 4H)
-        tl.store(a, i, mask=mask_bh)
-        tl.store(a + H, f, mask=mask_bh)
-        tl.store(a + 2 * H, g, mask=mask_bh)
-        tl.store(a + 3 * H, o, mask=mask_bh)
+        _store_gate_blocks(a, i, f, g, o, mask_bh, H)
 
 
 @triton.jit
@@ -333,7 +372,6 @@ def _lstm_step_forward_kernel(
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_b = offs_b < B
     mask_h = offs_h < H
     mask_bh = mask_b[:, None] & mask_h[None, :]
@@ -348,44 +386,15 @@ def _lstm_step_forward_kernel(
     w_base = w_ptr + d * stride_wd
 
     # gates = h_{t-1} @ W_hh: four (BLOCK_B, BLOCK_H) fp32 accumulators
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < H
-        x = tl.load(
-            h_base + offs_b[:, None] * H + kk[None, :],
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # (BLOCK_B, BLOCK_K)
-        w_tile = w_base + kk[:, None] * stride_wk + offs_h[None, :] * stride_wn
-        mask_w = mask_k[:, None] & mask_h[None, :]
-        w_i = tl.load(w_tile, mask=mask_w, other=0.0).to(x.dtype)  # (BLOCK_K, BLOCK_H)
-        w_f = tl.load(w_tile + H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        w_g = tl.load(w_tile + 2 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        w_o = tl.load(w_tile + 3 * H * stride_wn, mask=mask_w, other=0.0).to(x.dtype)
-        if UPCAST_DOT:
-            x = x.to(tl.float32)
-            w_i, w_f, w_g, w_o = (
-                w_i.to(tl.float32),
-                w_f.to(tl.float32),
-                w_g.to(tl.float32),
-                w_o.to(tl.float32),
-            )
-        acc_i = tl.dot(x, w_i, acc_i, input_precision=INPUT_PRECISION)
-        acc_f = tl.dot(x, w_f, acc_f, input_precision=INPUT_PRECISION)
-        acc_g = tl.dot(x, w_g, acc_g, input_precision=INPUT_PRECISION)
-        acc_o = tl.dot(x, w_o, acc_o, input_precision=INPUT_PRECISION)
+    acc_i, acc_f, acc_g, acc_o = _gates_dot(
+        h_base, H, 1, w_base, stride_wk, stride_wn, offs_b, offs_h, mask_b, mask_h,
+        H, H, BLOCK_B, BLOCK_H, BLOCK_K, INPUT_PRECISION, UPCAST_DOT,
+    )
 
     # + xproj[d, :, t]  (B, 4H)
     p = xproj_ptr + d * stride_xd + t * stride_xt + offs_b[:, None] * stride_xb
     p = p + offs_h[None, :] * stride_xn
-    acc_i += tl.load(p, mask=mask_bh, other=0.0).to(tl.float32)
-    acc_f += tl.load(p + H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
-    acc_g += tl.load(p + 2 * H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
-    acc_o += tl.load(p + 3 * H * stride_xn, mask=mask_bh, other=0.0).to(tl.float32)
+    acc_i, acc_f, acc_g, acc_o = _add_gate_blocks(acc_i, acc_f, acc_g, acc_o, p, stride_xn, mask_bh, H)
 
     i = _sigmoid(acc_i)
     f = _sigmoid(acc_f)
@@ -406,10 +415,7 @@ def _lstm_step_forward_kernel(
     tl.store(out, tl.where(valid, h_new, 0.0).to(out_ptr.dtype.element_ty), mask=mask_bh)
     if STORE_ACT:  # only when a backward will need them
         a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-        tl.store(a, i, mask=mask_bh)
-        tl.store(a + H, f, mask=mask_bh)
-        tl.store(a + 2 * H, g, mask=mask_bh)
-        tl.store(a + 3 * H, o, mask=mask_bh)
+        _store_gate_blocks(a, i, f, g, o, mask_bh, H)
 
 
 @triton.jit(do_not_specialize=["s"])

@@ -64,10 +64,10 @@ class Encoder(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.rnn = EncoderLSTM(cfg.emb_dim, cfg.hidden_dim // dirs, cfg.enc_layers, cfg.bidirectional, cfg.dropout)
 
-    def forward(self, src: Tensor, src_len: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, src: Tensor, src_len: Tensor, backend: str, graph_safe: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """src (B, S), src_len (B,) -> out (B, S, H), h_n (L, B, H), c_n (L, B, H)."""
         emb = self.emb_dropout(self.embedding(src))  # (B, S, E)
-        return self.rnn(emb, src_len, backend)
+        return self.rnn(emb, src_len, backend, graph_safe)
 
 
 class Decoder(nn.Module):
@@ -165,6 +165,10 @@ class Seq2Seq(nn.Module):
                 emb.weight[pad_id].zero_()
         self.encoder = Encoder(cfg, src_emb)
         self.decoder = Decoder(cfg, tgt_emb, tgt_vocab_size)
+        # True: no host synchronisation anywhere in forward/backward, so a CUDA graph can capture
+        # them (only model.cell=cudnn changes: its encoder runs cuDNN on the padded batch instead
+        # of packing it; same results). Set by mt.graphs.GraphedTrainStep.
+        self.graph_safe = False
 
     def backend(self, device: torch.device) -> str:
         return "cudnn" if self.cfg.cell == "cudnn" else kernels.resolve_backend(self.cfg.cell, device)
@@ -172,7 +176,7 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, src_len: Tensor) -> tuple[Memory, DecoderState]:
         """src (B, S), src_len (B,) -> attention memory and the decoder's initial state."""
         backend = self.backend(src.device)
-        out, h, c = self.encoder(src, src_len, backend)  # (B, S, H), (L, B, H) x2
+        out, h, c = self.encoder(src, src_len, backend, self.graph_safe)  # (B, S, H), (L, B, H) x2
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_len[:, None]  # (B, S)
         memory = Memory(out, self.decoder.attention.keys(out), mask, backend)
         return memory, self.decoder.init_state(h, c)

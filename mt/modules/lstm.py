@@ -8,9 +8,11 @@ run the same parameters through our gate cell. Same weights, same outputs: `test
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .. import kernels
@@ -46,9 +48,14 @@ class EncoderLSTM(nn.Module):
         return [(getattr(r, "weight_ih" + s), getattr(r, "weight_hh" + s),
                  getattr(r, "bias_ih" + s), getattr(r, "bias_hh" + s)) for s in sfx]
 
-    def forward(self, x: Tensor, lengths: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, lengths: Tensor, backend: str, graph_safe: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """graph_safe: with backend "cudnn", run cuDNN on the padded batch (`_cudnn_padded`)
+        instead of packing it, which needs the lengths on the host (a sync a CUDA graph cannot
+        hold). The other backends never sync."""
         B, T, _ = x.shape
-        if backend == "cudnn":
+        if backend == "cudnn" and graph_safe:
+            out, h, c = self._cudnn_padded(x, lengths)
+        elif backend == "cudnn":
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, (h, c) = self.rnn(packed)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)  # (B, T, D*H)
@@ -78,6 +85,77 @@ class EncoderLSTM(nn.Module):
         h = h.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
         c = c.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
         return out, h, c
+
+
+    def _cudnn_padded(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The cuDNN LSTM without packing: no host sync, so a CUDA graph can capture it. Same
+        results as the packed path (padded steps leave the state alone, padded outputs are 0):
+
+        - per layer and direction one cuDNN call (`_VF.lstm`, what nn.LSTM calls) over the whole
+          padded batch. Forward direction: right padding only follows the real tokens, so the
+          outputs at real positions are exact. Reverse direction: each row is reversed within its
+          own length first (a gather), run forwards, and the outputs are un-reversed (the same
+          gather); padded positions never precede a real one.
+        - final states at each row's last real step: h from the outputs (a gather); cuDNN does not
+          return the cell state of an intermediate step, so c comes from the gates, recomputed
+          from the inputs and the cuDNN outputs h_{t-1} in one matmul, and the linear recurrence
+          c_t = f_t * c_{t-1} + i_t * g_t in closed form:
+              c_last = sum_{t <= last} exp(L_last - L_t) * i_t * g_t,   L_t = sum_{j <= t} log f_j
+          (exponents <= 0: no overflow). Exact maths, so the gradients are exact too.
+
+        Returns out (B, T, D*H), h (L, D, B, H), c (L, D, B, H) like the packed branch.
+        """
+        B, T, _ = x.shape
+        H = self.hidden_size
+        lengths = lengths.to(x.device)
+        steps = torch.arange(T, device=x.device)
+        valid = steps[None, :] < lengths[:, None]  # (B, T)
+        rev = torch.where(valid, lengths[:, None] - 1 - steps[None, :], steps[None, :])  # (B, T)
+        last = (lengths - 1).clamp(min=0)  # (B,)
+        upto = (steps[None, :] <= last[:, None])[..., None]  # (B, T, 1) steps that reach c_last
+        nonempty = (lengths > 0)[:, None]  # (B, 1)
+        inp = x
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            if layer > 0:
+                inp = F.dropout(inp, self.dropout, self.training)
+            outs, h_l, c_l = [], [], []
+            for d, params in enumerate(self._layer_params(layer)):
+                seq = inp if d == 0 else _gather_steps(inp, rev)  # (B, T, I)
+                zeros = torch.zeros(1, B, H, dtype=seq.dtype, device=seq.device)
+                with warnings.catch_warnings():  # a single direction's weights are not one flat buffer
+                    warnings.filterwarnings("ignore", message="RNN module weights are not part")
+                    out = _VF.lstm(seq, (zeros, zeros), list(params), True, 1, 0.0, self.training, False, True)[0]
+                h_n = out.gather(1, last[:, None, None].expand(B, 1, out.shape[-1])).squeeze(1)  # (B, H)
+                c_n = _final_cell(seq, out, params, last, upto)
+                h_l.append(torch.where(nonempty, h_n, torch.zeros_like(h_n)))
+                c_l.append(torch.where(nonempty, c_n, torch.zeros_like(c_n)).to(h_n.dtype))
+                outs.append(out if d == 0 else _gather_steps(out, rev))
+            inp = torch.cat(outs, dim=-1) * valid[..., None].to(outs[0].dtype)  # (B, T, D*H), padding 0
+            hs.append(torch.stack(h_l))
+            cs.append(torch.stack(c_l))
+        return inp, torch.stack(hs), torch.stack(cs)  # (B, T, D*H), (L, D, B, H) x2
+
+
+def _gather_steps(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, T, F), index (B, T) -> y[b, t] = x[b, index[b, t]]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _final_cell(seq: Tensor, out: Tensor, params, last: Tensor, upto: Tensor) -> Tensor:
+    """The cell state after step `last` (B,) of an LSTM that read seq (B, T, I) and output out
+    (B, T, H) from a zero initial state; see `EncoderLSTM._cudnn_padded`. Returns (B, H)."""
+    w_ih, w_hh, b_ih, b_hh = params
+    B, T, H = out.shape
+    h_prev = torch.cat([out.new_zeros(B, 1, H), out[:, :-1]], dim=1)  # (B, T, H): h_{t-1}
+    g3 = 3 * H  # gate order i, f, g, o: o is not needed
+    z = F.linear(seq, w_ih[:g3], (b_ih + b_hh)[:g3]) + F.linear(h_prev.to(seq.dtype), w_hh[:g3])  # (B, T, 3H)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    z_i, z_f, z_g = z.chunk(3, dim=-1)
+    log_f = F.logsigmoid(z_f).cumsum(dim=1)  # (B, T, H): L_t
+    log_last = log_f.gather(1, last[:, None, None].expand(B, 1, H))  # (B, 1, H)
+    weight = torch.exp((log_last - log_f).masked_fill(~upto, float("-inf")))  # (B, T, H), 0 after last
+    return (weight * torch.sigmoid(z_i) * torch.tanh(z_g)).sum(dim=1)  # (B, H)
 
 
 class DecoderLSTM(nn.Module):

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
+try:  # OmegaConf is only needed by the entry points; the model and the scripts run without it
+    from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
+except ImportError:  # pragma: no cover - machines with torch but no hydra-core/omegaconf
+    MISSING = "???"
 
 
 @dataclass
@@ -105,6 +108,17 @@ class TrainerConfig:
     attention_images: bool = True
     progress: bool | None = None  # tqdm: None = only when stderr is a TTY
     num_threads: int = 0  # torch CPU threads (0 = torch default)
+    # CUDA graphs: capture the whole training step (forward, backward, clipping, optimizer) once
+    # per batch shape and replay it, and the decoder step during validation decoding.
+    # auto = on when training on CUDA in a single process, off elsewhere; true on CPU is an error.
+    cuda_graphs: str = "auto"  # auto | true | false
+    # The fixed shapes batches are padded to (mt/graphs.py, README "GPU speed"): a batch whose
+    # longest side (source or target, EOS/BOS included) is m goes to the smallest length L >= m
+    # and is padded to (batch size for L, L, L). None = derived: lengths 8, 10, 12, ..., 22, 26,
+    # 30, ... (x1.1, even) up to the data's max length + 1; batch size for L = the most sentences
+    # the token budget lets in (max_tokens // (previous L + 1), capped at max_sentences).
+    graph_lengths: list[int] | None = None
+    graph_batch_sizes: list[int] | None = None  # one per graph_lengths entry (needs graph_lengths)
 
 
 @dataclass

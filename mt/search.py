@@ -15,6 +15,9 @@ output tokens, EOS included):
     alpha > 0    lp = ((5 + len) / 6) ** alpha (GNMT, Wu et al. 2016; alpha = 1.0 is common)
     "avg"        lp = len                      (mean log-probability per token)
 
+With ``graphs=`` a `mt.graphs.GraphedDecoder`, every decoder step is replayed from a CUDA graph
+(padded to a fixed shape; eager on CPU); results equal the eager ones up to float rounding.
+
 Beam search keeps ``beam`` open hypotheses per sentence. A candidate ending in EOS (among the
 best ``beam`` candidates of a step) is moved to the sentence's finished list. A sentence stops
 when it has ``beam`` finished hypotheses and no open one can still beat the ``nbest``-th best
@@ -113,10 +116,17 @@ def max_lengths(src_len: Tensor, a: float, b: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- greedy
+def _step_fn(model, graphs):
+    """The decoder step to call: the graphed one when given (its outputs are overwritten by the
+    next call: keep only copies), else the model's own."""
+    return graphs.step if graphs is not None else model.decoder.step
+
+
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int,
-                  max_len_a: float = 1.5, max_len_b: int = 10) -> SearchOutput:
+                  max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Pick the most probable token at every step. src (B, S), src_len (B,)."""
+    step = _step_fn(model, graphs)
     B = src.shape[0]
     memory, state = model.encode(src, src_len)
     limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
@@ -126,13 +136,13 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
     out_tokens, out_attn = [], []
     banned = _banned(model, bos_id)
     for t in range(int(limit.max())):
-        logp, state, attn = model.decoder.step(tokens, state, memory)  # (B, V), (B, S)
+        logp, state, attn = step(tokens, state, memory)  # (B, V), (B, S)
         logp[:, banned] = float("-inf")
         best, tokens = logp.max(dim=-1)  # (B,)
         tokens = torch.where(finished, torch.full_like(tokens, eos_id), tokens)
         scores += torch.where(finished, torch.zeros_like(best), best)
         out_tokens.append(tokens)
-        out_attn.append(attn)
+        out_attn.append(attn if graphs is None else attn.clone())
         finished |= (tokens == eos_id) | (t + 1 >= limit)
         if bool(finished.all()):
             break
@@ -155,9 +165,10 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int,
                 beam: int = 5, length_penalty: LengthPenalty = 1.0, nbest: int = 1,
-                max_len_a: float = 1.5, max_len_b: int = 10) -> SearchOutput:
+                max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Batched beam search. src (B, S), src_len (B,) -> per sentence the `nbest` best finished
     hypotheses (ranked by log_prob / lp(len), see the module docstring), best first."""
+    step = _step_fn(model, graphs)
     if beam < 1:
         raise MTError(f"beam must be >= 1 (got {beam})")
     if not 1 <= nbest <= beam:
@@ -185,7 +196,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
     t = 0
     while active:
         n = len(active)
-        logp, state, attn = model.decoder.step(last, state, memory)  # (n*K, V), (n*K, S)
+        logp, state, attn = step(last, state, memory)  # (n*K, V), (n*K, S)
         logp[:, banned] = float("-inf")
         V = logp.shape[-1]
         cand = scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
@@ -275,21 +286,22 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
 
 def search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int, beam: int = 1,
            length_penalty: LengthPenalty = None, nbest: int = 1, max_len_a: float = 1.5,
-           max_len_b: int = 10) -> SearchOutput:
+           max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Greedy search when beam == 1 and there is no length penalty, beam search otherwise."""
     if beam == 1 and nbest == 1 and parse_length_penalty(length_penalty) is None:
-        return greedy_search(model, src, src_len, bos_id, eos_id, max_len_a, max_len_b)
-    return beam_search(model, src, src_len, bos_id, eos_id, beam, length_penalty, nbest, max_len_a, max_len_b)
+        return greedy_search(model, src, src_len, bos_id, eos_id, max_len_a, max_len_b, graphs=graphs)
+    return beam_search(model, src, src_len, bos_id, eos_id, beam, length_penalty, nbest, max_len_a, max_len_b,
+                       graphs=graphs)
 
 
 # ----------------------------------------------------------------------------- whole splits
 @torch.no_grad()
 def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_size: int = 64,
                    max_len_a: float = 1.5, max_len_b: int = 10, beam: int = 1,
-                   length_penalty: LengthPenalty = None, nbest: int = 1) -> SearchOutput:
+                   length_penalty: LengthPenalty = None, nbest: int = 1, graphs=None) -> SearchOutput:
     """Decode every row of a tokenized split (column `src_ids`; a dataset or a list of id lists)
     in batches of similar source length: greedy by default, beam search with `beam` > 1 or a
-    length penalty. Results come back in the split's order."""
+    length penalty. Results come back in the split's order. graphs: a GraphedDecoder, or None."""
     from .batching import collate
 
     was_training = model.training
@@ -306,7 +318,7 @@ def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_si
             batch = collate([{"src_ids": src_ids[i], "tgt_ids": [], "idx": i} for i in idx],
                             tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
             out = search(model, batch.src, batch.src_len, tokenizer.bos_id, tokenizer.eos_id, beam,
-                         length_penalty, nbest, max_len_a, max_len_b)
+                         length_penalty, nbest, max_len_a, max_len_b, graphs=graphs)
             for j, i in enumerate(idx):
                 tokens[i], scores[i], attention[i] = out.tokens[j], out.scores[j], out.attention[j]
                 hyps[i] = out.nbest[j]

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from . import batching, data
+from . import batching, data, graphs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, register_configs, to_dict
 from .errors import CheckpointError, MTError, TrainingDiverged
@@ -212,16 +212,17 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     tc = cfg.trainer
     device = resolve_device(tc.device, ddp.local_rank)
     amp_dtype = resolve_precision(tc.precision, device)
+    use_graphs = graphs.resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     ddp.init(device)
     try:
-        return _train(cfg, out_dir, ddp, device, amp_dtype)
+        return _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs)
     finally:
         ddp.close()
 
 
-def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool = False) -> dict[str, Any]:
     tc, oc = cfg.trainer, cfg.optim
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -280,6 +281,21 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
     train_model: nn.Module = model
     if ddp.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # one training step: eager, or replayed from CUDA graphs (mt/graphs.py; README "GPU speed")
+    decoder_graphs = None
+    if use_graphs:
+        graphs.make_capturable(optimizer, device)  # after loading: lr as a device tensor
+        buckets = graphs.ShapeBuckets.from_budget(
+            tc.max_tokens, tc.max_sentences, max(cfg.data.max_src_len, cfg.data.max_tgt_len) + 1,
+            lengths=tc.graph_lengths, batch_sizes=tc.graph_batch_sizes)
+        stepper = graphs.GraphedTrainStep(model, optimizer, criterion, pad_id=tok.pad_id, amp_dtype=amp_dtype,
+                                          clip_norm=oc.clip_grad_norm, buckets=buckets, device=device)
+        decoder_graphs = graphs.GraphedDecoder(model)
+        if ddp.main:
+            log.info("CUDA graphs on: %d batch shapes (batch, src, tgt) %s", len(buckets), buckets.shapes)
+    else:
+        stepper = graphs.TrainStep(model, optimizer, criterion, pad_id=tok.pad_id, amp_dtype=amp_dtype,
+                                   clip_norm=oc.clip_grad_norm, device=device, train_model=train_model)
 
     def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world):
         return batching.make_loader(ds, tok, tc.max_tokens, tc.max_sentences, shuffle=shuffle, seed=tc.seed,
@@ -305,8 +321,11 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
                  tok.src_vocab_size, tok.tgt_vocab_size)
 
     def checkpoint_state(metrics: dict) -> dict:
+        opt_state, sched_state = optimizer.state_dict(), scheduler.state_dict()
+        if use_graphs:  # tensor learning rates -> floats: the checkpoint loads without graphs too
+            opt_state, sched_state = graphs.portable_state(opt_state), graphs.portable_state(sched_state)
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.state_dict(), "optimizer": opt_state, "scheduler": sched_state,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
             "bad_evals": bad_evals, "rng": ddp.gather_objects(rng_state()), "config": to_dict(cfg),
             "tokenizer": tok.state_dict(), "metrics": metrics,
@@ -323,7 +342,8 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 vloss = validation_loss(model, valid_loader, device, amp_dtype, tok.pad_id)
                 decoded = decode_dataset(model, corpus.valid, tok, device, batch_size=tc.valid_batch_size,
-                                         max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b)
+                                         max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
+                                         graphs=decoder_graphs)
             hyps = tok.decode_tgt(decoded.tokens)
             refs = list(corpus.valid["tgt"])
             scores = corpus_scores(hyps, refs)
@@ -383,24 +403,15 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
         for i, batch in enumerate(train_loader):
             if i < batch_in_epoch:  # resuming mid-epoch: skip what was already trained on
                 continue
-            batch = batch.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits, _ = train_model(batch.src, batch.src_len, batch.tgt_in)  # (B, T, V)
-            logits = logits.float().flatten(0, 1)  # (B*T, V)
-            target = batch.tgt_out.flatten()  # (B*T,)
-            loss_sum = criterion(logits, target)
+            # eager: forward + backward here, the update below; graphs: the whole step here
+            loss_sum, nll_sum = stepper.forward_backward(batch)
             ntok = batch.ntokens
-            (loss_sum / max(1, ntok)).backward()
-            with torch.no_grad():
-                nll_sum = F.cross_entropy(logits, target, ignore_index=tok.pad_id, reduction="sum")
             loss_tot, nll_tot, ntok_tot = ddp.all_sum([loss_sum.item(), nll_sum.item(), ntok], device)
-            if not math.isfinite(loss_tot):
+            if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
                 raise TrainingDiverged(
                     f"loss is {loss_tot} at step {step + 1}; stopped without saving "
                     f"(last good checkpoint: {last_path if last_path.exists() else 'none yet'})")
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm if oc.clip_grad_norm > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = stepper.update()  # clip, optimizer step, zero grads (graphs: already done)
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
             step += 1
@@ -415,12 +426,13 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
                     loss_avg, nll_avg = win_loss / max(1, win_tok), win_nll / max(1, win_tok)
                     writer.add_scalar("train/loss", loss_avg, step)
                     writer.add_scalar("train/ppl", math.exp(min(nll_avg, 50)), step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    lr_now = float(optimizer.param_groups[0]["lr"])  # a device tensor under graphs
+                    writer.add_scalar("train/lr", lr_now, step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
                     writer.add_scalar("train/tokens_per_s", win_tok / max(elapsed, 1e-9), step)
-                    progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                    progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr_now:.2e}")
                     log.info("step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
-                             step, epoch, loss_avg, math.exp(min(nll_avg, 50)), optimizer.param_groups[0]["lr"],
+                             step, epoch, loss_avg, math.exp(min(nll_avg, 50)), lr_now,
                              float(grad_norm), win_tok / max(elapsed, 1e-9))
                     win_loss = win_nll = win_tok = 0.0
                     win_t0 = time.perf_counter()
@@ -443,6 +455,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype)
         last_metrics, _ = evaluate()
     if ddp.main:
         progress.close()
+        if use_graphs:
+            log.info("CUDA graphs: %s; decoder steps: %s", stepper.summary(),
+                     ", ".join(f"{k} {v}" for k, v in sorted(decoder_graphs.stats.items())) or "none")
         hparams = {f"{g}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for g in ("model", "optim", "tokenizer") for k, v in asdict(getattr(cfg, g)).items()}
         hparams.update({"trainer.max_tokens": tc.max_tokens, "data.src": cfg.data.src, "data.tgt": cfg.data.tgt})

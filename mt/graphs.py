@@ -1,0 +1,590 @@
+"""CUDA graphs for training and decoding: fixed shapes, captured once, replayed.
+
+An eager LSTM training step is thousands of small kernel launches (one per LSTM step and layer,
+forward and backward, plus attention, loss, clipping, Adam); on an H100 the launches, not the
+arithmetic, set the pace (DESIGN.md, "Performance notes"). A CUDA graph records the launches
+once and replays them with one call. A graph has fixed shapes and fixed memory addresses, so:
+
+Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
+  - `ShapeBuckets` is a small fixed set of (batch, source length, target length) shapes. Each
+    batch is padded to the smallest shape that holds it (`pad_batch`): extra rows are all
+    padding (target all pad_id, so they weigh nothing in the loss; source one pad token, so the
+    encoder and the attention stay finite), extra columns are padding. Padding changes no loss
+    and no gradient, only the summation order of a few reductions. A batch that fits no shape
+    runs eagerly (same step function, no graph).
+  - The whole step is one graph per shape: zero the gradients in place, forward (under
+    autocast), loss = sum / ntokens with ntokens a static device tensor, backward,
+    clip_grad_norm_ (foreach; returns a device tensor, no sync), optimizer step. Nothing inside
+    reads a value back to the host; the loss, NLL and gradient norm are copied into `out`
+    (a tensor outside the graph) and read after the replay, once per step.
+  - The optimizer must be `capturable=True` with the learning rate as a device tensor
+    (`make_capturable`): torch 2.13's Adam/AdamW accept `lr` as a 1-element Tensor when
+    capturable=True (or fused=True), and its LR schedulers update a tensor lr in place
+    (`param_group["lr"].fill_(value)`, torch/optim/lr_scheduler.py `_update_param_group_val`),
+    so the graph reads the scheduled lr at every replay. `state["step"]` lives on the device.
+    Checkpoints stay portable (`portable_state`: floats, capturable=False).
+  - Gradients are allocated by the first (eager) step and never freed afterwards (zeroed in
+    place), so the graph always writes the same tensors.
+  - Warm-up: the first `warmup` batches of each shape run eagerly on a side stream (real
+    training steps: Triton compiles, cuDNN/cuBLAS initialise, Adam creates its state), then
+    the next one is captured and replayed. All shapes share one memory pool: nothing allocated
+    inside a graph outlives its replay, so any replay order is safe.
+  - Dropout: `torch.cuda.graph` registers the default CUDA generator; kernels inside the graph
+    read the Philox seed/offset from device tensors that each replay sets from the generator's
+    current offset and then advances it by the graph's total (CUDAGeneratorState::
+    replay_prologue in aten/src/ATen/cuda/CUDAGeneratorImpl.cpp). So every replay draws fresh
+    masks, the same ones the eager step would draw from the same generator state, and the RNG
+    state saved in checkpoints stays meaningful.
+  - The model must not sync: `Seq2Seq.graph_safe = True` switches model.cell=cudnn's encoder
+    from packing (which needs the lengths on the host) to cuDNN on the padded batch
+    (`EncoderLSTM._cudnn_padded`, still cuDNN kernels, same results); the gate-cell backends
+    never sync.
+  - After a non-finite loss the update of that step has already been applied in memory (it is
+    part of the graph); training stops without saving, so the last checkpoint on disk is good.
+
+Decoding (`GraphedDecoder`, given to mt.search's functions)
+  - `Decoder.step` for fixed (rows, source length) shapes: rows (batch x beam) are padded to a
+    bucket (multiples of 8 up to 64, then 4 sizes per doubling: 80, 96, 112, 128, 160, ...,
+    640, 768, ...), the source length likewise (multiples of 4 up to 32, then 40, 48, 56, 64,
+    80, ...); padded rows are independent of the real ones, padded source positions are masked. The memory (encoder outputs) is copied into the
+    graph's buffers once per batch, the state every step. Eager on CPU, with gradients on, and
+    when nothing is given (the search functions take `graphs=None`).
+
+On a CPU, or with `emulate=True`, both classes run the same static-shape code without capturing
+(tests check padding and bookkeeping this way; `scripts/gpu_checks.py` checks the captured graphs
+against it on a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import MTError
+from .model import DecoderState, Memory, Seq2Seq
+from .modules.lstm import compute_dtype
+
+Shape = tuple[int, int, int]  # (batch, source length, target length), EOS/BOS included
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def length_grid(max_len: int, start: int = 8, ratio: float = 1.1, multiple: int = 2) -> list[int]:
+    """start, then x`ratio` rounded up to `multiple` (at least +multiple), until >= max_len.
+
+    length_grid(101) == [8, 10, 12, 14, 16, 18, 20, 22, 26, 30, 34, 38, 42, 48, 54, 60, 66, 74, 82, 92, 102]
+    """
+    grid = [_round_up(max(1, start), multiple)]
+    while grid[-1] < max_len:
+        grid.append(max(grid[-1] + multiple, _round_up(math.ceil(grid[-1] * ratio), multiple)))
+    return grid
+
+
+def bucket_size(n: int, granule: int) -> int:
+    """n rounded up to a multiple of `granule`, and above 8 * granule to a quarter of its octave
+    (4 sizes per doubling: waste <= 25%, all powers of two kept).
+
+    granule 8 (decoder rows):   8, 16, ..., 64, 80, 96, 112, 128, 160, ..., 512, 640, 768, ...
+    granule 4 (source length):  4, 8, ..., 32, 40, 48, 56, 64, 80, ...
+    """
+    n = max(1, int(n))
+    return _round_up(n, max(granule, 1 << max(0, (n - 1).bit_length() - 3)))
+
+
+class ShapeBuckets:
+    """A fixed set of (batch, src_len, tgt_len) shapes; `find` picks the smallest that holds a batch.
+
+    Lengths count the EOS (source) and BOS/EOS (target) that `mt.batching.collate` adds, i.e.
+    they are `batch.src.shape[1]` and `batch.tgt_in.shape[1]`.
+    """
+
+    def __init__(self, shapes: Iterable[Sequence[int]]):
+        uniq = sorted({tuple(int(v) for v in s) for s in shapes})
+        for s in uniq:
+            if len(s) != 3 or min(s) < 1:
+                raise MTError(f"a CUDA-graph shape is (batch, src_len, tgt_len) of positive ints, got {s}")
+        if not uniq:
+            raise MTError("no CUDA-graph shapes")
+        self.shapes: list[Shape] = uniq  # type: ignore[assignment]
+
+    @classmethod
+    def from_budget(cls, max_tokens: int, max_sentences: int, max_len: int,
+                    lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
+                    batch_multiple: int = 1) -> ShapeBuckets:
+        """Shapes (B_L, L, L) for bucket lengths L that hold every batch TokenBucketSampler makes.
+
+        lengths: None = `length_grid(max_len)`. batch_sizes: one per length, or None = derived:
+        a batch whose longest side m lies in (previous L, L] has at most max_tokens // m <=
+        max_tokens // (previous L + 1) sentences (and at most max_sentences), at least 1 (a
+        sentence longer than the budget is a batch of its own); `batch_multiple` > 1 rounds it up
+        (not beyond max_sentences).
+
+        The x1.1 grid keeps the padding these shapes add to about 20% of the tokens (measured on
+        Multi30k-like lengths with max_tokens=4096: 1.20x the real tokens, against 1.01x for
+        the batches themselves; 14 shapes used); a x1.2 grid or batch sizes rounded to multiples
+        of 8 cost 1.3-1.5x.
+        """
+        lens = sorted({int(v) for v in (lengths if lengths is not None else length_grid(max_len))})
+        if not lens or lens[0] < 1:
+            raise MTError(f"trainer.graph_lengths must be positive lengths, got {lengths}")
+        if batch_sizes is not None:
+            if lengths is None or len(batch_sizes) != len(lengths):
+                raise MTError("trainer.graph_batch_sizes needs trainer.graph_lengths, one batch size per length "
+                              f"(got {list(batch_sizes)} for lengths {None if lengths is None else list(lengths)})")
+            pairs = sorted(zip((int(v) for v in lengths), (int(b) for b in batch_sizes)))
+            return cls((b, L, L) for L, b in pairs)
+        shapes, prev = [], 0
+        for L in lens:
+            most = min(max_sentences, max(1, max_tokens // (prev + 1)))
+            if most >= batch_multiple:
+                most = min(max_sentences, _round_up(most, batch_multiple))
+            shapes.append((most, L, L))
+            prev = L
+        return cls(shapes)
+
+    def find(self, n: int, src_len: int, tgt_len: int) -> Shape | None:
+        """The fitting shape with the fewest padded tokens (B*(S+T)), or None."""
+        best = None
+        for s in self.shapes:
+            if n <= s[0] and src_len <= s[1] and tgt_len <= s[2]:
+                if best is None or (s[0] * (s[1] + s[2]), s) < (best[0] * (best[1] + best[2]), best):
+                    best = s
+        return best
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __repr__(self) -> str:
+        return f"ShapeBuckets({self.shapes})"
+
+
+def pad_batch(batch: Any, shape: Shape, pad_id: int) -> Any:
+    """A copy of `batch` (an mt.batching.Batch) padded to shape (B, S, T).
+
+    Extra rows: source = one pad token (src_len 1: the encoder and the attention see a real,
+    finite position), target all pad_id (ignored by the loss: no loss, zero gradient). Extra
+    columns: pad_id. `ntokens` is unchanged; `indices` of extra rows are -1.
+    """
+    B, S, T = shape
+    n, s = batch.src.shape
+    t = batch.tgt_in.shape[1]
+    if n > B or s > S or t > T:
+        raise ValueError(f"batch ({n}, {s}, {t}) does not fit shape {shape}")
+
+    def grow(x: Tensor, cols: int) -> Tensor:
+        out = x.new_full((B, cols), pad_id)
+        out[:n, : x.shape[1]] = x
+        return out
+
+    src_len = batch.src_len.new_ones(B)
+    src_len[:n] = batch.src_len
+    indices = batch.indices.new_full((B,), -1)
+    indices[:n] = batch.indices
+    return dataclasses.replace(batch, src=grow(batch.src, S), src_len=src_len, tgt_in=grow(batch.tgt_in, T),
+                               tgt_out=grow(batch.tgt_out, T), indices=indices)
+
+
+# --------------------------------------------------------------------------- optimizer state
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Make Adam/AdamW graph-capturable in place: capturable=True, foreach, the learning rate a
+    float32 device tensor (LR schedulers then update it in place), `step` states on the device.
+    Call after loading a checkpoint (load_state_dict restores the saved flags and floats)."""
+    device = torch.device(device)
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        value = float(lr.item() if isinstance(lr, Tensor) else lr)
+        group["lr"] = torch.tensor(value, dtype=torch.float32, device=device)
+        group["capturable"] = True
+        group["foreach"] = True
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), Tensor):
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+def portable_state(state: dict) -> dict:
+    """An optimizer or LR-scheduler state_dict with tensor learning rates as floats and
+    capturable=False, so a checkpoint written under CUDA graphs loads anywhere (make_capturable
+    restores the graph settings after loading)."""
+
+    def num(v: Any) -> Any:
+        return float(v.item()) if isinstance(v, Tensor) and v.numel() == 1 else v
+
+    out = dict(state)
+    if "param_groups" in out:
+        groups = []
+        for g in out["param_groups"]:
+            g = {k: (num(v) if k in ("lr", "initial_lr") else v) for k, v in g.items()}
+            if "capturable" in g:
+                g["capturable"] = False
+            groups.append(g)
+        out["param_groups"] = groups
+    for key in ("_last_lr", "base_lrs"):
+        if isinstance(out.get(key), list):
+            out[key] = [num(v) for v in out[key]]
+    return out
+
+
+# --------------------------------------------------------------------------- training
+class TrainStep:
+    """The eager training step (trainer.cuda_graphs off), exactly mt.train's loop body:
+
+        loss_sum, nll_sum = step.forward_backward(batch)   # forward, loss, backward
+        ... read the loss (NaN check before the update) ...
+        grad_norm = step.update()                          # clip, optimizer step, zero_grad
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, pad_id: int,
+                 amp_dtype: torch.dtype | None, clip_norm: float, device: torch.device | str,
+                 train_model: nn.Module | None = None):
+        self.model, self.train_model = model, train_model if train_model is not None else model
+        self.optimizer, self.criterion, self.pad_id = optimizer, criterion, pad_id
+        self.amp_dtype, self.device = amp_dtype, torch.device(device)
+        self.max_norm = clip_norm if clip_norm > 0 else float("inf")
+
+    def forward_backward(self, batch) -> tuple[Tensor, Tensor]:
+        """Forward + backward of a (CPU or device) batch; the label-smoothed loss sum and the NLL sum."""
+        batch = batch.to(self.device)
+        dev = self.device.type
+        with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits, _ = self.train_model(batch.src, batch.src_len, batch.tgt_in)  # (B, T, V)
+        logits = logits.float().flatten(0, 1)  # (B*T, V)
+        target = batch.tgt_out.flatten()  # (B*T,)
+        loss_sum = self.criterion(logits, target)
+        (loss_sum / max(1, batch.ntokens)).backward()
+        with torch.no_grad():
+            nll_sum = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum")
+        return loss_sum, nll_sum
+
+    def update(self) -> Tensor:
+        """Clip (the norm before clipping is returned), step, zero the gradients."""
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+class _TrainSlot:
+    """Static device inputs of one shape, and its graph once captured."""
+
+    def __init__(self, shape: Shape, device: torch.device):
+        B, S, T = shape
+        self.src = torch.zeros(B, S, dtype=torch.long, device=device)
+        self.src_len = torch.ones(B, dtype=torch.long, device=device)
+        self.tgt_in = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.tgt_out = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.ntok = torch.ones((), dtype=torch.float32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.runs = 0
+
+    def load(self, batch) -> None:
+        for name in ("src", "src_len", "tgt_in", "tgt_out"):
+            getattr(self, name).copy_(getattr(batch, name))
+        self.ntok.fill_(max(1, batch.ntokens))
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self.src, self.src_len, self.tgt_in, self.tgt_out, self.ntok
+
+
+class GraphedTrainStep:
+    """The whole training step as one CUDA graph per bucket shape; same interface as `TrainStep`.
+
+        step = GraphedTrainStep(model, optimizer, criterion, pad_id=0, amp_dtype=torch.bfloat16,
+                                clip_norm=5.0, buckets=ShapeBuckets.from_budget(4096, 256, 101),
+                                device="cuda")             # optimizer: after make_capturable()
+        loss_sum, nll_sum = step.forward_backward(batch)  # runs the WHOLE step (update included)
+        grad_norm = step.update()                         # just returns the norm of that step
+
+    The returned tensors are views of `out`, overwritten by the next step: read them first.
+    `stats` counts replays, captures, warm-ups and eager (no fitting shape) steps.
+    `emulate=True` (any device; forced on CPU) runs the same padded static-shape steps eagerly.
+    """
+
+    def __init__(self, model: Seq2Seq, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, pad_id: int,
+                 amp_dtype: torch.dtype | None, clip_norm: float, buckets: ShapeBuckets | None,
+                 device: torch.device | str, warmup: int = 2, emulate: bool = False):
+        self.device = torch.device(device)
+        self.capture = self.device.type == "cuda" and not emulate
+        if self.device.type != "cuda" and not emulate:
+            raise MTError(f"CUDA graphs need a CUDA device (training runs on {self.device}); "
+                          "use trainer.cuda_graphs=auto or false")
+        if self.capture and not all(g.get("capturable") for g in optimizer.param_groups):
+            raise MTError("GraphedTrainStep needs a capturable optimizer: call mt.graphs.make_capturable first")
+        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+        self.pad_id, self.amp_dtype = pad_id, amp_dtype
+        self.max_norm = clip_norm if clip_norm > 0 else float("inf")
+        self.buckets, self.warmup = buckets, max(1, warmup)
+        self.params = list(model.parameters())
+        # the lr tensors the graphs read (make_capturable); see _keep_lr_tensors
+        self._lrs = [g["lr"] for g in optimizer.param_groups]
+        model.graph_safe = True
+        self.out = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, NLL sum, grad norm
+        self.stats: Counter = Counter()
+        self._slots: dict[Shape, _TrainSlot] = {}
+        self._pool = None
+        self._side: torch.cuda.Stream | None = None
+
+    # the step itself: everything a graph captures (no host sync, no allocation that outlives it)
+    def _run(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # allocated by the first step, zeroed in place ever after
+            torch._foreach_zero_(grads)
+        dev = self.device.type
+        with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits, _ = self.model(src, src_len, tgt_in)  # (B, T, V)
+        logits = logits.float().flatten(0, 1)  # (B*T, V)
+        target = tgt_out.flatten()
+        loss_sum = self.criterion(logits, target)
+        (loss_sum / ntok).backward()
+        with torch.no_grad():
+            nll_sum = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum")
+            grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
+            with warnings.catch_warnings():  # capturable=True outside a capture warns once
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                self.optimizer.step()
+            self.out[0].copy_(loss_sum.detach())
+            self.out[1].copy_(nll_sum)
+            self.out[2].copy_(grad_norm)
+
+    def _on_side_stream(self, fn, *args) -> None:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            fn(*args)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def _keep_lr_tensors(self) -> None:
+        """A scheduler that REPLACES param_group["lr"] (a float, or a new tensor) instead of
+        filling it in place would leave the graphs reading a stale lr: copy the new value into
+        the captured tensor and put that tensor back (torch 2.13's schedulers fill in place, so
+        this costs one identity check per group)."""
+        for group, lr in zip(self.optimizer.param_groups, self._lrs):
+            if isinstance(lr, Tensor) and group["lr"] is not lr:
+                lr.fill_(group["lr"])
+                group["lr"] = lr
+
+    def forward_backward(self, batch) -> tuple[Tensor, Tensor]:
+        if not self.model.training:  # a graph captured now would replay eval mode (no dropout) forever
+            raise MTError("GraphedTrainStep runs training steps: call model.train() first")
+        self._keep_lr_tensors()
+        shape = None
+        if self.buckets is not None:
+            shape = self.buckets.find(batch.src.shape[0], batch.src.shape[1], batch.tgt_in.shape[1])
+        if shape is None:  # no fitting shape: the same step, eagerly, on the batch as it is
+            b = batch.to(self.device)
+            ntok = torch.tensor(float(max(1, b.ntokens)), device=self.device)
+            self._run(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
+            self.stats["eager"] += 1
+            return self.out[0], self.out[1]
+        slot = self._slots.get(shape)
+        if slot is None:
+            slot = self._slots[shape] = _TrainSlot(shape, self.device)
+        slot.load(pad_batch(batch, shape, self.pad_id))
+        if slot.graph is not None:
+            slot.graph.replay()
+            self.stats["replayed"] += 1
+        elif not self.capture:
+            self._run(*slot.inputs)
+            self.stats["emulated"] += 1
+        elif slot.runs < self.warmup:
+            self._on_side_stream(self._run, *slot.inputs)
+            self.stats["warmup"] += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._run(*slot.inputs)
+            if self._pool is None:
+                self._pool = graph.pool()
+            slot.graph = graph
+            graph.replay()  # capturing ran nothing: this is the step
+            self.stats["captured"] += 1
+        slot.runs += 1
+        return self.out[0], self.out[1]
+
+    def update(self) -> Tensor:
+        """The step already ran in forward_backward; the gradient norm (before clipping)."""
+        return self.out[2]
+
+    def summary(self) -> str:
+        return (f"{sum(s.graph is not None for s in self._slots.values())} graphs of {len(self.buckets or [])} "
+                f"shapes; steps: " + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())))
+
+
+# --------------------------------------------------------------------------- decoding
+class _DecodeSlot:
+    """Static buffers of one (rows, source length, dtypes...) key and its graph."""
+
+    def __init__(self, Nb: int, Sb: int, tokens: Tensor, state: DecoderState, memory: Memory):
+        dev = tokens.device
+        self.tokens = torch.zeros(Nb, dtype=tokens.dtype, device=dev)
+        self.h = [torch.zeros(Nb, h.shape[1], dtype=h.dtype, device=dev) for h in state.h]
+        self.c = [torch.zeros(Nb, c.shape[1], dtype=c.dtype, device=dev) for c in state.c]
+        self.feed = torch.zeros(Nb, state.feed.shape[1], dtype=state.feed.dtype, device=dev)
+        out, keys = memory.out, memory.keys
+        self.out = torch.zeros(Nb, Sb, out.shape[2], dtype=out.dtype, device=dev)
+        self.shared_keys = keys is out  # dot attention: keys are the outputs themselves
+        self.keys = self.out if self.shared_keys else torch.zeros(Nb, Sb, keys.shape[2], dtype=keys.dtype, device=dev)
+        self.mask = torch.zeros(Nb, Sb, dtype=torch.bool, device=dev)
+        self.memory: Memory | None = None  # the Memory whose contents are loaded
+        self.weights: list[tuple[Tensor, Tensor]] | None = None  # gate-cell step weights (static)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple | None = None
+        self.runs = 0
+
+    def load_memory(self, memory: Memory, N: int, S: int) -> None:
+        self.out[:N, :S].copy_(memory.out)
+        if not self.shared_keys:
+            self.keys[:N, :S].copy_(memory.keys)
+        self.mask.zero_()
+        self.mask[:N, :S].copy_(memory.mask)
+        self.mask[N:, 0] = True  # padded rows attend somewhere: finite, and ignored
+        self.memory = memory
+
+    def load_state(self, tokens: Tensor, state: DecoderState, N: int) -> None:
+        self.tokens[:N].copy_(tokens)
+        for dst, src in zip(self.h, state.h):
+            dst[:N].copy_(src)
+        for dst, src in zip(self.c, state.c):
+            dst[:N].copy_(src)
+        self.feed[:N].copy_(state.feed)
+
+
+class GraphedDecoder:
+    """`model.decoder.step` replayed from CUDA graphs, one per padded (rows, source length) shape.
+
+        graphs = GraphedDecoder(model)
+        out = beam_search(model, src, src_len, bos, eos, beam=5, graphs=graphs)   # or greedy_search, search, decode_dataset
+
+    `step(tokens, state, memory)` returns what `Decoder.step` returns, as views of static
+    buffers that the next call overwrites (clone what you keep). Eager (exactly
+    `model.decoder.step`) on CPU tensors and with gradients enabled, unless `emulate=True`, which
+    runs the padded static-shape code eagerly instead of capturing it. The first `warmup` calls of
+    each shape run eagerly on a side stream, the next one is captured.
+    """
+
+    def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False):
+        self.model, self.decoder = model, model.decoder
+        self.warmup, self.emulate = max(1, warmup), emulate
+        self.stats: Counter = Counter()
+        self._slots: dict[tuple, _DecodeSlot] = {}
+        self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self._pool = None
+        self._side: torch.cuda.Stream | None = None
+
+    @staticmethod
+    def rows_bucket(n: int) -> int:
+        return bucket_size(n, 8)
+
+    @staticmethod
+    def length_bucket(s: int) -> int:
+        return bucket_size(s, 4)
+
+    def _static_weights(self, memory: Memory, dtype: torch.dtype, device: torch.device):
+        """The gate cell's step weights (recomputed from the parameters for every new memory, so
+        training between validations is seen) in buffers shared by all shapes."""
+        if memory.backend == "cudnn":
+            return None
+        fresh = self.decoder.rnn.step_weights(dtype)
+        key = (dtype, device)
+        static = self._weights.get(key)
+        if static is None:
+            static = self._weights[key] = [(w.clone(), b.clone()) for w, b in fresh]
+        else:
+            for (dw, db), (w, b) in zip(static, fresh):
+                dw.copy_(w)
+                db.copy_(b)
+        return static
+
+    def step(self, tokens: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, DecoderState, Tensor]:
+        device = tokens.device
+        if torch.is_grad_enabled() or (device.type != "cuda" and not self.emulate):
+            self.stats["eager"] += 1
+            return self.decoder.step(tokens, state, memory)
+        N, S = tokens.shape[0], memory.out.shape[1]
+        Nb, Sb = self.rows_bucket(N), self.length_bucket(S)
+        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        dtypes = tuple(t.dtype for t in (memory.out, memory.keys, state.h[0], state.c[0], state.feed, tokens))
+        key = (Nb, Sb, amp, memory.backend, self.model.training, device, dtypes, memory.keys is memory.out)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _DecodeSlot(Nb, Sb, tokens, state, memory)
+        if slot.memory is not memory:
+            slot.load_memory(memory, N, S)
+            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+            slot.weights = self._static_weights(memory, wdtype, device)
+        slot.load_state(tokens, state, N)
+
+        def run():
+            mem = Memory(slot.out, slot.keys, slot.mask, memory.backend, slot.weights)
+            st = DecoderState(list(slot.h), list(slot.c), slot.feed)
+            # the autocast weight cache would hand the graph tensors that die with the caller's
+            # autocast region: no cache inside (each weight is used once per step anyway)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
+                logp, new, attn = self.decoder.step(slot.tokens, st, mem)
+            return logp, tuple(new.h), tuple(new.c), new.feed, attn
+
+        if slot.graph is not None:
+            slot.graph.replay()
+            outputs = slot.outputs
+            self.stats["replayed"] += 1
+        elif device.type != "cuda" or self.emulate:
+            outputs = run()
+            self.stats["emulated"] += 1
+        elif slot.runs < self.warmup:
+            if self._side is None:
+                self._side = torch.cuda.Stream(device)
+            self._side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self._side):
+                outputs = run()
+            torch.cuda.current_stream(device).wait_stream(self._side)
+            self.stats["warmup"] += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                slot.outputs = run()
+            if self._pool is None:
+                self._pool = graph.pool()
+            slot.graph = graph
+            graph.replay()
+            outputs = slot.outputs
+            self.stats["captured"] += 1
+        slot.runs += 1
+        logp, h, c, feed, attn = outputs
+        return logp[:N], DecoderState([x[:N] for x in h], [x[:N] for x in c], feed[:N]), attn[:N, :S]
+
+
+def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False) -> bool:
+    """trainer.cuda_graphs -> on/off: auto = on for single-process CUDA training; true where it
+    cannot work is an MTError."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return device.type == "cuda" and not distributed
+    if v in ("true", "1", "yes", "on"):
+        if device.type != "cuda":
+            raise MTError(f"trainer.cuda_graphs=true needs CUDA, but training runs on {device}; "
+                          "use trainer.cuda_graphs=auto or false")
+        if distributed:
+            raise MTError("trainer.cuda_graphs=true is not supported with several processes (DDP) yet; "
+                          "use trainer.cuda_graphs=false")
+        return True
+    if v in ("false", "0", "no", "off", "none"):
+        return False
+    raise MTError(f"unknown trainer.cuda_graphs={value!r}; use auto, true or false")
+
+
+__all__ = ["ShapeBuckets", "pad_batch", "length_grid", "bucket_size", "make_capturable", "portable_state",
+           "TrainStep", "GraphedTrainStep", "GraphedDecoder", "resolve_cuda_graphs"]

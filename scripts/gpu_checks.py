@@ -1,0 +1,281 @@
+"""Correctness checks that need a GPU: the Triton kernels on CUDA tensors, and CUDA graphs
+(training step and decoder step) against the same code run eagerly.
+
+    python scripts/gpu_checks.py --json gpu_checks.json      # about a minute on an H100
+    (scripts/gpu_checks.sh runs it together with the kernel tests and the benchmarks)
+
+Needs only torch, triton, numpy (no hydra, no datasets). Prints one line per check and exits
+with status 1 if any fails. Checks:
+
+  kernels       mt.kernels.triton_cell on CUDA (no interpreter) against mt.kernels.reference:
+                cell_step (with pre and bias) and lstm_sequence (2 directions, lengths, initial
+                state), outputs and gradients, fp32 (ieee dots) and bf16.
+  train_graph_vs_emulated[cell]
+                20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
+                a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
+                which fits no bucket: mt.graphs.GraphedTrainStep with graphs captured and
+                replayed, against the same steps with emulate=True (the padded static shapes run
+                eagerly, same capturable Adam, same RNG). The same kernels on the same data: the
+                losses, NLL sums and gradient norms must agree to 1e-5 (expected: exactly).
+                Also checks that graphs were captured and replayed and one step ran eagerly.
+  train_graph_vs_eager[cell]
+                20 steps, fp32 with TF32 off, dropout 0: GraphedTrainStep against
+                mt.graphs.TrainStep on the unpadded batches (what trainer.cuda_graphs=false
+                runs: plain Adam, cuDNN packed for model.cell=cudnn). Padding and the optimizer
+                implementation change rounding only: losses within 1e-3 relative.
+  decode_graph_vs_emulated[cell, dtype]
+                greedy and beam 5 with mt.graphs.GraphedDecoder (captured) against emulate=True:
+                identical tokens, scores within 1e-4.
+  decode_graph_vs_eager[cell]
+                fp32: the graphed decoder against plain eager decoding (no padding): >= 95% of
+                the sentences identical (padding changes float rounding; an untrained model has
+                near-ties), scores of identical outputs within 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+RESULTS: list[dict] = []
+DEVICE = "cuda"  # "cpu" with --dry-run-cpu: graphs emulated, kernels interpreted (tests this script)
+HIDDEN, STEPS, CELLS = 128, 20, ["triton", "cudnn"]
+
+
+def check(name: str, ok: bool, **info) -> None:
+    RESULTS.append(dict(name=name, ok=bool(ok), **info))
+    detail = " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (list, dict)))
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+def check_kernels() -> None:
+    from mt.kernels import reference, triton_cell
+
+    dev = DEVICE
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        torch.manual_seed(0)
+        B, K, H = 37, 96, 64
+        inp = torch.randn(B, K, device=dev, dtype=dtype)
+        c = torch.randn(B, H, device=dev, dtype=torch.float32)
+        w = (torch.randn(4 * H, K, device=dev, dtype=dtype) / K**0.5).t()  # a transposed view
+        pre = torch.randn(B, 4 * H, device=dev, dtype=dtype)
+        bias = torch.randn(4 * H, device=dev, dtype=dtype)
+        outs = []
+        for impl in (triton_cell, reference):
+            args = [t.detach().clone().requires_grad_() for t in (inp, c, w, pre, bias)]
+            h2, c2 = impl.cell_step(args[0], args[1], args[2], pre=args[3], bias=args[4])
+            (h2.float().square().sum() + (c2 * 0.5).sum()).backward()
+            outs.append([h2.float(), c2.float()] + [a.grad.float() for a in args])
+        err = max(((x - y).abs().max() / (1 + y.abs().max())).item() for x, y in zip(*outs))
+        check(f"kernels.cell_step[{str(dtype)[6:]}]", err < tol, max_scaled_err=f"{err:.2e}", tol=tol)
+
+        D, T = 2, 9
+        lengths = torch.tensor([9, 4, 1, 7, 9, 2, 5, 0][:8], device=dev)
+        xproj = torch.randn(D, 8, T, 4 * H, device=dev, dtype=dtype)
+        w_hh = (torch.randn(D, 4 * H, H, device=dev, dtype=dtype) / H**0.5).transpose(1, 2)
+        h0 = torch.randn(D, 8, H, device=dev, dtype=dtype)
+        c0 = torch.randn(D, 8, H, device=dev, dtype=torch.float32)
+        outs = []
+        for impl in (triton_cell, reference):
+            args = [t.detach().clone().requires_grad_() for t in (xproj, w_hh, h0, c0)]
+            out, h_n, c_n = impl.lstm_sequence(args[0], args[1], lengths, h0=args[2], c0=args[3])
+            (out.float().square().sum() + 2 * h_n.float().sum() + 3 * c_n.sum()).backward()
+            outs.append([out.float(), h_n.float(), c_n.float()] + [a.grad.float() for a in args])
+        err = max(((x - y).abs().max() / (1 + y.abs().max())).item() for x, y in zip(*outs))
+        check(f"kernels.lstm_sequence[{str(dtype)[6:]}]", err < tol, max_scaled_err=f"{err:.2e}", tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+def small_model(cell: str, dropout: float, dtype=torch.float32, attention="general"):
+    from mt.config import ModelConfig
+    from mt.model import Seq2Seq
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, emb_dim=HIDDEN, hidden_dim=HIDDEN, enc_layers=2, dec_layers=2, attention=attention,
+                      dropout=dropout, emb_dropout=dropout)
+    return Seq2Seq(cfg, 500, 500, PAD).to(DEVICE, dtype)
+
+
+def batches_for_training(n_steps: int) -> list:
+    """Three kinds of batches: two fit the buckets (several times each: warm-up, capture, replay),
+    one has too many sentences for any bucket (runs eagerly)."""
+    from mt.batching import collate
+
+    fits_a, fits_b, fits_none = (16, 12, 11), (8, 20, 18), (40, 9, 9)  # (sentences, longest src, longest tgt)
+    out = []
+    for k in range(n_steps):
+        n, ls_max, lt_max = fits_none if k == 7 else (fits_a if k % 2 == 0 else fits_b)
+        g = torch.Generator().manual_seed(100 + k)
+        rows = []
+        for i in range(n):
+            ls = ls_max if i == 0 else int(torch.randint(2, ls_max + 1, (1,), generator=g))
+            lt = lt_max if i == 0 else int(torch.randint(2, lt_max + 1, (1,), generator=g))
+            rows.append({"src_ids": torch.randint(4, 500, (ls - 1,), generator=g).tolist(),
+                         "tgt_ids": torch.randint(4, 500, (lt - 1,), generator=g).tolist(), "idx": i})
+        out.append(collate(rows, PAD, BOS, EOS))
+    return out
+
+
+def run_training(cell: str, mode: str, batches: list, amp_dtype, dropout: float) -> tuple[list, dict]:
+    """mode: graph | emulate | eager. Returns per step (loss_sum, nll_sum, grad_norm) and stats."""
+    from mt import graphs
+
+    model = small_model(cell, dropout).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 5, 1.0))
+    crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+    kw = dict(pad_id=PAD, amp_dtype=amp_dtype, clip_norm=1.0, device=DEVICE)
+    buckets = graphs.ShapeBuckets([(16, 12, 12), (8, 20, 20)])
+    if mode == "eager":
+        step = graphs.TrainStep(model, opt, crit, **kw)
+    else:
+        if DEVICE == "cuda":  # (a CPU Adam cannot be capturable)
+            graphs.make_capturable(opt, DEVICE)
+        step = graphs.GraphedTrainStep(model, opt, crit, buckets=buckets, emulate=mode == "emulate" or DEVICE != "cuda",
+                                       **kw)
+    torch.manual_seed(1234)  # the same dropout masks for every mode
+    log = []
+    for b in batches:
+        loss_sum, nll_sum = step.forward_backward(b)
+        vals = [loss_sum.item(), nll_sum.item()]
+        vals.append(float(step.update()))
+        sched.step()
+        log.append(vals)
+    return log, dict(getattr(step, "stats", {}))
+
+
+def check_training() -> None:
+    batches = batches_for_training(STEPS)
+    for cell in CELLS:
+        t0 = time.perf_counter()
+        g, gstats = run_training(cell, "graph", batches, torch.bfloat16, 0.3)
+        e, _ = run_training(cell, "emulate", batches, torch.bfloat16, 0.3)
+        flat_g, flat_e = [v for row in g for v in row], [v for row in e for v in row]
+        err = max_rel(flat_g, flat_e)
+        finite = all(math.isfinite(v) for v in flat_g)
+        ok = err <= 1e-5 and finite and gstats.get("eager") == int(STEPS > 7)
+        if DEVICE == "cuda":
+            ok = ok and gstats.get("captured") == 2 and gstats.get("replayed", 0) >= STEPS - 10
+        check(f"train_graph_vs_emulated[{cell}]", ok, max_rel_diff=f"{err:.2e}", exact=flat_g == flat_e,
+              stats=gstats, losses_graph=[r[0] for r in g], losses_emulated=[r[0] for r in e],
+              seconds=f"{time.perf_counter() - t0:.1f}")
+
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            g, _ = run_training(cell, "graph", batches, None, 0.0)
+            e, _ = run_training(cell, "eager", batches, None, 0.0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        losses_g, losses_e = [r[0] for r in g], [r[0] for r in e]
+        err = max_rel(losses_g, losses_e)
+        check(f"train_graph_vs_eager[{cell}]", err <= 1e-3, max_rel_diff=f"{err:.2e}", losses_graph=losses_g,
+              losses_eager=losses_e, first_loss=f"{losses_e[0]:.4f}", last_loss=f"{losses_e[-1]:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------
+def decode(model, batch, graphs, beam: int, amp_dtype):
+    from mt.search import search
+
+    with torch.autocast(DEVICE, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return search(model, batch.src.to(DEVICE), batch.src_len.to(DEVICE), BOS, EOS, beam=beam,
+                      length_penalty=1.0 if beam > 1 else None, max_len_b=8, graphs=graphs)
+
+
+def check_decoding() -> None:
+    from mt import graphs as G
+    from mt.batching import collate
+
+    g = torch.Generator().manual_seed(7)
+    rows = [{"src_ids": torch.randint(4, 500, (int(torch.randint(3, 19, (1,), generator=g)),), generator=g).tolist(),
+             "tgt_ids": [], "idx": i} for i in range(37)]
+    batch = collate(rows, PAD, BOS, EOS)
+    for cell in CELLS:
+        for amp in (None, torch.bfloat16) if DEVICE == "cuda" else (None,):
+            model = small_model(cell, 0.0).eval()
+            name = f"{cell}, {'bf16' if amp else 'fp32'}"
+            for beam in (1, 5):
+                gd, ed = G.GraphedDecoder(model), G.GraphedDecoder(model, emulate=True)
+                outs = [decode(model, batch, gd, beam, amp) for _ in range(3)]  # warm-up, capture, replay
+                ref = decode(model, batch, ed, beam, amp)
+                same = all(o.tokens == ref.tokens for o in outs)
+                err = max(max_rel(o.scores, ref.scores) for o in outs)
+                check(f"decode_graph_vs_emulated[{name}, beam {beam}]", same and err <= 1e-4,
+                      same_tokens=same, max_rel_score_diff=f"{err:.2e}", stats=dict(gd.stats))
+                if amp is None:
+                    eager = decode(model, batch, None, beam, None)
+                    agree = [a == b for a, b in zip(outs[-1].tokens, eager.tokens)]
+                    sdiff = max_rel([s for s, ok in zip(outs[-1].scores, agree) if ok],
+                                    [s for s, ok in zip(eager.scores, agree) if ok])
+                    frac = sum(agree) / len(agree)
+                    check(f"decode_graph_vs_eager[{name}, beam {beam}]", frac >= 0.95 and sdiff <= 1e-3,
+                          same_output=f"{frac:.3f}", max_rel_score_diff=f"{sdiff:.2e}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--only", nargs="+", choices=["kernels", "train", "decode"], default=["kernels", "train", "decode"])
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="run this script's code on CPU (graphs emulated, Triton interpreted, small sizes): "
+                        "tests the script, checks nothing about the GPU")
+    p.add_argument("--steps", type=int, default=20, help="training steps per run")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--cells", nargs="+", choices=["triton", "cudnn"], default=["triton", "cudnn"])
+    args = p.parse_args(argv)
+    global DEVICE, HIDDEN, STEPS, CELLS
+    HIDDEN, STEPS, CELLS = args.hidden, args.steps, args.cells
+    if args.dry_run_cpu:
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before mt.kernels imports triton
+        torch.backends.mkldnn.enabled = False  # oneDNN's fp32 CPU LSTM takes ~0.1 s a call here
+        print("# gpu_checks --dry-run-cpu: CPU, graphs emulated, Triton interpreted; this checks the script only")
+    elif not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device; nothing to check")
+        return 2
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu_checks: unset TRITON_INTERPRET (the checks are about the compiled kernels)")
+        return 2
+    else:
+        print(f"# gpu_checks on {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+              f"CUDA {torch.version.cuda}  cuDNN {torch.backends.cudnn.version()}", flush=True)
+    for name, fn in (("kernels", check_kernels), ("train", check_training), ("decode", check_decoding)):
+        if name not in args.only:
+            continue
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            check(f"{name} (crashed)", False, error=f"{type(e).__name__}: {e}"[:500])
+    failed = [r["name"] for r in RESULTS if not r["ok"]]
+    print(f"# {len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed" + (f"; FAILED: {failed}" if failed else ""))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(device=DEVICE, torch=torch.__version__, cuda=torch.version.cuda)
+        if DEVICE == "cuda":
+            env.update(gpu=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+        args.json.write_text(json.dumps(dict(environment=env, results=RESULTS), indent=2, default=str) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

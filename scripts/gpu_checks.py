@@ -30,6 +30,9 @@ with status 1 if any fails. Checks:
                 fp32: the graphed decoder against plain eager decoding (no padding): >= 95% of
                 the sentences identical (padding changes float rounding; an untrained model has
                 near-ties), scores of identical outputs within 1e-3.
+  train_capture_large_batch[cell]
+                a (64, 80, 80) batch shape: over 4096 embedding ids, where the embedding backward
+                sorts (a different kernel path, which must not sync either); graph vs emulated.
 """
 
 from __future__ import annotations
@@ -163,7 +166,44 @@ def run_training(cell: str, mode: str, batches: list, amp_dtype, dropout: float)
     return log, dict(getattr(step, "stats", {}))
 
 
+def check_large_batch_capture() -> None:
+    """Batches with more than 4096 token ids take another embedding-backward kernel (sort and
+    segment) than small ones: capture that one too (4 steps: 2 warm-up, capture, replay)."""
+    from mt import graphs
+    from mt.batching import collate
+
+    shape = (64, 80, 80)  # 5120 source and 5120 target ids
+    batches = []
+    for k in range(4):
+        g = torch.Generator().manual_seed(300 + k)
+        rows = [{"src_ids": torch.randint(4, 500, (79 if i == 0 else int(torch.randint(10, 80, (1,), generator=g)),),
+                                          generator=g).tolist(),
+                 "tgt_ids": torch.randint(4, 500, (79 if i == 0 else int(torch.randint(10, 80, (1,), generator=g)),),
+                                          generator=g).tolist(), "idx": i} for i in range(64)]
+        batches.append(collate(rows, PAD, BOS, EOS))
+    for cell in CELLS:
+        logs = []
+        for emulate in (False, True):
+            model = small_model(cell, 0.1).train()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            if DEVICE == "cuda":
+                graphs.make_capturable(opt, DEVICE)
+            crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+            step = graphs.GraphedTrainStep(model, opt, crit, pad_id=PAD, amp_dtype=torch.bfloat16 if DEVICE == "cuda"
+                                           else None, clip_norm=1.0, buckets=graphs.ShapeBuckets([shape]),
+                                           device=DEVICE, emulate=emulate or DEVICE != "cuda")
+            torch.manual_seed(99)
+            log = []
+            for b in batches:
+                loss_sum, _ = step.forward_backward(b)
+                log.append(loss_sum.item())
+            logs.append(log)
+        err = max_rel(*logs)
+        check(f"train_capture_large_batch[{cell}]", err <= 1e-5, max_rel_diff=f"{err:.2e}", losses=logs[0])
+
+
 def check_training() -> None:
+    check_large_batch_capture()
     batches = batches_for_training(STEPS)
     for cell in CELLS:
         t0 = time.perf_counter()

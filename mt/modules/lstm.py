@@ -101,7 +101,9 @@ class EncoderLSTM(nn.Module):
           from the inputs and the cuDNN outputs h_{t-1} in one matmul, and the linear recurrence
           c_t = f_t * c_{t-1} + i_t * g_t in closed form:
               c_last = sum_{t <= last} exp(L_last - L_t) * i_t * g_t,   L_t = sum_{j <= t} log f_j
-          (exponents <= 0: no overflow). Exact maths, so the gradients are exact too.
+          (exponents <= 0: no overflow). Exact maths, so the gradients are exact too; under
+          autocast the recomputed gates are in the autocast dtype, so c_last matches cuDNN's
+          internal cell state to that precision (in fp32/fp64 to rounding).
 
         Returns out (B, T, D*H), h (L, D, B, H), c (L, D, B, H) like the packed branch.
         """

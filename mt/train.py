@@ -38,6 +38,7 @@ from .config import TrainConfig, from_dict, register_configs, to_dict
 from .errors import CheckpointError, MTError, TrainingDiverged
 from .metrics import corpus_scores
 from .model import Seq2Seq, count_parameters
+from .plotting import attention_figure
 from .search import decode_dataset
 from .tokenizer import Tokenizer
 
@@ -183,22 +184,6 @@ def validation_loss(model: Seq2Seq, loader, device, amp_dtype, pad_id: int) -> f
                                  ignore_index=pad_id, reduction="sum").item()
         ntok += batch.ntokens
     return total / max(1, ntok)
-
-
-def attention_figure(attn: torch.Tensor, src_pieces: list[str], hyp_pieces: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(src_pieces) + 2), max(3, 0.35 * len(hyp_pieces) + 2)))
-    ax.imshow(attn.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(src_pieces)), src_pieces, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(hyp_pieces)), hyp_pieces, fontsize=7)
-    ax.set_xlabel("source")
-    ax.set_ylabel("output")
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- training

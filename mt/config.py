@@ -98,7 +98,7 @@ class TrainerConfig:
     log_every: int = 50
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 (fp16 refused: no loss scaling)
     resume: bool = False  # continue from <run dir>/checkpoints/last.pt
     num_workers: int = 0
     valid_batch_size: int = 64  # sentences per greedy-decoding batch during validation

@@ -320,8 +320,13 @@ def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.Dataset
         raise
 
 
-def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
-    """The corpus as {"train", "validation"?, "test"?} -> Dataset with string columns src, tgt."""
+def load_splits(
+    cfg: DataConfig, roles: Sequence[str] = ("train", "validation", "test")
+) -> dict[str, datasets.Dataset]:
+    """The corpus as {"train", "validation"?, "test"?} -> Dataset with string columns src, tgt.
+
+    Only `roles` are normalized and returned; "train" is required when it is asked for
+    (evaluation asks for one split and needs no training data)."""
     if cfg.src == cfg.tgt:
         raise DataError(f"data.src and data.tgt are both '{cfg.src}'; choose two languages")
     path = str(cfg.path)
@@ -336,7 +341,7 @@ def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         elif tsv := _tsv_files(local, cfg):
             raw, normalized = {role: _read_tsv(p, cfg) for role, p in tsv.items()}, True
         else:
-            raw = _select_roles(_load_with_datasets(cfg, local), cfg, where)
+            raw = _select_roles(_load_with_datasets(cfg, local), cfg, where, roles)
             for ds in raw.values():
                 _check_utf8(ds, local)
     elif local.is_file():
@@ -344,18 +349,18 @@ def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         if local.suffix.lower() == ".tsv":
             raw, normalized = {"train": _read_tsv(local, cfg)}, True
         else:
-            raw = _select_roles(_load_with_datasets(cfg, local), cfg, where)
+            raw = _select_roles(_load_with_datasets(cfg, local), cfg, where, roles)
             for ds in raw.values():
                 _check_utf8(ds, local)
     elif _looks_like_hub_id(path):
         where = f"'{path}'"
-        raw = _select_roles(_load_with_datasets(cfg, None), cfg, where)
+        raw = _select_roles(_load_with_datasets(cfg, None), cfg, where, roles)
     else:
         raise DataError(
             f"data.path '{path}' does not exist (resolved to {local.resolve()}) and is not a "
             f"Hugging Face Hub id; point it at a local folder or a hub dataset, e.g. {LOCAL_HINT}"
         )
-    if "train" not in raw:
+    if "train" in roles and "train" not in raw:
         raise DataError(
             f"no training split in {where}: expected a split named "
             f"{' or '.join(repr(c) for c in _split_candidates('train', cfg))}"
@@ -363,7 +368,7 @@ def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         )
     out: dict[str, datasets.Dataset] = {}
     for role in ("train", "validation", "test"):
-        if role in raw:
+        if role in raw and role in roles:
             ds = raw[role]
             out[role] = ds if normalized else _normalize(ds, cfg, f"{where} (split '{role}')")
     limits = {"train": cfg.max_train_examples, "validation": cfg.max_valid_examples}
@@ -373,7 +378,7 @@ def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     return out
 
 
-def _select_roles(dd: Any, cfg: DataConfig, where: str) -> dict[str, datasets.Dataset]:
+def _select_roles(dd: Any, cfg: DataConfig, where: str, roles: Sequence[str]) -> dict[str, datasets.Dataset]:
     if isinstance(dd, datasets.Dataset):
         dd = datasets.DatasetDict({"train": dd})
     names = list(dd.keys())
@@ -382,7 +387,7 @@ def _select_roles(dd: Any, cfg: DataConfig, where: str) -> dict[str, datasets.Da
         name = _pick(names, role, cfg)
         if name is not None:
             out[role] = dd[name]
-    if "train" not in out:
+    if "train" in roles and "train" not in out:
         raise DataError(
             f"no training split in {where}: it has splits {', '.join(names)} "
             f"(set data.train_split to one of them)"

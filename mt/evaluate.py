@@ -114,7 +114,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         log.warning("the checkpoint was trained on %s->%s, evaluating on %s->%s", tr.config.data.src,
                     tr.config.data.tgt, data_cfg.src, data_cfg.tgt)
     role, data_cfg = _split_role(cfg.split, data_cfg)
-    splits = load_splits(data_cfg)
+    splits = load_splits(data_cfg, roles=(role,))
     if role not in splits:
         raise DataError(f"no split {cfg.split!r} in {data_cfg.path}")
     ds = splits[role]

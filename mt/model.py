@@ -38,8 +38,9 @@ class Memory:
     weights: list[tuple[Tensor, Tensor]] | None = None  # gate-cell step weights (decoding)
 
     def index_select(self, idx: Tensor) -> Memory:
-        return Memory(self.out.index_select(0, idx), self.keys.index_select(0, idx),
-                      self.mask.index_select(0, idx), self.backend, self.weights)
+        out = self.out.index_select(0, idx)
+        keys = out if self.keys is self.out else self.keys.index_select(0, idx)  # dot: keys are out
+        return Memory(out, keys, self.mask.index_select(0, idx), self.backend, self.weights)
 
 
 @dataclass

@@ -48,25 +48,26 @@ register_configs()
 
 
 # --------------------------------------------------------------------------- set-up helpers
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MTError(f"unknown trainer.device={name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MTError(f"trainer.device={name} but CUDA is not available here")
+def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """trainer.device -> torch.device (checked like translate.py's --device). Under torchrun,
+    "auto" and a bare "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
+    from .translator import resolve_device as check_device
+
+    device = check_device(name)
+    if device.type == "cuda" and device.index is None and (distributed or name.strip() == "auto"):
+        device = check_device(f"cuda:{local_rank}")
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if name == "fp16":  # fp16 gradients underflow without a GradScaler, which mt does not use
+        raise MTError("trainer.precision=fp16 needs loss scaling, which mt does not do; use bf16 or fp32")
+    table = {"bf16": torch.bfloat16, "fp32": None}
     if name not in table:
-        raise MTError(f"unknown trainer.precision={name!r}; use auto, bf16, fp16 or fp32")
+        raise MTError(f"unknown trainer.precision={name!r}; use auto, bf16 or fp32")
     return table[name]
 
 
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     out_dir = Path(out_dir)
     ddp = Distributed()
     tc = cfg.trainer
-    device = resolve_device(tc.device, ddp.local_rank)
+    device = resolve_device(tc.device, ddp.local_rank, ddp.enabled)
     amp_dtype = resolve_precision(tc.precision, device)
     use_graphs = graphs.resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
     if tc.num_threads > 0:
@@ -244,6 +245,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     # ---- model, optimizer, scheduler
     seed_everything(tc.seed)
     model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(device)
+    model.backend(device)  # an unusable model.cell fails here, on every rank, as a one-line error
     optimizer = make_optimizer(model, oc)
     scheduler = make_scheduler(optimizer, oc)
     criterion = nn.CrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=oc.label_smoothing, reduction="sum")
@@ -290,6 +292,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     valid_loader = loader_for(corpus.valid, shuffle=False, rank=0, world=1)
     if len(train_loader) == 0:
         raise MTError("the training split is empty after filtering; check data.max_src_len/max_tgt_len")
+    train_loader.batch_sampler.set_epoch(epoch)
     first = next(iter(train_loader.batch_sampler))
     log.info("rank %d/%d: %d batches per epoch, first batch rows %s", ddp.rank, ddp.world, len(train_loader),
              sorted(first)[:8])
@@ -305,14 +308,14 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         log.info("data: %d train / %d valid pairs, vocab %d/%d", len(corpus.train), len(corpus.valid),
                  tok.src_vocab_size, tok.tgt_vocab_size)
 
-    def checkpoint_state(metrics: dict) -> dict:
+    def checkpoint_state(metrics: dict, rngs: list) -> dict:
         opt_state, sched_state = optimizer.state_dict(), scheduler.state_dict()
         if use_graphs:  # tensor learning rates -> floats: the checkpoint loads without graphs too
             opt_state, sched_state = graphs.portable_state(opt_state), graphs.portable_state(sched_state)
         return {
             "model": model.state_dict(), "optimizer": opt_state, "scheduler": sched_state,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
-            "bad_evals": bad_evals, "rng": ddp.gather_objects(rng_state()), "config": to_dict(cfg),
+            "bad_evals": bad_evals, "rng": rngs, "config": to_dict(cfg),
             "tokenizer": tok.state_dict(), "metrics": metrics,
         }
 
@@ -322,8 +325,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         """Validate on rank 0; every rank learns the BLEU and whether to stop. Saves checkpoints."""
         nonlocal best_bleu, bad_evals, signature_logged
         metrics: dict[str, Any] = {}
+        improved = False
+        t0 = time.perf_counter()
         if ddp.main:
-            t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 vloss = validation_loss(model, valid_loader, device, amp_dtype, tok.pad_id)
                 decoded = decode_dataset(model, corpus.valid, tok, device, batch_size=tc.valid_batch_size,
@@ -355,19 +359,19 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                 best_bleu, bad_evals = metrics["bleu"], 0
             else:
                 bad_evals += 1
-            state = checkpoint_state(metrics)
+        bleu, stop = ddp.broadcast([metrics.get("bleu", 0.0), float(tc.patience > 0 and bad_evals >= tc.patience)], device)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
+        rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
+        if ddp.main:
+            state = checkpoint_state(metrics, rngs)
             if improved:
                 save_checkpoint(state, best_path)
             save_checkpoint(state, last_path)
             writer.flush()
             log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
-                     step, vloss, metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"], best_bleu,
-                     " *" if improved else "", time.perf_counter() - t0)
-        else:
-            ddp.gather_objects(rng_state())  # matches rank 0's gather in checkpoint_state
-        bleu, stop = ddp.broadcast([metrics.get("bleu", 0.0), float(tc.patience > 0 and bad_evals >= tc.patience)], device)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(bleu)
+                     step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],
+                     best_bleu, " *" if improved else "", time.perf_counter() - t0)
         model.train()
         return metrics, bool(stop)
 

@@ -56,6 +56,17 @@ def test_evaluate_greedy_on_validation_into_output_dir(tiny, tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
+def test_evaluate_a_folder_with_only_a_test_split(tiny, tmp_path):
+    """Evaluation needs no training data: a folder holding test.jsonl alone is enough."""
+    only = tmp_path / "only_test"
+    only.mkdir()
+    (only / "test.jsonl").write_bytes((tiny["corpus"] / "test.jsonl").read_bytes())
+    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={only}", "split=test", "beam=1",
+                        "device=cpu"])
+    result = evaluate(cfg, tmp_path / "out")
+    assert result["sentences"] == len((only / "test.jsonl").read_text().splitlines()) and result["bleu"] > 90
+
+
 def test_evaluate_user_errors(tiny, tmp_path):
     base = [f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "device=cpu"]
     for extra, match in ((["split=nosuch"], "split"), (["length_penalty=long"], "length_penalty"),

@@ -24,6 +24,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 from mt import kernels  # noqa: E402
+from mt.errors import MTError  # noqa: E402
 from mt.kernels import reference  # noqa: E402
 
 pytest.importorskip("triton")
@@ -298,7 +299,7 @@ def test_resolve_backend():
     assert kernels.resolve_backend("auto", "cpu") == "torch"
     assert kernels.resolve_backend("torch", "cpu") == "torch"
     assert kernels.resolve_backend("triton", "cpu") == "triton"  # TRITON_INTERPRET=1 here
-    with pytest.raises(ValueError):
+    with pytest.raises(MTError, match="unknown gate-cell backend"):
         kernels.resolve_backend("cuda-magic", "cpu")
 
 

@@ -185,3 +185,22 @@ def test_multirun_sweep_jobs_get_their_own_directories(tiny_corpus_dir, tmp_path
     for job, attention in (("0", "dot"), ("1", "bahdanau")):
         ck = load_checkpoint(sweep / job / "checkpoints" / "last.pt")
         assert ck["config"]["model"]["attention"] == attention
+
+
+def test_plateau_scheduler_state_in_checkpoint_has_seen_the_validation(tiny_corpus_dir, tmp_path):
+    """The checkpoint is written after ReduceLROnPlateau has seen the validation BLEU, so a
+    resumed run's learning-rate cuts come when an uninterrupted run's would."""
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "optim=plateau", "trainer.max_steps=20", "trainer.eval_every=10")
+    train(cfg, tmp_path / "run")
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["scheduler"]["last_epoch"] == 2  # two validations observed
+    assert ck["scheduler"]["best"] == pytest.approx(ck["best_bleu"])
+
+
+def test_user_errors_in_trainer_settings(tiny_corpus_dir, tmp_path):
+    from mt.errors import MTError
+
+    for override, msg in (("trainer.precision=fp16", "loss scaling"), ("trainer.device=tpu", "device"),
+                          ("trainer.device=cuda:3", "CUDA"), ("model.cell=bogus", "unknown model.cell")):
+        with pytest.raises(MTError, match=msg):
+            train(make_cfg(tiny_corpus_dir, tmp_path / "c", override, "trainer.max_steps=1"), tmp_path / "o")

@@ -19,6 +19,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..errors import MTError
 from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -42,11 +43,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         return backend
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(
+            raise MTError(
                 "model.cell=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)"
             )
         return backend
-    raise ValueError(f"unknown gate-cell backend {backend!r}; choose one of {BACKENDS}")
+    raise MTError(f"unknown gate-cell backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _impl(backend: str):

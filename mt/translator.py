@@ -221,8 +221,10 @@ def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:
     out = (hyp.tokens + ["</s>"])[: hyp.attention.shape[0]]
     fig = attention_figure(hyp.attention[: len(out), : len(src)], src, out)
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (about 4 minutes on an H100; at most 8 by the timeouts):
+# Everything that needs a GPU, in one go (not yet run on a GPU; the stage timeouts add up to 8 minutes,
+# plus up to 10 s of kill-after per stage):
 #
 #     OUT=/some/dir bash scripts/gpu_checks.sh        # from the repository root; OUT defaults to ./gpu_out
 #

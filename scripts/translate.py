@@ -152,10 +152,32 @@ class Plotter:
 
         for k, (line, hs) in enumerate(zip(lines, hyps)):
             if line.strip() and hs and hs[0].attention.numel():
-                plot_attention(hs[0], self.path)
-                log.info("attention plot of line %d written to %s", first + k, self.path)
                 self.done = True
+                try:  # a plot is a side product: it must not stop the translation
+                    plot_attention(hs[0], self.path)
+                except (OSError, ValueError) as e:
+                    log.warning("could not write the attention plot to %s: %s", self.path, e)
+                    return
+                log.info("attention plot of line %d written to %s", first + k, self.path)
                 return
+
+
+def _check_plot_path(path: str) -> None:
+    """Refuse an unwritable --plot-attention path before translating anything."""
+    from mt.errors import MTError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MTError(f"--plot-attention: folder {folder} does not exist")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    if ext not in supported:
+        raise MTError(f"--plot-attention: unsupported image type {ext!r}; use one of {', '.join(sorted(supported))}")
 
 
 # ------------------------------------------------------------------------------- main
@@ -201,8 +223,10 @@ def run(args: argparse.Namespace) -> None:
     if args.max_length is not None and args.max_length < 1:
         raise MTError(f"--max-length must be >= 1 (got {args.max_length})")
     lp = parse_length_penalty(args.length_penalty)
-    if args.input and not os.path.isfile(args.input):
-        raise MTError(f"input file not found: {args.input}")
+    if args.input and not (os.path.exists(args.input) and os.access(args.input, os.R_OK)):
+        raise MTError(f"input file not found or not readable: {args.input}")  # pipes and /dev/stdin are fine
+    if args.plot_attention:
+        _check_plot_path(args.plot_attention)
 
     tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
     log.info("loaded %s: %s -> %s on %s (beam %d, length penalty %s)", args.checkpoint, tr.src_lang, tr.tgt_lang,
@@ -213,7 +237,7 @@ def run(args: argparse.Namespace) -> None:
         if not args.input and sys.stdin.isatty():
             interactive(tr, args, lp, out, plotter)
             return
-        total = count_lines(args.input) if args.input else None
+        total = count_lines(args.input) if args.input and os.path.isfile(args.input) else None  # never eat a pipe
         stream = open(args.input, "rb") if args.input else sys.stdin.buffer
         try:
             with tqdm(total=total, unit="line", desc="translate", disable=None, file=sys.stderr,

@@ -205,7 +205,9 @@ def test_script_errors_are_one_line(script_runs, ckpt, tmp_path, capsys):
     for args in (["--checkpoint", str(tmp_path / "none.pt")], ["--checkpoint", str(ckpt), "--device", "tpu"],
                  ["--checkpoint", str(ckpt), "--nbest", "6", "--beam", "5"],
                  ["--checkpoint", str(ckpt), "--length-penalty", "long"],
-                 ["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.txt")]):
+                 ["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.txt")],
+                 ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "no" / "dir" / "a.png")],
+                 ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "a.nosuchformat")]):
         assert script.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("error:") and not any("Traceback" in e for e in err), (args, err)
@@ -234,3 +236,20 @@ def test_bench_decode_smoke(ckpt, tmp_path, tiny_run, capsys):
         assert r["sentences"] == 8 and r["sentences_per_s"] > 0 and r["tokens_per_s"] > 0 and r["batch_size"] == 4
     printed = capsys.readouterr()
     assert "sent/s" in printed.out and "batch size: 4" in printed.err
+
+
+def test_script_reads_a_pipe_as_input(ckpt, tmp_path, capsys, monkeypatch):
+    """--input accepts a FIFO (e.g. <(zcat ...)); it is read once, never pre-counted."""
+    import os
+    import threading
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("hund sieht katze\n\nrot auto\n", encoding="utf-8"))
+    writer.start()
+    script = load_script_module()
+    out = tmp_path / "out.txt"
+    assert script.main(["--checkpoint", str(ckpt), "--input", str(fifo), "--output", str(out), "--beam", "2",
+                        "--device", "cpu"]) == 0
+    writer.join()
+    assert out.read_text(encoding="utf-8").splitlines() == ["dog sees cat", "", "red car"]

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .batching import collate
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
 from .errors import CheckpointError, MTError
 from .model import CELLS, Seq2Seq
-from .search import LengthPenalty, parse_length_penalty, search
+from .search import LengthPenalty, decode_dataset, parse_length_penalty
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mt.translator")
@@ -187,25 +186,19 @@ class Translator:
         lp = parse_length_penalty(length_penalty)
         tok = self.tokenizer
         ids = self.encode(lines, first_line, max_src_len)
-        results: list[list[Hypothesis] | None] = [None] * len(lines)
-        todo = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start : start + batch_size]
-            batch = collate([{"src_ids": ids[i], "tgt_ids": [], "idx": i} for i in idx],
-                            tok.pad_id, tok.bos_id, tok.eos_id).to(self.device)
-            out = search(self.model, batch.src, batch.src_len, tok.bos_id, tok.eos_id, beam, lp, nbest,
-                         max_len_a, max_len_b)
-            for j, i in enumerate(idx):
-                src_pieces = tok.src_pieces(ids[i])
-                results[i] = [
-                    Hypothesis(text=_one_line(tok.decode_tgt([h.tokens])[0]), score=h.score,
-                               tokens=tok.tgt_pieces(h.tokens), attention=h.attention, src_tokens=src_pieces,
-                               log_prob=h.log_prob, ids=list(h.tokens))
-                    for h in out.nbest[j]
-                ]
-        for i, r in enumerate(results):
-            if r is None:
-                results[i] = [Hypothesis(text="", score=0.0)]
+        todo = [i for i, x in enumerate(ids) if x is not None]  # empty lines are not decoded
+        decoded = decode_dataset(self.model, [ids[i] for i in todo], tok, self.device, batch_size=batch_size,
+                                 max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=lp,
+                                 nbest=nbest)
+        results: list[list[Hypothesis]] = [[Hypothesis(text="", score=0.0)] for _ in lines]
+        for k, i in enumerate(todo):
+            src_pieces = tok.src_pieces(ids[i])
+            results[i] = [
+                Hypothesis(text=_one_line(tok.decode_tgt([h.tokens])[0]), score=h.score,
+                           tokens=tok.tgt_pieces(h.tokens), attention=h.attention, src_tokens=src_pieces,
+                           log_prob=h.log_prob, ids=list(h.tokens))
+                for h in decoded.nbest[k]
+            ]
         if nbest == 1:
             return [r[0] for r in results]
         return results

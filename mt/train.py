@@ -147,11 +147,11 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+    def all_sum(self, values: torch.Tensor) -> list[float]:
+        """Sum a small tensor over ranks and bring it to the host: one sync per call."""
         if self.enabled:
-            dist.all_reduce(t)
-        return t.tolist()
+            dist.all_reduce(values)
+        return values.tolist()
 
     def broadcast(self, values: list[float], device: torch.device) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -395,7 +395,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             # eager: forward + backward here, the update below; graphs: the whole step here
             loss_sum, nll_sum = stepper.forward_backward(batch)
             ntok = batch.ntokens
-            loss_tot, nll_tot, ntok_tot = ddp.all_sum([loss_sum.item(), nll_sum.item(), ntok], device)
+            stats = torch.stack([loss_sum.detach().double(), nll_sum.detach().double(),
+                                 loss_sum.new_tensor(float(ntok), dtype=torch.float64)])  # (3,) on device
+            loss_tot, nll_tot, ntok_tot = ddp.all_sum(stats)
             if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
                 raise TrainingDiverged(
                     f"loss is {loss_tot} at step {step + 1}; stopped without saving "

@@ -68,10 +68,13 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.rank = int(rank)
         self.drop_last = drop_last
         self.epoch = 0
+        self.start = 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's shuffle; `start` skips this rank's first batches (resuming mid-epoch)."""
         self.epoch = int(epoch)
+        self.start = int(start)
 
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
@@ -114,7 +117,7 @@ class TokenBucketSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.num_replicas]
+        yield from self._all_batches()[self.rank :: self.num_replicas][self.start :]
 
     def __len__(self) -> int:
         return len(self._all_batches()) // self.num_replicas

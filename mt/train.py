@@ -388,10 +388,8 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     last_eval_step = step if resume_state else -1
     done = step >= tc.max_steps
     while not done and epoch < tc.max_epochs:
-        train_loader.batch_sampler.set_epoch(epoch)
-        for i, batch in enumerate(train_loader):
-            if i < batch_in_epoch:  # resuming mid-epoch: skip what was already trained on
-                continue
+        train_loader.batch_sampler.set_epoch(epoch, start=batch_in_epoch)  # resuming: skip what was trained on
+        for i, batch in enumerate(train_loader, start=batch_in_epoch):
             # eager: forward + backward here, the update below; graphs: the whole step here
             loss_sum, nll_sum = stepper.forward_backward(batch)
             ntok = batch.ntokens

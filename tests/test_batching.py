@@ -195,3 +195,12 @@ def test_loader_covers_the_split_and_indices_point_back():
             seen += b.indices.tolist()
         assert sorted(seen) == list(range(len(ds)))
     assert len(loader) == len(loader.batch_sampler)
+
+
+def test_set_epoch_start_skips_this_ranks_first_batches():
+    lens = np.random.default_rng(0).integers(1, 30, size=300)
+    full = TokenBucketSampler(lens, lens, max_tokens=200, max_sentences=16, seed=3, num_replicas=2, rank=1)
+    full.set_epoch(4)
+    resumed = TokenBucketSampler(lens, lens, max_tokens=200, max_sentences=16, seed=3, num_replicas=2, rank=1)
+    resumed.set_epoch(4, start=5)
+    assert list(resumed) == list(full)[5:] and len(list(full)) > 5

@@ -234,10 +234,12 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     cache_dir = data.default_cache_dir(cfg.data)
     if not ddp.main:
         ddp.barrier()
-    corpus = data.prepare_corpus(cfg.data, cfg.tokenizer, cache_dir, log=log.info if ddp.main else (lambda *_: None),
-                                 tokenizer=tokenizer)
-    if ddp.main:
-        ddp.barrier()
+    try:
+        corpus = data.prepare_corpus(cfg.data, cfg.tokenizer, cache_dir,
+                                     log=log.info if ddp.main else (lambda *_: None), tokenizer=tokenizer)
+    finally:  # release the other ranks even when rank 0 fails: they then meet the same error
+        if ddp.main:
+            ddp.barrier()
     tok = corpus.tokenizer
     if corpus.valid is None or len(corpus.valid) == 0:
         raise MTError(f"no validation split in {cfg.data.path} (looked for {cfg.data.valid_split}, valid, val, dev)")

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mt.config import DataConfig, TokenizerConfig
-from mt.errors import DataError
+from mt.errors import DataError, first_line
 from mt.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["Corpus", "load_splits", "prepare_corpus", "default_cache_dir"]
@@ -249,17 +249,13 @@ def _bad_utf8_error(local: Path, detail: str) -> DataError:
     return DataError(f"{local}: invalid UTF-8 in the data ({detail}); re-encode it as UTF-8")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 def _wrap_local_error(local: Path, e: Exception) -> DataError:
     cause: BaseException | None = e
     while cause is not None:
         if isinstance(cause, UnicodeDecodeError):
-            return _bad_utf8_error(local, _first_line(cause))
+            return _bad_utf8_error(local, first_line(cause))
         cause = cause.__cause__ or cause.__context__
-    return DataError(f"cannot load the data files in {local}: {type(e).__name__}: {_first_line(e)}")
+    return DataError(f"cannot load the data files in {local}: {type(e).__name__}: {first_line(e)}")
 
 
 def _check_utf8(ds: datasets.Dataset, local: Path) -> None:
@@ -267,7 +263,7 @@ def _check_utf8(ds: datasets.Dataset, local: Path) -> None:
     try:
         ds.data.validate(full=True)
     except pa.ArrowInvalid as e:
-        raise _bad_utf8_error(local, _first_line(e)) from None
+        raise _bad_utf8_error(local, first_line(e)) from None
 
 
 def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.DatasetDict:
@@ -304,7 +300,7 @@ def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.Dataset
                 f".csv/.parquet/.tsv files or parallel text files (train.{cfg.src} + "
                 f"train.{cfg.tgt})"
             ) from None
-        raise DataError(f"dataset '{path}' has no data files: {_first_line(e)}") from None
+        raise DataError(f"dataset '{path}' has no data files: {first_line(e)}") from None
     except DatasetNotFoundError:
         raise DataError(
             f"dataset '{path}' not found on the Hugging Face Hub and no local folder "
@@ -315,7 +311,7 @@ def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.Dataset
             raise _wrap_local_error(local, e) from e
         if isinstance(e, ValueError):  # e.g. a wrong or missing configuration name (data.name)
             raise DataError(
-                f"cannot load '{path}' (data.name={cfg.name!r}): {_first_line(e)}"
+                f"cannot load '{path}' (data.name={cfg.name!r}): {first_line(e)}"
             ) from None
         raise
 

@@ -15,3 +15,9 @@ class CheckpointError(MTError):
 
 class TrainingDiverged(MTError):
     """The loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:limit]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import batching, data, graphs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, register_configs, to_dict
-from .errors import CheckpointError, MTError, TrainingDiverged
+from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .metrics import corpus_scores
 from .model import Seq2Seq, count_parameters
 from .plotting import attention_figure
@@ -258,8 +258,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
         except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {last_path} does not fit this model: {first[:200]}") from None
+            raise CheckpointError(f"checkpoint {last_path} does not fit this model: {first_line(e)}") from None
         step, epoch = resume_state["step"], resume_state["epoch"]
         batch_in_epoch = resume_state["batch_in_epoch"]
         best_bleu, bad_evals = resume_state["best_bleu"], resume_state["bad_evals"]

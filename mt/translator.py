@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
-from .errors import CheckpointError, MTError
+from .errors import CheckpointError, MTError, first_line
 from .model import CELLS, Seq2Seq
 from .search import LengthPenalty, decode_dataset, parse_length_penalty
 from .tokenizer import Tokenizer
@@ -125,11 +125,11 @@ class Translator:
         try:
             cfg = from_dict(state["config"])
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} has an unusable config: {_first_line(e)}") from None
+            raise CheckpointError(f"checkpoint {path} has an unusable config: {first_line(e)}") from None
         try:
             tok = Tokenizer.from_state_dict(state["tokenizer"])
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} has an unusable tokenizer: {_first_line(e)}") from None
+            raise CheckpointError(f"checkpoint {path} has an unusable tokenizer: {first_line(e)}") from None
         cfg.model.cell = _resolve_cell(cell, cfg.model.cell, dev)
         try:
             model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
@@ -137,11 +137,11 @@ class Translator:
         except MTError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from None
         except Exception as e:  # size mismatch, missing keys...
-            raise CheckpointError(f"checkpoint {path} does not fit its own model config: {_first_line(e)}") from None
+            raise CheckpointError(f"checkpoint {path} does not fit its own model config: {first_line(e)}") from None
         try:
             model.backend(dev)
         except (RuntimeError, ValueError) as e:
-            raise MTError(f"{_first_line(e)}") from None
+            raise MTError(f"{first_line(e)}") from None
         return cls(model, tok, cfg, dev, max_src_len)
 
     @property
@@ -225,9 +225,6 @@ def _one_line(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 __all__ = ["Translator", "Hypothesis", "resolve_device", "plot_attention"]

@@ -348,19 +348,19 @@ _GRAPH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_lstm_sequence_cuda():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels
-    proc = subprocess.run(
-        [sys.executable, "-c", _GRAPH_SCRIPT],
-        cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _run_without_interpreter(script: str, timeout: int) -> None:
+    """Run `script` in a fresh Python with the real Triton compiler (TRITON_INTERPRET unset);
+    it must exit 0 and print "ok"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_lstm_sequence_cuda():
+    _run_without_interpreter(_GRAPH_SCRIPT, timeout=600)
 
 
 def test_bench_cell_script_runs_under_interpreter(tmp_path):
@@ -424,14 +424,4 @@ def test_kernels_compile_for_h100():
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    _run_without_interpreter(_COMPILE_SCRIPT, timeout=300)

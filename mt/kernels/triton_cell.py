@@ -172,8 +172,19 @@ def _add_gate_blocks(acc_i, acc_f, acc_g, acc_o, p, stride_n, mask, H: tl.conste
 
 
 @triton.jit
+def _load_gate_blocks(a, mask, H: tl.constexpr):
+    """Load the four H-blocks i, f, g, o of a contiguous (., 4H) tile (saved activations)."""
+    i = tl.load(a, mask=mask, other=0.0)
+    f = tl.load(a + H, mask=mask, other=0.0)
+    g = tl.load(a + 2 * H, mask=mask, other=0.0)
+    o = tl.load(a + 3 * H, mask=mask, other=0.0)
+    return i, f, g, o
+
+
+@triton.jit
 def _store_gate_blocks(a, i, f, g, o, mask, H: tl.constexpr):
-    """Store activated gates i, f, g, o into the four H-blocks of a contiguous (., 4H) tile."""
+    """Store i, f, g, o (activated gates or their gradients) into the four H-blocks of a
+    contiguous (., 4H) tile."""
     tl.store(a, i, mask=mask)
     tl.store(a + H, f, mask=mask)
     tl.store(a + 2 * H, g, mask=mask)
@@ -294,10 +305,7 @@ def _cell_backward_kernel(
     else:
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]
-    i = tl.load(a, mask=mask, other=0.0)
-    f = tl.load(a + H, mask=mask, other=0.0)
-    g = tl.load(a + 2 * H, mask=mask, other=0.0)
-    o = tl.load(a + 3 * H, mask=mask, other=0.0)
+    i, f, g, o = _load_gate_blocks(a, mask, H)
     c_prev = tl.load(
         c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask, other=0.0
     ).to(tl.float32)
@@ -306,10 +314,7 @@ def _cell_backward_kernel(
 
     dg = dgates_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]
     ty = dgates_ptr.dtype.element_ty
-    tl.store(dg, d_i.to(ty), mask=mask)
-    tl.store(dg + H, d_f.to(ty), mask=mask)
-    tl.store(dg + 2 * H, d_g.to(ty), mask=mask)
-    tl.store(dg + 3 * H, d_o.to(ty), mask=mask)
+    _store_gate_blocks(dg, d_i.to(ty), d_f.to(ty), d_g.to(ty), d_o.to(ty), mask, H)
     tl.store(
         dc_prev_ptr + offs_b[:, None] * H + offs_h[None, :],
         dc_prev.to(dc_prev_ptr.dtype.element_ty),
@@ -511,10 +516,7 @@ def _lstm_step_backward_kernel(
     dc = tl.load(cstate, mask=mask_bh, other=0.0)
 
     a = act_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-    i = tl.load(a, mask=mask_bh, other=0.0)
-    f = tl.load(a + H, mask=mask_bh, other=0.0)
-    g = tl.load(a + 2 * H, mask=mask_bh, other=0.0)
-    o = tl.load(a + 3 * H, mask=mask_bh, other=0.0)
+    i, f, g, o = _load_gate_blocks(a, mask_bh, H)
     c_prev = tl.load(cbuf_ptr + (d * (T + 2) + t + 1) * (B * H) + bh, mask=mask_bh, other=0.0)
 
     d_i, d_f, d_g, d_o, dc_prev = _gate_backward(dh, dc, i, f, g, o, c_prev)
@@ -522,10 +524,15 @@ def _lstm_step_backward_kernel(
     # padded step: no gate gradient, the state gradients pass through unchanged
     ty = dgates_ptr.dtype.element_ty
     dgp = dgates_ptr + ((d * T + t) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-    tl.store(dgp, tl.where(valid, d_i, 0.0).to(ty), mask=mask_bh)
-    tl.store(dgp + H, tl.where(valid, d_f, 0.0).to(ty), mask=mask_bh)
-    tl.store(dgp + 2 * H, tl.where(valid, d_g, 0.0).to(ty), mask=mask_bh)
-    tl.store(dgp + 3 * H, tl.where(valid, d_o, 0.0).to(ty), mask=mask_bh)
+    _store_gate_blocks(
+        dgp,
+        tl.where(valid, d_i, 0.0).to(ty),
+        tl.where(valid, d_f, 0.0).to(ty),
+        tl.where(valid, d_g, 0.0).to(ty),
+        tl.where(valid, d_o, 0.0).to(ty),
+        mask_bh,
+        H,
+    )
     # gbuf keeps G: the next launch uses it only if this step was padded
     tl.store(state, G, mask=mask_bh)
     tl.store(cstate, tl.where(valid, dc_prev, dc), mask=mask_bh)

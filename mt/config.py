@@ -78,8 +78,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
-    scheduler: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant
-    warmup_steps: int = 1000  # inverse_sqrt and constant: linear warm-up from 0
+    scheduler: str = "inverse_sqrt"  # inverse_sqrt | cosine | plateau | constant
+    warmup_steps: int = 1000  # inverse_sqrt, cosine and constant: linear warm-up from 0
+    # cosine: after warm-up, lr follows half a cosine from optim.lr down to min_lr at trainer.max_steps
     plateau_factor: float = 0.5  # plateau: multiply lr by this ...
     plateau_patience: int = 2  # ... after this many validations without BLEU improvement
     min_lr: float = 1e-6
@@ -91,6 +92,10 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 20000
     max_epochs: int = 100
+    # Wall-clock limit in minutes (0 = none), counted from the start of mt.train in this process
+    # (a resumed run starts a fresh count): no new step begins after it; the last validation and
+    # checkpoints are still written. Every rank stops at the same step.
+    max_minutes: float = 0.0
     max_tokens: int = 4096  # target tokens per batch (per process)
     max_sentences: int = 256  # cap on sentences per batch
     eval_every: int = 1000  # validate every N steps (and at the end)

@@ -98,17 +98,27 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg):
+def make_scheduler(opt: torch.optim.Optimizer, cfg, max_steps: int):
     """Stepped once per update, except "plateau", stepped with each validation BLEU."""
     warm = max(1, cfg.warmup_steps)
     if cfg.scheduler == "inverse_sqrt":  # linear warm-up, then lr * sqrt(warmup / step)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1))))
     if cfg.scheduler == "constant":  # linear warm-up, then constant
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0))
+    if cfg.scheduler == "cosine":  # linear warm-up, then half a cosine down to min_lr at max_steps
+        floor = min(1.0, cfg.min_lr / cfg.lr) if cfg.lr > 0 else 0.0
+        span = max(1, max_steps - warm)
+
+        def cosine(s: int) -> float:
+            if s + 1 <= warm:
+                return (s + 1) / warm
+            progress = min(1.0, (s + 1 - warm) / span)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
-    raise MTError(f"unknown optim.scheduler={cfg.scheduler!r}; use inverse_sqrt, constant or plateau")
+    raise MTError(f"unknown optim.scheduler={cfg.scheduler!r}; use inverse_sqrt, cosine, constant or plateau")
 
 
 def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
@@ -209,6 +219,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -249,7 +260,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(device)
     model.backend(device)  # an unusable model.cell fails here, on every rank, as a one-line error
     optimizer = make_optimizer(model, oc)
-    scheduler = make_scheduler(optimizer, oc)
+    scheduler = make_scheduler(optimizer, oc, tc.max_steps)
     criterion = nn.CrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=oc.label_smoothing, reduction="sum")
     step, epoch, batch_in_epoch, best_bleu, bad_evals = 0, 0, 0, -1.0, 0
     if resume_state is not None:
@@ -394,9 +405,11 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             # eager: forward + backward here, the update below; graphs: the whole step here
             loss_sum, nll_sum = stepper.forward_backward(batch)
             ntok = batch.ntokens
+            out_of_time = tc.max_minutes > 0 and time.perf_counter() - started >= 60.0 * tc.max_minutes
             stats = torch.stack([loss_sum.detach().double(), nll_sum.detach().double(),
-                                 loss_sum.new_tensor(float(ntok), dtype=torch.float64)])  # (3,) on device
-            loss_tot, nll_tot, ntok_tot = ddp.all_sum(stats)
+                                 loss_sum.new_tensor(float(ntok), dtype=torch.float64),
+                                 loss_sum.new_tensor(float(out_of_time), dtype=torch.float64)])  # (4,) on device
+            loss_tot, nll_tot, ntok_tot, ranks_out_of_time = ddp.all_sum(stats)  # every rank stops together
             if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
                 raise TrainingDiverged(
                     f"loss is {loss_tot} at step {step + 1}; stopped without saving "
@@ -438,10 +451,15 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             if step >= tc.max_steps:
                 done = True
                 break
+            if ranks_out_of_time > 0:
+                if ddp.main:
+                    log.info("time limit: stopping after step %d (trainer.max_minutes=%g)", step, tc.max_minutes)
+                done = True
+                break
         else:  # the epoch ran out
             epoch += 1
             batch_in_epoch = 0
-    if last_eval_step != step:  # max_epochs reached between validations
+    if last_eval_step != step:  # max_epochs or max_minutes reached between validations
         last_metrics, _ = evaluate()
     if ddp.main:
         progress.close()
@@ -453,6 +471,8 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         hparams.update({"trainer.max_tokens": tc.max_tokens, "data.src": cfg.data.src, "data.tgt": cfg.data.tgt})
         writer.add_hparams(hparams, {"hparam/best_bleu": best_bleu}, run_name=".")
         writer.close()
+    if ddp.main:
+        log.info("training took %.1f min (%d steps)", (time.perf_counter() - started) / 60, step)
     return {"step": step, "epoch": epoch, "best_bleu": best_bleu, "last": last_metrics,
             "stopped_early": stopped_early, "best_path": str(best_path), "last_path": str(last_path)}
 

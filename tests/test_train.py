@@ -201,6 +201,45 @@ def test_user_errors_in_trainer_settings(tiny_corpus_dir, tmp_path):
     from mt.errors import MTError
 
     for override, msg in (("trainer.precision=fp16", "loss scaling"), ("trainer.device=tpu", "device"),
-                          ("trainer.device=cuda:3", "CUDA"), ("model.cell=bogus", "unknown model.cell")):
+                          ("trainer.device=cuda:3", "CUDA"), ("model.cell=bogus", "unknown model.cell"),
+                          ("optim.scheduler=linear", "unknown optim.scheduler")):
         with pytest.raises(MTError, match=msg):
             train(make_cfg(tiny_corpus_dir, tmp_path / "c", override, "trainer.max_steps=1"), tmp_path / "o")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    from mt.config import OptimConfig
+    from mt.train import make_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    sched = make_scheduler(opt, OptimConfig(lr=1e-3, scheduler="cosine", warmup_steps=10, min_lr=1e-5), 110)
+    lrs = []
+    for _ in range(130):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr used by update number len(lrs)
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert all(a > b for a, b in zip(lrs[9:109], lrs[10:110]))  # strictly decreasing after it
+    assert lrs[59] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way
+    assert lrs[109] == pytest.approx(1e-5) and lrs[129] == pytest.approx(1e-5)  # floor, also past max_steps
+
+
+def test_max_minutes_stops_every_run_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
+    """trainer.max_minutes: the step in progress ends, then validation and checkpoints as at max_steps."""
+    import mt.train as mt_train
+
+    clock = {"t": 1000.0}
+
+    def fake_clock():  # every call advances 1 s: the limit (0.5 min = 30 s) passes within a few steps
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(mt_train.time, "perf_counter", fake_clock)
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=1000", "trainer.eval_every=1000",
+                   "trainer.max_minutes=0.5")
+    summary = train(cfg, tmp_path / "run")
+    assert 0 < summary["step"] < 30, summary["step"]
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["step"] == summary["step"] and summary["last"]["bleu"] >= 0
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()

@@ -90,13 +90,48 @@ def _split_role(split: str, data_cfg) -> tuple[str, Any]:
     raise MTError(f"split={split!r}: use one of {names}")
 
 
+def load_split(tr, data: EvalDataConfig, split: str):
+    """(data config, sources, references) of `split`, the checkpoint's data config overridden by
+    the non-null fields of `data`. One-line DataError / MTError on a missing or empty split."""
+    from .data import load_splits
+
+    overrides = {k: v for k, v in vars(data).items() if v is not None}
+    data_cfg = replace(tr.config.data, **overrides, max_train_examples=None, max_valid_examples=None)
+    if (data_cfg.src, data_cfg.tgt) != (tr.config.data.src, tr.config.data.tgt):
+        log.warning("the checkpoint was trained on %s->%s, evaluating on %s->%s", tr.config.data.src,
+                    tr.config.data.tgt, data_cfg.src, data_cfg.tgt)
+    role, data_cfg = _split_role(split, data_cfg)
+    splits = load_splits(data_cfg, roles=(role,))
+    if role not in splits:
+        raise DataError(f"no split {split!r} in {data_cfg.path}")
+    ds = splits[role]
+    srcs, refs = list(ds["src"]), list(ds["tgt"])
+    if not srcs:
+        raise DataError(f"split {split!r} of {data_cfg.path} is empty")
+    return data_cfg, srcs, refs
+
+
+def decode_and_score(tr, src_ids: list[list[int]], refs: list[str], *, beam: int, length_penalty,
+                     batch_size: int, max_len_a: float, max_len_b: int) -> tuple[list[str], dict, float]:
+    """Decode pre-encoded sources, detokenize, score -> (hypotheses, corpus_scores, decode seconds)."""
+    import torch
+
+    from .search import decode_dataset
+
+    t0 = time.perf_counter()
+    decoded = decode_dataset(tr.model, src_ids, tr.tokenizer, tr.device, batch_size=batch_size,
+                             max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=length_penalty)
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize(tr.device)
+    seconds = time.perf_counter() - t0
+    hyps = [h.replace("\r", " ").replace("\n", " ") for h in tr.tokenizer.decode_tgt(decoded.tokens)]
+    return hyps, corpus_scores(hyps, refs), seconds
+
+
 def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Decode `cfg.split` with the checkpoint, score it, write hypotheses and scores to
     `cfg.output_dir` or `out_dir`. Returns the scores dict (also written as JSON)."""
-    import torch
-
-    from .data import load_splits
-    from .search import decode_dataset, parse_length_penalty
+    from .search import parse_length_penalty
     from .translator import Translator
 
     out = Path(cfg.output_dir or out_dir)
@@ -106,33 +141,13 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell)
-    tok = tr.tokenizer
-
-    overrides = {k: v for k, v in vars(cfg.data).items() if v is not None}
-    data_cfg = replace(tr.config.data, **overrides, max_train_examples=None, max_valid_examples=None)
-    if (data_cfg.src, data_cfg.tgt) != (tr.config.data.src, tr.config.data.tgt):
-        log.warning("the checkpoint was trained on %s->%s, evaluating on %s->%s", tr.config.data.src,
-                    tr.config.data.tgt, data_cfg.src, data_cfg.tgt)
-    role, data_cfg = _split_role(cfg.split, data_cfg)
-    splits = load_splits(data_cfg, roles=(role,))
-    if role not in splits:
-        raise DataError(f"no split {cfg.split!r} in {data_cfg.path}")
-    ds = splits[role]
-    srcs, refs = list(ds["src"]), list(ds["tgt"])
-    if not srcs:
-        raise DataError(f"split {cfg.split!r} of {data_cfg.path} is empty")
-    src_ids = tok.encode_src(srcs)
+    data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
+    src_ids = tr.tokenizer.encode_src(srcs)
     log.info("evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
              cfg.checkpoint, data_cfg.path, cfg.split, len(srcs), data_cfg.src, data_cfg.tgt, cfg.beam, lp, tr.device)
-
-    t0 = time.perf_counter()
-    decoded = decode_dataset(tr.model, src_ids, tok, tr.device, batch_size=cfg.batch_size,
-                             max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, beam=cfg.beam, length_penalty=lp)
-    if tr.device.type == "cuda":
-        torch.cuda.synchronize(tr.device)
-    seconds = time.perf_counter() - t0
-    hyps = [h.replace("\r", " ").replace("\n", " ") for h in tok.decode_tgt(decoded.tokens)]
-    scores = corpus_scores(hyps, refs)
+    hyps, scores, seconds = decode_and_score(tr, src_ids, refs, beam=cfg.beam, length_penalty=lp,
+                                             batch_size=cfg.batch_size, max_len_a=cfg.max_len_a,
+                                             max_len_b=cfg.max_len_b)
 
     out.mkdir(parents=True, exist_ok=True)
     hyp_path = out / f"hypotheses.{cfg.split}.{data_cfg.tgt}"

@@ -83,3 +83,49 @@ def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert err == [f"error: checkpoint not found: {tmp_path / 'none.pt'}"], r.stderr
+
+
+def load_tuner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_decoding", REPO / "scripts" / "tune_decoding.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
+    """scripts/tune_decoding.py: greedy once, every larger beam with every length penalty, scores
+    equal to mt.evaluate's for the same setting, the best row chosen, the test command printed."""
+    tuner = load_tuner()
+    out = tmp_path / "tune.json"
+    rc = tuner.main([str(tiny["checkpoint"]), "--data", str(tiny["corpus"]), "--beams", "1", "3",
+                     "--lps", "none", "1.0", "0", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [(r["beam"], r["length_penalty"]) for r in result["rows"]] == [(1, None), (3, None), (3, 1.0)]
+    assert result["split"] == "validation" and result["sentences"] > 0
+    best = result["best"]
+    assert best["bleu"] == max(r["bleu"] for r in result["rows"])
+    assert best in result["rows"] and result["test_command"].endswith(
+        f"split=test beam={best['beam']} length_penalty={'null' if best['length_penalty'] is None else best['length_penalty']}")
+    ev = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=validation",
+                                "beam=3", "length_penalty=1.0", "device=cpu"]), tmp_path / "ev")
+    assert ev["bleu"] == pytest.approx(result["rows"][2]["bleu"]) and ev["chrf"] == pytest.approx(result["rows"][2]["chrf"])
+    assert "test once with: python -m mt.evaluate" in capsys.readouterr().out
+
+
+def test_tune_decoding_ties_go_to_the_smaller_beam():
+    rows = [{"beam": 1, "bleu": 30.0}, {"beam": 5, "bleu": 31.0}, {"beam": 3, "bleu": 31.0}, {"beam": 3, "bleu": 31.0}]
+    assert load_tuner().best_row(rows) is rows[2]
+
+
+def test_tune_decoding_refuses_test_and_bad_input(tiny, tmp_path, capsys):
+    tuner = load_tuner()
+    for argv, match in (([str(tiny["checkpoint"]), "--split", "test"], "refusing to tune on split 'test'"),
+                        ([str(tmp_path / "none.pt")], "checkpoint not found"),
+                        ([str(tiny["checkpoint"]), "--beams", "0"], "beam sizes must be >= 1"),
+                        ([str(tiny["checkpoint"]), "--lps", "long"], "length_penalty")):
+        assert tuner.main([*argv, "--device", "cpu"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and match in err[0], err

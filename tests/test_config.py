@@ -50,3 +50,14 @@ def test_overrides_apply_and_unknown_keys_fail():
         compose("train", overrides=["model.hiden_dim=3"])
     with pytest.raises(ConfigCompositionException):
         compose("train", overrides=["trainer.max_steps=many"])
+
+
+@pytest.mark.parametrize("name,src,tgt", [("multi30k_de_en", "de", "en"), ("multi30k_en_de", "en", "de")])
+def test_multi30k_recipes_have_a_direction_and_a_cpu_variant_within_an_hour(name, src, tgt):
+    full = OmegaConf.to_object(compose("train", overrides=[f"experiment={name}"]))
+    cpu = OmegaConf.to_object(compose("train", overrides=[f"experiment={name}_cpu"]))
+    for cfg in (full, cpu):
+        assert (cfg.data.src, cfg.data.tgt, cfg.data.path) == (src, tgt, "bentrevett/multi30k")
+        assert cfg.optim.scheduler == "cosine" and cfg.trainer.patience == 0  # the schedule ends the run
+    assert full.trainer.device == "cuda" and full.model.cell == "auto"
+    assert cpu.trainer.device == "cpu" and cpu.trainer.num_threads == 2 and 0 < cpu.trainer.max_minutes < 60

@@ -81,6 +81,7 @@ class OptimConfig:
     scheduler: str = "inverse_sqrt"  # inverse_sqrt | cosine | plateau | constant
     warmup_steps: int = 1000  # inverse_sqrt, cosine and constant: linear warm-up from 0
     # cosine: after warm-up, lr follows half a cosine from optim.lr down to min_lr at trainer.max_steps
+    # (resuming with a larger max_steps stretches the curve: the lr rises again to where it would be)
     plateau_factor: float = 0.5  # plateau: multiply lr by this ...
     plateau_patience: int = 2  # ... after this many validations without BLEU improvement
     min_lr: float = 1e-6
@@ -93,8 +94,9 @@ class TrainerConfig:
     max_steps: int = 20000
     max_epochs: int = 100
     # Wall-clock limit in minutes (0 = none), counted from the start of mt.train in this process
-    # (a resumed run starts a fresh count): no new step begins after it; the last validation and
-    # checkpoints are still written. Every rank stops at the same step.
+    # (a resumed run starts a fresh count). Checked after every step and every validation: once it
+    # has passed, the run stops there (validating first if it has not just validated) and writes
+    # its checkpoints, as at max_steps. Every rank stops at the same step.
     max_minutes: float = 0.0
     max_tokens: int = 4096  # target tokens per batch (per process)
     max_sentences: int = 256  # cap on sentences per batch

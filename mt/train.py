@@ -98,6 +98,11 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
+def _now() -> float:
+    """The clock trainer.max_minutes reads (tests replace it)."""
+    return time.perf_counter()
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg, max_steps: int):
     """Stepped once per update, except "plateau", stepped with each validation BLEU."""
     warm = max(1, cfg.warmup_steps)
@@ -219,7 +224,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()  # trainer.max_minutes counts from here
+    started = _now()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -333,8 +338,12 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
 
     signature_logged = False
 
-    def evaluate() -> tuple[dict, bool]:
-        """Validate on rank 0; every rank learns the BLEU and whether to stop. Saves checkpoints."""
+    def out_of_time() -> bool:
+        return tc.max_minutes > 0 and _now() - started >= 60.0 * tc.max_minutes
+
+    def evaluate() -> tuple[dict, bool, bool]:
+        """Validate on rank 0; every rank learns the BLEU, whether to stop early and whether the
+        time limit has passed (rank 0's clock, after validating). Saves checkpoints."""
         nonlocal best_bleu, bad_evals, signature_logged
         metrics: dict[str, Any] = {}
         improved = False
@@ -371,7 +380,8 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                 best_bleu, bad_evals = metrics["bleu"], 0
             else:
                 bad_evals += 1
-        bleu, stop = ddp.broadcast([metrics.get("bleu", 0.0), float(tc.patience > 0 and bad_evals >= tc.patience)], device)
+        bleu, stop, timed_out = ddp.broadcast([metrics.get("bleu", 0.0), float(tc.patience > 0 and bad_evals >= tc.patience),
+                                               float(out_of_time())], device)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
@@ -385,7 +395,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                      step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],
                      best_bleu, " *" if improved else "", time.perf_counter() - t0)
         model.train()
-        return metrics, bool(stop)
+        return metrics, bool(stop), bool(timed_out)
 
     # ---- the loop
     model.train()
@@ -405,10 +415,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             # eager: forward + backward here, the update below; graphs: the whole step here
             loss_sum, nll_sum = stepper.forward_backward(batch)
             ntok = batch.ntokens
-            out_of_time = tc.max_minutes > 0 and time.perf_counter() - started >= 60.0 * tc.max_minutes
             stats = torch.stack([loss_sum.detach().double(), nll_sum.detach().double(),
                                  loss_sum.new_tensor(float(ntok), dtype=torch.float64),
-                                 loss_sum.new_tensor(float(out_of_time), dtype=torch.float64)])  # (4,) on device
+                                 loss_sum.new_tensor(float(out_of_time()), dtype=torch.float64)])  # (4,) on device
             loss_tot, nll_tot, ntok_tot, ranks_out_of_time = ddp.all_sum(stats)  # every rank stops together
             if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
                 raise TrainingDiverged(
@@ -440,8 +449,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                     win_loss = win_nll = win_tok = 0.0
                     win_t0 = time.perf_counter()
             if step % tc.eval_every == 0 or step >= tc.max_steps:
-                last_metrics, stop = evaluate()
+                last_metrics, stop, timed_out = evaluate()
                 last_eval_step = step
+                ranks_out_of_time = ranks_out_of_time or timed_out  # the validation may have used up the time
                 if stop:
                     stopped_early = True
                     if ddp.main:
@@ -460,7 +470,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             epoch += 1
             batch_in_epoch = 0
     if last_eval_step != step:  # max_epochs or max_minutes reached between validations
-        last_metrics, _ = evaluate()
+        last_metrics, _, _ = evaluate()
     if ddp.main:
         progress.close()
         if use_graphs:
@@ -472,7 +482,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         writer.add_hparams(hparams, {"hparam/best_bleu": best_bleu}, run_name=".")
         writer.close()
     if ddp.main:
-        log.info("training took %.1f min (%d steps)", (time.perf_counter() - started) / 60, step)
+        log.info("training took %.1f min (%d steps)", (_now() - started) / 60, step)
     return {"step": step, "epoch": epoch, "best_bleu": best_bleu, "last": last_metrics,
             "stopped_early": stopped_early, "best_path": str(best_path), "last_path": str(last_path)}
 

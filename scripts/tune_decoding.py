@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,6 +75,22 @@ def best_row(rows: list[dict]) -> dict:
     return max(enumerate(rows), key=lambda ir: (round(ir[1]["bleu"], 6), -ir[1]["beam"], -ir[0]))[1]
 
 
+def evaluate_command(args: argparse.Namespace, best: dict) -> str:
+    """The mt.evaluate command that decodes test exactly as the chosen row decoded validation."""
+    lp = "null" if best["length_penalty"] is None else best["length_penalty"]
+    words = ["python", "-m", "mt.evaluate", f"checkpoint={args.checkpoint}"]
+    if args.data:
+        words.append(f"data.path={args.data}")
+    words += ["split=test", f"beam={best['beam']}", f"length_penalty={lp}"]
+    defaults = parse_args([args.checkpoint])
+    for name in ("max_len_a", "max_len_b", "batch_size"):  # these change the output: pass them on
+        if getattr(args, name) != getattr(defaults, name):
+            words.append(f"{name}={getattr(args, name)}")
+    if args.device != defaults.device:
+        words.append(f"device={args.device}")
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def tune(args: argparse.Namespace) -> dict:
     import torch
 
@@ -107,10 +124,7 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"{beam:>4} {str(lp):>5} {s['bleu']:6.2f} {s['chrf']:6.2f} {s['bleu_lc']:8.2f} {ratio:9.3f} "
               f"{seconds:7.1f}", flush=True)
     best = best_row(rows)
-    lp_arg = "null" if best["length_penalty"] is None else best["length_penalty"]
-    data_arg = f" data.path={args.data}" if args.data else ""
-    command = (f"python -m mt.evaluate checkpoint={args.checkpoint}{data_arg} split=test "
-               f"beam={best['beam']} length_penalty={lp_arg}")
+    command = evaluate_command(args, best)
     result = {"checkpoint": str(args.checkpoint), "data_path": data_cfg.path, "split": args.split,
               "src": data_cfg.src, "tgt": data_cfg.tgt, "sentences": len(srcs), "device": str(tr.device),
               "rows": rows, "best": best, "test_command": command,

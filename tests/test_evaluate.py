@@ -100,17 +100,20 @@ def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
     tuner = load_tuner()
     out = tmp_path / "tune.json"
     rc = tuner.main([str(tiny["checkpoint"]), "--data", str(tiny["corpus"]), "--beams", "1", "3",
-                     "--lps", "none", "1.0", "0", "--device", "cpu", "--json", str(out)])
+                     "--lps", "none", "1.0", "0", "--device", "cpu", "--max-len-b", "12", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert [(r["beam"], r["length_penalty"]) for r in result["rows"]] == [(1, None), (3, None), (3, 1.0)]
     assert result["split"] == "validation" and result["sentences"] > 0
     best = result["best"]
     assert best["bleu"] == max(r["bleu"] for r in result["rows"])
-    assert best in result["rows"] and result["test_command"].endswith(
-        f"split=test beam={best['beam']} length_penalty={'null' if best['length_penalty'] is None else best['length_penalty']}")
+    lp = "null" if best["length_penalty"] is None else best["length_penalty"]
+    command = result["test_command"].split()
+    assert command[:3] == ["python", "-m", "mt.evaluate"] and command[3:] == [
+        f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test", f"beam={best['beam']}",
+        f"length_penalty={lp}", "max_len_b=12", "device=cpu"]  # every setting that changes the output
     ev = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=validation",
-                                "beam=3", "length_penalty=1.0", "device=cpu"]), tmp_path / "ev")
+                                "beam=3", "length_penalty=1.0", "device=cpu", "max_len_b=12"]), tmp_path / "ev")
     assert ev["bleu"] == pytest.approx(result["rows"][2]["bleu"]) and ev["chrf"] == pytest.approx(result["rows"][2]["chrf"])
     assert "test once with: python -m mt.evaluate" in capsys.readouterr().out
 

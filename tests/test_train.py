@@ -225,21 +225,32 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[109] == pytest.approx(1e-5) and lrs[129] == pytest.approx(1e-5)  # floor, also past max_steps
 
 
-def test_max_minutes_stops_every_run_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
-    """trainer.max_minutes: the step in progress ends, then validation and checkpoints as at max_steps."""
+@pytest.mark.parametrize("eval_every,validation_seconds,stop_step", [(1000, 0, 30), (5, 100, 5)])
+def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, eval_every,
+                                                     validation_seconds, stop_step):
+    """trainer.max_minutes=0.5 on a fake clock that reads 1 s later at every look: the run stops
+    once 30 s have passed, after a step (then validates) or right after a validation that used up
+    the time (no further step, no second validation), and writes its checkpoints."""
     import mt.train as mt_train
 
     clock = {"t": 1000.0}
 
-    def fake_clock():  # every call advances 1 s: the limit (0.5 min = 30 s) passes within a few steps
+    def now():
         clock["t"] += 1.0
         return clock["t"]
 
-    monkeypatch.setattr(mt_train.time, "perf_counter", fake_clock)
-    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=1000", "trainer.eval_every=1000",
-                   "trainer.max_minutes=0.5")
+    real_validation_loss = mt_train.validation_loss
+
+    def slow_validation_loss(*args, **kwargs):
+        clock["t"] += validation_seconds
+        return real_validation_loss(*args, **kwargs)
+
+    monkeypatch.setattr(mt_train, "_now", now)
+    monkeypatch.setattr(mt_train, "validation_loss", slow_validation_loss)
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=1000", f"trainer.eval_every={eval_every}",
+                   "trainer.max_minutes=0.5", "trainer.log_every=1")
     summary = train(cfg, tmp_path / "run")
-    assert 0 < summary["step"] < 30, summary["step"]
+    assert summary["step"] == stop_step
+    assert sorted(scalars(tmp_path / "run")["valid/bleu"]) == [stop_step]  # validated once, at the end
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ck["step"] == summary["step"] and summary["last"]["bleu"] >= 0
-    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert ck["step"] == stop_step and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()

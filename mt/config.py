@@ -129,12 +129,24 @@ class TrainerConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How the trained model translates unless told otherwise: the recipe's beam size and length
+    penalty, chosen on validation (scripts/tune_decoding.py). Stored in the checkpoint; the
+    defaults of python -m mt.evaluate, scripts/translate.py and Translator.translate. (Validation
+    during training decodes greedily, for speed.)"""
+
+    beam: int = 5
+    length_penalty: Any = 1.0  # GNMT alpha, "avg" (mean log-prob), or null (none)
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
 
 def register_configs() -> None:

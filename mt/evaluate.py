@@ -4,8 +4,10 @@
     python -m mt.evaluate checkpoint=PATH data.path=../shared/data/multi30k split=test beam=5 length_penalty=1.0
     python -m mt.evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
 
-The checkpoint supplies the model, the SentencePiece models and the data config it was trained
-with; `data.path`, `data.name`, `data.src`, `data.tgt` override the latter. The split is decoded
+The checkpoint supplies the model, the SentencePiece models, the data config it was trained
+with (`data.path`, `data.name`, `data.src`, `data.tgt` override it) and the recipe's decoding
+settings `decoding.beam` / `decoding.length_penalty`, used unless `beam=` / `length_penalty=` say
+otherwise. The split is decoded
 (beam search, or greedy with beam=1 length_penalty=null) without any truncation, detokenized and
 scored against the references: BLEU (cased, 13a), chrF and BLEU with lowercase=True, each with its
 sacreBLEU signature. Writes, under the Hydra run directory (or `output_dir`):
@@ -53,8 +55,9 @@ class EvaluateConfig:
     checkpoint: str = MISSING
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: str = "test"  # test | validation | train (or an alias: valid, val, dev, ...)
-    beam: int = 5
-    length_penalty: Any = 1.0  # GNMT alpha, "avg" (mean log-prob), or null / 0 (none)
+    beam: int | None = None  # null = the checkpoint's decoding.beam
+    # GNMT alpha, "avg" (mean log-prob), null / 0 (none), or "checkpoint": the checkpoint's decoding.length_penalty
+    length_penalty: Any = "checkpoint"
     max_len_a: float = 1.5  # output length limit: a * src_len + b (src_len counts EOS)
     max_len_b: int = 10
     batch_size: int = 64  # sentences per decoding batch
@@ -132,20 +135,24 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Decode `cfg.split` with the checkpoint, score it, write hypotheses and scores to
     `cfg.output_dir` or `out_dir`. Returns the scores dict (also written as JSON)."""
     from .search import parse_length_penalty
-    from .translator import Translator
+    from .translator import CHECKPOINT, Translator
 
     out = Path(cfg.output_dir or out_dir)
-    lp = parse_length_penalty(cfg.length_penalty)
-    if cfg.beam < 1:
+    if not (isinstance(cfg.length_penalty, str) and cfg.length_penalty.strip().lower() == CHECKPOINT):
+        parse_length_penalty(cfg.length_penalty)  # a bad value fails before the checkpoint loads
+    if cfg.beam is not None and cfg.beam < 1:
         raise MTError(f"beam must be >= 1 (got {cfg.beam})")
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell)
+    beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
+    if beam < 1:
+        raise MTError(f"beam must be >= 1 (got {beam} from the checkpoint)")
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info("evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
-             cfg.checkpoint, data_cfg.path, cfg.split, len(srcs), data_cfg.src, data_cfg.tgt, cfg.beam, lp, tr.device)
-    hyps, scores, seconds = decode_and_score(tr, src_ids, refs, beam=cfg.beam, length_penalty=lp,
+             cfg.checkpoint, data_cfg.path, cfg.split, len(srcs), data_cfg.src, data_cfg.tgt, beam, lp, tr.device)
+    hyps, scores, seconds = decode_and_score(tr, src_ids, refs, beam=beam, length_penalty=lp,
                                              batch_size=cfg.batch_size, max_len_a=cfg.max_len_a,
                                              max_len_b=cfg.max_len_b)
 
@@ -160,7 +167,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         "src": data_cfg.src,
         "tgt": data_cfg.tgt,
         "sentences": len(hyps),
-        "beam": cfg.beam,
+        "beam": beam,
         "length_penalty": lp,
         "max_len_a": cfg.max_len_a,
         "max_len_b": cfg.max_len_b,

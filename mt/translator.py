@@ -2,11 +2,12 @@
 
     from mt.translator import Translator
     tr = Translator.from_checkpoint("outputs/.../checkpoints/best.pt", device="cpu")
-    hyps = tr.translate(["ein hund läuft .", ""], beam=5, length_penalty=1.0)
+    hyps = tr.translate(["ein hund läuft .", ""])                   # the recipe's beam and length penalty
+    hyps = tr.translate(["ein hund läuft ."], beam=1, length_penalty=None)  # greedy
     hyps[0].text, hyps[0].score, hyps[0].tokens, hyps[0].attention  # (out x src) weights
 
 The checkpoint alone is enough: it holds the model weights, the training config (model shape,
-languages, max source length) and the SentencePiece models.
+languages, max source length, the recipe's decoding settings) and the SentencePiece models.
 
 Lines are sorted by length into batches and the results come back in input order. An empty
 (or whitespace-only) line gives an empty hypothesis without running the model. A line with
@@ -102,6 +103,9 @@ def _resolve_cell(requested: str | None, saved: str, device: torch.device) -> st
     return saved
 
 
+CHECKPOINT = "checkpoint"  # length_penalty value meaning "the checkpoint's decoding.length_penalty"
+
+
 class Translator:
     """A model, its tokenizer and its training config, ready to translate lines of text."""
 
@@ -168,22 +172,31 @@ class Translator:
             ids[i] = list(seq)
         return ids
 
+    def decoding(self, beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT) -> tuple[int, LengthPenalty]:
+        """(beam, length penalty): the given ones, or the checkpoint's `decoding` settings where
+        beam is None / length_penalty is "checkpoint"."""
+        if beam is None:
+            beam = self.config.decoding.beam
+        if isinstance(length_penalty, str) and length_penalty.strip().lower() == CHECKPOINT:
+            length_penalty = self.config.decoding.length_penalty
+        return beam, parse_length_penalty(length_penalty)
+
     @torch.no_grad()
-    def translate(self, lines: list[str], beam: int = 5, length_penalty: LengthPenalty = 1.0,
+    def translate(self, lines: list[str], beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT,
                   nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10, batch_size: int = 32,
                   max_src_len: int | None = None, first_line: int = 1):
         """Translate `lines` (in order). Returns one Hypothesis per line, or with nbest > 1 one
         list of up to nbest Hypotheses (best first) per line. `first_line` numbers the lines
-        in warnings (1-based)."""
+        in warnings (1-based). Beam and length penalty default to the checkpoint's `decoding`."""
         if isinstance(lines, str):
             raise TypeError("translate takes a list of lines, not one string")
+        beam, lp = self.decoding(beam, length_penalty)
         if beam < 1:
             raise MTError(f"beam must be >= 1 (got {beam})")
         if not 1 <= nbest <= beam:
             raise MTError(f"nbest must be between 1 and the beam size {beam} (got {nbest})")
         if batch_size < 1:
             raise MTError(f"batch_size must be >= 1 (got {batch_size})")
-        lp = parse_length_penalty(length_penalty)
         tok = self.tokenizer
         ids = self.encode(lines, first_line, max_src_len)
         todo = [i for i, x in enumerate(ids) if x is not None]  # empty lines are not decoded

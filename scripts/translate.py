@@ -47,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
     p.add_argument("--input", "-i", help="input file, one sentence per line (default: stdin)")
     p.add_argument("--output", "-o", help="output file (default: stdout)")
-    p.add_argument("--beam", "-b", type=int, default=5, help="beam size (1 with --length-penalty none = greedy)")
-    p.add_argument("--length-penalty", "--lp", default="1.0",
-                   help="GNMT alpha: score / ((5+len)/6)^alpha; 'avg': score / len; 'none' or 0: raw log-prob")
+    p.add_argument("--beam", "-b", type=int, default=None,
+                   help="beam size (1 with --length-penalty none = greedy); default: the checkpoint's decoding.beam")
+    p.add_argument("--length-penalty", "--lp", default="checkpoint",
+                   help="GNMT alpha: score / ((5+len)/6)^alpha; 'avg': score / len; 'none' or 0: raw log-prob; "
+                        "'checkpoint': the checkpoint's decoding.length_penalty")
     p.add_argument("--nbest", type=int, default=None,
                    help="print the N best hypotheses per line, Moses style: i ||| hypothesis ||| score")
     p.add_argument("--print-scores", action="store_true", help="prefix each translation with its score and a TAB")
@@ -212,23 +214,29 @@ def run(args: argparse.Namespace) -> None:
 
     from mt.errors import MTError
     from mt.search import parse_length_penalty
-    from mt.translator import Translator
+    from mt.translator import CHECKPOINT, Translator
 
-    if args.beam < 1:
+    if args.beam is not None and args.beam < 1:
         raise MTError(f"--beam must be >= 1 (got {args.beam})")
-    if args.nbest is not None and not 1 <= args.nbest <= args.beam:
+    if args.nbest is not None and args.beam is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and --beam ({args.beam}); got {args.nbest}")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise MTError("--batch-size and --chunk-size must be >= 1")
     if args.max_length is not None and args.max_length < 1:
         raise MTError(f"--max-length must be >= 1 (got {args.max_length})")
-    lp = parse_length_penalty(args.length_penalty)
+    if args.length_penalty.strip().lower() != CHECKPOINT:
+        parse_length_penalty(args.length_penalty)  # a bad value fails before the checkpoint loads
     if args.input and not (os.path.exists(args.input) and os.access(args.input, os.R_OK)):
         raise MTError(f"input file not found or not readable: {args.input}")  # pipes and /dev/stdin are fine
     if args.plot_attention:
         _check_plot_path(args.plot_attention)
 
     tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
+    args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
+    if args.beam < 1:
+        raise MTError(f"beam must be >= 1 (got {args.beam} from the checkpoint)")
+    if args.nbest is not None and not 1 <= args.nbest <= args.beam:
+        raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")
     log.info("loaded %s: %s -> %s on %s (beam %d, length penalty %s)", args.checkpoint, tr.src_lang, tr.tgt_lang,
              tr.device, args.beam, lp)
     plotter = Plotter(args.plot_attention)

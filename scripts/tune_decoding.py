@@ -8,7 +8,9 @@ Loads the checkpoint and the split once, decodes it with every (beam, length pen
 grid (beam 1 is greedy search and is run once, without a length penalty), scores each with
 sacreBLEU and prints one row per setting, then the best by cased BLEU (ties: the smaller beam,
 then the earlier length penalty in the list) and the `python -m mt.evaluate` command that decodes
-test2016 with it. --json writes every row, the choice and the signatures.
+test2016 with it, and the `decoding:` lines to put in the experiment YAML (saved in the
+checkpoint, they become the defaults of mt.evaluate and translate.py). --json writes every row,
+the choice and the signatures.
 
 Tuning on a test split is refused: a test score chosen by looking at test is not a test score.
 A missing or corrupt checkpoint, a missing split or a bad setting prints one `error: ...` line
@@ -133,7 +135,10 @@ def tune(args: argparse.Namespace) -> dict:
     print(f"best on {args.split}: beam {best['beam']}, length penalty {best['length_penalty']} "
           f"(BLEU {best['bleu']:.2f}, chrF {best['chrf']:.2f}, BLEU(lc) {best['bleu_lc']:.2f})")
     print(f"  {s['bleu_signature']}")
+    lp_yaml = "null" if best["length_penalty"] is None else best["length_penalty"]
     print(f"test once with: {command}")
+    print(f"for the recipe's YAML (the default of mt.evaluate and translate.py):\n"
+          f"decoding:\n  beam: {best['beam']}\n  length_penalty: {lp_yaml}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result

@@ -32,8 +32,9 @@ def compose_eval(overrides: list[str]) -> EvaluateConfig:
 def test_evaluate_writes_scores_and_hypotheses(tiny, tmp_path):
     cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test",
                         "device=cpu", "batch_size=16"])
-    assert isinstance(cfg, EvaluateConfig) and cfg.beam == 5 and cfg.length_penalty == 1.0
+    assert isinstance(cfg, EvaluateConfig) and cfg.beam is None and cfg.length_penalty == "checkpoint"
     result = evaluate(cfg, tmp_path)
+    assert (result["beam"], result["length_penalty"]) == (5, 1.0)  # the checkpoint's decoding defaults
     scores = json.loads((tmp_path / "scores.test.json").read_text())
     for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "chrf_signature", "bleu_lc_signature"):
         assert key in scores and scores[key] == result[key]
@@ -115,7 +116,9 @@ def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
     ev = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=validation",
                                 "beam=3", "length_penalty=1.0", "device=cpu", "max_len_b=12"]), tmp_path / "ev")
     assert ev["bleu"] == pytest.approx(result["rows"][2]["bleu"]) and ev["chrf"] == pytest.approx(result["rows"][2]["chrf"])
-    assert "test once with: python -m mt.evaluate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test once with: python -m mt.evaluate" in printed
+    assert f"decoding:\n  beam: {best['beam']}\n  length_penalty: {lp}\n" in printed
 
 
 def test_tune_decoding_ties_go_to_the_smaller_beam():
@@ -132,3 +135,33 @@ def test_tune_decoding_refuses_test_and_bad_input(tiny, tmp_path, capsys):
         assert tuner.main([*argv, "--device", "cpu"]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
         assert len(err) == 1 and match in err[0], err
+
+
+def test_the_checkpoint_decoding_settings_are_the_default(tiny, tmp_path):
+    """decoding.beam / decoding.length_penalty saved with the model: mt.evaluate and Translator use
+    them unless told otherwise."""
+    from mt.checkpoint import load_checkpoint, save_checkpoint
+    from mt.translator import Translator
+
+    state = load_checkpoint(tiny["checkpoint"])
+    state["config"]["decoding"] = {"beam": 1, "length_penalty": None}  # a greedy recipe
+    greedy_ckpt = tmp_path / "greedy.pt"
+    save_checkpoint(state, greedy_ckpt)
+    base = [f"data.path={tiny['corpus']}", "split=test", "device=cpu"]
+    r = evaluate(compose_eval([f"checkpoint={greedy_ckpt}", *base]), tmp_path / "a")
+    assert (r["beam"], r["length_penalty"]) == (1, None)
+    r_explicit = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", *base, "beam=1", "length_penalty=null"]),
+                          tmp_path / "b")
+    assert r["bleu"] == r_explicit["bleu"]
+    assert (tmp_path / "a" / "hypotheses.test.en").read_text() == (tmp_path / "b" / "hypotheses.test.en").read_text()
+    r_override = evaluate(compose_eval([f"checkpoint={greedy_ckpt}", *base, "beam=3", "length_penalty=avg"]),
+                          tmp_path / "c")
+    assert (r_override["beam"], r_override["length_penalty"]) == (3, "avg")
+
+    tr = Translator.from_checkpoint(greedy_ckpt, device="cpu")
+    assert tr.decoding() == (1, None) and tr.decoding(4, "0.6") == (4, 0.6)
+    lines = ["a b c", "d e"]
+    default = [h.text for h in tr.translate(lines)]
+    assert default == [h.text for h in tr.translate(lines, beam=1, length_penalty=None)]
+    with pytest.raises(MTError, match="nbest"):
+        tr.translate(lines, nbest=2)  # beam 1 from the checkpoint: 2-best is impossible

@@ -39,7 +39,7 @@ from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .metrics import corpus_scores
 from .model import Seq2Seq, count_parameters
 from .plotting import attention_figure
-from .search import decode_dataset
+from .search import decode_dataset, parse_length_penalty
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mt.train")
@@ -226,6 +226,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool = False) -> dict[str, Any]:
     started = _now()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
+    if cfg.decoding.beam < 1:  # a recipe's decoding typo fails now, not when the run is over
+        raise MTError(f"decoding.beam must be >= 1 (got {cfg.decoding.beam})")
+    parse_length_penalty(cfg.decoding.length_penalty)
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
 
@@ -481,7 +484,6 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         hparams.update({"trainer.max_tokens": tc.max_tokens, "data.src": cfg.data.src, "data.tgt": cfg.data.tgt})
         writer.add_hparams(hparams, {"hparam/best_bleu": best_bleu}, run_name=".")
         writer.close()
-    if ddp.main:
         log.info("training took %.1f min (%d steps)", (_now() - started) / 60, step)
     return {"step": step, "epoch": epoch, "best_bleu": best_bleu, "last": last_metrics,
             "stopped_early": stopped_early, "best_path": str(best_path), "last_path": str(last_path)}

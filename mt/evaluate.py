@@ -134,20 +134,14 @@ def decode_and_score(tr, src_ids: list[list[int]], refs: list[str], *, beam: int
 def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Decode `cfg.split` with the checkpoint, score it, write hypotheses and scores to
     `cfg.output_dir` or `out_dir`. Returns the scores dict (also written as JSON)."""
-    from .search import parse_length_penalty
-    from .translator import CHECKPOINT, Translator
+    from .translator import Translator, check_decoding
 
     out = Path(cfg.output_dir or out_dir)
-    if not (isinstance(cfg.length_penalty, str) and cfg.length_penalty.strip().lower() == CHECKPOINT):
-        parse_length_penalty(cfg.length_penalty)  # a bad value fails before the checkpoint loads
-    if cfg.beam is not None and cfg.beam < 1:
-        raise MTError(f"beam must be >= 1 (got {cfg.beam})")
+    check_decoding(cfg.beam, cfg.length_penalty)  # a bad value fails before the checkpoint loads
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell)
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
-    if beam < 1:
-        raise MTError(f"beam must be >= 1 (got {beam} from the checkpoint)")
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info("evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",

@@ -106,6 +106,20 @@ def _resolve_cell(requested: str | None, saved: str, device: torch.device) -> st
 CHECKPOINT = "checkpoint"  # length_penalty value meaning "the checkpoint's decoding.length_penalty"
 
 
+def is_checkpoint_default(length_penalty) -> bool:
+    """True for the "checkpoint" length penalty: use the checkpoint's decoding.length_penalty."""
+    return isinstance(length_penalty, str) and length_penalty.strip().lower() == CHECKPOINT
+
+
+def check_decoding(beam: int | None, length_penalty) -> None:
+    """Refuse a bad beam or length penalty given by the user, before anything is loaded
+    (None / "checkpoint" are resolved later, from the checkpoint)."""
+    if beam is not None and beam < 1:
+        raise MTError(f"beam must be >= 1 (got {beam})")
+    if not is_checkpoint_default(length_penalty):
+        parse_length_penalty(length_penalty)
+
+
 class Translator:
     """A model, its tokenizer and its training config, ready to translate lines of text."""
 
@@ -174,11 +188,13 @@ class Translator:
 
     def decoding(self, beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT) -> tuple[int, LengthPenalty]:
         """(beam, length penalty): the given ones, or the checkpoint's `decoding` settings where
-        beam is None / length_penalty is "checkpoint"."""
+        beam is None / length_penalty is "checkpoint". A beam below 1 is a one-line MTError."""
         if beam is None:
             beam = self.config.decoding.beam
-        if isinstance(length_penalty, str) and length_penalty.strip().lower() == CHECKPOINT:
+        if is_checkpoint_default(length_penalty):
             length_penalty = self.config.decoding.length_penalty
+        if beam < 1:
+            raise MTError(f"beam must be >= 1 (got {beam})")
         return beam, parse_length_penalty(length_penalty)
 
     @torch.no_grad()
@@ -191,8 +207,6 @@ class Translator:
         if isinstance(lines, str):
             raise TypeError("translate takes a list of lines, not one string")
         beam, lp = self.decoding(beam, length_penalty)
-        if beam < 1:
-            raise MTError(f"beam must be >= 1 (got {beam})")
         if not 1 <= nbest <= beam:
             raise MTError(f"nbest must be between 1 and the beam size {beam} (got {nbest})")
         if batch_size < 1:

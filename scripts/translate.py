@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
 
     from mt.errors import MTError
     from mt.search import parse_length_penalty
-    from mt.translator import CHECKPOINT, Translator
+    from mt.translator import Translator, is_checkpoint_default
 
     if args.beam is not None and args.beam < 1:
         raise MTError(f"--beam must be >= 1 (got {args.beam})")
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> None:
         raise MTError("--batch-size and --chunk-size must be >= 1")
     if args.max_length is not None and args.max_length < 1:
         raise MTError(f"--max-length must be >= 1 (got {args.max_length})")
-    if args.length_penalty.strip().lower() != CHECKPOINT:
+    if not is_checkpoint_default(args.length_penalty):
         parse_length_penalty(args.length_penalty)  # a bad value fails before the checkpoint loads
     if args.input and not (os.path.exists(args.input) and os.access(args.input, os.R_OK)):
         raise MTError(f"input file not found or not readable: {args.input}")  # pipes and /dev/stdin are fine
@@ -233,8 +233,6 @@ def run(args: argparse.Namespace) -> None:
 
     tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
     args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
-    if args.beam < 1:
-        raise MTError(f"beam must be >= 1 (got {args.beam} from the checkpoint)")
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")
     log.info("loaded %s: %s -> %s on %s (beam %d, length penalty %s)", args.checkpoint, tr.src_lang, tr.tgt_lang,

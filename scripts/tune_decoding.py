@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def grid(beams: list[int], lps: list) -> list[tuple[int, object]]:
     """(beam, length penalty) pairs: beam 1 once with no penalty, every larger beam with each lp."""
+    from mt.errors import MTError
     from mt.search import parse_length_penalty
 
     pairs: list[tuple[int, object]] = []
@@ -65,8 +66,6 @@ def grid(beams: list[int], lps: list) -> list[tuple[int, object]]:
             parsed.append(v)
     for b in dict.fromkeys(beams):
         if b < 1:
-            from mt.errors import MTError
-
             raise MTError(f"beam sizes must be >= 1 (got {b})")
         pairs.extend([(1, None)] if b == 1 else [(b, v) for v in parsed])
     return pairs
@@ -77,9 +76,14 @@ def best_row(rows: list[dict]) -> dict:
     return max(enumerate(rows), key=lambda ir: (round(ir[1]["bleu"], 6), -ir[1]["beam"], -ir[0]))[1]
 
 
+def yaml_lp(length_penalty) -> str:
+    """A length penalty as Hydra overrides and YAML spell it (None -> null)."""
+    return "null" if length_penalty is None else str(length_penalty)
+
+
 def evaluate_command(args: argparse.Namespace, best: dict) -> str:
     """The mt.evaluate command that decodes test exactly as the chosen row decoded validation."""
-    lp = "null" if best["length_penalty"] is None else best["length_penalty"]
+    lp = yaml_lp(best["length_penalty"])
     words = ["python", "-m", "mt.evaluate", f"checkpoint={args.checkpoint}"]
     if args.data:
         words.append(f"data.path={args.data}")
@@ -135,10 +139,9 @@ def tune(args: argparse.Namespace) -> dict:
     print(f"best on {args.split}: beam {best['beam']}, length penalty {best['length_penalty']} "
           f"(BLEU {best['bleu']:.2f}, chrF {best['chrf']:.2f}, BLEU(lc) {best['bleu_lc']:.2f})")
     print(f"  {s['bleu_signature']}")
-    lp_yaml = "null" if best["length_penalty"] is None else best["length_penalty"]
     print(f"test once with: {command}")
     print(f"for the recipe's YAML (the default of mt.evaluate and translate.py):\n"
-          f"decoding:\n  beam: {best['beam']}\n  length_penalty: {lp_yaml}")
+          f"decoding:\n  beam: {best['beam']}\n  length_penalty: {yaml_lp(best['length_penalty'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
@@ -151,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tune(args)
-    except MTError as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except (MTError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0

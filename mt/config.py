@@ -116,7 +116,7 @@ class TrainerConfig:
     progress: bool | None = None  # tqdm: None = only when stderr is a TTY
     num_threads: int = 0  # torch CPU threads (0 = torch default)
     # CUDA graphs: capture the whole training step (forward, backward, clipping, optimizer) once
-    # per batch shape and replay it, and the decoder step during validation decoding.
+    # per batch shape and replay it, and the greedy search step during validation decoding.
     # auto = on when training on CUDA in a single process, off elsewhere; true on CPU is an error.
     cuda_graphs: str = "auto"  # auto | true | false
     # The fixed shapes batches are padded to (mt/graphs.py, README "GPU speed"): a batch whose

@@ -43,12 +43,15 @@ Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
     part of the graph); training stops without saving, so the last checkpoint on disk is good.
 
 Decoding (`GraphedDecoder`, given to mt.search's functions)
-  - `Decoder.step` for fixed (rows, source length) shapes: rows (batch x beam) are padded to a
-    bucket (multiples of 8 up to 64, then 4 sizes per doubling: 80, 96, 112, 128, 160, ...,
-    640, 768, ...), the source length likewise (multiples of 4 up to 32, then 40, 48, 56, 64,
-    80, ...); padded rows are independent of the real ones, padded source positions are masked. The memory (encoder outputs) is copied into the
-    graph's buffers once per batch, the state every step. Eager on CPU, with gradients on, and
-    when nothing is given (the search functions take `graphs=None`).
+  - One graph per search step: the decoder step and the search's bookkeeping (top-k, the
+    finished hypotheses, back-pointers, reordering the beams), which mt.search keeps on the
+    device in fixed-shape tensors. Sentences are padded to a bucket (multiples of 8 up to 64,
+    then 4 sizes per doubling: 80, 96, 112, 128, 160, ..., 640, 768, ...; padded sentences are
+    done from the start), the source length likewise (multiples of 4 up to 32, then 40, 48, 56,
+    64, 80, ...; padded positions are masked). The memory (encoder outputs) and the initial
+    state are copied into the slot's buffers once per batch; then the host only replays, and
+    reads the done flags every `sync_every` steps. Eager on CPU, with gradients on, and when
+    nothing is given (the search functions take `graphs=None`).
 
 On a CPU, or with `emulate=True`, both classes run the same static-shape code without capturing
 (tests check padding and bookkeeping this way; `scripts/gpu_checks.py` checks the captured graphs
@@ -426,59 +429,59 @@ class GraphedTrainStep:
 
 # --------------------------------------------------------------------------- decoding
 class _DecodeSlot:
-    """Static buffers of one (rows, source length, dtypes...) key and its graph."""
+    """Static buffers of one padded search shape (sentences x beam rows, source length), the
+    search built on them (by mt.search, on first use) and the graph of its step."""
 
-    def __init__(self, Nb: int, Sb: int, tokens: Tensor, state: DecoderState, memory: Memory):
-        dev = tokens.device
-        self.tokens = torch.zeros(Nb, dtype=tokens.dtype, device=dev)
-        self.h = [torch.zeros(Nb, h.shape[1], dtype=h.dtype, device=dev) for h in state.h]
-        self.c = [torch.zeros(Nb, c.shape[1], dtype=c.dtype, device=dev) for c in state.c]
-        self.feed = torch.zeros(Nb, state.feed.shape[1], dtype=state.feed.dtype, device=dev)
+    def __init__(self, n: int, K: int, Sb: int, memory: Memory, dec: DecoderState, device: torch.device):
+        Nb = n * K
+        self.S = Sb
         out, keys = memory.out, memory.keys
-        self.out = torch.zeros(Nb, Sb, out.shape[2], dtype=out.dtype, device=dev)
-        self.shared_keys = keys is out  # dot attention: keys are the outputs themselves
-        self.keys = self.out if self.shared_keys else torch.zeros(Nb, Sb, keys.shape[2], dtype=keys.dtype, device=dev)
-        self.mask = torch.zeros(Nb, Sb, dtype=torch.bool, device=dev)
-        self.memory: Memory | None = None  # the Memory whose contents are loaded
-        self.weights: list[tuple[Tensor, Tensor]] | None = None  # gate-cell step weights (static)
+        o = torch.zeros(Nb, Sb, out.shape[2], dtype=out.dtype, device=device)
+        k = o if keys is out else torch.zeros(Nb, Sb, keys.shape[2], dtype=keys.dtype, device=device)
+        self.memory = Memory(o, k, torch.zeros(Nb, Sb, dtype=torch.bool, device=device), memory.backend)
+        self.dec = DecoderState([torch.zeros(Nb, h.shape[1], dtype=h.dtype, device=device) for h in dec.h],
+                                [torch.zeros(Nb, c.shape[1], dtype=c.dtype, device=device) for c in dec.c],
+                                torch.zeros(Nb, dec.feed.shape[1], dtype=dec.feed.dtype, device=device))
+        self.limit = torch.ones(n, dtype=torch.long, device=device)  # padded sentences: limit 1, done
+        self.search: Any = None  # mt.search's _GreedySearch / _BeamSearch over these buffers
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple | None = None
         self.runs = 0
 
-    def load_memory(self, memory: Memory, N: int, S: int) -> None:
-        self.out[:N, :S].copy_(memory.out)
-        if not self.shared_keys:
-            self.keys[:N, :S].copy_(memory.keys)
-        self.mask.zero_()
-        self.mask[:N, :S].copy_(memory.mask)
-        self.mask[N:, 0] = True  # padded rows attend somewhere: finite, and ignored
-        self.memory = memory
-
-    def load_state(self, tokens: Tensor, state: DecoderState, N: int) -> None:
-        self.tokens[:N].copy_(tokens)
-        for dst, src in zip(self.h, state.h):
+    def load(self, memory: Memory, dec: DecoderState, limit: Tensor) -> None:
+        """One batch: N real rows of S source positions, n real sentences."""
+        (N, S), m = memory.mask.shape, self.memory
+        m.out[:N, :S].copy_(memory.out)
+        if m.keys is not m.out:
+            m.keys[:N, :S].copy_(memory.keys)
+        m.mask.zero_()
+        m.mask[:N, :S].copy_(memory.mask)
+        m.mask[N:, 0] = True  # padded rows attend somewhere: finite, and ignored
+        for dst, src in zip([*self.dec.h, *self.dec.c, self.dec.feed], [*dec.h, *dec.c, dec.feed]):
             dst[:N].copy_(src)
-        for dst, src in zip(self.c, state.c):
-            dst[:N].copy_(src)
-        self.feed[:N].copy_(state.feed)
+        self.limit.fill_(1)
+        self.limit[: limit.shape[0]].copy_(limit)
 
 
 class GraphedDecoder:
-    """`model.decoder.step` replayed from CUDA graphs, one per padded (rows, source length) shape.
+    """Greedy and beam search steps replayed from CUDA graphs, one per padded shape.
 
         graphs = GraphedDecoder(model)
         out = beam_search(model, src, src_len, bos, eos, beam=5, graphs=graphs)   # or greedy_search, search, decode_dataset
 
-    `step(tokens, state, memory)` returns what `Decoder.step` returns, as views of static
-    buffers that the next call overwrites (clone what you keep). Eager (exactly
-    `model.decoder.step`) on CPU tensors and with gradients enabled, unless `emulate=True`, which
-    runs the padded static-shape code eagerly instead of capturing it. The first `warmup` calls of
-    each shape run eagerly on a side stream, the next one is captured.
+    A whole search step is captured: the decoder step (embedding, LSTM layers, attention,
+    output layer, log-softmax) and the search's bookkeeping (top-k, finished hypotheses, back-
+    pointers, reordering the state), all on the device without a host sync (mt.search). The
+    search runs on static buffers of a padded shape: sentences to `rows_bucket` (padded ones
+    are done from the start), source length to `length_bucket` (padded positions masked); the
+    host checks whether all sentences are done every `sync_every` steps. Eager (the plain
+    search) on CPU tensors and with gradients enabled, unless `emulate=True`, which runs the
+    padded static-shape code eagerly instead of capturing it. The first `warmup` steps of each
+    shape run eagerly on a side stream, the next one is captured.
     """
 
-    def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False):
+    def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):
         self.model, self.decoder = model, model.decoder
-        self.warmup, self.emulate = max(1, warmup), emulate
+        self.warmup, self.emulate, self.sync_every = max(1, warmup), emulate, max(1, sync_every)
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
         self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
@@ -493,8 +496,12 @@ class GraphedDecoder:
     def length_bucket(s: int) -> int:
         return bucket_size(s, 4)
 
+    def active(self, device: torch.device) -> bool:
+        """Whether searches on `device` run on the static buffers (else: the plain search)."""
+        return not torch.is_grad_enabled() and (device.type == "cuda" or self.emulate)
+
     def _static_weights(self, memory: Memory, dtype: torch.dtype, device: torch.device):
-        """The gate cell's step weights (recomputed from the parameters for every new memory, so
+        """The gate cell's step weights (recomputed from the parameters for every batch, so
         training between validations is seen) in buffers shared by all shapes."""
         if memory.backend == "cudnn":
             return None
@@ -509,62 +516,58 @@ class GraphedDecoder:
                 db.copy_(b)
         return static
 
-    def step(self, tokens: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, DecoderState, Tensor]:
-        device = tokens.device
-        if torch.is_grad_enabled() or (device.type != "cuda" and not self.emulate):
-            self.stats["eager"] += 1
-            return self.decoder.step(tokens, state, memory)
-        N, S = tokens.shape[0], memory.out.shape[1]
-        Nb, Sb = self.rows_bucket(N), self.length_bucket(S)
+    def slot(self, key: tuple, memory: Memory, dec: DecoderState, n: int, K: int, limit: Tensor) -> _DecodeSlot:
+        """The static buffers for a search `key` (mt.search's settings) over n sentences x K
+        beams, loaded with this batch (memory and state: n*K rows; limit: n)."""
+        device = memory.out.device
+        nb, Sb = self.rows_bucket(n), self.length_bucket(memory.out.shape[1])
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        dtypes = tuple(t.dtype for t in (memory.out, memory.keys, state.h[0], state.c[0], state.feed, tokens))
-        key = (Nb, Sb, amp, memory.backend, self.model.training, device, dtypes, memory.keys is memory.out)
-        slot = self._slots.get(key)
+        dtypes = tuple(t.dtype for t in (memory.out, memory.keys, dec.h[0], dec.c[0], dec.feed))
+        full = (*key, nb, Sb, K, amp, memory.backend, self.model.training, device, dtypes, memory.keys is memory.out)
+        slot = self._slots.get(full)
         if slot is None:
-            slot = self._slots[key] = _DecodeSlot(Nb, Sb, tokens, state, memory)
-        if slot.memory is not memory:
-            slot.load_memory(memory, N, S)
-            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
-            slot.weights = self._static_weights(memory, wdtype, device)
-        slot.load_state(tokens, state, N)
+            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, memory, dec, device)
+        slot.load(memory, dec, limit)
+        slot.amp = amp
+        wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+        slot.memory.weights = self._static_weights(memory, wdtype, device)
+        return slot
+
+    def replay(self, slot: _DecodeSlot, step) -> None:
+        """One search step of `slot`: `step()` updates its static buffers in place; it is run
+        eagerly (emulate, warm-up) or captured once and replayed."""
+        device, amp = slot.limit.device, slot.amp
 
         def run():
-            mem = Memory(slot.out, slot.keys, slot.mask, memory.backend, slot.weights)
-            st = DecoderState(list(slot.h), list(slot.c), slot.feed)
             # the autocast weight cache would hand the graph tensors that die with the caller's
             # autocast region: no cache inside (each weight is used once per step anyway)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
-                logp, new, attn = self.decoder.step(slot.tokens, st, mem)
-            return logp, tuple(new.h), tuple(new.c), new.feed, attn
+                step()
 
         if slot.graph is not None:
             slot.graph.replay()
-            outputs = slot.outputs
             self.stats["replayed"] += 1
         elif device.type != "cuda" or self.emulate:
-            outputs = run()
+            run()
             self.stats["emulated"] += 1
         elif slot.runs < self.warmup:
             if self._side is None:
                 self._side = torch.cuda.Stream(device)
             self._side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self._side):
-                outputs = run()
+                run()
             torch.cuda.current_stream(device).wait_stream(self._side)
             self.stats["warmup"] += 1
         else:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                slot.outputs = run()
+                run()
             if self._pool is None:
                 self._pool = graph.pool()
             slot.graph = graph
             graph.replay()
-            outputs = slot.outputs
             self.stats["captured"] += 1
         slot.runs += 1
-        logp, h, c, feed, attn = outputs
-        return logp[:N], DecoderState([x[:N] for x in h], [x[:N] for x in c], feed[:N]), attn[:N, :S]
 
 
 def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False) -> bool:

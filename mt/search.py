@@ -4,6 +4,15 @@ Both searches encode the source once and then call ``model.decoder.step`` once p
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
 
+Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
+beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
+slots and records per step only the token and back-pointer of every beam (and its attention),
+so a step costs the same at every position and the outputs are rebuilt once at the end by
+following the back-pointers. Nothing in a step reads a value back to the host; that is what
+lets `mt.graphs.GraphedDecoder` capture the whole step (decoder and bookkeeping) as one CUDA
+graph. Eagerly, the host looks at the ``done`` flags after every step and beam search drops
+finished sentences from the batch.
+
 Scores are sums of token log-probabilities, EOS included; BOS and padding are never generated. A hypothesis that reaches the length
 limit ``max_len_a * src_len + max_len_b`` (src_len counts the source EOS) without producing EOS is
 closed there, without EOS.
@@ -15,7 +24,7 @@ output tokens, EOS included):
     alpha > 0    lp = ((5 + len) / 6) ** alpha (GNMT, Wu et al. 2016; alpha = 1.0 is common)
     "avg"        lp = len                      (mean log-probability per token)
 
-With ``graphs=`` a `mt.graphs.GraphedDecoder`, every decoder step is replayed from a CUDA graph
+With ``graphs=`` a `mt.graphs.GraphedDecoder`, every search step is replayed from a CUDA graph
 (padded to a fixed shape; eager on CPU); results equal the eager ones up to float rounding.
 
 Beam search keeps ``beam`` open hypotheses per sentence. A candidate ending in EOS (among the
@@ -23,8 +32,8 @@ best ``beam`` candidates of a step) is moved to the sentence's finished list. A 
 when it has ``beam`` finished hypotheses and no open one can still beat the ``nbest``-th best
 of them (log-probabilities only fall, so the best an open hypothesis with score s can reach is
 s / lp at the most favourable remaining length), or at its length limit, where the open
-hypotheses are closed as they are. Finished sentences leave the batch. With ``beam=1`` and no
-length penalty beam search returns exactly what greedy search returns.
+hypotheses are closed as they are. With ``beam=1`` and no length penalty beam search returns
+exactly what greedy search returns.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .errors import MTError
-from .model import Seq2Seq
+from .model import DecoderState, Memory, Seq2Seq
 
 LengthPenalty = float | str | None
 
@@ -115,50 +124,277 @@ def max_lengths(src_len: Tensor, a: float, b: int) -> Tensor:
     return (a * src_len.float() + b).long().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------- search state
+@dataclass
+class SearchState:
+    """What one search step reads and replaces: device tensors of fixed shape, N = n x K rows
+    (n sentences, K beams; greedy: K = 1). A step returns a new SearchState; under CUDA graphs
+    it is copied into the captured one instead (`copy_`)."""
+
+    last: Tensor  # (N,) each row's previous output token
+    dec: DecoderState  # (N, H) per layer, and the input feed
+    scores: Tensor  # greedy (N,), beam (n, K): raw log-prob of the open hypotheses
+    done: Tensor  # greedy (N,), beam (n,) bool: finished, never changes again
+    t: Tensor  # () int64: steps taken
+    fin: tuple[Tensor, ...] = ()  # beam: finished hypotheses, best first (see _BeamSearch)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.last, *self.dec.h, *self.dec.c, self.dec.feed, self.scores, self.done, self.t, *self.fin]
+
+    def copy_(self, new: SearchState) -> None:
+        for dst, src in zip(self.tensors(), new.tensors(), strict=True):
+            dst.copy_(src)
+
+
+class _GreedySearch:
+    """Greedy search over N rows: the most probable token at every step (BOS/padding banned);
+    a row is done after EOS or at its length limit, and then only emits EOS at no cost."""
+
+    def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, bos: int, eos: int,
+                 banned: list[int]):
+        N, S, device = memory.out.shape[0], memory.out.shape[1], limit.device
+        self.memory, self.limit, self.bos, self.eos = memory, limit, bos, eos  # limit (N,)
+        self.banned = torch.tensor(banned, device=device)
+        self.tok_hist = torch.zeros(T, N, dtype=torch.long, device=device)  # (T, N) output tokens
+        self.attn_hist = torch.zeros(T, N, S, device=device)  # (T, N, S) fp32 attention
+        self.state = SearchState(torch.full((N,), bos, dtype=torch.long, device=device), dec,
+                                 torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device),
+                                 torch.zeros((), dtype=torch.long, device=device))
+
+    def reset(self, n: int) -> None:
+        """Start again with rows [0, n) real (in place: CUDA-graph buffers); padded rows are done."""
+        s = self.state
+        s.last.fill_(self.bos), s.scores.zero_(), s.t.zero_()
+        s.done.fill_(True)
+        s.done[:n] = False
+
+    def step(self, step_fn, s: SearchState) -> SearchState:
+        logp, dec, attn = step_fn(s.last, s.dec, self.memory)  # (N, V), (N, S)
+        logp.index_fill_(1, self.banned, float("-inf"))
+        best, tok = logp.max(dim=-1)  # (N,)
+        tok = tok.masked_fill(s.done, self.eos)
+        self.tok_hist.index_copy_(0, s.t.view(1), tok.unsqueeze(0))
+        self.attn_hist.index_copy_(0, s.t.view(1), attn.float().unsqueeze(0))
+        done = s.done | (tok == self.eos) | (s.t + 1 >= self.limit)
+        return SearchState(tok, dec, s.scores + best.masked_fill(s.done, 0.0), done, s.t + 1)
+
+    def output(self, steps: int, n: int, src_lens: list[int], limits: list[int]) -> SearchOutput:
+        toks = self.tok_hist[:steps, :n].t().tolist()  # (n, steps)
+        attn = self.attn_hist[:steps, :n].transpose(0, 1).cpu()  # (n, steps, S)
+        score_list = self.state.scores[:n].tolist()
+        out = SearchOutput([], [], [], [])
+        for i in range(n):
+            seq = toks[i]
+            m = seq.index(self.eos) if self.eos in seq else len(seq)
+            # one attention row per scored step: the tokens, plus EOS unless the length limit closed it
+            a = attn[i, : min(m + 1, len(seq), limits[i]), : src_lens[i]]
+            out.tokens.append(seq[:m]), out.scores.append(score_list[i]), out.attention.append(a)
+            out.nbest.append([Hyp(seq[:m], score_list[i], score_list[i], a)])
+        return out
+
+
+class _BeamSearch:
+    """Beam search over n sentences x K beams, every decision on the device (see the module
+    docstring for the rules). Finished hypotheses live in `state.fin`, per sentence the K best
+    so far, best first: ranking score (float64, -inf = empty), raw log-prob, and (step, beam,
+    last token), from which `output` rebuilds the tokens through the back-pointers."""
+
+    def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, K: int, nbest: int,
+                 length_penalty: LengthPenalty, bos: int, eos: int, banned: list[int]):
+        n, S, device = limit.shape[0], memory.out.shape[1], limit.device
+        self.memory, self.limit, self.K, self.nbest = memory, limit, K, nbest
+        self.bos, self.eos, self.n0 = bos, eos, n
+        self.banned = torch.tensor(banned, device=device)
+        self.sent = torch.arange(n, device=device)  # (n,) original index of each working sentence
+        self.rank = torch.arange(2 * K, device=device)  # candidate ranks
+        # lp(length) for every length a hypothesis can have here (float64; indexed on the device)
+        self.lp_table = torch.tensor([length_penalty_factor(i, length_penalty) for i in range(T + 2)],
+                                     dtype=torch.float64, device=device)
+        self.skip_idle_merge = False  # eager: skip the merge when nothing closes (costs a host sync)
+        self.row0 = torch.arange(n, device=device) * K  # (n,) first beam row of each working sentence
+        # history, by original sentence: the token each beam took at step t, the beam (before
+        # step t's reorder) it continues, and the attention of every beam row at step t
+        self.tok_hist = torch.zeros(T, n, K, dtype=torch.long, device=device)
+        self.bp_hist = torch.zeros(T, n, K, dtype=torch.long, device=device)
+        self.attn_hist = torch.zeros(T, n, K, S, device=device)
+        fin = (torch.full((n, K), float("-inf"), dtype=torch.float64, device=device),
+               torch.full((n, K), float("-inf"), device=device),
+               torch.zeros(n, K, 3, dtype=torch.long, device=device))
+        self.result = tuple(f.clone() for f in fin)  # the finished lists of sentences that left
+        self.state = SearchState(torch.full((n * K,), bos, dtype=torch.long, device=device), dec,
+                                 torch.zeros(n, K, device=device), torch.zeros(n, dtype=torch.bool, device=device),
+                                 torch.zeros((), dtype=torch.long, device=device), fin)
+        self.reset(n)
+
+    def reset(self, n: int) -> None:
+        """Start again with sentences [0, n) real (in place: CUDA-graph buffers)."""
+        s = self.state
+        s.last.fill_(self.bos), s.t.zero_()
+        s.scores.fill_(float("-inf"))
+        s.scores[:, 0] = 0.0  # the first step expands beam 0 only (no duplicate hypotheses)
+        s.done.fill_(True)
+        s.done[:n] = False
+        s.fin[0].fill_(float("-inf")), s.fin[1].fill_(float("-inf")), s.fin[2].zero_()
+
+    def lp(self, length: Tensor) -> Tensor:
+        """lp(length) for a device tensor of lengths: (1,) for a scalar (index_select, not
+        indexing: indexing with a 0-d tensor would read it back to the host)."""
+        return self.lp_table.index_select(0, length.view(-1))
+
+    def step(self, step_fn, s: SearchState) -> SearchState:
+        n, K = s.scores.shape
+        logp, dec, attn = step_fn(s.last, s.dec, self.memory)  # (n*K, V), (n*K, S)
+        logp.index_fill_(1, self.banned, float("-inf"))
+        V = logp.shape[-1]
+        k2 = min(2 * K, K * V)
+        cand = s.scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
+        top_s, top_i = cand.view(n, K * V).topk(k2, dim=-1)  # (n, k2), best first
+        top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
+        is_eos = top_tok == self.eos
+        length = s.t + 1  # () scored tokens per hypothesis, EOS included
+        at_limit = length >= self.limit  # (n,)
+
+        # Candidates among the best K that close a hypothesis: EOS, or anything at the limit.
+        closing = (is_eos[:, :K] | at_limit.unsqueeze(-1)) & torch.isfinite(top_s[:, :K]) & ~s.done.unsqueeze(-1)
+        if self.skip_idle_merge and not bool(closing.any()):
+            fin = s.fin
+        else:  # the K best of the finished ones and the closing ones; a stable sort keeps earlier ones first on ties
+            new = (top_s[:, :K].double() / self.lp(length)).masked_fill(~closing, float("-inf"))
+            merged = torch.cat([s.fin[0], new], dim=1)  # (n, 2K)
+            keep = merged.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (n, K)
+            info = torch.stack([s.t.expand(n, K), top_beam[:, :K], top_tok[:, :K]], dim=-1)  # (n, K, 3)
+            fin = (merged.gather(1, keep), torch.cat([s.fin[1], top_s[:, :K]], dim=1).gather(1, keep),
+                   torch.cat([s.fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)))
+
+        # The K best candidates that do not end in EOS continue (a stable order keeps best first).
+        order = is_eos.long() * k2 + self.rank[:k2]
+        pos = order.topk(K, dim=-1, largest=False).indices.sort(dim=-1).values  # (n, K)
+        beam, tok, score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)
+
+        # A sentence is done at its limit, with nothing open, or with K finished hypotheses of
+        # which the nbest-th beats the best any open one can still reach.
+        best_open = score[:, 0].double()  # (n,)
+        lp_lo, lp_hi = self.lp(length + 1), self.lp(torch.maximum(self.limit, length + 1))
+        bound = torch.maximum(best_open / lp_lo, best_open / lp_hi)  # lp is monotonic: an end is the best
+        full = torch.isfinite(fin[0]).sum(dim=1) >= K
+        done = s.done | at_limit | ~torch.isfinite(best_open) | (full & (bound <= fin[0][:, self.nbest - 1]))
+
+        # history (by original sentence), then the open beams move on
+        at = s.t * self.n0 + self.sent  # (n,) rows of the flattened (T * n0) history
+        self.tok_hist.view(-1, K).index_copy_(0, at, tok)
+        self.bp_hist.view(-1, K).index_copy_(0, at, beam)
+        self.attn_hist.view(-1, K, self.attn_hist.shape[-1]).index_copy_(0, at, attn.float().view(n, K, -1))
+        rows = (self.row0.unsqueeze(-1) + beam).view(-1)  # (n*K,) the row each open beam continues
+        return SearchState(tok.view(-1), dec.index_select(rows), score, done, length, fin)
+
+    def retire(self, s: SearchState, gone: list[int], keep: list[int]) -> SearchState:
+        """Eager only: file the finished lists of sentences `gone` and drop them from the batch
+        (the history stays, indexed by original sentence)."""
+        dev, K = s.scores.device, self.K
+        gone_t, keep_t = torch.tensor(gone, device=dev), torch.tensor(keep, device=dev)
+        for res, f in zip(self.result, s.fin):
+            res.index_copy_(0, self.sent.index_select(0, gone_t), f.index_select(0, gone_t))
+        rows = (keep_t.unsqueeze(-1) * K + torch.arange(K, device=dev)).view(-1)  # (n'*K,)
+        self.memory, self.limit = self.memory.index_select(rows), self.limit.index_select(0, keep_t)
+        self.sent = self.sent.index_select(0, keep_t)
+        self.row0 = self.row0[: len(keep)]
+        return SearchState(s.last.index_select(0, rows), s.dec.index_select(rows), s.scores.index_select(0, keep_t),
+                           s.done.index_select(0, keep_t), s.t, tuple(f.index_select(0, keep_t) for f in s.fin))
+
+    def finish(self) -> None:
+        """File the finished lists of the sentences still in the batch."""
+        for res, f in zip(self.result, self.state.fin):
+            res.index_copy_(0, self.sent, f)
+
+    def output(self, steps: int, n: int, src_lens: list[int]) -> SearchOutput:
+        """Sentences [0, n): their finished hypotheses, rebuilt by following the back-pointers."""
+        score, logp, info = (r[:n].tolist() for r in self.result)
+        tok, bp = self.tok_hist[:steps, :n].tolist(), self.bp_hist[:steps, :n].tolist()  # (steps, n, K)
+        attn = self.attn_hist[:steps, :n].cpu()  # (steps, n, K, S)
+        out = SearchOutput([], [], [], [])
+        for i in range(n):
+            hyps = []
+            for k in range(self.nbest):
+                if not math.isfinite(score[i][k]):
+                    break
+                end, j, last = info[i][k]
+                beams, rev = [j], []  # beam of the hypothesis at steps end, end-1, ..., 0
+                for t in range(end - 1, -1, -1):
+                    rev.append(tok[t][i][j])
+                    j = bp[t][i][j]
+                    beams.append(j)
+                tokens = rev[::-1] + ([] if last == self.eos else [last])
+                a = attn[torch.arange(end + 1), i, torch.tensor(beams[::-1]), : src_lens[i]]  # (end+1, S_i)
+                hyps.append(Hyp(tokens, score[i][k], logp[i][k], a))
+            if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
+                hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
+            out.nbest.append(hyps)
+            out.tokens.append(hyps[0].tokens), out.scores.append(hyps[0].score)
+            out.attention.append(hyps[0].attention)
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderState, n: int, K: int,
+         limit: Tensor, steps_max: int):
+    """Build the search with `make(memory, dec, limit, T)` and step it until every sentence is
+    done (at most `steps_max` steps) -> (search, steps taken).
+
+    Eager (no GraphedDecoder, CPU, gradients on): a host check after every step; beam search
+    drops finished sentences from the batch then. With a GraphedDecoder on CUDA (or emulating):
+    the search lives on static buffers padded to a bucket (n sentences -> graphs.rows_bucket(n),
+    padded ones done from the start; source length -> graphs.length_bucket), one captured step
+    is replayed per position and the host checks every `graphs.sync_every` steps (extra steps
+    change nothing: done sentences are frozen)."""
+    if graphs is None or not graphs.active(memory.out.device):
+        search = make(memory, dec, limit, steps_max)
+        beam = isinstance(search, _BeamSearch)
+        if beam:
+            search.skip_idle_merge = True
+        steps = 0
+        while steps < steps_max:
+            search.state = search.step(model.decoder.step, search.state)
+            steps += 1
+            done = search.state.done.tolist()
+            if all(done):
+                break
+            if beam and any(done):
+                search.state = search.retire(search.state, [b for b, d in enumerate(done) if d],
+                                             [b for b, d in enumerate(done) if not d])
+        if graphs is not None:
+            graphs.stats["eager"] += steps
+        return search, steps
+    slot = graphs.slot(key, memory, dec, n, K, limit)
+    if slot.search is None:
+        T = int(max_lengths(torch.tensor([slot.S]), *key[-2:]).item())  # the longest limit this shape allows
+        slot.search = make(slot.memory, slot.dec, slot.limit, T)
+    search = slot.search
+    search.reset(n)
+    steps = 0
+    while steps < steps_max:
+        graphs.replay(slot, lambda: search.state.copy_(search.step(model.decoder.step, search.state)))
+        steps += 1
+        if steps % graphs.sync_every == 0 and bool(search.state.done.all()):
+            break
+    return search, steps
+
+
 # ----------------------------------------------------------------------------- greedy
-def _step_fn(model, graphs):
-    """The decoder step to call: the graphed one when given (its outputs are overwritten by the
-    next call: keep only copies), else the model's own."""
-    return graphs.step if graphs is not None else model.decoder.step
-
-
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int,
                   max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Pick the most probable token at every step. src (B, S), src_len (B,)."""
-    step = _step_fn(model, graphs)
     B = src.shape[0]
-    memory, state = model.encode(src, src_len)
+    memory, dec = model.encode(src, src_len)
     limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
-    tokens = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=src.device)
-    scores = torch.zeros(B, device=src.device)
-    out_tokens, out_attn = [], []
-    banned = _banned(model, bos_id)
-    for t in range(int(limit.max())):
-        logp, state, attn = step(tokens, state, memory)  # (B, V), (B, S)
-        logp[:, banned] = float("-inf")
-        best, tokens = logp.max(dim=-1)  # (B,)
-        tokens = torch.where(finished, torch.full_like(tokens, eos_id), tokens)
-        scores += torch.where(finished, torch.zeros_like(best), best)
-        out_tokens.append(tokens)
-        out_attn.append(attn if graphs is None else attn.clone())
-        finished |= (tokens == eos_id) | (t + 1 >= limit)
-        if bool(finished.all()):
-            break
-    toks = torch.stack(out_tokens, 1).tolist()  # (B, T)
-    attn = torch.stack(out_attn, 1).float().cpu()  # (B, T, S)
-    src_lens, limits = src_len.tolist(), limit.tolist()
-    score_list = scores.tolist()
-    res_tokens, res_attn, nbest = [], [], []
-    for i in range(B):
-        seq = toks[i]
-        n = seq.index(eos_id) if eos_id in seq else len(seq)
-        res_tokens.append(seq[:n])
-        # one row per scored step: the tokens, plus EOS unless the length limit closed it
-        res_attn.append(attn[i, : min(n + 1, len(seq), limits[i]), : src_lens[i]])
-        nbest.append([Hyp(res_tokens[-1], score_list[i], score_list[i], res_attn[-1])])
-    return SearchOutput(res_tokens, score_list, res_attn, nbest)
+    limits, banned = limit.tolist(), _banned(model, bos_id)
+
+    def make(memory, dec, limit, T):
+        return _GreedySearch(memory, dec, limit, T, bos_id, eos_id, banned)
+
+    key = ("greedy", bos_id, eos_id, tuple(banned), max_len_a, max_len_b)
+    search, steps = _run(make, model, graphs, key, memory, dec, B, 1, limit, max(limits))
+    return search.output(steps, B, src_len.tolist(), limits)
 
 
 # ----------------------------------------------------------------------------- beam
@@ -168,120 +404,25 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
                 max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Batched beam search. src (B, S), src_len (B,) -> per sentence the `nbest` best finished
     hypotheses (ranked by log_prob / lp(len), see the module docstring), best first."""
-    step = _step_fn(model, graphs)
     if beam < 1:
         raise MTError(f"beam must be >= 1 (got {beam})")
     if not 1 <= nbest <= beam:
         raise MTError(f"nbest must be between 1 and beam={beam} (got {nbest})")
     lp = parse_length_penalty(length_penalty)
-    B, device, K = src.shape[0], src.device, beam
-    memory, state = model.encode(src, src_len)
-    rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) sentence of each beam row
-    memory, state = memory.index_select(rows), state.index_select(rows)
-    limit_all = max_lengths(src_len, max_len_a, max_len_b).tolist()
-    src_lens = src_len.tolist()
-
-    # ---- state of the active sentences (n of them, K beam rows each)
-    active = list(range(B))  # original index of each active sentence
-    limit = torch.tensor(limit_all, device=device)  # (n,)
-    scores = torch.full((B, K), float("-inf"), device=device)  # (n, K) raw log-probs
-    scores[:, 0] = 0.0  # the first step expands beam 0 only (no duplicate hypotheses)
-    last = torch.full((B * K,), bos_id, dtype=torch.long, device=device)  # (n*K,)
-    seqs = torch.empty((B * K, 0), dtype=torch.long, device=device)  # (n*K, t)
-    hist = torch.empty((B * K, 0, src.shape[1]), dtype=torch.float32, device=device)  # (n*K, t, S)
-    finished: list[list[Hyp]] = [[] for _ in range(B)]
-    beam_offsets = torch.arange(K, device=device)
+    B, K = src.shape[0], beam
+    memory, dec = model.encode(src, src_len)
+    rows = torch.arange(B, device=src.device).repeat_interleave(K)  # (B*K,) sentence of each beam row
+    memory, dec = memory.index_select(rows), dec.index_select(rows)
+    limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
     banned = _banned(model, bos_id)
 
-    t = 0
-    while active:
-        n = len(active)
-        logp, state, attn = step(last, state, memory)  # (n*K, V), (n*K, S)
-        logp[:, banned] = float("-inf")
-        V = logp.shape[-1]
-        cand = scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
-        k2 = min(2 * K, K * V)
-        top_s, top_i = cand.view(n, K * V).topk(k2, dim=-1)  # (n, k2), best first
-        top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
-        is_eos = top_tok == eos_id
-        at_limit = (t + 1) >= limit  # (n,)
-        # Candidates among the best K that close a hypothesis: EOS, or anything at the limit.
-        closing = (is_eos[:, :K] | at_limit.unsqueeze(-1)) & torch.isfinite(top_s[:, :K])  # (n, K)
-        # The K best candidates that do not end in EOS continue (a stable order keeps best first).
-        order = is_eos.long() * k2 + torch.arange(k2, device=device)
-        pos = order.topk(K, dim=-1, largest=False).indices.sort(dim=-1).values  # (n, K)
-        new_beam, new_tok, new_score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)
-        step_attn = attn.float()  # (n*K, S)
+    def make(memory, dec, limit, T):
+        return _BeamSearch(memory, dec, limit, T, K, nbest, lp, bos_id, eos_id, banned)
 
-        # ---- bookkeeping on the host
-        # best open score, at-limit flag and number of closing candidates per sentence: one sync
-        info = torch.stack([new_score[:, 0], at_limit.float(), closing.sum(-1).float()], dim=1).tolist()
-        if any(row[2] for row in info):
-            sel = closing.nonzero().tolist()
-            sel_t = torch.tensor(sel, device=device)  # (m, 2)
-            src_rows = sel_t[:, 0] * K + top_beam[sel_t[:, 0], sel_t[:, 1]]  # (m,)
-            m_seqs = seqs.index_select(0, src_rows).tolist()
-            m_attn = torch.cat([hist.index_select(0, src_rows), step_attn.index_select(0, src_rows).unsqueeze(1)],
-                               dim=1).cpu()  # (m, t+1, S)
-            m_tok = top_tok[sel_t[:, 0], sel_t[:, 1]].tolist()
-            m_score = top_s[sel_t[:, 0], sel_t[:, 1]].tolist()
-            for k, (b, _j) in enumerate(sel):
-                orig = active[b]
-                toks = m_seqs[k] + ([] if m_tok[k] == eos_id else [m_tok[k]])
-                length = t + 1
-                hyp = Hyp(toks, normalized_score(m_score[k], length, lp), m_score[k],
-                          m_attn[k, :, : src_lens[orig]].clone())
-                finished[orig].append(hyp)
-            for b in {b for b, _ in sel}:
-                fin = finished[active[b]]
-                fin.sort(key=lambda h: -h.score)
-                del fin[K:]  # only the K best can ever be returned (nbest <= K)
-
-        # ---- which sentences are done
-        best_open = [row[0] for row in info]
-        at_limit_cpu = [row[1] > 0 for row in info]
-        done = []
-        for b in range(n):
-            orig = active[b]
-            fin = finished[orig]
-            if at_limit_cpu[b] or not math.isfinite(best_open[b]):
-                done.append(True)
-            elif len(fin) >= K:
-                bound = _best_reachable(best_open[b], t + 2, limit_all[orig], lp)
-                done.append(bound <= fin[nbest - 1].score)
-            else:
-                done.append(False)
-
-        # ---- advance the open beams
-        idx = (torch.arange(n, device=device).unsqueeze(-1) * K + new_beam).view(-1)  # (n*K,)
-        state = state.index_select(idx)
-        seqs = torch.cat([seqs.index_select(0, idx), new_tok.view(-1, 1)], dim=1)
-        hist = torch.cat([hist.index_select(0, idx), step_attn.index_select(0, idx).unsqueeze(1)], dim=1)
-        scores, last = new_score, new_tok.view(-1)
-        t += 1
-
-        # ---- drop finished sentences from the batch
-        if any(done):
-            keep = [b for b in range(n) if not done[b]]
-            active = [active[b] for b in keep]
-            if not active:
-                break
-            keep_t = torch.tensor(keep, device=device)
-            krows = (keep_t.unsqueeze(-1) * K + beam_offsets).view(-1)
-            state, memory = state.index_select(krows), memory.index_select(krows)
-            seqs, hist, last = seqs.index_select(0, krows), hist.index_select(0, krows), last.index_select(0, krows)
-            scores, limit = scores.index_select(0, keep_t), limit.index_select(0, keep_t)
-
-    out = SearchOutput([], [], [], [])
-    for i in range(B):
-        hyps = sorted(finished[i], key=lambda h: -h.score)[:nbest]
-        if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
-            hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
-        out.nbest.append(hyps)
-        out.tokens.append(hyps[0].tokens)
-        out.scores.append(hyps[0].score)
-        out.attention.append(hyps[0].attention)
-    return out
+    key = ("beam", K, nbest, lp, bos_id, eos_id, tuple(banned), max_len_a, max_len_b)
+    search, steps = _run(make, model, graphs, key, memory, dec, B, K, limit, int(limit.max()))
+    search.finish()
+    return search.output(steps, B, src_len.tolist())
 
 
 def search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int, beam: int = 1,

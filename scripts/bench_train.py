@@ -28,8 +28,8 @@ Rows:
           (one shape, captured after 2 eager warm-up steps), capturable Adam.
   greedy  sentences per second, greedy search, --decode-batch sentences per batch
   beam    sentences per second, beam search (--beam, GNMT length penalty 1.0)
-          (graphs: mt.graphs.GraphedDecoder, the decoder step replayed; encoder and search
-          bookkeeping eager). The model is untrained, so it seldom emits EOS and most outputs
+          (graphs: mt.graphs.GraphedDecoder, the whole search step replayed: decoder and
+          bookkeeping; the encoder eager, once per batch). The model is untrained, so it seldom emits EOS and most outputs
           run to the length limit 1.5 * T + 10: a worst case for decoding length.
 
 Timing: wall clock (time.perf_counter) around --iters steps after --warmup, with

@@ -310,22 +310,38 @@ def test_graphed_decoder_is_eager_on_cpu():
     assert set(graphs.stats) == {"eager"} and graphs.stats["eager"] > 10
 
 
-@pytest.mark.parametrize("cell, attention", [("torch", "general"), ("cudnn", "dot"), ("torch", "bahdanau")])
-def test_emulated_graphed_decoder_matches_eager(cell, attention):
-    """The static-shape decoder step (rows and source length padded to buckets, memory and state
-    copied into static buffers, run eagerly) gives the eager greedy/beam results (fp64)."""
+@pytest.mark.parametrize("cell, attention, sync_every", [("torch", "general", 4), ("cudnn", "dot", 1),
+                                                       ("torch", "bahdanau", 3)])
+def test_emulated_graphed_decoder_matches_eager(cell, attention, sync_every):
+    """The static-shape search step (sentences and source length padded to buckets, memory and
+    state copied into static buffers, the search's bookkeeping on the device, done sentences
+    frozen instead of dropped, a host check every `sync_every` steps), run eagerly, gives the
+    eager greedy/beam results (fp64)."""
     model = tiny_model(cell, attention=attention).eval()
-    batch = make_batch(5, 9, 2, seed=4)  # 5 rows -> 8, source 9 -> 12; beam 3: 15 rows -> 16, shrinking
+    batch = make_batch(5, 9, 2, seed=4)  # 5 sentences -> 8, source 9 -> 12
     refs = _decode_all(model, batch.src, batch.src_len, None)
-    graphs = GraphedDecoder(model, emulate=True)
+    graphs = GraphedDecoder(model, emulate=True, sync_every=sync_every)
     outs = _decode_all(model, batch.src, batch.src_len, graphs)
     _assert_same(outs, refs, exact=False)
     assert graphs.stats["emulated"] > 10 and "eager" not in graphs.stats
-    assert {k[0] for k in graphs._slots} >= {8, 16}
-    with torch.enable_grad():  # with gradients on, always the plain eager step
-        memory, state = model.encode(batch.src, batch.src_len)
-        graphs.step(torch.full((5,), BOS), state, memory)
-    assert graphs.stats["eager"] == 1
+    # one slot per search, padded: greedy 8 rows, beam 3 x 8 rows, beam 1 ("avg") 8 rows; source 12
+    shapes = sorted((key[0], tuple(slot.memory.out.shape[:2])) for key, slot in graphs._slots.items())
+    assert shapes == [("beam", (8, 12)), ("beam", (24, 12)), ("greedy", (8, 12))]
+    again = _decode_all(model, batch.src, batch.src_len, graphs)  # the same slots, reset and reused
+    _assert_same(again, refs, exact=False)
+    assert len(graphs._slots) == 3  # greedy, beam 3 nbest 2, the "avg" beam-1 search
+
+
+def test_emulated_search_reuses_a_slot_for_a_smaller_batch():
+    """A batch smaller than the last one in the same bucket: stale rows of the previous batch
+    sit in the padding and must not leak into the results."""
+    model = tiny_model("torch").eval()
+    big, small = make_batch(7, 9, 2, seed=5), make_batch(3, 9, 2, seed=6)
+    graphs = GraphedDecoder(model, emulate=True)
+    for batch in (big, small):
+        refs = _decode_all(model, batch.src, batch.src_len, None)
+        _assert_same(_decode_all(model, batch.src, batch.src_len, graphs), refs, exact=False)
+    assert len(graphs._slots) == 3
 
 
 # ----------------------------------------------------------------------------- GPU machine readiness
@@ -419,3 +435,38 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
     assert graphed["last"]["loss"] == pytest.approx(eager["last"]["loss"], rel=1e-4)
     ck = load_checkpoint(graphed["last_path"])
     assert ck["step"] == 24 and isinstance(ck["optimizer"]["param_groups"][0]["lr"], float)
+
+
+def test_static_search_step_reads_nothing_back_to_the_host(monkeypatch):
+    """A captured step cannot read a device value on the host (a CUDA graph would fail to
+    capture, or bake in the value): inside GraphedDecoder.replay, every Tensor -> Python
+    conversion raises (bool/int/float/item/tolist)."""
+    model = tiny_model("torch").eval()
+    batch = make_batch(5, 9, 2, seed=8)
+    refs = _decode_all(model, batch.src, batch.src_len, None)
+    graphs = GraphedDecoder(model, emulate=True, sync_every=2)
+    replay, inside = graphs.replay, {"on": False, "steps": 0}
+
+    def guarded(slot, step):
+        inside["on"] = True
+        try:
+            replay(slot, step)
+        finally:
+            inside["on"] = False
+        inside["steps"] += 1
+
+    def forbid(name):
+        orig = getattr(torch.Tensor, name)
+
+        def check(self, *a, **k):
+            if inside["on"]:
+                raise AssertionError(f"Tensor.{name} inside a graphed search step")
+            return orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, check)
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        forbid(name)
+    monkeypatch.setattr(graphs, "replay", guarded)
+    outs = _decode_all(model, batch.src, batch.src_len, graphs)
+    _assert_same(outs, refs, exact=False)
+    assert inside["steps"] > 10

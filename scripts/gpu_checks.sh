@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (not yet run on a GPU; the stage timeouts add up to 8 minutes,
-# plus up to 10 s of kill-after per stage):
+# Everything that needs a GPU, in one go (not yet run on a GPU; the default stages' timeouts add
+# up to 505 s, plus up to 10 s of kill-after per stage):
 #
-#     OUT=/some/dir bash scripts/gpu_checks.sh        # from the repository root; OUT defaults to ./gpu_out
+#     bash scripts/gpu_bundle.sh                       # first, on the development machine
+#     OUT=/some/dir bash scripts/gpu_checks.sh         # on the GPU machine, from the repository
+#                                                      # root, carrying .whl and .gpu_data
+#     STAGES="bench_cell test_graphs" bash scripts/gpu_checks.sh     # only these stages
 #
-# Needs python3 with torch (CUDA), triton, numpy, pytest, sentencepiece, pyarrow; no hydra-core,
-# no datasets. Writes under $OUT:
-#     gpu_checks.log    everything printed below, stage by stage, with timings
-#     gpu_checks.json   scripts/gpu_checks.py: Triton kernels on CUDA vs the reference; CUDA-graph
-#                       training steps vs the same steps eager (20 steps, losses); graphed decoding
-#                       vs eager
-#     bench_train.json  scripts/bench_train.py: training tokens/s and decoding sentences/s,
-#                       cuDNN vs ours, eager vs CUDA graphs (bf16, B=128, T=20, E=H=512, V=8000)
-#     bench_cell.json   scripts/bench_cell.py --quick: the gate cell alone (B=64, H=512, T=30)
-#     summary.txt       one line per stage: exit status and seconds
-# Stages run one after the other; a failing (or timed-out) stage does not stop the others.
-# The exit status is the number of failed stages.
+# Needs python3 with torch (CUDA), triton, numpy, pytest, sentencepiece, pyarrow; hydra-core and
+# datasets come as the carried wheels (only the recipe stage needs them). Writes under $OUT
+# (at most 8 files come back from the device tool):
+#     gpu_checks.log      everything printed below, stage by stage, with timings
+#     gpu_checks.json     scripts/gpu_checks.py: Triton kernels on CUDA vs the reference; CUDA-graph
+#                         training steps vs the same steps eager (20 steps, losses); graphed
+#                         greedy/beam search vs eager
+#     bench_train.json    scripts/bench_train.py: training tokens/s and decoding sentences/s,
+#                         cuDNN vs ours, eager vs CUDA graphs (bf16, B=128, T=20, E=H=512, V=8000)
+#     recipe_train.log    scripts/gpu_recipe.sh: experiment=multi30k_de_en trained for at most
+#     recipe_timing.json  RECIPE_MINUTES (default 2) minutes: every validation's BLEU and time
+#     bench_cell.json     scripts/bench_cell.py --quick: the gate cell alone (B=64, H=512, T=30)
+#     summary.txt         one line per stage: exit status and seconds
+# Default stages, most wanted first: environment gpu_checks bench_train recipe test_kernels;
+# also available: bench_cell test_graphs (STAGES=all runs all seven). A failing (or timed-out)
+# stage does not stop the others. The exit status is the number of failed stages.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -42,17 +49,26 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
     echo "$name rc=$rc ${dt}s" | tee -a "$LOG" >>"$SUMMARY"
 }
 
-stage environment 15 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'"
-# correctness first: kernels on CUDA tensors, graphs vs eager (training and decoding)
-stage gpu_checks 170 "$PY" scripts/gpu_checks.py --json "$OUT/gpu_checks.json"
-# the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in a
-# subprocess) and the sm_90 compile test
-stage test_kernels 75 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
-# the speed figures of docs/benchmarks.md
-stage bench_train 110 "$PY" scripts/bench_train.py --json "$OUT/bench_train.json"
-stage bench_cell 60 "$PY" scripts/bench_cell.py --quick --json "$OUT/bench_cell.json"
-# the CPU-side graph tests under this machine's torch (API drift between torch versions)
-stage test_graphs 50 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py
+STAGES="${STAGES:-environment gpu_checks bench_train recipe test_kernels}"
+[ "$STAGES" = all ] && STAGES="environment gpu_checks bench_train recipe test_kernels bench_cell test_graphs"
+for name in $STAGES; do
+    case $name in
+    environment) stage environment 15 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'" ;;
+    # correctness first: kernels on CUDA tensors, graphs vs eager (training and decoding)
+    gpu_checks) stage gpu_checks 150 "$PY" scripts/gpu_checks.py --json "$OUT/gpu_checks.json" ;;
+    # the speed figures of docs/benchmarks.md
+    bench_train) stage bench_train 110 "$PY" scripts/bench_train.py --json "$OUT/bench_train.json" ;;
+    # the full recipe, timed to its best validation BLEU (stops after RECIPE_MINUTES of training)
+    recipe) stage recipe 170 env RECIPE_MINUTES="${RECIPE_MINUTES:-2}" OUT="$OUT" PYTHON="$PY" bash scripts/gpu_recipe.sh ;;
+    # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
+    # a subprocess) and the sm_90 compile test
+    test_kernels) stage test_kernels 60 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
+    bench_cell) stage bench_cell 45 "$PY" scripts/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
+    # the CPU-side graph tests under this machine's torch (API drift between torch versions)
+    test_graphs) stage test_graphs 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py ;;
+    *) echo "gpu_checks: unknown stage $name" | tee -a "$LOG"; failed=$((failed + 1)) ;;
+    esac
+done
 
 echo "=== summary ($failed failed)" | tee -a "$LOG"
 cat "$SUMMARY" | tee -a "$LOG"

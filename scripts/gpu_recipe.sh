@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The full Multi30k de->en GPU recipe, timed to its best validation BLEU (the "< 60 s" target):
+#
+#     OUT=/some/dir bash scripts/gpu_recipe.sh [extra mt.train overrides...]
+#
+# For the GPU machine, whose image has torch, triton, sentencepiece, sacrebleu and tensorboard
+# but not hydra-core or datasets: run scripts/gpu_bundle.sh on the development machine first,
+# and carry .whl and .gpu_data with the call. The wheels go into /tmp/site (PYTHONPATH). Runs
+#     python3 -m mt.train experiment=multi30k_de_en data.path=.gpu_data/multi30k ...
+# in /tmp/recipe (its checkpoints are too big to bring back) and writes under $OUT:
+#     recipe_train.log     the run's train.log
+#     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best
+# scripts/gpu_checks.sh runs this as its stage "recipe" (RECIPE_MINUTES bounds the training).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+PY="${PYTHON:-python3}"
+RUN="${RECIPE_RUN:-/tmp/recipe}"
+mkdir -p "$OUT"
+if [ ! -f .gpu_data/multi30k/train.jsonl ] || ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_recipe: .whl/ or .gpu_data/multi30k/ missing: run scripts/gpu_bundle.sh and carry both" >&2
+    exit 3
+fi
+if ! "$PY" -c "import hydra, datasets" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_recipe: installing the carried wheels failed" >&2; exit 4; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c "import hydra, datasets, pyarrow, torch; print('gpu_recipe: hydra', hydra.__version__, '| datasets', \
+datasets.__version__, '| pyarrow', pyarrow.__version__, '| torch', torch.__version__)" \
+    || { echo "gpu_recipe: hydra/datasets do not import (datasets needs pyarrow >= 24)" >&2; exit 5; }
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+rm -rf "$RUN"
+started=$EPOCHREALTIME
+"$PY" -m mt.train experiment=multi30k_de_en data.path=.gpu_data/multi30k data.cache_dir=/tmp/mtcache \
+    hydra.run.dir="$RUN" trainer.progress=false trainer.max_minutes="${RECIPE_MINUTES:-0}" "$@"
+rc=$?
+echo "gpu_recipe: mt.train exit status $rc after $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
+cp "$RUN/train.log" "$OUT/recipe_train.log" 2>/dev/null
+"$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json" || rc=$((rc ? rc : 6))
+exit "$rc"

@@ -1,0 +1,47 @@
+"""scripts/recipe_timing.py: time to best validation BLEU from a train.log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOG = """\
+[2026-11-27 10:00:00,000][mt.train][INFO] - tokenizer: trained joint model /tmp/x.model
+[2026-11-27 10:00:04,500][mt.train][INFO] - model: 5,615,936 parameters, cell=triton (triton), device=cuda
+[2026-11-27 10:00:20,500][mt.train][INFO] - step 250 | valid loss 3.572 ppl 35.58 | BLEU 8.70 chrF 24.81 BLEU(lc) 8.80 | best 8.70 * | 1.1s
+[2026-11-27 10:00:31,000][mt.train][INFO] - step 500 | valid loss 2.142 ppl 8.52 | BLEU 31.17 chrF 50.96 BLEU(lc) 31.37 | best 31.17 * | 1.0s
+[2026-11-27 10:00:40,250][mt.train][INFO] - step 750 | valid loss 2.300 ppl 9.97 | BLEU 30.02 chrF 50.00 BLEU(lc) 30.20 | best 31.17 | 1.0s
+[2026-11-27 10:00:41,000][mt.train][INFO] - done: step 750, best validation BLEU 31.17
+"""
+
+
+def run(tmp_path, text, *extra):
+    log = tmp_path / "train.log"
+    log.write_text(text)
+    out = tmp_path / "timing.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_timing.py"), str(log), "--json", str(out),
+                           *extra], capture_output=True, text=True, timeout=60)
+    return proc, out
+
+
+def test_best_bleu_and_its_times(tmp_path):
+    started = __import__("datetime").datetime(2026, 11, 27, 9, 59, 58).timestamp()  # 2 s before the first line
+    proc, out = run(tmp_path, LOG, "--started", str(started))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    best = res["best"]
+    assert best["step"] == 500 and best["bleu"] == 31.17
+    assert abs(best["since_training"] - 26.5) < 1e-6  # from the "model:" line
+    assert abs(best["since_start"] - 33.0) < 1e-6  # from --started
+    assert abs(res["preparation_s"] - 6.5) < 1e-6
+    assert [v["step"] for v in res["validations"]] == [250, 500, 750]
+    assert "best BLEU 31.17 at step 500" in proc.stdout
+
+
+def test_a_log_where_training_never_started_is_an_error(tmp_path):
+    proc, out = run(tmp_path, LOG.splitlines()[0] + "\n")
+    assert proc.returncode != 0 and "training never started" in proc.stderr
+    assert not out.exists()

@@ -180,7 +180,8 @@ class _GreedySearch:
 
     def output(self, steps: int, n: int, src_lens: list[int], limits: list[int]) -> SearchOutput:
         toks = self.tok_hist[:steps, :n].t().tolist()  # (n, steps)
-        attn = self.attn_hist[:steps, :n].transpose(0, 1).cpu()  # (n, steps, S)
+        # a copy even on CPU: the history is a CUDA-graph slot's buffer, which the next batch overwrites
+        attn = self.attn_hist[:steps, :n].transpose(0, 1).to("cpu", copy=True)  # (n, steps, S)
         score_list = self.state.scores[:n].tolist()
         out = SearchOutput([], [], [], [])
         for i in range(n):
@@ -196,8 +197,8 @@ class _GreedySearch:
 class _BeamSearch:
     """Beam search over n sentences x K beams, every decision on the device (see the module
     docstring for the rules). Finished hypotheses live in `state.fin`, per sentence the K best
-    so far, best first: ranking score (float64, -inf = empty), raw log-prob, and (step, beam,
-    last token), from which `output` rebuilds the tokens through the back-pointers."""
+    so far, best first: ranking score (float64, -inf = empty), raw log-prob (float32), and
+    (step, beam, last token), from which `output` rebuilds the tokens through the back-pointers."""
 
     def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, K: int, nbest: int,
                  length_penalty: LengthPenalty, bos: int, eos: int, banned: list[int]):
@@ -263,7 +264,7 @@ class _BeamSearch:
             merged = torch.cat([s.fin[0], new], dim=1)  # (n, 2K)
             keep = merged.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (n, K)
             info = torch.stack([s.t.expand(n, K), top_beam[:, :K], top_tok[:, :K]], dim=-1)  # (n, K, 3)
-            fin = (merged.gather(1, keep), torch.cat([s.fin[1], top_s[:, :K]], dim=1).gather(1, keep),
+            fin = (merged.gather(1, keep), torch.cat([s.fin[1], top_s[:, :K].float()], dim=1).gather(1, keep),
                    torch.cat([s.fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)))
 
         # The K best candidates that do not end in EOS continue (a stable order keeps best first).
@@ -366,7 +367,8 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderS
         return search, steps
     slot = graphs.slot(key, memory, dec, n, K, limit)
     if slot.search is None:
-        T = int(max_lengths(torch.tensor([slot.S]), *key[-2:]).item())  # the longest limit this shape allows
+        # the longest limit any source of this bucket can have (a negative max_len_a: the shortest one's)
+        T = int(max_lengths(torch.arange(1, slot.S + 1), *key[-2:]).max())
         slot.search = make(slot.memory, slot.dec, slot.limit, T)
     search = slot.search
     search.reset(n)

@@ -470,3 +470,30 @@ def test_static_search_step_reads_nothing_back_to_the_host(monkeypatch):
     outs = _decode_all(model, batch.src, batch.src_len, graphs)
     _assert_same(outs, refs, exact=False)
     assert inside["steps"] > 10
+
+
+def test_results_survive_the_next_batch_in_the_same_slot():
+    """Outputs are copies: the next batch in the same slot (CPU: emulated) overwrites the slot's
+    history buffers, not earlier results."""
+    model = tiny_model("torch").eval()
+    graphs = GraphedDecoder(model, emulate=True)
+    first, second = make_batch(5, 9, 2, seed=9), make_batch(6, 9, 2, seed=10)
+    outs = _decode_all(model, first.src, first.src_len, graphs)
+    kept = [[a.clone() for a in out.attention] for out in outs]
+    _decode_all(model, second.src, second.src_len, graphs)
+    for out, ref in zip(outs, kept):
+        for a, b in zip(out.attention, ref):
+            assert torch.equal(a, b)
+
+
+def test_graphed_search_with_a_limit_that_shrinks_with_the_source():
+    """max_len_a < 0: the shortest source has the longest limit; the slot's history must hold it."""
+    model = tiny_model("torch").eval()
+    batch = make_batch(4, 9, 2, seed=11)
+    kw = dict(max_len_a=-1.0, max_len_b=14)
+    refs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, **kw),
+            beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, **kw)]
+    graphs = GraphedDecoder(model, emulate=True)
+    outs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, graphs=graphs, **kw),
+            beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, graphs=graphs, **kw)]
+    _assert_same(outs, refs, exact=False)

@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -437,39 +438,65 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
     assert ck["step"] == 24 and isinstance(ck["optimizer"]["param_groups"][0]["lr"], float)
 
 
+class HostReads:
+    """While `on`, every Tensor -> Python conversion (bool/int/float/index/item/tolist) and every
+    copy to the host (cpu/numpy) raises: what a CUDA graph cannot capture (it would fail, or bake
+    in the value). A read inside an ATen kernel's C++ code is not seen."""
+
+    def __init__(self, monkeypatch):
+        self.on = False
+        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, self._guard(name, getattr(torch.Tensor, name)))
+
+    def _guard(self, name, orig):
+        def check(tensor, *a, **k):
+            if self.on:
+                raise AssertionError(f"Tensor.{name} inside a captured step")
+            return orig(tensor, *a, **k)
+        return check
+
+    def wrap(self, fn, on: bool):
+        """fn, run with the guard on (or off)."""
+        def run(*a, **k):
+            before, self.on = self.on, on
+            try:
+                return fn(*a, **k)
+            finally:
+                self.on = before
+        return run
+
+
 def test_static_search_step_reads_nothing_back_to_the_host(monkeypatch):
-    """A captured step cannot read a device value on the host (a CUDA graph would fail to
-    capture, or bake in the value): inside GraphedDecoder.replay, every Tensor -> Python
-    conversion raises (bool/int/float/item/tolist)."""
+    """Every search step GraphedDecoder would capture (here emulated) runs without a host read."""
     model = tiny_model("torch").eval()
     batch = make_batch(5, 9, 2, seed=8)
     refs = _decode_all(model, batch.src, batch.src_len, None)
     graphs = GraphedDecoder(model, emulate=True, sync_every=2)
-    replay, inside = graphs.replay, {"on": False, "steps": 0}
-
-    def guarded(slot, step):
-        inside["on"] = True
-        try:
-            replay(slot, step)
-        finally:
-            inside["on"] = False
-        inside["steps"] += 1
-
-    def forbid(name):
-        orig = getattr(torch.Tensor, name)
-
-        def check(self, *a, **k):
-            if inside["on"]:
-                raise AssertionError(f"Tensor.{name} inside a graphed search step")
-            return orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, check)
-
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
-        forbid(name)
-    monkeypatch.setattr(graphs, "replay", guarded)
+    guard, calls = HostReads(monkeypatch), Counter()
+    replay = guard.wrap(graphs.replay, on=True)
+    monkeypatch.setattr(graphs, "replay", lambda *a: (calls.update(["step"]), replay(*a)))
     outs = _decode_all(model, batch.src, batch.src_len, graphs)
     _assert_same(outs, refs, exact=False)
-    assert inside["steps"] > 10
+    assert calls["step"] > 10
+
+
+@pytest.mark.parametrize("cell", ["torch", "cudnn"])
+def test_graphed_train_step_reads_nothing_back_to_the_host(monkeypatch, cell):
+    """The training step GraphedTrainStep captures (forward under graph_safe, loss, backward,
+    clipping; here emulated) runs without a host read. The optimizer step is left out: a CPU
+    Adam cannot be capturable (its non-capturable step reads the step count); on CUDA the
+    capturable one keeps it on the device."""
+    model = tiny_model(cell, dropout=0.2, emb_dropout=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = GraphedTrainStep(model, opt, criterion(), buckets=ShapeBuckets([(6, 8, 8)]), emulate=True, pad_id=PAD,
+                            amp_dtype=None, clip_norm=0.5, device="cpu")
+    guard = HostReads(monkeypatch)
+    monkeypatch.setattr(step, "_run", guard.wrap(step._run, on=True))
+    monkeypatch.setattr(opt, "step", guard.wrap(opt.step, on=False))
+    for i in range(3):
+        loss_sum, _ = step.forward_backward(make_batch(4, 7, 6, seed=20 + i))
+        assert math.isfinite(loss_sum.item())
+    assert step.stats == {"emulated": 3}
 
 
 def test_results_survive_the_next_batch_in_the_same_slot():

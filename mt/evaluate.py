@@ -63,6 +63,7 @@ class EvaluateConfig:
     batch_size: int = 64  # sentences per decoding batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cell: str | None = None  # gate-cell backend (auto | torch | triton | cudnn); null = the checkpoint's
+    cuda_graphs: str = "auto"  # auto (on with CUDA) | true | false: search steps replayed from CUDA graphs
     output_dir: str | None = None  # default: the Hydra run directory
 
 
@@ -123,7 +124,8 @@ def decode_and_score(tr, src_ids: list[list[int]], refs: list[str], *, beam: int
 
     t0 = time.perf_counter()
     decoded = decode_dataset(tr.model, src_ids, tr.tokenizer, tr.device, batch_size=batch_size,
-                             max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=length_penalty)
+                             max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=length_penalty,
+                             graphs=tr.graphs)
     if tr.device.type == "cuda":
         torch.cuda.synchronize(tr.device)
     seconds = time.perf_counter() - t0
@@ -140,7 +142,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     check_decoding(cfg.beam, cfg.length_penalty)  # a bad value fails before the checkpoint loads
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
-    tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell)
+    tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs)
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)

@@ -570,23 +570,22 @@ class GraphedDecoder:
         slot.runs += 1
 
 
-def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False) -> bool:
-    """trainer.cuda_graphs -> on/off: auto = on for single-process CUDA training; true where it
-    cannot work is an MTError."""
+def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False, *,
+                        key: str = "trainer.cuda_graphs", task: str = "training") -> bool:
+    """auto | true | false -> on/off: auto = on for single-process CUDA work; true where it
+    cannot work is an MTError. key/task name the setting and the work in the messages."""
     v = str(value).strip().lower()
     if v == "auto":
         return device.type == "cuda" and not distributed
     if v in ("true", "1", "yes", "on"):
         if device.type != "cuda":
-            raise MTError(f"trainer.cuda_graphs=true needs CUDA, but training runs on {device}; "
-                          "use trainer.cuda_graphs=auto or false")
+            raise MTError(f"{key}=true needs CUDA, but {task} runs on {device}; use {key}=auto or false")
         if distributed:
-            raise MTError("trainer.cuda_graphs=true is not supported with several processes (DDP) yet; "
-                          "use trainer.cuda_graphs=false")
+            raise MTError(f"{key}=true is not supported with several processes (DDP) yet; use {key}=false")
         return True
     if v in ("false", "0", "no", "off", "none"):
         return False
-    raise MTError(f"unknown trainer.cuda_graphs={value!r}; use auto, true or false")
+    raise MTError(f"unknown {key}={value!r}; use auto, true or false")
 
 
 __all__ = ["ShapeBuckets", "pad_batch", "length_grid", "bucket_size", "make_capturable", "portable_state",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import graphs
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
 from .errors import CheckpointError, MTError, first_line
@@ -124,20 +125,25 @@ class Translator:
     """A model, its tokenizer and its training config, ready to translate lines of text."""
 
     def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, config: TrainConfig,
-                 device: torch.device | str = "cpu", max_src_len: int | None = None):
+                 device: torch.device | str = "cpu", max_src_len: int | None = None, cuda_graphs: str | bool = "auto"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = config
         self.max_src_len = max_src_len if max_src_len is not None else config.data.max_src_len
+        # search steps replayed from CUDA graphs (auto: on CUDA), kept across translate() calls
+        on = graphs.resolve_cuda_graphs(cuda_graphs, self.device, key="cuda_graphs", task="decoding")
+        self.graphs = graphs.GraphedDecoder(self.model) if on else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", cell: str | None = None,
-                        max_src_len: int | None = None) -> Translator:
+                        max_src_len: int | None = None, cuda_graphs: str | bool = "auto") -> Translator:
         """Build the model described by the checkpoint's config and load its weights.
-        A missing, corrupt or mismatched checkpoint is a one-line CheckpointError."""
+        A missing, corrupt or mismatched checkpoint is a one-line CheckpointError.
+        cuda_graphs: auto (on with CUDA) | true | false: decode with mt.graphs.GraphedDecoder."""
         dev = resolve_device(device)
+        graphs.resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
         path = Path(path)
         state = load_checkpoint(path, map_location="cpu")
         try:
@@ -160,7 +166,7 @@ class Translator:
             model.backend(dev)
         except (RuntimeError, ValueError) as e:
             raise MTError(f"{first_line(e)}") from None
-        return cls(model, tok, cfg, dev, max_src_len)
+        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs)
 
     @property
     def src_lang(self) -> str:
@@ -216,7 +222,7 @@ class Translator:
         todo = [i for i, x in enumerate(ids) if x is not None]  # empty lines are not decoded
         decoded = decode_dataset(self.model, [ids[i] for i in todo], tok, self.device, batch_size=batch_size,
                                  max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=lp,
-                                 nbest=nbest)
+                                 nbest=nbest, graphs=self.graphs)
         results: list[list[Hypothesis]] = [[Hypothesis(text="", score=0.0)] for _ in lines]
         for k, i in enumerate(todo):
             src_pieces = tok.src_pieces(ids[i])

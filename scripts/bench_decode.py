@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
+                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the fastest is reported)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -98,7 +100,7 @@ def random_translator(args: argparse.Namespace):
     cfg.model.cell = _resolve_cell(args.cell, cfg.model.cell, device)
     torch.manual_seed(0)
     model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
-    return Translator(model, tok, cfg, device)
+    return Translator(model, tok, cfg, device, cuda_graphs=args.cuda_graphs)
 
 
 def bench(tr, lines: list[str], beam: int, lp, args: argparse.Namespace) -> dict:
@@ -140,20 +142,21 @@ def run(args: argparse.Namespace) -> list[dict]:
         tr = random_translator(args)
         what = "random-init model"
     else:
-        tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
+        tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell,
+                                        cuda_graphs=args.cuda_graphs)
         what = args.checkpoint
     lines = read_sources(args.data, args.src or tr.src_lang, args.limit)
     device_name = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else platform.processor() or "cpu"
     print(f"model: {what} ({count_parameters(tr.model):,} parameters, cell {tr.model.cfg.cell} -> "
           f"{tr.model.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}", file=sys.stderr)
     print(f"data: {args.data} ({len(lines)} sentences) | device: {tr.device} ({device_name}) | "
-          f"batch size: {args.batch_size} | CPU threads: {torch.get_num_threads()} | torch {torch.__version__}",
-          file=sys.stderr)
+          f"batch size: {args.batch_size} | CUDA graphs: {'on' if tr.graphs else 'off'} | "
+          f"CPU threads: {torch.get_num_threads()} | torch {torch.__version__}", file=sys.stderr)
     results = []
     settings = [("greedy", 1, None), (f"beam {args.beam}", args.beam, lp)]
     for name, beam, pen in settings:
         r = {"setting": name, "device": str(tr.device), "device_name": device_name, "batch_size": args.batch_size,
-             **bench(tr, lines, beam, pen, args)}
+             "cuda_graphs": tr.graphs is not None, **bench(tr, lines, beam, pen, args)}
         results.append(r)
         print(f"{name:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
               f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen})")

@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len-b", type=int, default=10, help="output length limit a * source length + b: b")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
+                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--chunk-size", type=int, default=1000, help="lines read, translated and flushed at a time")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> None:
     if args.plot_attention:
         _check_plot_path(args.plot_attention)
 
-    tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell)
+    tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs)
     args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit: a * src_len + b")
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
+                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", metavar="FILE", help="write the rows and the choice to this JSON file")
     return p.parse_args(argv)
@@ -112,7 +114,7 @@ def tune(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     pairs = grid(args.beams, args.length_penalties)
-    tr = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cuda_graphs=args.cuda_graphs)
     data_cfg, srcs, refs = load_split(tr, EvalDataConfig(path=args.data), args.split)
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info("tuning on %s split %r: %d sentences, %s->%s, %d settings", data_cfg.path, args.split, len(srcs),

@@ -33,6 +33,7 @@ def test_evaluate_writes_scores_and_hypotheses(tiny, tmp_path):
     cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test",
                         "device=cpu", "batch_size=16"])
     assert isinstance(cfg, EvaluateConfig) and cfg.beam is None and cfg.length_penalty == "checkpoint"
+    assert cfg.cuda_graphs == "auto"  # off on CPU
     result = evaluate(cfg, tmp_path)
     assert (result["beam"], result["length_penalty"]) == (5, 1.0)  # the checkpoint's decoding defaults
     scores = json.loads((tmp_path / "scores.test.json").read_text())
@@ -71,7 +72,8 @@ def test_evaluate_a_folder_with_only_a_test_split(tiny, tmp_path):
 def test_evaluate_user_errors(tiny, tmp_path):
     base = [f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "device=cpu"]
     for extra, match in ((["split=nosuch"], "split"), (["length_penalty=long"], "length_penalty"),
-                         (["device=tpu"], "unknown device"), (["data.path=/no/such/dir"], "does not exist")):
+                         (["device=tpu"], "unknown device"), (["data.path=/no/such/dir"], "does not exist"),
+                         (["cuda_graphs=true"], "cuda_graphs=true needs CUDA")):
         with pytest.raises(MTError, match=match):
             evaluate(compose_eval(base + extra), tmp_path)
 

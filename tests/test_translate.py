@@ -80,6 +80,39 @@ def test_order_restored_empty_lines_and_nbest(tr):
     assert [x[0].text for x in nb] == [h.text for h in hyps]
 
 
+def flat(results) -> list[Hypothesis]:
+    return [h for r in results for h in (r if isinstance(r, list) else [r])]
+
+
+def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
+    """cuda_graphs: auto is off on CPU, true on CPU is a one-line error before loading; with a
+    GraphedDecoder (here emulating the captured steps) translate() gives the eager results and
+    keeps its slots across calls."""
+    from mt import graphs
+
+    assert tr.graphs is None  # auto, on CPU
+    with pytest.raises(MTError, match="cuda_graphs=true needs CUDA"):
+        Translator.from_checkpoint(ckpt, device="cpu", cuda_graphs="true")
+    with pytest.raises(MTError, match="unknown cuda_graphs"):
+        Translator.from_checkpoint(ckpt, device="cpu", cuda_graphs="sometimes")
+    real = graphs.GraphedDecoder
+    monkeypatch.setattr(graphs, "resolve_cuda_graphs", lambda *a, **k: True)
+    monkeypatch.setattr(graphs, "GraphedDecoder", lambda model: real(model, emulate=True))
+    gtr = Translator.from_checkpoint(ckpt, device="cpu")
+    lines = GOLDEN + ["", "hund katze haus baum auto mann frau"]
+    for beam, lp, nbest in ((1, None, 1), (4, 1.0, 3)):
+        ref = tr.translate(lines, beam=beam, length_penalty=lp, nbest=nbest, batch_size=3)
+        out = gtr.translate(lines, beam=beam, length_penalty=lp, nbest=nbest, batch_size=3)
+        assert [h.text for h in flat(out)] == [h.text for h in flat(ref)]
+        for a, b in zip(flat(out), flat(ref)):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=1e-6)
+    slots = len(gtr.graphs._slots)
+    assert gtr.graphs.stats["emulated"] > 10 and slots >= 2
+    gtr.translate(lines, beam=4, length_penalty=1.0, nbest=3, batch_size=3)
+    assert len(gtr.graphs._slots) == slots  # the same shapes again: no new slot
+
+
 def test_long_lines_truncated_with_a_warning(tr, caplog):
     long = " ".join(["hund", "katze"] * 6)
     with caplog.at_level(logging.WARNING, logger="mt.translator"):
@@ -205,6 +238,7 @@ def test_script_errors_are_one_line(script_runs, ckpt, tmp_path, capsys):
     for args in (["--checkpoint", str(tmp_path / "none.pt")], ["--checkpoint", str(ckpt), "--device", "tpu"],
                  ["--checkpoint", str(ckpt), "--nbest", "6", "--beam", "5"],
                  ["--checkpoint", str(ckpt), "--length-penalty", "long"],
+                 ["--checkpoint", str(ckpt), "--device", "cpu", "--cuda-graphs", "true"],
                  ["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.txt")],
                  ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "no" / "dir" / "a.png")],
                  ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "a.nosuchformat")]):

@@ -211,7 +211,7 @@ class _BeamSearch:
         # lp(length) for every length a hypothesis can have here (float64; indexed on the device)
         self.lp_table = torch.tensor([length_penalty_factor(i, length_penalty) for i in range(T + 2)],
                                      dtype=torch.float64, device=device)
-        self.skip_idle_merge = False  # eager: skip the merge when nothing closes (costs a host sync)
+        self.skip_idle_merge = False  # eager on CPU: skip the merge when nothing closes (costs a host sync)
         self.row0 = torch.arange(n, device=device) * K  # (n,) first beam row of each working sentence
         # history, by original sentence: the token each beam took at step t, the beam (before
         # step t's reorder) it continues, and the attention of every beam row at step t
@@ -350,8 +350,8 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderS
     if graphs is None or not graphs.active(memory.out.device):
         search = make(memory, dec, limit, steps_max)
         beam = isinstance(search, _BeamSearch)
-        if beam:
-            search.skip_idle_merge = True
+        if beam:  # a host sync costs nothing on CPU; on a GPU it would be a second stall per step
+            search.skip_idle_merge = memory.out.device.type == "cpu"
         steps = 0
         while steps < steps_max:
             search.state = search.step(model.decoder.step, search.state)

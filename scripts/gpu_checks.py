@@ -57,12 +57,24 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 RESULTS: list[dict] = []
 DEVICE = "cuda"  # "cpu" with --dry-run-cpu: graphs emulated, kernels interpreted (tests this script)
 HIDDEN, STEPS, CELLS = 128, 20, ["triton", "cudnn"]
+JSON: Path | None = None  # --json: rewritten after every check, so a timeout keeps what was checked
+
+
+def save(finished: bool = False) -> None:
+    if JSON is None:
+        return
+    env = dict(device=DEVICE, torch=torch.__version__, cuda=torch.version.cuda)
+    if DEVICE == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+    JSON.parent.mkdir(parents=True, exist_ok=True)
+    JSON.write_text(json.dumps(dict(environment=env, finished=finished, results=RESULTS), indent=2, default=str) + "\n")
 
 
 def check(name: str, ok: bool, **info) -> None:
     RESULTS.append(dict(name=name, ok=bool(ok), **info))
     detail = " ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (list, dict)))
     print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+    save()
 
 
 def max_rel(a: list[float], b: list[float]) -> float:
@@ -212,7 +224,7 @@ def check_training() -> None:
         flat_g, flat_e = [v for row in g for v in row], [v for row in e for v in row]
         err = max_rel(flat_g, flat_e)
         finite = all(math.isfinite(v) for v in flat_g)
-        ok = err <= 1e-5 and finite and gstats.get("eager") == int(STEPS > 7)
+        ok = err <= 1e-5 and finite and gstats.get("eager", 0) == int(STEPS > 7)
         if DEVICE == "cuda":
             ok = ok and gstats.get("captured") == 2 and gstats.get("replayed", 0) >= STEPS - 10
         check(f"train_graph_vs_emulated[{cell}]", ok, max_rel_diff=f"{err:.2e}", exact=flat_g == flat_e,
@@ -282,8 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--cells", nargs="+", choices=["triton", "cudnn"], default=["triton", "cudnn"])
     args = p.parse_args(argv)
-    global DEVICE, HIDDEN, STEPS, CELLS
-    HIDDEN, STEPS, CELLS = args.hidden, args.steps, args.cells
+    global DEVICE, HIDDEN, STEPS, CELLS, JSON
+    HIDDEN, STEPS, CELLS, JSON = args.hidden, args.steps, args.cells, args.json
     if args.dry_run_cpu:
         DEVICE = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"  # before mt.kernels imports triton
@@ -308,12 +320,7 @@ def main(argv=None) -> int:
             check(f"{name} (crashed)", False, error=f"{type(e).__name__}: {e}"[:500])
     failed = [r["name"] for r in RESULTS if not r["ok"]]
     print(f"# {len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed" + (f"; FAILED: {failed}" if failed else ""))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(device=DEVICE, torch=torch.__version__, cuda=torch.version.cuda)
-        if DEVICE == "cuda":
-            env.update(gpu=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
-        args.json.write_text(json.dumps(dict(environment=env, results=RESULTS), indent=2, default=str) + "\n")
+    save(finished=True)
     return 1 if failed else 0
 
 

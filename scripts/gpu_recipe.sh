@@ -11,6 +11,7 @@
 #     recipe_train.log     the run's train.log
 #     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best
 # scripts/gpu_checks.sh runs this as its stage "recipe" (RECIPE_MINUTES bounds the training).
+# Killed (TERM, e.g. by the stage's timeout), it still copies the log and times what it holds.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -32,10 +33,16 @@ datasets.__version__, '| pyarrow', pyarrow.__version__, '| torch', torch.__versi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 rm -rf "$RUN"
 started=$EPOCHREALTIME
+report() {  # also when a stage timeout kills the training: keep what it logged
+    cp "$RUN/train.log" "$OUT/recipe_train.log" 2>/dev/null
+    "$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json"
+}
+trap 'report; exit 143' TERM INT
 "$PY" -m mt.train experiment=multi30k_de_en data.path=.gpu_data/multi30k data.cache_dir=/tmp/mtcache \
-    hydra.run.dir="$RUN" trainer.progress=false trainer.max_minutes="${RECIPE_MINUTES:-0}" "$@"
+    hydra.run.dir="$RUN" trainer.progress=false trainer.max_minutes="${RECIPE_MINUTES:-0}" "$@" &
+wait $!  # in the background, so that a TERM reaches the trap at once
 rc=$?
+trap - TERM INT
 echo "gpu_recipe: mt.train exit status $rc after $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
-cp "$RUN/train.log" "$OUT/recipe_train.log" 2>/dev/null
-"$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json" || rc=$((rc ? rc : 6))
+report || rc=$((rc ? rc : 6))
 exit "$rc"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -524,3 +525,20 @@ def test_graphed_search_with_a_limit_that_shrinks_with_the_source():
     outs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, graphs=graphs, **kw),
             beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, graphs=graphs, **kw)]
     _assert_same(outs, refs, exact=False)
+
+
+def test_gpu_checks_script_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_checks.py's training and decoding checks, run on CPU (graphs emulated): the
+    script that a GPU session runs once must not fail on its own logic; its JSON is written
+    after every check."""
+    out = tmp_path / "gpu_checks.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "gpu_checks.py"), "--dry-run-cpu", "--only", "train", "decode",
+           "--cells", "cudnn", "--hidden", "16", "--steps", "4", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["finished"] and all(r["ok"] for r in res["results"])
+    names = {r["name"] for r in res["results"]}
+    assert {"train_graph_vs_emulated[cudnn]", "train_graph_vs_eager[cudnn]",
+            "decode_graph_vs_emulated[cudnn, fp32, beam 5]"} <= names

@@ -97,7 +97,7 @@ class Decoder(nn.Module):
         """Bridge: encoder final states (L_enc, B, H) -> decoder state. With equal depths layer l
         starts from encoder layer l, otherwise every layer from the top encoder layer."""
         L, (B, H) = self.cfg.dec_layers, h_enc.shape[1:]
-        acc = torch.promote_types(c_enc.dtype, torch.float32)  # the cell state is carried in fp32
+        acc = torch.promote_types(c_enc.dtype, torch.float32)  # the gate cell carries c in fp32 (cudnn: autocast casts it)
         src_layer = [k if h_enc.shape[0] == L else -1 for k in range(L)]
         if self.cfg.bridge == "dense":
             h = [torch.tanh(self.bridge_h(h_enc[k])) for k in src_layer]

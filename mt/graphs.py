@@ -432,9 +432,10 @@ class _DecodeSlot:
     """Static buffers of one padded search shape (sentences x beam rows, source length), the
     search built on them (by mt.search, on first use) and the graph of its step."""
 
-    def __init__(self, n: int, K: int, Sb: int, memory: Memory, dec: DecoderState, device: torch.device):
+    def __init__(self, n: int, K: int, Sb: int, memory: Memory, dec: DecoderState, device: torch.device,
+                 amp: torch.dtype | None):
         Nb = n * K
-        self.S = Sb
+        self.S, self.amp = Sb, amp  # amp: the autocast dtype the step runs under (part of the slot's key)
         out, keys = memory.out, memory.keys
         o = torch.zeros(Nb, Sb, out.shape[2], dtype=out.dtype, device=device)
         k = o if keys is out else torch.zeros(Nb, Sb, keys.shape[2], dtype=keys.dtype, device=device)
@@ -526,9 +527,8 @@ class GraphedDecoder:
         full = (*key, nb, Sb, K, amp, memory.backend, self.model.training, device, dtypes, memory.keys is memory.out)
         slot = self._slots.get(full)
         if slot is None:
-            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, memory, dec, device)
+            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, memory, dec, device, amp)
         slot.load(memory, dec, limit)
-        slot.amp = amp
         wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
         slot.memory.weights = self._static_weights(memory, wdtype, device)
         return slot

@@ -104,15 +104,6 @@ def normalized_score(log_prob: float, length: int, length_penalty: LengthPenalty
     return log_prob / length_penalty_factor(length, length_penalty)
 
 
-def _best_reachable(log_prob: float, lo: int, hi: int, length_penalty: LengthPenalty) -> float:
-    """Upper bound on the ranking score of an open hypothesis with `log_prob` (<= 0) that will
-    finish with a length in [lo, hi]: lp is monotonic in the length, so an end is the best."""
-    if length_penalty is None:
-        return log_prob
-    hi = max(lo, hi)
-    return max(normalized_score(log_prob, lo, length_penalty), normalized_score(log_prob, hi, length_penalty))
-
-
 def _banned(model, bos_id: int) -> list[int]:
     """Ids never generated: BOS and padding (the model's pad_id)."""
     pad = getattr(model, "pad_id", None)

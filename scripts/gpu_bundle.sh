@@ -7,8 +7,11 @@
 #   .whl/       wheels of the packages the GPU image lacks (hydra-core, omegaconf, antlr4,
 #               datasets and its pure-Python needs), at the versions constraints.txt pins,
 #               for CPython 3.12 on x86-64; pip reads them from this machine's package index
-#   .gpu_data/  a copy of the Multi30k jsonl files (data is never committed: both folders are
-#               in .gitignore)
+#   .whl/pyarrow/  pyarrow's wheel (55 MB), installed there only if the image's pyarrow is older
+#               than the 24 datasets needs (its version there was never read)
+#   .gpu_data/  the Multi30k jsonl files, gzipped (data is never committed: both folders are
+#               in .gitignore); gpu_recipe.sh unpacks them
+# The device tool carries at most 64 MiB of working tree per call: this checks the total.
 #
 # Then, through the device tool: run `bash scripts/gpu_checks.sh` with carry [".whl", ".gpu_data"].
 set -euo pipefail
@@ -28,10 +31,20 @@ mkdir -p .whl .gpu_data
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "$(pin hydra-core)" "$(pin omegaconf)" "$(pin datasets)" "$(pin dill)" "$(pin multiprocess)" "$(pin fsspec)"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl/pyarrow "$(pin pyarrow)"
 # antlr4-python3-runtime 4.9.x (what hydra-core 1.3 needs) is published as a source archive only
 "$PY" -m pip wheel -q --no-deps -w .whl "$(pin antlr4-python3-runtime)"
 [ -f "$DATA/train.jsonl" ] || { echo "gpu_bundle: no $DATA/train.jsonl" >&2; exit 1; }
 mkdir -p .gpu_data/multi30k
-cp "$DATA"/*.jsonl .gpu_data/multi30k/
-ls -l .whl
-du -sh .whl .gpu_data
+for f in "$DATA"/*.jsonl; do
+    gzip -9 -c "$f" >".gpu_data/multi30k/$(basename "$f").gz"
+done
+ls -l .whl .whl/pyarrow .gpu_data/multi30k
+# what a call carries: the tracked and untracked-but-not-ignored files, plus these two folders
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat 2>/dev/null | wc -c)
+extra=$(find .whl .gpu_data -type f -print0 | xargs -0 cat | wc -c)
+total=$((tree + extra))
+echo "gpu_bundle: a call carrying .whl and .gpu_data moves $((total / 1048576)) MiB (limit 64 MiB)"
+[ "$total" -lt $((62 * 1048576)) ] || { echo "gpu_bundle: over the device tool's 64 MiB (less a margin)" >&2; exit 1; }

@@ -7,8 +7,9 @@
 #                                                      # root, carrying .whl and .gpu_data
 #     STAGES="bench_cell test_graphs" bash scripts/gpu_checks.sh     # only these stages
 #
-# Needs python3 with torch (CUDA), triton, numpy, pytest, sentencepiece, pyarrow; hydra-core and
-# datasets come as the carried wheels (only the recipe stage needs them). Writes under $OUT
+# Needs python3 with torch (CUDA), triton, numpy, pytest, sentencepiece; hydra-core and datasets
+# come as the carried wheels, pyarrow too if the image's is older than 24 (only the recipe stage
+# needs them). Writes under $OUT
 # (at most 8 files come back from the device tool):
 #     gpu_checks.log      everything printed below, stage by stage, with timings
 #     gpu_checks.json     scripts/gpu_checks.py: Triton kernels on CUDA vs the reference; CUDA-graph

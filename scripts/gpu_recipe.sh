@@ -5,8 +5,10 @@
 #
 # For the GPU machine, whose image has torch, triton, sentencepiece, sacrebleu and tensorboard
 # but not hydra-core or datasets: run scripts/gpu_bundle.sh on the development machine first,
-# and carry .whl and .gpu_data with the call. The wheels go into /tmp/site (PYTHONPATH). Runs
-#     python3 -m mt.train experiment=multi30k_de_en data.path=.gpu_data/multi30k ...
+# and carry .whl and .gpu_data with the call. The wheels go into /tmp/site (PYTHONPATH), the
+# carried pyarrow too if the image's is older than 24 (datasets needs it). Unpacks the gzipped
+# corpus to /tmp/gpu_data and runs
+#     python3 -m mt.train experiment=multi30k_de_en data.path=/tmp/gpu_data/multi30k ...
 # in /tmp/recipe (its checkpoints are too big to bring back) and writes under $OUT:
 #     recipe_train.log     the run's train.log
 #     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best
@@ -18,12 +20,27 @@ OUT="${OUT:-$PWD/gpu_out}"
 PY="${PYTHON:-python3}"
 RUN="${RECIPE_RUN:-/tmp/recipe}"
 mkdir -p "$OUT"
-if [ ! -f .gpu_data/multi30k/train.jsonl ] || ! ls .whl/*.whl >/dev/null 2>&1; then
+if [ ! -f .gpu_data/multi30k/train.jsonl.gz ] || ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "gpu_recipe: .whl/ or .gpu_data/multi30k/ missing: run scripts/gpu_bundle.sh and carry both" >&2
     exit 3
 fi
-if ! "$PY" -c "import hydra, datasets" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+DATA="${RECIPE_DATA:-/tmp/gpu_data/multi30k}"
+mkdir -p "$DATA"
+for f in .gpu_data/multi30k/*.jsonl.gz; do
+    gunzip -c "$f" >"$DATA/$(basename "$f" .gz)" || { echo "gpu_recipe: cannot unpack $f" >&2; exit 3; }
+done
+wheels=()
+"$PY" -c "import hydra, datasets" 2>/dev/null || wheels+=(.whl/*.whl)
+if ! "$PY" -c "import sys, pyarrow; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null; then
+    if ls .whl/pyarrow/*.whl >/dev/null 2>&1; then
+        wheels+=(.whl/pyarrow/*.whl)
+    else
+        echo "gpu_recipe: datasets needs pyarrow >= 24, this python has an older one or none, and no .whl/pyarrow/ was carried" >&2
+        exit 5
+    fi
+fi
+if [ ${#wheels[@]} -gt 0 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
         || { echo "gpu_recipe: installing the carried wheels failed" >&2; exit 4; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -38,7 +55,7 @@ report() {  # also when a stage timeout kills the training: keep what it logged
     "$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json"
 }
 trap 'report; exit 143' TERM INT
-"$PY" -m mt.train experiment=multi30k_de_en data.path=.gpu_data/multi30k data.cache_dir=/tmp/mtcache \
+"$PY" -m mt.train experiment=multi30k_de_en data.path="$DATA" data.cache_dir=/tmp/mtcache \
     hydra.run.dir="$RUN" trainer.progress=false trainer.max_minutes="${RECIPE_MINUTES:-0}" "$@" &
 wait $!  # in the background, so that a TERM reaches the trap at once
 rc=$?

@@ -9,7 +9,8 @@
 # carried pyarrow too if the image's is older than 24 (datasets needs it). Unpacks the gzipped
 # corpus to /tmp/gpu_data and runs
 #     python3 -m mt.train experiment=multi30k_de_en data.path=/tmp/gpu_data/multi30k ...
-# in /tmp/recipe (its checkpoints are too big to bring back) and writes under $OUT:
+# in /tmp/recipe (its checkpoints are too big to bring back) with an empty Triton cache (a
+# first run's compile time counts) and writes under $OUT:
 #     recipe_train.log     the run's train.log
 #     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best
 # scripts/gpu_checks.sh runs this as its stage "recipe" (RECIPE_MINUTES bounds the training).
@@ -48,9 +49,13 @@ fi
 datasets.__version__, '| pyarrow', pyarrow.__version__, '| torch', torch.__version__)" \
     || { echo "gpu_recipe: hydra/datasets do not import (datasets needs pyarrow >= 24)" >&2; exit 5; }
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+# A first run on a machine compiles every Triton kernel variant it meets (about a second each):
+# time that, not a cache warmed by the stages before (RECIPE_TRITON_CACHE=DIR to reuse one)
+export TRITON_CACHE_DIR="${RECIPE_TRITON_CACHE:-$(mktemp -d /tmp/recipe_triton.XXXXXX)}"
 rm -rf "$RUN"
 started=$EPOCHREALTIME
 report() {  # also when a stage timeout kills the training: keep what it logged
+    echo "gpu_recipe: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) Triton kernels compiled into $TRITON_CACHE_DIR"
     cp "$RUN/train.log" "$OUT/recipe_train.log" 2>/dev/null
     "$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json"
 }

@@ -7,7 +7,9 @@ shuffled every epoch (deterministically from (seed, epoch)); under DDP every ran
 list and takes every ``num_replicas``-th batch, truncated so all ranks step the same number of
 times.
 
-`collate` turns examples into a `Batch`::
+`collate` turns examples into a `Batch` (the loader gets the same from `PairDataset.batch`, which
+pads a whole batch with a few numpy operations: about 0.3-0.9 ms per Multi30k batch of 8192
+tokens against 12-15 ms for the per-sentence loop, measured on a 2-core VM)::
 
     src     (B, S)  source pieces + [eos], right-padded with pad_id
     src_len (B,)    true source lengths (eos included)
@@ -17,7 +19,6 @@ times.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,11 +203,24 @@ def _flat_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
     return values, offsets
 
 
+def _padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: int, shift: int,
+            pad_id: int) -> np.ndarray:
+    """(len(rows), width) int64, pad_id everywhere but row k's ids (values[offsets[rows[k]] :
+    offsets[rows[k] + 1]]) from column `shift` on: one gather and one scatter for the batch."""
+    start, lens = offsets[rows], offsets[rows + 1] - offsets[rows]  # (B,), (B,)
+    out = np.full((len(rows), width), pad_id, dtype=np.int64)
+    r = np.repeat(np.arange(len(rows)), lens)  # (N,) row of each id, N = lens.sum()
+    c = np.arange(len(r)) - np.repeat(np.cumsum(lens) - lens, lens)  # (N,) its position in the row
+    out[r, c + shift] = values[np.repeat(start, lens) + c]
+    return out
+
+
 class PairDataset(Dataset):
     """Fast random access to a tokenized split (columns src_ids, tgt_ids).
 
     Reads the columns once into flat int32 arrays; item i is
-    ``{"src_ids": int32 array, "tgt_ids": int32 array, "idx": i}``.
+    ``{"src_ids": int32 array, "tgt_ids": int32 array, "idx": i}``, and `batch(rows, ...)` is
+    `collate` of those items done with a few numpy operations for the whole batch.
     """
 
     def __init__(self, ds: Any) -> None:
@@ -227,6 +241,51 @@ class PairDataset(Dataset):
             "tgt_ids": self._tgt[self._tgt_off[i] : self._tgt_off[i + 1]],
             "idx": i,
         }
+
+    def batch(self, rows: Sequence[int], pad_id: int, bos_id: int, eos_id: int) -> Batch:
+        """The same `Batch` as ``collate([self[i] for i in rows], ...)``, without a Python loop
+        over sentences (the loader builds every training batch on the host, between steps)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or len(rows) == 0:
+            raise ValueError("a batch needs a non-empty list of row indices")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        ls, lt = self.src_lens[rows], self.tgt_lens[rows]  # (B,) without eos / bos
+        every = np.arange(len(rows))
+        src = _padded(self._src, self._src_off, rows, int(ls.max()) + 1, 0, pad_id)  # (B, S)
+        src[every, ls] = eos_id
+        tgt_in = _padded(self._tgt, self._tgt_off, rows, int(lt.max()) + 1, 1, pad_id)  # (B, T)
+        tgt_in[:, 0] = bos_id
+        tgt_out = _padded(self._tgt, self._tgt_off, rows, int(lt.max()) + 1, 0, pad_id)  # (B, T)
+        tgt_out[every, lt] = eos_id
+        return Batch(
+            src=torch.from_numpy(src),
+            src_len=torch.from_numpy(ls + 1),
+            tgt_in=torch.from_numpy(tgt_in),
+            tgt_out=torch.from_numpy(tgt_out),
+            ntokens=int(lt.sum()) + len(rows),
+            indices=torch.from_numpy(rows),
+        )
+
+
+class _LoaderView(Dataset):
+    """What make_loader's DataLoader reads: with a batch sampler, DataLoader hands
+    `__getitems__` a whole batch of indices at once, and PairDataset.batch pads it in one go."""
+
+    def __init__(self, data: PairDataset, pad_id: int, bos_id: int, eos_id: int) -> None:
+        self.data, self.ids = data, (pad_id, bos_id, eos_id)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.data[i]
+
+    def __getitems__(self, rows: list[int]) -> Batch:
+        return self.data.batch(rows, *self.ids)
+
+
+def _already_collated(batch: Batch) -> Batch:
+    return batch
 
 
 def make_loader(
@@ -254,13 +313,10 @@ def make_loader(
         num_replicas=num_replicas,
         rank=rank,
     )
-    fn = functools.partial(
-        collate, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id
-    )
     return DataLoader(
-        data,
+        _LoaderView(data, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id),
         batch_sampler=sampler,
-        collate_fn=fn,
+        collate_fn=_already_collated,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

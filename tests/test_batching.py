@@ -176,6 +176,25 @@ def test_pair_dataset_matches_rows_after_filtering():
     assert pd.src_lens.tolist() == [len(x) for x in ds["src_ids"]]
 
 
+def test_pair_dataset_batch_is_collate_of_its_rows():
+    """The loader's vectorized padding gives exactly what collate gives, empty sides included."""
+    base = _tokenized(200)
+    extra = datasets.Dataset.from_dict({"src_ids": [[], [7], []], "tgt_ids": [[8, 9], [], []]}, features=base.features)
+    ds = datasets.concatenate_datasets([base, extra]).filter(lambda r: len(r["src_ids"]) != 3)
+    pd = PairDataset(ds)
+    rng = np.random.default_rng(0)
+    for rows in ([0], [len(pd) - 1, len(pd) - 2, len(pd) - 3], list(rng.permutation(len(pd))[:40]), [-1, 3, 3]):
+        got = pd.batch(rows, PAD, BOS, EOS)
+        want = collate([pd[i] for i in rows], PAD, BOS, EOS)
+        for name in ("src", "src_len", "tgt_in", "tgt_out"):
+            assert getattr(got, name).dtype == torch.long, name
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.ntokens == want.ntokens
+        assert got.indices.tolist() == [i % len(pd) for i in rows]
+    with pytest.raises(ValueError, match="non-empty"):
+        pd.batch([], PAD, BOS, EOS)
+
+
 def test_loader_covers_the_split_and_indices_point_back():
     ds = _tokenized()
     loader = make_loader(ds, _Tok(), max_tokens=120, max_sentences=32, shuffle=True, seed=0)

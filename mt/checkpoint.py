@@ -8,6 +8,7 @@ A checkpoint is a plain dict of tensors and Python primitives:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,33 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make `dst` the checkpoint `src` is now, atomically, without serializing it again: a hard
+    link renamed over `dst` (a copy, fsynced, where the filesystem has no hard links).
+
+    mt.train writes last.pt and then links best.pt to it: one 200 MB write per improving
+    validation instead of two. The link stays right because `save_checkpoint` never writes into
+    an existing file: the next last.pt is a new file renamed over the name, and best.pt keeps
+    the old one."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            if not src.is_file():
+                raise
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import batching, data, graphs
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, register_configs, to_dict
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .metrics import corpus_scores
@@ -389,10 +389,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
         if ddp.main:
-            state = checkpoint_state(metrics, rngs)
-            if improved:
-                save_checkpoint(state, best_path)
-            save_checkpoint(state, last_path)
+            save_checkpoint(checkpoint_state(metrics, rngs), last_path)
+            if improved:  # best.pt: the same file, not a second 200 MB write (mt/checkpoint.py)
+                copy_checkpoint(last_path, best_path)
             writer.flush()
             log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
                      step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],

@@ -1,7 +1,9 @@
+import os
+
 import pytest
 import torch
 
-from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from mt.errors import CheckpointError
 
 
@@ -53,3 +55,30 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         save_checkpoint({**state(), "step": 4}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-copy"])
+def test_copy_checkpoint_survives_the_next_save(tmp_path, monkeypatch, links):
+    """best.pt made from last.pt keeps its content when last.pt is saved again, and replaces an
+    older best.pt; without hard links it is a copy."""
+    if not links:
+        def no_link(*a, **k):
+            raise OSError("hard links not supported")
+
+        monkeypatch.setattr(os, "link", no_link)
+    save_checkpoint({**state(), "step": 1}, tmp_path / "best.pt")
+    last = save_checkpoint({**state(), "step": 5}, tmp_path / "last.pt")
+    best = copy_checkpoint(last, tmp_path / "best.pt")
+    assert load_checkpoint(best)["step"] == 5
+    assert os.path.samefile(best, last) == links
+    save_checkpoint({**state(), "step": 6}, last)
+    assert load_checkpoint(best)["step"] == 5 and load_checkpoint(last)["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_copy_checkpoint_of_a_missing_file_keeps_the_old_one(tmp_path):
+    best = save_checkpoint({**state(), "step": 2}, tmp_path / "best.pt")
+    with pytest.raises(OSError):
+        copy_checkpoint(tmp_path / "last.pt", best)
+    assert load_checkpoint(best)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]

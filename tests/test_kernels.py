@@ -303,6 +303,65 @@ def test_resolve_backend():
         kernels.resolve_backend("cuda-magic", "cpu")
 
 
+def _record_variants(monkeypatch) -> set:
+    """Record the key under which Triton's JIT would compile each kernel launch from now on
+    (constexpr values, num_warps, and the specialization of every other argument: dtype,
+    16-byte alignment, ints equal to 1 or divisible by 16, unless `do_not_specialize`d).
+    Each distinct key is one compilation (about 1 s each on a GPU machine's CPU)."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    keys: set = set()
+    for name in ("_cell_forward_kernel", "_cell_backward_kernel", "_lstm_step_forward_kernel",
+                 "_lstm_step_backward_kernel"):
+        kernel = getattr(triton_cell, name)
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        dns = set(kernel.kwargs.get("do_not_specialize") or ())
+
+        def run(*args, grid, warmup, _name=name, _params=params, _dns=dns, _run=kernel.run, **kw):
+            bound = {**dict(zip((p.name for p in _params), args)), **kw}
+            key = [_name, kw.get("num_warps")]
+            for p in _params:
+                v = bound[p.name]
+                if "constexpr" in str(p.annotation):
+                    key.append((p.name, v))
+                else:
+                    key.append((p.name, native_specialize_impl(BaseBackend, v, False, p.name not in _dns, True)))
+            keys.add(tuple(key))
+            return _run(*args, grid=grid, warmup=warmup, **kw)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return keys
+
+
+def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
+    """Batches come in many sizes and lengths: if Triton specialized on B or T (divisible by 16
+    or not), every kernel would compile up to 4 times, each compile about a second of the
+    recipe's first minute. Same tiles (BLOCK_B = 64 for B in 65..80), same variants."""
+    keys = _record_variants(monkeypatch)
+    H, K = 16, 48
+    variants = {}
+    for B, T in [(80, 16), (65, 17), (80, 17), (65, 16)]:
+        keys.clear()
+        g = torch.Generator().manual_seed(B * T)
+        xproj = torch.randn(2, B, T, 4 * H, generator=g, requires_grad=True)
+        w_hh = (torch.randn(2, H, 4 * H, generator=g) / H**0.5).requires_grad_()
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        out, h_n, c_n = triton_cell.lstm_sequence(xproj, w_hh, lengths)
+        inp = torch.randn(B, K, generator=g, requires_grad=True)
+        w = (torch.randn(K, 4 * H, generator=g) / K**0.5).requires_grad_()
+        pre = torch.randn(B, 4 * H, generator=g, requires_grad=True)
+        h, c = triton_cell.cell_step(inp, torch.zeros(B, H), w, pre=pre)
+        (out.sum() + h_n.sum() + c_n.sum() + h.sum() + c.sum()).backward()
+        variants[(B, T)] = frozenset(keys)
+    kernels = {k[0] for k in next(iter(variants.values()))}
+    assert kernels == {"_cell_forward_kernel", "_cell_backward_kernel", "_lstm_step_forward_kernel",
+                       "_lstm_step_backward_kernel"}
+    assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}
+
+
 def test_graphed_sequence_falls_back_to_eager_on_cpu():
     inputs = _seq_inputs(torch.float32, 2, 3, 3, 16, [3, 1, 2], True)
     graphed = triton_cell.GraphedLSTMSequence()

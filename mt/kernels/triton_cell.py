@@ -46,6 +46,12 @@ triton-lang/triton#11584, "not supported yet"), so on CPU the kernels upcast bf1
 before tl.dot (`UPCAST_DOT`), and do no other arithmetic on 16-bit values (loads are cast to fp32). Products of two bf16/fp16 numbers are exact in fp32, so the result is the
 same as the GPU's native bf16/fp16 dot with fp32 accumulation up to summation order.
 
+Compiled variants: Triton compiles a kernel once per key (constexprs, dtypes, and whether each
+int argument is 1 or divisible by 16), about a second each. The batch size B, the length T and
+the launch index s vary from batch to batch and are `do_not_specialize`: they only bound masks
+and loops (alignment comes from the constexpr H and the strides, which stay specialized), so a
+new batch shape never compiles a kernel again unless its tile size (`_pick_blocks`) changes.
+
 Block sizes come from `_pick_blocks` (untuned heuristics: no GPU was available when this was
 written); MT_TRITON_BLOCKS="BLOCK_B,BLOCK_H,BLOCK_K,num_warps" overrides them for tuning runs.
 Offsets are int32: tensors must stay below 2**31 elements (B=256, H=1024, T=30, D=2 is 63M).
@@ -191,7 +197,7 @@ def _store_gate_blocks(a, i, f, g, o, mask, H: tl.constexpr):
     tl.store(a + 3 * H, o, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # see "Compiled variants" in the module docstring
 def _cell_forward_kernel(
     inp_ptr,  # (B, K)
     w_ptr,  # (K, 4H), any strides (often a transposed view)
@@ -261,7 +267,7 @@ def _cell_forward_kernel(
         _store_gate_blocks(a, i, f, g, o, mask_bh, H)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _cell_backward_kernel(
     dh_ptr,  # (B, H) grad of h', or dummy
     dc_ptr,  # (B, H) grad of c', or dummy
@@ -340,7 +346,7 @@ def _cell_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["s"])
+@triton.jit(do_not_specialize=["s", "T", "B"])
 def _lstm_step_forward_kernel(
     xproj_ptr,  # (D, B, T, 4H) any strides: the precomputed input part of the gates
     w_ptr,  # (D, H, 4H) any strides: W_hh per direction
@@ -423,7 +429,7 @@ def _lstm_step_forward_kernel(
         _store_gate_blocks(a, i, f, g, o, mask_bh, H)
 
 
-@triton.jit(do_not_specialize=["s"])
+@triton.jit(do_not_specialize=["s", "T", "B"])
 def _lstm_step_backward_kernel(
     dgates_ptr,  # (D, T, B, 4H) contiguous, xproj dtype: written at step t, read at step t_next
     w_ptr,  # (D, H, 4H) any strides

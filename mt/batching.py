@@ -248,6 +248,8 @@ class PairDataset(Dataset):
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or len(rows) == 0:
             raise ValueError("a batch needs a non-empty list of row indices")
+        if rows.min() < -len(self) or rows.max() >= len(self):
+            raise IndexError(f"row index out of range for a split of {len(self)} pairs")
         rows = np.where(rows < 0, rows + len(self), rows)
         ls, lt = self.src_lens[rows], self.tgt_lens[rows]  # (B,) without eos / bos
         every = np.arange(len(rows))

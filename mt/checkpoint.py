@@ -44,10 +44,11 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Make `dst` the checkpoint `src` is now, atomically, without serializing it again: a hard
     link renamed over `dst` (a copy, fsynced, where the filesystem has no hard links).
 
-    mt.train writes last.pt and then links best.pt to it: one 200 MB write per improving
-    validation instead of two. The link stays right because `save_checkpoint` never writes into
-    an existing file: the next last.pt is a new file renamed over the name, and best.pt keeps
-    the old one."""
+    mt.train writes best.pt and then links last.pt to it: one 200 MB write per improving
+    validation instead of two. Best first: a crash in between leaves last.pt at the previous
+    validation, which a resume repeats, never a best.pt older than the best BLEU in last.pt.
+    The link stays right because `save_checkpoint` never writes into an existing file: the next
+    last.pt is a new file renamed over the name, and best.pt keeps the old one."""
     src, dst = Path(src), Path(dst)
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
     tmp.unlink(missing_ok=True)
@@ -61,9 +62,8 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    finally:  # left only by a failure, or by a rename onto the same file (which does nothing)
         tmp.unlink(missing_ok=True)
-        raise
     return dst
 
 

@@ -389,9 +389,11 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
         if ddp.main:
-            save_checkpoint(checkpoint_state(metrics, rngs), last_path)
-            if improved:  # best.pt: the same file, not a second 200 MB write (mt/checkpoint.py)
-                copy_checkpoint(last_path, best_path)
+            if improved:  # best.pt, then last.pt as the same file: one 200 MB write (mt/checkpoint.py)
+                save_checkpoint(checkpoint_state(metrics, rngs), best_path)
+                copy_checkpoint(best_path, last_path)
+            else:
+                save_checkpoint(checkpoint_state(metrics, rngs), last_path)
             writer.flush()
             log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
                      step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],

@@ -43,8 +43,9 @@ for f in "$DATA"/*.jsonl; do
 done
 ls -l .whl .whl/pyarrow .gpu_data/multi30k
 # what a call carries: the tracked and untracked-but-not-ignored files, plus these two folders
-tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat 2>/dev/null | wc -c)
-extra=$(find .whl .gpu_data -type f -print0 | xargs -0 cat | wc -c)
+size() { xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }  # files gone: skipped
+tree=$(git ls-files -z --cached --others --exclude-standard | size)
+extra=$(find .whl .gpu_data -type f -print0 | size)
 total=$((tree + extra))
 echo "gpu_bundle: a call carrying .whl and .gpu_data moves $((total / 1048576)) MiB (limit 64 MiB)"
 [ "$total" -lt $((62 * 1048576)) ] || { echo "gpu_bundle: over the device tool's 64 MiB (less a margin)" >&2; exit 1; }

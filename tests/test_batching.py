@@ -193,6 +193,9 @@ def test_pair_dataset_batch_is_collate_of_its_rows():
         assert got.indices.tolist() == [i % len(pd) for i in rows]
     with pytest.raises(ValueError, match="non-empty"):
         pd.batch([], PAD, BOS, EOS)
+    for bad in ([len(pd)], [0, -len(pd) - 1]):
+        with pytest.raises(IndexError, match="out of range"):
+            pd.batch(bad, PAD, BOS, EOS)
 
 
 def test_loader_covers_the_split_and_indices_point_back():

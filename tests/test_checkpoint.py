@@ -76,6 +76,15 @@ def test_copy_checkpoint_survives_the_next_save(tmp_path, monkeypatch, links):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
+def test_copy_checkpoint_onto_the_same_file_leaves_nothing_behind(tmp_path):
+    last = save_checkpoint(state(), tmp_path / "last.pt")
+    best = copy_checkpoint(last, tmp_path / "best.pt")
+    copy_checkpoint(last, best)  # already the same file: the rename does nothing
+    copy_checkpoint(last, last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    assert load_checkpoint(best)["step"] == 3
+
+
 def test_copy_checkpoint_of_a_missing_file_keeps_the_old_one(tmp_path):
     best = save_checkpoint({**state(), "step": 2}, tmp_path / "best.pt")
     with pytest.raises(OSError):

@@ -35,7 +35,8 @@ Rows:
 Timing: wall clock (time.perf_counter) around --iters steps after --warmup, with
 torch.cuda.synchronize() on both ends on GPU; decoding: the median of --decode-iters passes after
 2 untimed passes. Ratios are to cudnn_eager (> 1 = faster). --json writes every number, the first
-losses of each training column, the agreement of graphed with eager decodes, the device and the
+losses of each training column, the seconds of each column's untimed warm-up (`warmup_s`: graph
+captures, and Triton's compiles, most of them in the first "ours" column), the agreement of graphed with eager decodes, the device and the
 versions. Without CUDA the graph columns are skipped (CUDA graphs need CUDA).
 """
 
@@ -178,9 +179,11 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
         step.update()
         return loss
 
+    t_warm = time.perf_counter()
     losses = [one(batches[i % len(batches)]) for i in range(args.warmup)]
     sync(args.device)
     t0 = time.perf_counter()
+    warmup_s = t0 - t_warm  # Triton compiles (the first "ours" column), graph captures, warm-up steps
     tokens = 0
     for i in range(args.warmup, args.warmup + args.iters):
         b = batches[i % len(batches)]
@@ -189,7 +192,7 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
     sync(args.device)
     dt = time.perf_counter() - t0
     res = dict(per_s=tokens / dt, ms_per_step=dt / args.iters * 1e3, tokens_per_step=tokens / args.iters,
-               first_losses=losses[:4], last_loss=losses[-1])
+               first_losses=losses[:4], last_loss=losses[-1], warmup_s=warmup_s)
     if graphed:
         res["stats"] = dict(step.stats)
     return res
@@ -211,8 +214,10 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
         sync(args.device)
         return out
 
+    t_warm = time.perf_counter()
     out = run()  # untimed: Triton compiles, each graph shape warms up ...
     out = run()  # ... and is captured
+    warmup_s = time.perf_counter() - t_warm
     times = []
     for _ in range(args.decode_iters):
         t0 = time.perf_counter()
@@ -220,7 +225,7 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     res = dict(per_s=src.shape[0] / dt, ms_per_batch=dt * 1e3,
-               output_tokens=sum(len(t) for t in out.tokens), tokens=out.tokens)
+               output_tokens=sum(len(t) for t in out.tokens), tokens=out.tokens, warmup_s=warmup_s)
     if graphed:
         res["stats"] = dict(runner.stats)
     return res

@@ -378,7 +378,7 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
         assert set(cols) == {"cudnn_eager", "ours_eager"}, cols  # no CUDA: no graph columns
         for col in cols.values():
             assert not col.get("error"), col
-            assert col["per_s"] > 0
+            assert col["per_s"] > 0 and col["warmup_s"] > 0
     assert "x cudnn eager" in proc.stdout
 
 

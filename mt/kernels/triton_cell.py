@@ -452,7 +452,6 @@ def _lstm_step_backward_kernel(
     stride_oh,
     HAS_LENGTHS: tl.constexpr,
     HAS_DOUT: tl.constexpr,
-    FIRST: tl.constexpr,  # the last forward step: nothing later to take dh from
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -484,7 +483,7 @@ def _lstm_step_backward_kernel(
     # gates: G = dgates_{t_next} @ W_hh^T (this tile's H columns; a dot over 4H). If it was padded,
     # h_t passed through it unchanged: G is the carried gbuf.
     G = tl.load(state, mask=mask_bh, other=0.0)  # (BLOCK_B, BLOCK_H)
-    if not FIRST:
+    if s != T - 1:  # the last forward step (the first launch) has no later step to take dh from
         acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         dg_base = dgates_ptr + ((d * T + t_next) * B + offs_b[:, None]) * (4 * H)
         w_base = w_ptr + d * stride_wd
@@ -830,7 +829,6 @@ class _LSTMSequenceFunction(torch.autograd.Function):
                 dout_t.stride(3),
                 HAS_LENGTHS=lengths is not None,
                 HAS_DOUT=dout is not None,
-                FIRST=s == T - 1,
                 BLOCK_B=bb,
                 BLOCK_H=bh,
                 BLOCK_K=bk,

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import batching, data, graphs
-from .checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWriter, load_checkpoint
 from .config import TrainConfig, from_dict, register_configs, to_dict
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .metrics import corpus_scores
@@ -217,13 +217,20 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     ddp.init(device)
+    saver = CheckpointWriter()  # checkpoints are written in the background while training goes on
     try:
-        return _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs)
+        summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver)
+    except BaseException:
+        saver.wait(raise_error=False)  # the run's own error first; the write in flight completes
+        raise
     finally:
         ddp.close()
+    saver.wait()  # the checkpoints are on disk when train() returns
+    return summary
 
 
-def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool = False) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool,
+           saver: CheckpointWriter) -> dict[str, Any]:
     started = _now()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
     if cfg.decoding.beam < 1:  # a recipe's decoding typo fails now, not when the run is over
@@ -389,11 +396,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
         if ddp.main:
-            if improved:  # best.pt, then last.pt as the same file: one 200 MB write (mt/checkpoint.py)
-                save_checkpoint(checkpoint_state(metrics, rngs), best_path)
-                copy_checkpoint(best_path, last_path)
-            else:
-                save_checkpoint(checkpoint_state(metrics, rngs), last_path)
+            # in the background; improved: best.pt, then last.pt as the same file (mt/checkpoint.py)
+            saver.save(checkpoint_state(metrics, rngs), best_path if improved else last_path,
+                       also=last_path if improved else None)
             writer.flush()
             log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
                      step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],
@@ -424,6 +429,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                                  loss_sum.new_tensor(float(out_of_time()), dtype=torch.float64)])  # (4,) on device
             loss_tot, nll_tot, ntok_tot, ranks_out_of_time = ddp.all_sum(stats)  # every rank stops together
             if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
+                saver.wait(raise_error=False)  # the last validation's checkpoint is on disk
                 raise TrainingDiverged(
                     f"loss is {loss_tot} at step {step + 1}; stopped without saving "
                     f"(last good checkpoint: {last_path if last_path.exists() else 'none yet'})")

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from mt.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from mt.checkpoint import CheckpointWriter, copy_checkpoint, load_checkpoint, save_checkpoint
 from mt.errors import CheckpointError
 
 
@@ -91,3 +91,61 @@ def test_copy_checkpoint_of_a_missing_file_keeps_the_old_one(tmp_path):
         copy_checkpoint(tmp_path / "last.pt", best)
     assert load_checkpoint(best)["step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_writer_saves_a_snapshot_in_the_background(tmp_path):
+    """What is saved is the state at save(): training goes on changing the tensors meanwhile."""
+    w = torch.arange(4.0)
+    st = {**state(), "model": {"w": w}, "metrics": {"bleu": 1.0}, "rng": [torch.tensor([1, 2])]}
+    writer = CheckpointWriter()
+    writer.save(st, tmp_path / "best.pt", also=tmp_path / "last.pt")
+    w.add_(100.0)  # the next training step
+    st["metrics"]["bleu"] = 2.0
+    st["rng"][0].zero_()
+    writer.wait()
+    for name in ("best.pt", "last.pt"):
+        loaded = load_checkpoint(tmp_path / name)
+        torch.testing.assert_close(loaded["model"]["w"], torch.arange(4.0))
+        assert loaded["metrics"]["bleu"] == 1.0 and loaded["rng"][0].tolist() == [1, 2]
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "last.pt")
+    writer.save({**state(), "step": 9}, tmp_path / "last.pt")  # waits for nothing, then writes
+    writer.wait()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 9 and load_checkpoint(tmp_path / "best.pt")["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_writer_hands_a_failed_write_to_the_next_call(tmp_path, monkeypatch):
+    path = save_checkpoint(state(), tmp_path / "last.pt")
+    before = path.read_bytes()
+    writer = CheckpointWriter()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    writer.save({**state(), "step": 4}, path)
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    writer.wait()  # raised once
+    assert path.read_bytes() == before
+    writer.save({**state(), "step": 5}, path)
+    writer.wait(raise_error=False)  # a run that is already failing keeps its own error
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_writer_reuses_its_buffers_and_keeps_tied_tensors_tied(tmp_path):
+    w = torch.randn(3, 4)
+    st = {**state(), "model": {"emb": w, "out": w.detach(), "bias": torch.zeros(4)}}
+    writer = CheckpointWriter()
+    writer.save(st, tmp_path / "last.pt")
+    writer.wait()
+    first = list(writer._buffers)
+    assert len(first) == 2  # the tied pair is one buffer
+    loaded = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert loaded["emb"].data_ptr() == loaded["out"].data_ptr()
+    torch.testing.assert_close(loaded["out"], w)
+    w.mul_(2.0)
+    writer.save(st, tmp_path / "last.pt")
+    writer.wait()
+    assert all(a is b for a, b in zip(writer._buffers, first))  # the same memory, refilled
+    torch.testing.assert_close(load_checkpoint(tmp_path / "last.pt")["model"]["emb"], w)

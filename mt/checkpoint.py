@@ -78,7 +78,7 @@ class CheckpointWriter:
     `save` copies the state's tensors to the CPU (the parameters keep changing) and returns; the
     thread then does `save_checkpoint` (temp file, fsync, rename: atomic as ever) and, with
     `also`, `copy_checkpoint(path, also)`. One write at a time: `save` first waits for the
-    previous one. A failed write raises its error at the next `save` or `wait`. The thread is
+    previous one. A failed write raises a CheckpointError at the next `save` or `wait`. The thread is
     not a daemon: an interrupted process still finishes the write in flight.
 
     The snapshot reuses its CPU buffers from one save to the next (pinned for CUDA tensors), so
@@ -124,7 +124,9 @@ class CheckpointWriter:
                 save_checkpoint(snap, path)
                 if also is not None:
                     copy_checkpoint(path, also)
-            except BaseException as e:  # handed to the training thread by wait()
+            except Exception as e:  # handed to the training thread by wait(): a one-line error
+                self._error = CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
+            except BaseException as e:
                 self._error = e
 
         self._thread = threading.Thread(target=write, name="checkpoint-writer")

@@ -130,6 +130,7 @@ def _run_seq(impl, inputs, seed=1):
     [
         (torch.float32, 2, 3, 5, 16, [5, 2, 0], True),  # padded, empty sequence, reverse
         (torch.float32, 1, 1, 4, 32, None, False),
+        (torch.float32, 1, 3, 4, 16, [4, 1, 2], True),  # one direction with an initial state
         (torch.float32, 2, 16, 3, 16, [3, 1, 2, 3] * 4, False),
         (torch.float32, 2, 3, 4, 24, [4, 3, 1], True),  # H not a multiple of the tile
         (torch.bfloat16, 2, 3, 4, 16, [4, 1, 3], True),

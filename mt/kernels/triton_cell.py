@@ -847,7 +847,7 @@ class _LSTMSequenceFunction(torch.autograd.Function):
         d_h0 = d_c0 = None
         if need[3]:
             # the last step undone (t=0 forward, t=T-1 reverse) feeds h0 through W_hh
-            last = torch.stack([dgates[0, 0], dgates[1, T - 1]][:D])  # (D, B, 4H)
+            last = dgates[0, 0][None] if D == 1 else torch.stack([dgates[0, 0], dgates[1, T - 1]])  # (D, B, 4H)
             d_h0 = torch.bmm(last, w_hh.to(dtype).transpose(1, 2)).float()  # (D, B, H)
             if lengths is not None:
                 first_valid = torch.stack([lengths > 0, lengths > T - 1][:D])  # (D, B)

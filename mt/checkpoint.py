@@ -7,6 +7,8 @@ A checkpoint is a plain dict of tensors and Python primitives:
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mt-checkpoint"
 VERSION = 1
@@ -105,12 +109,18 @@ class CheckpointWriter:
             count[0] += 1
             buf = self._buffers[k] if k < len(self._buffers) else None
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                try:
+                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                except RuntimeError:  # no pinned memory to be had (e.g. a locked-memory limit)
+                    buf = torch.empty(src.shape, dtype=src.dtype)
                 self._buffers[k:k + 1] = [buf]
             seen[key] = buf.copy_(src)
             return buf
         if isinstance(obj, dict):
-            return type(obj)((k, self._snapshot(v, seen, count)) for k, v in obj.items())
+            out = type(obj)((k, self._snapshot(v, seen, count)) for k, v in obj.items())
+            if hasattr(obj, "_metadata"):  # a state_dict's per-module versions, for load_state_dict
+                out._metadata = copy.deepcopy(obj._metadata)
+            return out
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._snapshot(v, seen, count) for v in obj)
         return obj
@@ -138,8 +148,10 @@ class CheckpointWriter:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
-        if error is not None and raise_error:
-            raise error
+        if error is not None:
+            if raise_error:
+                raise error
+            log.warning("%s", first_line(error))  # the caller is failing already: say it, keep its error
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -114,7 +114,7 @@ def test_writer_saves_a_snapshot_in_the_background(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
-def test_writer_hands_a_failed_write_to_the_next_call(tmp_path, monkeypatch):
+def test_writer_hands_a_failed_write_to_the_next_call(tmp_path, monkeypatch, caplog):
     path = save_checkpoint(state(), tmp_path / "last.pt")
     before = path.read_bytes()
     writer = CheckpointWriter()
@@ -129,7 +129,9 @@ def test_writer_hands_a_failed_write_to_the_next_call(tmp_path, monkeypatch):
     writer.wait()  # raised once
     assert path.read_bytes() == before
     writer.save({**state(), "step": 5}, path)
-    writer.wait(raise_error=False)  # a run that is already failing keeps its own error
+    with caplog.at_level("WARNING", logger="mt.checkpoint"):
+        writer.wait(raise_error=False)  # a run that is already failing keeps its own error ...
+    assert "could not write checkpoint" in caplog.text  # ... and the write's is logged
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -149,3 +151,12 @@ def test_writer_reuses_its_buffers_and_keeps_tied_tensors_tied(tmp_path):
     writer.wait()
     assert all(a is b for a, b in zip(writer._buffers, first))  # the same memory, refilled
     torch.testing.assert_close(load_checkpoint(tmp_path / "last.pt")["model"]["emb"], w)
+
+
+def test_writer_keeps_the_state_dict_versions(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    writer = CheckpointWriter()
+    writer.save({**state(), "model": model.state_dict()}, tmp_path / "last.pt")
+    writer.wait()
+    loaded = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert loaded._metadata == model.state_dict()._metadata and loaded._metadata["1"]["version"] == 2

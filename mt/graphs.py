@@ -16,7 +16,10 @@ Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
     autocast), loss = sum / ntokens with ntokens a static device tensor, backward,
     clip_grad_norm_ (foreach; returns a device tensor, no sync), optimizer step. Nothing inside
     reads a value back to the host; the loss, NLL and gradient norm are copied into `out`
-    (a tensor outside the graph) and read after the replay, once per step.
+    (a tensor outside the graph). mt.train copies them out after the replay and reads them a
+    step later (mt/step_stats.py); the padded batch reaches the graph's inputs through pinned
+    memory with non-blocking copies (`to_device`, `_TrainSlot.load`). Nothing in the loop waits
+    for the GPU, so the host prepares the next step while the GPU runs this one.
   - The optimizer must be `capturable=True` with the learning rate as a device tensor
     (`make_capturable`): torch 2.13's Adam/AdamW accept `lr` as a 1-element Tensor when
     capturable=True (or fused=True), and its LR schedulers update a tensor lr in place
@@ -39,8 +42,9 @@ Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
     from packing (which needs the lengths on the host) to cuDNN on the padded batch
     (`EncoderLSTM._cudnn_padded`, still cuDNN kernels, same results); the gate-cell backends
     never sync.
-  - After a non-finite loss the update of that step has already been applied in memory (it is
-    part of the graph); training stops without saving, so the last checkpoint on disk is good.
+  - After a non-finite loss the update of that step (and, read a step late, of the next one)
+    has already been applied in memory; training stops without saving, so the last checkpoint
+    on disk is good.
 
 Decoding (`GraphedDecoder`, given to mt.search's functions)
   - One graph per search step: the decoder step and the search's bookkeeping (top-k, the
@@ -174,12 +178,13 @@ class ShapeBuckets:
         return f"ShapeBuckets({self.shapes})"
 
 
-def pad_batch(batch: Any, shape: Shape, pad_id: int) -> Any:
-    """A copy of `batch` (an mt.batching.Batch) padded to shape (B, S, T).
+def pad_batch(batch: Any, shape: Shape, pad_id: int, pin_memory: bool = False) -> Any:
+    """A copy of `batch` (an mt.batching.Batch on the CPU) padded to shape (B, S, T).
 
     Extra rows: source = one pad token (src_len 1: the encoder and the attention see a real,
     finite position), target all pad_id (ignored by the loss: no loss, zero gradient). Extra
-    columns: pad_id. `ntokens` is unchanged; `indices` of extra rows are -1.
+    columns: pad_id. `ntokens` is unchanged; `indices` of extra rows are -1. `pin_memory`: the
+    copy in pinned memory, ready for a `non_blocking` copy to the GPU.
     """
     B, S, T = shape
     n, s = batch.src.shape
@@ -187,17 +192,36 @@ def pad_batch(batch: Any, shape: Shape, pad_id: int) -> Any:
     if n > B or s > S or t > T:
         raise ValueError(f"batch ({n}, {s}, {t}) does not fit shape {shape}")
 
+    def full(x: Tensor, size: tuple[int, ...], value: int) -> Tensor:
+        pin = pin_memory and x.device.type == "cpu"
+        return torch.full(size, value, dtype=x.dtype, device=x.device, pin_memory=pin)
+
     def grow(x: Tensor, cols: int) -> Tensor:
-        out = x.new_full((B, cols), pad_id)
+        out = full(x, (B, cols), pad_id)
         out[:n, : x.shape[1]] = x
         return out
 
-    src_len = batch.src_len.new_ones(B)
+    src_len = full(batch.src_len, (B,), 1)
     src_len[:n] = batch.src_len
-    indices = batch.indices.new_full((B,), -1)
+    indices = full(batch.indices, (B,), -1)
     indices[:n] = batch.indices
     return dataclasses.replace(batch, src=grow(batch.src, S), src_len=src_len, tgt_in=grow(batch.tgt_in, T),
                                tgt_out=grow(batch.tgt_out, T), indices=indices)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` (an mt.batching.Batch) on `device`, without making the host wait for the GPU.
+
+    A plain `.to("cuda")` copy returns only once the stream has run everything queued before it
+    (PyTorch synchronizes the stream after a blocking host-to-device copy), so the host could not
+    prepare the next step while the GPU runs this one. On CUDA the batch goes through pinned
+    memory with `non_blocking=True` instead; PyTorch's pinned-memory allocator keeps the pinned
+    copy alive until the transfer is done."""
+    if device.type != "cuda" or batch.src.device == device:
+        return batch.to(device)
+    if not batch.src.is_pinned():
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- optimizer state
@@ -259,7 +283,7 @@ class TrainStep:
 
     def forward_backward(self, batch) -> tuple[Tensor, Tensor]:
         """Forward + backward of a (CPU or device) batch; the label-smoothed loss sum and the NLL sum."""
-        batch = batch.to(self.device)
+        batch = to_device(batch, self.device)
         dev = self.device.type
         with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, _ = self.train_model(batch.src, batch.src_len, batch.tgt_in)  # (B, T, V)
@@ -293,9 +317,10 @@ class _TrainSlot:
         self.runs = 0
 
     def load(self, batch) -> None:
+        """Copy a batch of this shape in (pinned: without waiting for the GPU, see `to_device`)."""
         for name in ("src", "src_len", "tgt_in", "tgt_out"):
-            getattr(self, name).copy_(getattr(batch, name))
-        self.ntok.fill_(max(1, batch.ntokens))
+            getattr(self, name).copy_(getattr(batch, name), non_blocking=True)
+        self.ntok.fill_(max(1, batch.ntokens))  # a kernel with the number as its argument: no copy
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
@@ -388,15 +413,15 @@ class GraphedTrainStep:
         if self.buckets is not None:
             shape = self.buckets.find(batch.src.shape[0], batch.src.shape[1], batch.tgt_in.shape[1])
         if shape is None:  # no fitting shape: the same step, eagerly, on the batch as it is
-            b = batch.to(self.device)
-            ntok = torch.tensor(float(max(1, b.ntokens)), device=self.device)
+            b = to_device(batch, self.device)
+            ntok = torch.full((), float(max(1, b.ntokens)), device=self.device)  # (no host-to-device copy)
             self._run(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
             self.stats["eager"] += 1
             return self.out[0], self.out[1]
         slot = self._slots.get(shape)
         if slot is None:
             slot = self._slots[shape] = _TrainSlot(shape, self.device)
-        slot.load(pad_batch(batch, shape, self.pad_id))
+        slot.load(pad_batch(batch, shape, self.pad_id, pin_memory=self.device.type == "cuda"))
         if slot.graph is not None:
             slot.graph.replay()
             self.stats["replayed"] += 1

@@ -94,9 +94,10 @@ class TrainerConfig:
     max_steps: int = 20000
     max_epochs: int = 100
     # Wall-clock limit in minutes (0 = none), counted from the start of mt.train in this process
-    # (a resumed run starts a fresh count). Checked after every step and every validation: once it
-    # has passed, the run stops there (validating first if it has not just validated) and writes
-    # its checkpoints, as at max_steps. Every rank stops at the same step.
+    # (a resumed run starts a fresh count). Checked at every step and after every validation: once
+    # it has passed, the run stops (validating first if it has not just validated) and writes its
+    # checkpoints, as at max_steps. A step's check reaches the host with its loss, a step late
+    # (mt/step_stats.py), so one more step runs. Every rank stops at the same step.
     max_minutes: float = 0.0
     max_tokens: int = 4096  # target tokens per batch (per process)
     max_sentences: int = 256  # cap on sentences per batch

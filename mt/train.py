@@ -40,6 +40,7 @@ from .metrics import corpus_scores
 from .model import Seq2Seq, count_parameters
 from .plotting import attention_figure
 from .search import decode_dataset, parse_length_penalty
+from .step_stats import SUMMED, StepStats, step_values
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mt.train")
@@ -162,11 +163,11 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def all_sum(self, values: torch.Tensor) -> list[float]:
-        """Sum a small tensor over ranks and bring it to the host: one sync per call."""
+    def all_sum_(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small device tensor over ranks, in place (queued on the stream: no host sync)."""
         if self.enabled:
             dist.all_reduce(values)
-        return values.tolist()
+        return values
 
     def broadcast(self, values: list[float], device: torch.device) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -407,6 +408,10 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         return metrics, bool(stop), bool(timed_out)
 
     # ---- the loop
+    # Each step's numbers reach the host a step late (mt/step_stats.py): the host builds and
+    # launches step k+1 while the GPU still runs step k. The NaN check, the training log and the
+    # time limit therefore act on step k during step k+1; everything is settled (drained)
+    # before a validation, so no checkpoint is ever written after a non-finite loss.
     model.train()
     progress = None
     if ddp.main:  # disable=None: a bar only when stderr is a terminal
@@ -416,49 +421,59 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     stopped_early = False
     win_loss = win_nll = win_tok = 0.0
     win_t0 = time.perf_counter()
+    pending = StepStats(device, lag=1)
+
+    def settle(rows) -> bool:
+        """Account for the steps read back: NaN check, training log. True if a rank is out of time."""
+        nonlocal win_loss, win_nll, win_tok, win_t0
+        late = False
+        for (at_step, at_epoch), (loss_tot, nll_tot, ntok_tot, ranks_out_of_time, grad_norm, lr_now) in rows:
+            if not math.isfinite(loss_tot):  # (the updates of this step and the next are in memory)
+                saver.wait(raise_error=False)  # the last validation's checkpoint is on disk
+                raise TrainingDiverged(
+                    f"loss is {loss_tot} at step {at_step}; stopped without saving "
+                    f"(last good checkpoint: {last_path if last_path.exists() else 'none yet'})")
+            late = late or ranks_out_of_time > 0
+            win_loss += loss_tot
+            win_nll += nll_tot
+            win_tok += ntok_tot
+            if ddp.main and (at_step % tc.log_every == 0 or at_step == tc.max_steps):
+                elapsed = time.perf_counter() - win_t0
+                loss_avg, nll_avg = win_loss / max(1, win_tok), win_nll / max(1, win_tok)
+                writer.add_scalar("train/loss", loss_avg, at_step)
+                writer.add_scalar("train/ppl", math.exp(min(nll_avg, 50)), at_step)
+                writer.add_scalar("train/lr", lr_now, at_step)
+                writer.add_scalar("train/grad_norm", grad_norm, at_step)
+                writer.add_scalar("train/tokens_per_s", win_tok / max(elapsed, 1e-9), at_step)
+                progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr_now:.2e}")
+                log.info("step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
+                         at_step, at_epoch, loss_avg, math.exp(min(nll_avg, 50)), lr_now, grad_norm,
+                         win_tok / max(elapsed, 1e-9))
+                win_loss = win_nll = win_tok = 0.0
+                win_t0 = time.perf_counter()
+        return late
+
     last_eval_step = step if resume_state else -1
     done = step >= tc.max_steps
     while not done and epoch < tc.max_epochs:
         train_loader.batch_sampler.set_epoch(epoch, start=batch_in_epoch)  # resuming: skip what was trained on
         for i, batch in enumerate(train_loader, start=batch_in_epoch):
-            # eager: forward + backward here, the update below; graphs: the whole step here
+            # eager: forward + backward, then the update; graphs: the whole step in forward_backward
             loss_sum, nll_sum = stepper.forward_backward(batch)
-            ntok = batch.ntokens
-            stats = torch.stack([loss_sum.detach().double(), nll_sum.detach().double(),
-                                 loss_sum.new_tensor(float(ntok), dtype=torch.float64),
-                                 loss_sum.new_tensor(float(out_of_time()), dtype=torch.float64)])  # (4,) on device
-            loss_tot, nll_tot, ntok_tot, ranks_out_of_time = ddp.all_sum(stats)  # every rank stops together
-            if not math.isfinite(loss_tot):  # (under graphs the in-memory update already happened)
-                saver.wait(raise_error=False)  # the last validation's checkpoint is on disk
-                raise TrainingDiverged(
-                    f"loss is {loss_tot} at step {step + 1}; stopped without saving "
-                    f"(last good checkpoint: {last_path if last_path.exists() else 'none yet'})")
             grad_norm = stepper.update()  # clip, optimizer step, zero grads (graphs: already done)
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
             step += 1
             batch_in_epoch = i + 1
-            win_loss += loss_tot
-            win_nll += nll_tot
-            win_tok += ntok_tot
+            values = step_values(loss_sum, nll_sum, batch.ntokens, out_of_time(), grad_norm,
+                                 optimizer.param_groups[0]["lr"], device)  # (6,) on the device
+            ddp.all_sum_(values[:SUMMED])  # every rank sees the same sums, so all stop together
+            pending.push((step, epoch), values)
+            ranks_out_of_time = settle(pending.ready())  # the previous step's numbers
             if ddp.main:
                 progress.update(1)
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    elapsed = time.perf_counter() - win_t0
-                    loss_avg, nll_avg = win_loss / max(1, win_tok), win_nll / max(1, win_tok)
-                    writer.add_scalar("train/loss", loss_avg, step)
-                    writer.add_scalar("train/ppl", math.exp(min(nll_avg, 50)), step)
-                    lr_now = float(optimizer.param_groups[0]["lr"])  # a device tensor under graphs
-                    writer.add_scalar("train/lr", lr_now, step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/tokens_per_s", win_tok / max(elapsed, 1e-9), step)
-                    progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr_now:.2e}")
-                    log.info("step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
-                             step, epoch, loss_avg, math.exp(min(nll_avg, 50)), lr_now,
-                             float(grad_norm), win_tok / max(elapsed, 1e-9))
-                    win_loss = win_nll = win_tok = 0.0
-                    win_t0 = time.perf_counter()
             if step % tc.eval_every == 0 or step >= tc.max_steps:
+                ranks_out_of_time = settle(pending.drain()) or ranks_out_of_time  # nothing unchecked is saved
                 last_metrics, stop, timed_out = evaluate()
                 last_eval_step = step
                 ranks_out_of_time = ranks_out_of_time or timed_out  # the validation may have used up the time
@@ -471,7 +486,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             if step >= tc.max_steps:
                 done = True
                 break
-            if ranks_out_of_time > 0:
+            if ranks_out_of_time:
                 if ddp.main:
                     log.info("time limit: stopping after step %d (trainer.max_minutes=%g)", step, tc.max_minutes)
                 done = True
@@ -479,6 +494,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         else:  # the epoch ran out
             epoch += 1
             batch_in_epoch = 0
+    settle(pending.drain())  # the last step's numbers: its NaN check and log line
     if last_eval_step != step:  # max_epochs or max_minutes reached between validations
         last_metrics, _, _ = evaluate()
     if ddp.main:

@@ -111,7 +111,11 @@ def test_resume_refuses_bad_checkpoints(tiny_corpus_dir, tmp_path, trained):
         train(wider, tmp_path / "other")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_nan,last_saved", [(16, 10), (20, 10), (10, None)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, first_nan,
+                                                       last_saved):
+    """The loss is read a step late; a NaN on the step that triggers a validation (20, 10) must
+    still stop the run before that validation saves anything."""
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=40", "trainer.eval_every=10")
     calls = {"n": 0}
     real = torch.nn.CrossEntropyLoss.forward
@@ -119,14 +123,51 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path
     def poisoned(self, logits, target):
         calls["n"] += 1
         loss = real(self, logits, target)
-        return loss * float("nan") if calls["n"] > 15 else loss
+        return loss * float("nan") if calls["n"] >= first_nan else loss
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match="nan at step 16"):
+    with pytest.raises(TrainingDiverged, match=f"nan at step {first_nan};"):
         train(cfg, tmp_path / "run")
-    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ck["step"] == 10
+    ckpts = tmp_path / "run" / "checkpoints"
+    if last_saved is None:
+        assert not (ckpts / "last.pt").exists() and not (ckpts / "best.pt").exists()
+        return
+    ck = load_checkpoint(ckpts / "last.pt")
+    assert ck["step"] == last_saved
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_logged_losses_belong_to_their_steps(tiny_corpus_dir, tmp_path, monkeypatch):
+    """With log_every=1, TensorBoard's train/loss at step k is step k's label-smoothed loss per
+    target token, although the host reads it during step k+1; train/lr at step k is the lr after
+    step k's scheduler step, and every step up to the last is logged once."""
+    from mt.config import OptimConfig
+    from mt.train import make_scheduler
+
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=12", "trainer.eval_every=5",
+                   "trainer.log_every=1", "optim.scheduler=cosine", "optim.warmup_steps=4", "optim.lr=1e-3",
+                   "optim.min_lr=1e-5")
+    per_step = []
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def recording(self, logits, target):
+        loss = real(self, logits, target)
+        per_step.append(loss.item() / int((target != self.ignore_index).sum()))
+        return loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", recording)
+    train(cfg, tmp_path / "run")
+    logged = scalars(tmp_path / "run")
+    assert sorted(logged["train/loss"]) == list(range(1, 13))
+    assert [logged["train/loss"][k] for k in range(1, 13)] == pytest.approx(per_step, rel=1e-5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make_scheduler(opt, OptimConfig(lr=1e-3, scheduler="cosine", warmup_steps=4, min_lr=1e-5), 12)
+    expected_lr = []
+    for _ in range(12):
+        opt.step()
+        sched.step()
+        expected_lr.append(opt.param_groups[0]["lr"])
+    assert [logged["train/lr"][k] for k in range(1, 13)] == pytest.approx(expected_lr, rel=1e-6)
 
 
 def run_cli(args, cwd=REPO, **kw):
@@ -226,12 +267,14 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[109] == pytest.approx(1e-5) and lrs[129] == pytest.approx(1e-5)  # floor, also past max_steps
 
 
-@pytest.mark.parametrize("eval_every,validation_seconds,stop_step", [(1000, 0, 30), (5, 100, 5)])
+@pytest.mark.parametrize("eval_every,validation_seconds,stop_step", [(1000, 0, 31), (5, 100, 5)])
 def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, eval_every,
                                                      validation_seconds, stop_step):
     """trainer.max_minutes=0.5 on a fake clock that reads 1 s later at every look: the run stops
-    once 30 s have passed, after a step (then validates) or right after a validation that used up
-    the time (no further step, no second validation), and writes its checkpoints."""
+    once 30 s have passed, one step after the step that saw it (the flag travels with that step's
+    loss, which the host reads a step late; mt/step_stats.py), then validates; or right after a
+    validation that used up the time (no further step, no second validation). It writes its
+    checkpoints."""
     import mt.train as mt_train
 
     clock = {"t": 1000.0}

@@ -23,8 +23,8 @@ Columns (the same model, same initial weights, same batches):
 
 Rows:
   train   target tokens per second of a full training step: forward, label-smoothed loss,
-          backward, clip_grad_norm_, Adam, and reading the loss back (as mt.train does every
-          step). Eager: mt.graphs.TrainStep, plain Adam. Graphs: mt.graphs.GraphedTrainStep
+          backward, clip_grad_norm_, Adam, and reading the step's numbers back a step late
+          (mt.step_stats, as mt.train does: the host prepares step k+1 while the GPU runs k). Eager: mt.graphs.TrainStep, plain Adam. Graphs: mt.graphs.GraphedTrainStep
           (one shape, captured after 2 eager warm-up steps), capturable Adam.
   greedy  sentences per second, greedy search, --decode-batch sentences per batch
   beam    sentences per second, beam search (--beam, GNMT length penalty 1.0)
@@ -161,6 +161,7 @@ def sync(device: str) -> None:
 
 def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
     from mt import graphs
+    from mt.step_stats import StepStats, step_values
 
     model = build_model(args, cell).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
@@ -173,22 +174,29 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
     else:
         step = graphs.TrainStep(model, opt, crit, **kw)
 
-    def one(b) -> float:
-        loss_sum, _ = step.forward_backward(b)
-        loss = loss_sum.item() / b.ntokens  # mt.train reads the loss back every step
-        step.update()
-        return loss
+    pending = StepStats(args.device, lag=1)
+    losses: list[float] = []
+
+    def one(b) -> None:  # mt.train's per-step work: the step, its numbers copied out, the last step's read
+        loss_sum, nll_sum = step.forward_backward(b)
+        grad_norm = step.update()
+        pending.push(b.ntokens, step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm,
+                                            opt.param_groups[0]["lr"], args.device))
+        losses.extend(row[0] / ntok for ntok, row in pending.ready())
 
     t_warm = time.perf_counter()
-    losses = [one(batches[i % len(batches)]) for i in range(args.warmup)]
+    for i in range(args.warmup):
+        one(batches[i % len(batches)])
+    losses.extend(row[0] / ntok for ntok, row in pending.drain())
     sync(args.device)
     t0 = time.perf_counter()
     warmup_s = t0 - t_warm  # Triton compiles (the first "ours" column), graph captures, warm-up steps
     tokens = 0
     for i in range(args.warmup, args.warmup + args.iters):
         b = batches[i % len(batches)]
-        losses.append(one(b))
+        one(b)
         tokens += b.ntokens
+    losses.extend(row[0] / ntok for ntok, row in pending.drain())
     sync(args.device)
     dt = time.perf_counter() - t0
     res = dict(per_s=tokens / dt, ms_per_step=dt / args.iters * 1e3, tokens_per_step=tokens / args.iters,

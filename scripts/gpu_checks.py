@@ -17,6 +17,9 @@ with status 1 if any fails. Checks:
                 replayed, against the same steps with emulate=True (the padded static shapes run
                 eagerly, same capturable Adam, same RNG). The same kernels on the same data: the
                 losses, NLL sums and gradient norms must agree to 1e-5 (expected: exactly).
+                The graphed run reads them a step late, as mt.train does (mt.step_stats), so
+                its host runs a step ahead of the GPU through pinned, non-blocking batch copies;
+                the emulated run reads them right after each step.
                 Also checks that graphs were captured and replayed and one step ran eagerly.
   train_graph_vs_eager[cell]
                 20 steps, fp32 with TF32 off, dropout 0: GraphedTrainStep against
@@ -150,9 +153,13 @@ def batches_for_training(n_steps: int) -> list:
     return out
 
 
-def run_training(cell: str, mode: str, batches: list, amp_dtype, dropout: float) -> tuple[list, dict]:
-    """mode: graph | emulate | eager. Returns per step (loss_sum, nll_sum, grad_norm) and stats."""
+def run_training(cell: str, mode: str, batches: list, amp_dtype, dropout: float,
+                 lagged: bool = False) -> tuple[list, dict]:
+    """mode: graph | emulate | eager. Returns per step (loss_sum, nll_sum, grad_norm) and stats.
+    lagged: read them a step late as mt.train does (mt.step_stats), so the host runs a step ahead
+    of the GPU; otherwise right after each step."""
     from mt import graphs
+    from mt.step_stats import StepStats, step_values
 
     model = small_model(cell, dropout).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-9)
@@ -169,12 +176,20 @@ def run_training(cell: str, mode: str, batches: list, amp_dtype, dropout: float)
                                        **kw)
     torch.manual_seed(1234)  # the same dropout masks for every mode
     log = []
+    pending = StepStats(DEVICE, lag=1)
     for b in batches:
         loss_sum, nll_sum = step.forward_backward(b)
-        vals = [loss_sum.item(), nll_sum.item()]
-        vals.append(float(step.update()))
+        if not lagged:
+            log.append([loss_sum.item(), nll_sum.item()])
+        grad_norm = step.update()
+        if not lagged:
+            log[-1].append(float(grad_norm))
         sched.step()
-        log.append(vals)
+        if lagged:
+            pending.push(None, step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm, opt.param_groups[0]["lr"],
+                                           DEVICE))
+            log += [[row[0], row[1], row[4]] for _, row in pending.ready()]
+    log += [[row[0], row[1], row[4]] for _, row in pending.drain()]
     return log, dict(getattr(step, "stats", {}))
 
 
@@ -219,7 +234,7 @@ def check_training() -> None:
     batches = batches_for_training(STEPS)
     for cell in CELLS:
         t0 = time.perf_counter()
-        g, gstats = run_training(cell, "graph", batches, torch.bfloat16, 0.3)
+        g, gstats = run_training(cell, "graph", batches, torch.bfloat16, 0.3, lagged=True)
         e, _ = run_training(cell, "emulate", batches, torch.bfloat16, 0.3)
         flat_g, flat_e = [v for row in g for v in row], [v for row in e for v in row]
         err = max_rel(flat_g, flat_e)

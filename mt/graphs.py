@@ -42,8 +42,8 @@ Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
     from packing (which needs the lengths on the host) to cuDNN on the padded batch
     (`EncoderLSTM._cudnn_padded`, still cuDNN kernels, same results); the gate-cell backends
     never sync.
-  - After a non-finite loss the update of that step (and, read a step late, of the next one)
-    has already been applied in memory; training stops without saving, so the last checkpoint
+  - After a non-finite loss the update of that step (and, read a step late, perhaps of the next
+    one) has already been applied in memory; training stops without saving, so the last checkpoint
     on disk is good.
 
 Decoding (`GraphedDecoder`, given to mt.search's functions)
@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from .errors import MTError
 from .model import DecoderState, Memory, Seq2Seq
 from .modules.lstm import compute_dtype
+from .step_stats import pinned_if_possible
 
 Shape = tuple[int, int, int]  # (batch, source length, target length), EOS/BOS included
 
@@ -193,8 +194,8 @@ def pad_batch(batch: Any, shape: Shape, pad_id: int, pin_memory: bool = False) -
         raise ValueError(f"batch ({n}, {s}, {t}) does not fit shape {shape}")
 
     def full(x: Tensor, size: tuple[int, ...], value: int) -> Tensor:
-        pin = pin_memory and x.device.type == "cpu"
-        return torch.full(size, value, dtype=x.dtype, device=x.device, pin_memory=pin)
+        return pinned_if_possible(lambda pin: torch.full(size, value, dtype=x.dtype, device=x.device, pin_memory=pin),
+                                  pin_memory and x.device.type == "cpu")
 
     def grow(x: Tensor, cols: int) -> Tensor:
         out = full(x, (B, cols), pad_id)
@@ -217,10 +218,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
     prepare the next step while the GPU runs this one. On CUDA the batch goes through pinned
     memory with `non_blocking=True` instead; PyTorch's pinned-memory allocator keeps the pinned
     copy alive until the transfer is done."""
-    if device.type != "cuda" or batch.src.device == device:
+    if device.type != "cuda" or batch.src.device.type != "cpu":
         return batch.to(device)
     if not batch.src.is_pinned():
-        batch = batch.pin_memory()
+        batch = pinned_if_possible(lambda pin: batch.pin_memory() if pin else batch, True)
     return batch.to(device, non_blocking=True)
 
 
@@ -269,8 +270,8 @@ class TrainStep:
     """The eager training step (trainer.cuda_graphs off), exactly mt.train's loop body:
 
         loss_sum, nll_sum = step.forward_backward(batch)   # forward, loss, backward
-        ... read the loss (NaN check before the update) ...
         grad_norm = step.update()                          # clip, optimizer step, zero_grad
+        ... queue the numbers; mt.train reads them a step later (mt/step_stats.py) ...
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, pad_id: int,

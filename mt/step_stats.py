@@ -31,11 +31,22 @@ copy per step; scripts/bench_train.py times the same per-step work.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def pinned_if_possible(make: Callable[[bool], Any], pin: bool) -> Any:
+    """`make(True)` (pinned host memory) if `pin` and the system grants it, else `make(False)`:
+    under a locked-memory limit the copies still work, only synchronously."""
+    if pin:
+        try:
+            return make(True)
+        except RuntimeError:  # e.g. "cudaHostAlloc failed" / out of locked memory
+            pass
+    return make(False)
 
 
 class StepStats:
@@ -89,7 +100,7 @@ class StepStats:
         for i, buf in enumerate(self._free):
             if buf.shape == values.shape and buf.dtype == values.dtype:
                 return self._free.pop(i)
-        return torch.empty(values.shape, dtype=values.dtype, pin_memory=self._cuda)
+        return pinned_if_possible(lambda pin: torch.empty(values.shape, dtype=values.dtype, pin_memory=pin), self._cuda)
 
 
 SUMMED = 4  # the first 4 numbers of step_values are summed over ranks (mt.train)
@@ -103,8 +114,9 @@ def step_values(loss_sum: Tensor, nll_sum: Tensor, ntokens: int, out_of_time: bo
     a tensor lr (under CUDA graphs) is read on the device, as it was after this step's
     scheduler.step()."""
     device = torch.device(device)
-    host = torch.tensor([float(ntokens), float(out_of_time), 0.0 if isinstance(lr, Tensor) else float(lr)],
-                        dtype=torch.float64, pin_memory=device.type == "cuda").to(device, non_blocking=True)  # (3,)
-    lr_t = lr.detach().double().reshape(1) if isinstance(lr, Tensor) else host[2:]  # (1,)
+    numbers = [float(ntokens), float(out_of_time), 0.0 if isinstance(lr, Tensor) else float(lr)]
+    host = pinned_if_possible(lambda pin: torch.tensor(numbers, dtype=torch.float64, pin_memory=pin),
+                              device.type == "cuda").to(device, non_blocking=True)  # (3,)
+    lr_t = lr.detach().to(device, torch.float64).reshape(1) if isinstance(lr, Tensor) else host[2:]  # (1,)
     return torch.cat([torch.stack([loss_sum.detach().double(), nll_sum.detach().double()]), host[:2],
-                      grad_norm.detach().double().reshape(1), lr_t])
+                      grad_norm.detach().to(device, torch.float64).reshape(1), lr_t])  # (6,)

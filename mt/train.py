@@ -312,11 +312,13 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         stepper = graphs.TrainStep(model, optimizer, criterion, pad_id=tok.pad_id, amp_dtype=amp_dtype,
                                    clip_norm=oc.clip_grad_norm, device=device, train_model=train_model)
 
-    def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world):
+    def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world, pin_memory=False):
         return batching.make_loader(ds, tok, tc.max_tokens, tc.max_sentences, shuffle=shuffle, seed=tc.seed,
-                                    num_replicas=world, rank=rank, num_workers=tc.num_workers)
+                                    num_replicas=world, rank=rank, num_workers=tc.num_workers, pin_memory=pin_memory)
 
-    train_loader = loader_for(corpus.train, shuffle=True)
+    # eager on CUDA: batches pinned by the loader, copied without waiting (graphs.to_device);
+    # under graphs pad_batch makes the pinned copy
+    train_loader = loader_for(corpus.train, shuffle=True, pin_memory=device.type == "cuda" and not use_graphs)
     valid_loader = loader_for(corpus.valid, shuffle=False, rank=0, world=1)
     if len(train_loader) == 0:
         raise MTError("the training split is empty after filtering; check data.max_src_len/max_tgt_len")
@@ -428,7 +430,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         nonlocal win_loss, win_nll, win_tok, win_t0
         late = False
         for (at_step, at_epoch), (loss_tot, nll_tot, ntok_tot, ranks_out_of_time, grad_norm, lr_now) in rows:
-            if not math.isfinite(loss_tot):  # (the updates of this step and the next are in memory)
+            if not math.isfinite(loss_tot):  # (this step's update, and maybe the next one's, are in memory)
                 saver.wait(raise_error=False)  # the last validation's checkpoint is on disk
                 raise TrainingDiverged(
                     f"loss is {loss_tot} at step {at_step}; stopped without saving "

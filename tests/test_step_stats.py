@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mt.step_stats import StepStats
+from mt.step_stats import SUMMED, StepStats, pinned_if_possible, step_values
 
 
 def test_rows_come_back_lag_steps_late_in_order():
@@ -47,3 +47,29 @@ def test_rows_of_different_shapes_and_dtypes():
     stats.push(1, torch.tensor([0.5], dtype=torch.float32))
     stats.push(2, torch.tensor([3, 4], dtype=torch.int64))
     assert list(stats.drain()) == [(0, [1, 2]), (1, [0.5]), (2, [3, 4])]
+
+
+def test_pinned_if_possible_falls_back_to_ordinary_memory():
+    calls = []
+
+    def make(pin):
+        calls.append(pin)
+        if pin:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return torch.zeros(2)
+
+    assert pinned_if_possible(make, True).tolist() == [0.0, 0.0] and calls == [True, False]
+    calls.clear()
+    pinned_if_possible(make, False)
+    assert calls == [False]
+
+
+@pytest.mark.parametrize("lr", [2.5e-4, torch.tensor(2.5e-4, dtype=torch.float32)])
+def test_step_values_layout(lr):
+    """[loss sum, NLL sum, tokens, out of time, grad norm, lr]; the first SUMMED are the ones
+    mt.train sums over ranks; a float or a tensor lr (CUDA graphs) gives the same row."""
+    row = step_values(torch.tensor(12.5), torch.tensor(10.0, dtype=torch.float64), 40, True,
+                      torch.tensor(3.0), lr, "cpu")
+    assert row.dtype == torch.float64 and row.shape == (6,)
+    assert row.tolist() == pytest.approx([12.5, 10.0, 40.0, 1.0, 3.0, 2.5e-4])
+    assert row[:SUMMED].tolist() == pytest.approx([12.5, 10.0, 40.0, 1.0])  # what DDP sums: not the norm or lr

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,10 @@ class CheckpointWriter:
         ...
         writer.wait()                                    # the write is on disk (or its error raised)
 
+    `before_write(snapshot)`, if given, runs on the thread first and may complete the snapshot
+    (mt.train finishes a validation's report there: the slower metrics, TensorBoard, the log).
+    Its error does not stop the write; it is raised by the next `save` or `wait`, as it is.
+
     `save` copies the state's tensors to the CPU (the parameters keep changing) and returns; the
     thread then does `save_checkpoint` (temp file, fsync, rename: atomic as ever) and, with
     `also`, `copy_checkpoint(path, also)`. One write at a time: `save` first waits for the
@@ -125,19 +130,27 @@ class CheckpointWriter:
             return type(obj)(self._snapshot(v, seen, count) for v in obj)
         return obj
 
-    def save(self, state: dict[str, Any], path: str | os.PathLike, also: str | os.PathLike | None = None) -> None:
+    def save(self, state: dict[str, Any], path: str | os.PathLike, also: str | os.PathLike | None = None,
+             before_write: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.wait()  # also frees the buffers the previous write was reading
         snap = self._snapshot(state, {}, [0])
 
         def write() -> None:
+            first_error: BaseException | None = None
+            if before_write is not None:
+                try:
+                    before_write(snap)
+                except BaseException as e:  # the checkpoint is still written; this error wins
+                    first_error = e
             try:
                 save_checkpoint(snap, path)
                 if also is not None:
                     copy_checkpoint(path, also)
             except Exception as e:  # handed to the training thread by wait(): a one-line error
-                self._error = CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
+                first_error = first_error or CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
             except BaseException as e:
-                self._error = e
+                first_error = first_error or e
+            self._error = first_error
 
         self._thread = threading.Thread(target=write, name="checkpoint-writer")
         self._thread.start()

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 from sacrebleu.metrics import BLEU, CHRF
 
+# name -> the sacreBLEU metric object that computes it
+METRICS = {"bleu": BLEU, "chrf": CHRF, "bleu_lc": lambda: BLEU(lowercase=True)}
 
-def corpus_scores(hyps: list[str], refs: list[str]) -> dict:
-    """-> {"bleu", "chrf", "bleu_lc"} scores and their sacreBLEU signatures."""
+
+def corpus_scores(hyps: list[str], refs: list[str], names: tuple[str, ...] = ("bleu", "chrf", "bleu_lc")) -> dict:
+    """-> {name: score, name + "_signature": sacreBLEU's signature} for each of `names`
+    (default: all three), and "bleu_detail" (sacreBLEU's BLEU line) when BLEU is among them.
+    mt.train scores BLEU at once (it decides the best checkpoint) and the others in the
+    background."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
-    bleu, chrf, bleu_lc = BLEU(), CHRF(), BLEU(lowercase=True)
-    b = bleu.corpus_score(hyps, [refs])
-    c = chrf.corpus_score(hyps, [refs])
-    lc = bleu_lc.corpus_score(hyps, [refs])
-    return {
-        "bleu": b.score,
-        "chrf": c.score,
-        "bleu_lc": lc.score,
-        "bleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-        "bleu_lc_signature": str(bleu_lc.get_signature()),
-        "bleu_detail": str(b),
-    }
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+    out: dict = {}
+    for name in names:
+        metric = METRICS[name]()
+        result = metric.corpus_score(hyps, [refs])
+        out[name] = result.score
+        out[f"{name}_signature"] = str(metric.get_signature())
+        if name == "bleu":
+            out["bleu_detail"] = str(result)
+    return out

@@ -135,6 +135,37 @@ def test_writer_hands_a_failed_write_to_the_next_call(tmp_path, monkeypatch, cap
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_writer_runs_before_write_on_the_snapshot_first(tmp_path):
+    """before_write completes the snapshot on the thread (mt.train's validation report adds
+    chrF there); the caller's state is not touched; its error is raised as it is, by the next
+    call, and the checkpoint is written all the same."""
+    import threading
+
+    st = {**state(), "metrics": {"bleu": 1.0}}
+    seen = []
+
+    def report(snap):
+        seen.append(threading.current_thread().name)
+        snap["metrics"]["chrf"] = 42.0
+
+    writer = CheckpointWriter()
+    writer.save(st, tmp_path / "last.pt", before_write=report)
+    writer.wait()
+    assert seen == ["checkpoint-writer"] and st["metrics"] == {"bleu": 1.0}
+    assert load_checkpoint(tmp_path / "last.pt")["metrics"] == {"bleu": 1.0, "chrf": 42.0}
+
+    def broken(snap):
+        snap["metrics"]["chrf"] = 7.0
+        raise ValueError("no fonts")
+
+    writer.save({**st, "step": 4}, tmp_path / "last.pt", before_write=broken)
+    with pytest.raises(ValueError, match="no fonts"):
+        writer.save({**st, "step": 5}, tmp_path / "best.pt")  # the next call raises it; nothing of its own is saved
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["step"] == 4 and ck["metrics"]["chrf"] == 7.0
+    assert not (tmp_path / "best.pt").exists()
+
+
 def test_writer_reuses_its_buffers_and_keeps_tied_tensors_tied(tmp_path):
     w = torch.randn(3, 4)
     st = {**state(), "model": {"emb": w, "out": w.detach(), "bias": torch.zeros(4)}}

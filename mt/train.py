@@ -14,6 +14,7 @@ Writes, under the Hydra run directory OUT:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -188,6 +189,32 @@ class Distributed:
 
 
 # --------------------------------------------------------------------------- validation
+def report_validation(snapshot: dict[str, Any], *, writer, step: int, metrics: dict[str, Any], hyps: list[str],
+                      refs: list[str], samples: list[str], attention: tuple | None, first: bool) -> None:
+    """What a validation reports and nothing waits for, run by the checkpoint writer's thread
+    before it writes the checkpoint (`snapshot`), while training goes on: chrF and BLEU (case:lc)
+    (0.3-0.6 s of sacreBLEU for Multi30k's 1014 sentences), added to `metrics` and to the
+    checkpoint's metrics; the TensorBoard scalars, texts and attention figure; a log line."""
+    t0 = time.perf_counter()
+    extra = corpus_scores(hyps, refs, names=("chrf", "bleu_lc"))
+    metrics.update(extra)
+    snapshot["metrics"].update(extra)
+    for k in ("loss", "ppl", "bleu", "chrf", "bleu_lc"):
+        writer.add_scalar(f"valid/{k}", metrics[k], step)
+    if first:
+        writer.add_text("valid/signature", f"BLEU: {metrics['bleu_signature']}  \nchrF: {metrics['chrf_signature']}",
+                        step)
+        log.info("sacreBLEU signatures: %s | %s", metrics["bleu_signature"], metrics["chrf_signature"])
+    if samples:
+        writer.add_text("valid/samples", "\n\n---\n\n".join(samples), step)
+    if attention is not None:
+        writer.add_figure("valid/attention", attention_figure(*attention), step)
+    writer.flush()
+    log.info("step %d | valid chrF %.2f BLEU(lc) %.2f | reported in the background in %.1fs", step, metrics["chrf"],
+             metrics["bleu_lc"], time.perf_counter() - t0)
+
+
+
 @torch.no_grad()
 def validation_loss(model: Seq2Seq, loader, device, amp_dtype, pad_id: int) -> float:
     """Mean per-token negative log-likelihood (no label smoothing) under teacher forcing."""
@@ -369,25 +396,16 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
                                          graphs=decoder_graphs)
             hyps = tok.decode_tgt(decoded.tokens)
             refs = list(corpus.valid["tgt"])
-            scores = corpus_scores(hyps, refs)
-            metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **scores}
-            for k in ("loss", "ppl", "bleu", "chrf", "bleu_lc"):
-                writer.add_scalar(f"valid/{k}", metrics[k], step)
-            if not signature_logged:
-                writer.add_text("valid/signature", f"BLEU: {scores['bleu_signature']}  \n"
-                                f"chrF: {scores['chrf_signature']}", step)
-                log.info("sacreBLEU signatures: %s | %s", scores["bleu_signature"], scores["chrf_signature"])
-                signature_logged = True
+            # BLEU now: it picks the best checkpoint; the rest in report_validation, in the background
+            metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, refs, names=("bleu",))}
             srcs = list(corpus.valid["src"])
             samples = [f"**src:** {srcs[i]}  \n**ref:** {refs[i]}  \n**hyp:** {hyps[i]}" for i in range(min(tc.num_samples, len(hyps)))]
-            if samples:
-                writer.add_text("valid/samples", "\n\n---\n\n".join(samples), step)
+            attention = None
             if tc.attention_images and len(hyps):
                 src_ids = corpus.valid[0]["src_ids"] + [tok.eos_id]
                 out_ids = decoded.tokens[0] + [tok.eos_id]
-                attn = decoded.attention[0][: len(out_ids), : len(src_ids)]
-                fig = attention_figure(attn, tok.src_pieces(src_ids), tok.tgt_pieces(out_ids)[: attn.shape[0]])
-                writer.add_figure("valid/attention", fig, step)
+                attn = decoded.attention[0][: len(out_ids), : len(src_ids)]  # (T_out, S) CPU
+                attention = (attn, tok.src_pieces(src_ids), tok.tgt_pieces(out_ids)[: attn.shape[0]])
             improved = metrics["bleu"] > best_bleu
             if improved:
                 best_bleu, bad_evals = metrics["bleu"], 0
@@ -399,13 +417,16 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         rngs = ddp.gather_objects(rng_state())  # every rank's RNG, for an exact resume
         if ddp.main:
-            # in the background; improved: best.pt, then last.pt as the same file (mt/checkpoint.py)
+            # in the background: the report, then the checkpoint (improved: best.pt, then last.pt
+            # as the same file; mt/checkpoint.py). The next validation's save waits for both.
+            report = functools.partial(report_validation, writer=writer, step=step, metrics=metrics, hyps=hyps,
+                                       refs=refs, samples=samples, attention=attention, first=not signature_logged)
+            signature_logged = True
             saver.save(checkpoint_state(metrics, rngs), best_path if improved else last_path,
-                       also=last_path if improved else None)
-            writer.flush()
-            log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f chrF %.2f BLEU(lc) %.2f | best %.2f%s | %.1fs",
-                     step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"], metrics["bleu_lc"],
-                     best_bleu, " *" if improved else "", time.perf_counter() - t0)
+                       also=last_path if improved else None, before_write=report)
+            log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f | best %.2f%s | %.1fs",
+                     step, metrics["loss"], metrics["ppl"], metrics["bleu"], best_bleu, " *" if improved else "",
+                     time.perf_counter() - t0)
         model.train()
         return metrics, bool(stop), bool(timed_out)
 
@@ -501,6 +522,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         last_metrics, _, _ = evaluate()
     if ddp.main:
         progress.close()
+        saver.wait()  # the last validation's report (TensorBoard, log) and checkpoint are done
         if use_graphs:
             log.info("CUDA graphs: %s; decoder steps: %s", stepper.summary(),
                      ", ".join(f"{k} {v}" for k, v in sorted(decoder_graphs.stats.items())) or "none")

@@ -6,6 +6,10 @@ Every `mt.train` log line starts with its wall-clock time; this prints, for each
 seconds since training started (the "model: ..." line, after data and tokenizer preparation)
 and, with --started (e.g. `date +%s.%N` just before `python -m mt.train`), since the process
 started. Validation time is included. Needs only the standard library.
+
+A validation's time is that of its "step N | valid loss ... | BLEU ..." line, logged once BLEU
+is known; chrF and BLEU(lc) come from the "step N | valid chrF ..." line the background report
+logs later (older logs carry all three on the first line; both forms are read).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from datetime import datetime
 from pathlib import Path
 
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[\w+\] - (.*)$")
-VALID = re.compile(r"^step (\d+) \| valid loss ([\d.]+) .*\| BLEU ([\d.]+) chrF ([\d.]+) BLEU\(lc\) ([\d.]+) \|")
+VALID = re.compile(r"^step (\d+) \| valid loss ([\d.]+) .*?\| BLEU ([\d.]+)(?: chrF ([\d.]+) BLEU\(lc\) ([\d.]+))? \|")
+REPORT = re.compile(r"^step (\d+) \| valid chrF ([\d.]+) BLEU\(lc\) ([\d.]+) \|")
 
 
 def parse(text: str) -> dict:
     first = model = last = None
     valids = []
+    reported = {}  # step -> (chrF, BLEU(lc)) from the background report's line
     for line in text.splitlines():
         m = STAMP.match(line)
         if not m:
@@ -37,7 +43,14 @@ def parse(text: str) -> dict:
         v = VALID.match(msg)
         if v:
             valids.append(dict(step=int(v.group(1)), valid_loss=float(v.group(2)), bleu=float(v.group(3)),
-                               chrf=float(v.group(4)), bleu_lc=float(v.group(5)), time=t))
+                               chrf=float(v.group(4)) if v.group(4) else None,
+                               bleu_lc=float(v.group(5)) if v.group(5) else None, time=t))
+        r = REPORT.match(msg)
+        if r:
+            reported[int(r.group(1))] = float(r.group(2)), float(r.group(3))
+    for v in valids:
+        if v["chrf"] is None and v["step"] in reported:
+            v["chrf"], v["bleu_lc"] = reported[v["step"]]
     if model is None:
         raise SystemExit("recipe_timing: no 'model: ...' line in the log (training never started)")
     return dict(first=first, model=model, last=last, valids=valids)
@@ -60,7 +73,8 @@ def main(argv=None) -> int:
     for v in info["valids"]:
         row = dict(v, since_training=v["time"] - info["model"], since_start=v["time"] - start)
         rows.append(row)
-        print(f"{v['step']:>6} {v['bleu']:>6.2f} {v['bleu_lc']:>8.2f} {row['since_training']:>22.1f} "
+        lc = "-" if v["bleu_lc"] is None else f"{v['bleu_lc']:.2f}"
+        print(f"{v['step']:>6} {v['bleu']:>6.2f} {lc:>8} {row['since_training']:>22.1f} "
               f"{row['since_start']:>22.1f}")
     best = max(rows, key=lambda r: r["bleu"]) if rows else None
     summary = dict(log=str(args.log), preparation_s=info["model"] - start, validations=rows, best=best,

@@ -11,9 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 LOG = """\
 [2026-11-27 10:00:00,000][mt.train][INFO] - tokenizer: trained joint model /tmp/x.model
 [2026-11-27 10:00:04,500][mt.train][INFO] - model: 5,615,936 parameters, cell=triton (triton), device=cuda
-[2026-11-27 10:00:20,500][mt.train][INFO] - step 250 | valid loss 3.572 ppl 35.58 | BLEU 8.70 chrF 24.81 BLEU(lc) 8.80 | best 8.70 * | 1.1s
-[2026-11-27 10:00:31,000][mt.train][INFO] - step 500 | valid loss 2.142 ppl 8.52 | BLEU 31.17 chrF 50.96 BLEU(lc) 31.37 | best 31.17 * | 1.0s
-[2026-11-27 10:00:40,250][mt.train][INFO] - step 750 | valid loss 2.300 ppl 9.97 | BLEU 30.02 chrF 50.00 BLEU(lc) 30.20 | best 31.17 | 1.0s
+[2026-11-27 10:00:20,500][mt.train][INFO] - step 250 | valid loss 3.572 ppl 35.58 | BLEU 8.70 | best 8.70 * | 0.6s
+[2026-11-27 10:00:21,100][mt.train][INFO] - step 250 | valid chrF 24.81 BLEU(lc) 8.80 | reported in the background in 0.6s
+[2026-11-27 10:00:31,000][mt.train][INFO] - step 500 | valid loss 2.142 ppl 8.52 | BLEU 31.17 | best 31.17 * | 0.5s
+[2026-11-27 10:00:31,400][mt.train][INFO] - step 500 | valid chrF 50.96 BLEU(lc) 31.37 | reported in the background in 0.4s
+[2026-11-27 10:00:40,250][mt.train][INFO] - step 750 | valid loss 2.300 ppl 9.97 | BLEU 30.02 | best 31.17 | 0.5s
 [2026-11-27 10:00:41,000][mt.train][INFO] - done: step 750, best validation BLEU 31.17
 """
 
@@ -38,7 +40,20 @@ def test_best_bleu_and_its_times(tmp_path):
     assert abs(best["since_start"] - 33.0) < 1e-6  # from --started
     assert abs(res["preparation_s"] - 6.5) < 1e-6
     assert [v["step"] for v in res["validations"]] == [250, 500, 750]
+    assert [v["bleu_lc"] for v in res["validations"]] == [8.80, 31.37, None]  # 750's report not logged yet
+    assert best["chrf"] == 50.96
     assert "best BLEU 31.17 at step 500" in proc.stdout
+
+
+def test_logs_with_all_scores_on_the_validation_line(tmp_path):
+    """Logs written before the report moved to the background."""
+    old = LOG.replace("| BLEU 31.17 | best", "| BLEU 31.17 chrF 50.96 BLEU(lc) 31.37 | best")
+    old = "\n".join(line for line in old.splitlines() if "valid chrF" not in line) + "\n"
+    proc, out = run(tmp_path, old)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["best"]["step"] == 500 and res["best"]["bleu_lc"] == 31.37 and res["best"]["chrf"] == 50.96
+    assert [v["chrf"] for v in res["validations"]] == [None, 50.96, None]
 
 
 def test_a_log_where_training_never_started_is_an_error(tmp_path):

@@ -1,6 +1,7 @@
 """Training end to end on a tiny generated corpus: it learns, resumes exactly, logs to
 TensorBoard, stops on NaN, and refuses bad checkpoints; the real CLI in a subprocess; 2-process DDP."""
 
+import json
 import math
 import os
 import subprocess
@@ -185,6 +186,12 @@ def test_cli_writes_checkpoints_and_events(tiny_corpus_dir, tmp_path):
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / ".hydra" / "config.yaml").is_file()
+    # scripts/recipe_timing.py reads this log's validation lines, the background report's too
+    timing = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_timing.py"), str(out / "train.log"),
+                             "--json", str(tmp_path / "timing.json")], capture_output=True, text=True, timeout=60)
+    assert timing.returncode == 0, timing.stderr
+    (valid,) = json.loads((tmp_path / "timing.json").read_text())["validations"]
+    assert valid["step"] == 20 and valid["chrf"] is not None and valid["bleu_lc"] is not None
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -298,3 +305,35 @@ def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, 
     assert sorted(scalars(tmp_path / "run")["valid/bleu"]) == [stop_step]  # validated once, at the end
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ck["step"] == stop_step and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_validation_report_runs_in_the_background_and_completes_the_checkpoint(tiny_corpus_dir, tmp_path):
+    """chrF and BLEU(lc) are scored on the checkpoint writer's thread, before the write: they are
+    in every checkpoint's metrics, in TensorBoard at each validation, and in train()'s summary."""
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=10", "trainer.eval_every=5")
+    summary = train(cfg, tmp_path / "run")
+    logged = scalars(tmp_path / "run")
+    assert sorted(logged["valid/chrf"]) == [5, 10] and sorted(logged["valid/bleu_lc"]) == [5, 10]
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["step"] == 10
+    for k in ("bleu", "chrf", "bleu_lc"):
+        assert ck["metrics"][k] == pytest.approx(logged[f"valid/{k}"][10], abs=1e-4)
+        assert summary["last"][k] == ck["metrics"][k]
+    assert "case:lc" in ck["metrics"]["bleu_lc_signature"]
+
+
+def test_a_failing_validation_report_still_writes_the_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
+    """The report's error reaches the training thread at the next save (here the validation at
+    step 10), as it is; the checkpoint it was to complete is on disk all the same."""
+    import mt.train as mt_train
+
+    def broken_figure(*args):
+        raise RuntimeError("matplotlib has no fonts")
+
+    monkeypatch.setattr(mt_train, "attention_figure", broken_figure)
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=20", "trainer.eval_every=5",
+                   "trainer.attention_images=true")
+    with pytest.raises(RuntimeError, match="no fonts"):
+        train(cfg, tmp_path / "run")
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["step"] == 5 and "chrf" in ck["metrics"]

@@ -381,6 +381,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     def out_of_time() -> bool:
         return tc.max_minutes > 0 and _now() - started >= 60.0 * tc.max_minutes
 
+    # the validation split's columns as lists, once (datasets reads Arrow at every access)
+    valid_src_ids, valid_srcs, valid_refs = (list(corpus.valid[c]) for c in ("src_ids", "src", "tgt"))
+
     def evaluate() -> tuple[dict, bool, bool]:
         """Validate on rank 0; every rank learns the BLEU, whether to stop early and whether the
         time limit has passed (rank 0's clock, after validating). Saves checkpoints."""
@@ -391,18 +394,18 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         if ddp.main:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 vloss = validation_loss(model, valid_loader, device, amp_dtype, tok.pad_id)
-                decoded = decode_dataset(model, corpus.valid, tok, device, batch_size=tc.valid_batch_size,
+                decoded = decode_dataset(model, valid_src_ids, tok, device, batch_size=tc.valid_batch_size,
                                          max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
                                          graphs=decoder_graphs)
             hyps = tok.decode_tgt(decoded.tokens)
-            refs = list(corpus.valid["tgt"])
+            refs = valid_refs
             # BLEU now: it picks the best checkpoint; the rest in report_validation, in the background
             metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, refs, names=("bleu",))}
-            srcs = list(corpus.valid["src"])
+            srcs = valid_srcs
             samples = [f"**src:** {srcs[i]}  \n**ref:** {refs[i]}  \n**hyp:** {hyps[i]}" for i in range(min(tc.num_samples, len(hyps)))]
             attention = None
             if tc.attention_images and len(hyps):
-                src_ids = corpus.valid[0]["src_ids"] + [tok.eos_id]
+                src_ids = valid_src_ids[0] + [tok.eos_id]
                 out_ids = decoded.tokens[0] + [tok.eos_id]
                 attn = decoded.attention[0][: len(out_ids), : len(src_ids)]  # (T_out, S) CPU
                 attention = (attn, tok.src_pieces(src_ids), tok.tgt_pieces(out_ids)[: attn.shape[0]])

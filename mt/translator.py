@@ -239,18 +239,13 @@ class Translator:
 
 def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:
     """Write the attention heatmap (output pieces x source pieces, EOS included) as an image."""
-    import matplotlib.pyplot as plt
-
     from .plotting import attention_figure
 
     src = hyp.src_tokens + ["</s>"]
     out = (hyp.tokens + ["</s>"])[: hyp.attention.shape[0]]
-    fig = attention_figure(hyp.attention[: len(out), : len(src)], src, out)
+    fig = attention_figure(hyp.attention[: len(out), : len(src)], src, out)  # no pyplot: nothing to close
     path = Path(path)
-    try:
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    fig.savefig(path)
     return path
 
 

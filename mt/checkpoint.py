@@ -82,7 +82,8 @@ class CheckpointWriter:
 
     `before_write(snapshot)`, if given, runs on the thread first and may complete the snapshot
     (mt.train finishes a validation's report there: the slower metrics, TensorBoard, the log).
-    Its error does not stop the write; it is raised by the next `save` or `wait`, as it is.
+    Its error does not stop the write; it is raised by the next `save` or `wait`, as it is,
+    unless the write failed too: then the write's CheckpointError is raised and the other logged.
 
     `save` copies the state's tensors to the CPU (the parameters keep changing) and returns; the
     thread then does `save_checkpoint` (temp file, fsync, rename: atomic as ever) and, with
@@ -136,21 +137,23 @@ class CheckpointWriter:
         snap = self._snapshot(state, {}, [0])
 
         def write() -> None:
-            first_error: BaseException | None = None
+            hook_error: BaseException | None = None
             if before_write is not None:
                 try:
                     before_write(snap)
-                except BaseException as e:  # the checkpoint is still written; this error wins
-                    first_error = e
+                except BaseException as e:  # the checkpoint is still written
+                    hook_error = e
             try:
                 save_checkpoint(snap, path)
                 if also is not None:
                     copy_checkpoint(path, also)
-            except Exception as e:  # handed to the training thread by wait(): a one-line error
-                first_error = first_error or CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
-            except BaseException as e:
-                first_error = first_error or e
-            self._error = first_error
+            except BaseException as e:  # handed to the training thread by wait(): a one-line error
+                self._error = (CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
+                               if isinstance(e, Exception) else e)
+                if hook_error is not None:  # a missing checkpoint matters more: say this one here
+                    log.warning("before the write of %s: %s", path, first_line(hook_error))
+                return
+            self._error = hook_error
 
         self._thread = threading.Thread(target=write, name="checkpoint-writer")
         self._thread.start()

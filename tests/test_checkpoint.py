@@ -166,6 +166,19 @@ def test_writer_runs_before_write_on_the_snapshot_first(tmp_path):
     assert not (tmp_path / "best.pt").exists()
 
 
+def test_writer_raises_the_failed_write_over_a_failed_before_write(tmp_path, caplog):
+    """Both failed: the missing checkpoint is the error; the hook's is logged, not lost."""
+    def broken(snap):
+        raise ValueError("no fonts")
+
+    writer = CheckpointWriter()
+    (tmp_path / "file").write_text("x")
+    writer.save(state(), tmp_path / "file" / "last.pt", before_write=broken)  # a file where a folder should be
+    with caplog.at_level("WARNING", logger="mt.checkpoint"), pytest.raises(CheckpointError, match="could not write"):
+        writer.wait()
+    assert "no fonts" in caplog.text
+
+
 def test_writer_reuses_its_buffers_and_keeps_tied_tensors_tied(tmp_path):
     w = torch.randn(3, 4)
     st = {**state(), "model": {"emb": w, "out": w.detach(), "bias": torch.zeros(4)}}

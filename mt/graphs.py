@@ -265,6 +265,47 @@ def portable_state(state: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- running a slot
+class _SlotRunner:
+    """How one static-shape step runs, for GraphedTrainStep and GraphedDecoder alike. A slot
+    (its `graph`, None until captured, and its `runs`) is replayed if captured; else `fn` runs
+    eagerly when not capturing (CPU, emulate=True); else the first `warmup` runs of the slot go
+    eagerly on a side stream (PyTorch's recipe before a capture: lazy initialisation, compiles);
+    then `fn` is captured, all slots in one memory pool, and replayed (capturing runs nothing).
+    `stats` counts each way."""
+
+    def __init__(self, warmup: int, stats: Counter):
+        self.warmup, self.stats = max(1, warmup), stats
+        self._pool = None
+        self._side: torch.cuda.Stream | None = None
+
+    def run(self, slot: Any, fn, device: torch.device, capture: bool) -> None:
+        if slot.graph is not None:
+            slot.graph.replay()
+            self.stats["replayed"] += 1
+        elif not capture:
+            fn()
+            self.stats["emulated"] += 1
+        elif slot.runs < self.warmup:
+            if self._side is None:
+                self._side = torch.cuda.Stream(device)
+            self._side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self._side):
+                fn()
+            torch.cuda.current_stream(device).wait_stream(self._side)
+            self.stats["warmup"] += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                fn()
+            if self._pool is None:
+                self._pool = graph.pool()
+            slot.graph = graph
+            graph.replay()  # capturing ran nothing: this is the step
+            self.stats["captured"] += 1
+        slot.runs += 1
+
+
 # --------------------------------------------------------------------------- training
 class TrainStep:
     """The eager training step (trainer.cuda_graphs off), exactly mt.train's loop body:
@@ -355,7 +396,7 @@ class GraphedTrainStep:
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         self.pad_id, self.amp_dtype = pad_id, amp_dtype
         self.max_norm = clip_norm if clip_norm > 0 else float("inf")
-        self.buckets, self.warmup = buckets, max(1, warmup)
+        self.buckets = buckets
         self.params = list(model.parameters())
         # the lr tensors the graphs read (make_capturable); see _keep_lr_tensors
         self._lrs = [g["lr"] for g in optimizer.param_groups]
@@ -363,8 +404,7 @@ class GraphedTrainStep:
         self.out = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, NLL sum, grad norm
         self.stats: Counter = Counter()
         self._slots: dict[Shape, _TrainSlot] = {}
-        self._pool = None
-        self._side: torch.cuda.Stream | None = None
+        self._runner = _SlotRunner(warmup, self.stats)
 
     # the step itself: everything a graph captures (no host sync, no allocation that outlives it)
     def _run(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
@@ -387,14 +427,6 @@ class GraphedTrainStep:
             self.out[0].copy_(loss_sum.detach())
             self.out[1].copy_(nll_sum)
             self.out[2].copy_(grad_norm)
-
-    def _on_side_stream(self, fn, *args) -> None:
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            fn(*args)
-        torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def _keep_lr_tensors(self) -> None:
         """A scheduler that REPLACES param_group["lr"] (a float, or a new tensor) instead of
@@ -423,25 +455,7 @@ class GraphedTrainStep:
         if slot is None:
             slot = self._slots[shape] = _TrainSlot(shape, self.device)
         slot.load(pad_batch(batch, shape, self.pad_id, pin_memory=self.device.type == "cuda"))
-        if slot.graph is not None:
-            slot.graph.replay()
-            self.stats["replayed"] += 1
-        elif not self.capture:
-            self._run(*slot.inputs)
-            self.stats["emulated"] += 1
-        elif slot.runs < self.warmup:
-            self._on_side_stream(self._run, *slot.inputs)
-            self.stats["warmup"] += 1
-        else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._run(*slot.inputs)
-            if self._pool is None:
-                self._pool = graph.pool()
-            slot.graph = graph
-            graph.replay()  # capturing ran nothing: this is the step
-            self.stats["captured"] += 1
-        slot.runs += 1
+        self._runner.run(slot, lambda: self._run(*slot.inputs), self.device, self.capture)
         return self.out[0], self.out[1]
 
     def update(self) -> Tensor:
@@ -508,12 +522,11 @@ class GraphedDecoder:
 
     def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):
         self.model, self.decoder = model, model.decoder
-        self.warmup, self.emulate, self.sync_every = max(1, warmup), emulate, max(1, sync_every)
+        self.emulate, self.sync_every = emulate, max(1, sync_every)
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
         self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-        self._pool = None
-        self._side: torch.cuda.Stream | None = None
+        self._runner = _SlotRunner(warmup, self.stats)
 
     @staticmethod
     def rows_bucket(n: int) -> int:
@@ -570,30 +583,7 @@ class GraphedDecoder:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
                 step()
 
-        if slot.graph is not None:
-            slot.graph.replay()
-            self.stats["replayed"] += 1
-        elif device.type != "cuda" or self.emulate:
-            run()
-            self.stats["emulated"] += 1
-        elif slot.runs < self.warmup:
-            if self._side is None:
-                self._side = torch.cuda.Stream(device)
-            self._side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self._side):
-                run()
-            torch.cuda.current_stream(device).wait_stream(self._side)
-            self.stats["warmup"] += 1
-        else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run()
-            if self._pool is None:
-                self._pool = graph.pool()
-            slot.graph = graph
-            graph.replay()
-            self.stats["captured"] += 1
-        slot.runs += 1
+        self._runner.run(slot, run, device, capture=device.type == "cuda" and not self.emulate)
 
 
 def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False, *,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, first_line
+from .step_stats import pinned_if_possible
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,8 @@ class CheckpointWriter:
             count[0] += 1
             buf = self._buffers[k] if k < len(self._buffers) else None
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                try:
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-                except RuntimeError:  # no pinned memory to be had (e.g. a locked-memory limit)
-                    buf = torch.empty(src.shape, dtype=src.dtype)
+                buf = pinned_if_possible(lambda pin: torch.empty(src.shape, dtype=src.dtype, pin_memory=pin),
+                                         src.is_cuda)
                 self._buffers[k:k + 1] = [buf]
             seen[key] = buf.copy_(src)
             return buf

@@ -127,6 +127,12 @@ class TrainerConfig:
     # the token budget lets in (max_tokens // (previous L + 1), capped at max_sentences).
     graph_lengths: list[int] | None = None
     graph_batch_sizes: list[int] | None = None  # one per graph_lengths entry (needs graph_lengths)
+    # Processes that compile the run's Triton kernel variants in parallel before its first step
+    # (mt/precompile.py, README "GPU speed"), instead of one after another on the training
+    # thread at first launch. None = auto: min(8, CPUs - 1) with the Triton cell on CUDA (none
+    # below 2), else 0; 0 = off. Each process takes up to about 0.35 GB of host memory while it
+    # runs.
+    precompile_workers: int | None = None
 
 
 @dataclass

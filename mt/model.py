@@ -146,6 +146,13 @@ class Decoder(nn.Module):
         return torch.log_softmax(self.generator(out).float(), dim=-1), state, attn
 
 
+def cell_backend(cell: str, device: torch.device | str) -> str:
+    """What model.cell runs as on `device`: "cudnn", "triton" or "torch" (an MTError if unusable)."""
+    if cell not in CELLS:
+        raise MTError(f"unknown model.cell={cell!r}; choose one of {', '.join(CELLS)}")
+    return "cudnn" if cell == "cudnn" else kernels.resolve_backend(cell, device)
+
+
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
         super().__init__()
@@ -172,7 +179,7 @@ class Seq2Seq(nn.Module):
         self.graph_safe = False
 
     def backend(self, device: torch.device) -> str:
-        return "cudnn" if self.cfg.cell == "cudnn" else kernels.resolve_backend(self.cfg.cell, device)
+        return cell_backend(self.cfg.cell, device)
 
     def encode(self, src: Tensor, src_len: Tensor) -> tuple[Memory, DecoderState]:
         """src (B, S), src_len (B,) -> attention memory and the decoder's initial state."""
@@ -192,4 +199,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Seq2Seq", "Memory", "DecoderState", "count_parameters"]
+__all__ = ["Seq2Seq", "Memory", "DecoderState", "cell_backend", "count_parameters"]

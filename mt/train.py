@@ -33,12 +33,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from . import batching, data, graphs
+from . import batching, data, graphs, precompile
 from .checkpoint import CheckpointWriter, load_checkpoint
 from .config import TrainConfig, from_dict, register_configs, to_dict
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
+from .kernels.precompile import CompileWatch, CompileWorkers
 from .metrics import corpus_scores
-from .model import Seq2Seq, count_parameters
+from .model import Seq2Seq, cell_backend, count_parameters
 from .plotting import attention_figure
 from .search import decode_dataset, parse_length_penalty
 from .step_stats import SUMMED, StepStats, step_values
@@ -253,23 +254,34 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     device = resolve_device(tc.device, ddp.local_rank, ddp.enabled)
     amp_dtype = resolve_precision(tc.precision, device)
     use_graphs = graphs.resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
+    backend = cell_backend(cfg.model.cell, device)  # an unusable model.cell fails now, before the data
+    n_compile = precompile.resolve_workers(tc.precompile_workers, device, backend)
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     ddp.init(device)
     saver = CheckpointWriter()  # checkpoints are written in the background while training goes on
+    # Triton: compile processes that import while the data is prepared (mt/precompile.py), and
+    # the time the first launches of each kernel variant take on this process's threads
+    workers = CompileWorkers.start(n_compile) if n_compile and ddp.main else None
+    watch = CompileWatch() if backend == "triton" and device.type == "cuda" else None
     try:
-        summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver)
+        summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch)
     except BaseException:
         saver.wait(raise_error=False)  # the run's own error first; the write in flight completes
         raise
     finally:
+        if workers is not None:
+            workers.close()
+        if watch is not None:
+            watch.close()
         ddp.close()
     saver.wait()  # the checkpoints are on disk when train() returns
     return summary
 
 
 def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool,
-           saver: CheckpointWriter) -> dict[str, Any]:
+           saver: CheckpointWriter, workers: CompileWorkers | None = None,
+           watch: CompileWatch | None = None) -> dict[str, Any]:
     started = _now()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
     if cfg.decoding.beam < 1:  # a recipe's decoding typo fails now, not when the run is over
@@ -335,7 +347,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     if ddp.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # one training step: eager, or replayed from CUDA graphs (mt/graphs.py; README "GPU speed")
-    decoder_graphs = None
+    decoder_graphs = buckets = None
     if use_graphs:
         graphs.make_capturable(optimizer, device)  # after loading: lr as a device tensor
         buckets = graphs.ShapeBuckets.from_budget(
@@ -394,6 +406,27 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
 
     # the validation split's columns as lists, once (datasets reads Arrow at every access)
     valid_src_ids, valid_srcs, valid_refs = ((list(corpus.valid[c]) if ddp.main else []) for c in ("src_ids", "src", "tgt"))
+
+    # ---- Triton kernels: compiled in parallel now, not one by one at first launch (mt/precompile.py)
+    if workers is not None:
+        t0 = time.perf_counter()
+        try:
+            variants, report = precompile.precompile(
+                workers, model, tok=tok, device=device, amp_dtype=amp_dtype, criterion=criterion,
+                clip_norm=oc.clip_grad_norm, use_graphs=use_graphs, buckets=buckets,
+                train_batch_sizes=[len(b) for b in train_loader.batch_sampler],
+                valid_batch_sizes=[len(b) for b in valid_loader.batch_sampler], n_valid=len(valid_src_ids),
+                valid_batch_size=tc.valid_batch_size, max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b)
+        except Exception as e:  # only a head start: the first launches compile what is missing
+            workers.close()
+            log.warning("precompile: skipped after %.1f s (%s: %s); kernels compile at first launch",
+                        time.perf_counter() - t0, type(e).__name__, first_line(e))
+        else:
+            if watch is not None:
+                watch.expect(variants)
+            log.info("precompile: %s; %.1f s in all, the dry run included", report.summary(), time.perf_counter() - t0)
+    if ddp.enabled and precompile.resolve_workers(tc.precompile_workers, device, model.backend(device)):
+        ddp.barrier()  # the other ranks load what rank 0 compiled (one machine)
 
     def evaluate() -> tuple[dict, bool, bool]:
         """Validate on rank 0; every rank learns the BLEU, whether to stop early and whether the
@@ -539,6 +572,8 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     if ddp.main:
         progress.close()
         saver.wait()  # the last validation's report (TensorBoard, log) and checkpoint are done
+        if watch is not None:
+            log.info("triton: %s", watch.summary())
         if use_graphs:
             log.info("CUDA graphs: %s; decoder steps: %s", stepper.summary(),
                      ", ".join(f"{k} {v}" for k, v in sorted(decoder_graphs.stats.items())) or "none")

@@ -251,7 +251,9 @@ def test_user_errors_in_trainer_settings(tiny_corpus_dir, tmp_path):
     for override, msg in (("trainer.precision=fp16", "loss scaling"), ("trainer.device=tpu", "device"),
                           ("trainer.device=cuda:3", "CUDA"), ("model.cell=bogus", "unknown model.cell"),
                           ("optim.scheduler=linear", "unknown optim.scheduler"),
-                          ("decoding.beam=0", "decoding.beam"), ("decoding.length_penalty=long", "length_penalty")):
+                          ("decoding.beam=0", "decoding.beam"), ("decoding.length_penalty=long", "length_penalty"),
+                          ("trainer.precompile_workers=2", "precompile_workers=2 compiles Triton kernels for CUDA"),
+                          ("trainer.precompile_workers=-1", "precompile_workers must be null")):
         with pytest.raises(MTError, match=msg):
             train(make_cfg(tiny_corpus_dir, tmp_path / "c", override, "trainer.max_steps=1"), tmp_path / "o")
 

@@ -50,7 +50,9 @@ Compiled variants: Triton compiles a kernel once per key (constexprs, dtypes, an
 int argument is 1 or divisible by 16), about a second each. The batch size B, the length T and
 the launch index s vary from batch to batch and are `do_not_specialize`: they only bound masks
 and loops (alignment comes from the constexpr H and the strides, which stay specialized), so a
-new batch shape never compiles a kernel again unless its tile size (`_pick_blocks`) changes.
+new batch shape never compiles a kernel again unless its tile size (`batch_tile`) changes.
+mt.train compiles a run's variants in parallel processes before its first step
+(mt/precompile.py, mt/kernels/precompile.py).
 
 Block sizes come from `_pick_blocks` (untuned heuristics: no GPU was available when this was
 written); MT_TRITON_BLOCKS="BLOCK_B,BLOCK_H,BLOCK_K,num_warps" overrides them for tuning runs.
@@ -552,6 +554,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def batch_tile(B: int) -> int:
+    """BLOCK_B, the rows of a batch of B sentences one program handles (16, 32 or 64): the only
+    kernel constexpr that changes with the batch, so batches of one tile share their variants."""
+    override = os.environ.get("MT_TRITON_BLOCKS")
+    if override:
+        return int(override.split(",")[0])
+    return min(max(_next_pow2(B), 16), 64)
+
+
 def _pick_blocks(B: int, H: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). Untuned heuristics; tl.dot needs every dim >= 16.
 
@@ -564,12 +575,12 @@ def _pick_blocks(B: int, H: int, K: int, device: torch.device) -> tuple[int, int
         return bb, bh, bk, nw
     if device.type != "cuda":
         return (
-            min(max(_next_pow2(B), 16), 64),
+            batch_tile(B),
             min(max(_next_pow2(H), 16), 64),
             min(max(_next_pow2(K), 16), 128),
             4,
         )
-    block_b = min(max(_next_pow2(B), 16), 64)
+    block_b = batch_tile(B)
     block_h = 32 if H >= 32 else 16
     block_k = min(max(_next_pow2(K), 16), 64)
     return block_b, block_h, block_k, 4

@@ -9,7 +9,9 @@ started. Validation time is included. Needs only the standard library.
 
 A validation's time is that of its "step N | valid loss ... | BLEU ..." line, logged once BLEU
 is known; chrF and BLEU(lc) come from the "step N | valid chrF ..." line the background report
-logs later (older logs carry all three on the first line; both forms are read).
+logs later (older logs carry all three on the first line; both forms are read). The Triton
+lines, "precompile: ..." (kernels compiled before the first step) and "triton: ..." (the time
+first launches took at the end), are copied into the JSON too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ REPORT = re.compile(r"^step (\d+) \| valid chrF ([\d.]+) BLEU\(lc\) ([\d.]+) \|"
 
 def parse(text: str) -> dict:
     first = model = last = None
+    notes = {}  # the Triton lines: "precompile: ..." (after the dry run), "triton: ..." (at the end)
     valids = []
     reported = {}  # step -> (chrF, BLEU(lc)) from the background report's line
     for line in text.splitlines():
@@ -40,6 +43,9 @@ def parse(text: str) -> dict:
         last = t
         if model is None and msg.startswith("model: "):
             model = t
+        for tag in ("precompile", "triton"):
+            if msg.startswith(tag + ": "):
+                notes[tag] = dict(text=msg[len(tag) + 2:], since_training=None if model is None else t - model)
         v = VALID.match(msg)
         if v:
             valids.append(dict(step=int(v.group(1)), valid_loss=float(v.group(2)), bleu=float(v.group(3)),
@@ -53,7 +59,7 @@ def parse(text: str) -> dict:
             v["chrf"], v["bleu_lc"] = reported[v["step"]]
     if model is None:
         raise SystemExit("recipe_timing: no 'model: ...' line in the log (training never started)")
-    return dict(first=first, model=model, last=last, valids=valids)
+    return dict(first=first, model=model, last=last, valids=valids, **notes)
 
 
 def main(argv=None) -> int:
@@ -78,7 +84,10 @@ def main(argv=None) -> int:
               f"{row['since_start']:>22.1f}")
     best = max(rows, key=lambda r: r["bleu"]) if rows else None
     summary = dict(log=str(args.log), preparation_s=info["model"] - start, validations=rows, best=best,
-                   run_s=info["last"] - start)
+                   run_s=info["last"] - start, precompile=info.get("precompile"), triton=info.get("triton"))
+    for tag in ("precompile", "triton"):
+        if info.get(tag):
+            print(f"{tag}: {info[tag]['text']}")
     if best:
         print(f"best BLEU {best['bleu']:.2f} at step {best['step']}: {best['since_training']:.1f} s after training "
               f"started, {best['since_start']:.1f} s after the process started "

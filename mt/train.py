@@ -256,16 +256,27 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     use_graphs = graphs.resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
     backend = cell_backend(cfg.model.cell, device)  # an unusable model.cell fails now, before the data
     n_compile = precompile.resolve_workers(tc.precompile_workers, device, backend)
+    # the same answer on every rank (n_compile depends on each rank's CPUs): rank 0 precompiles,
+    # then every rank passes one barrier
+    precompile_barrier = ddp.enabled and device.type == "cuda" and backend == "triton" and tc.precompile_workers != 0
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     ddp.init(device)
     saver = CheckpointWriter()  # checkpoints are written in the background while training goes on
-    # Triton: compile processes that import while the data is prepared (mt/precompile.py), and
-    # the time the first launches of each kernel variant take on this process's threads
-    workers = CompileWorkers.start(n_compile) if n_compile and ddp.main else None
-    watch = CompileWatch() if backend == "triton" and device.type == "cuda" else None
+    workers = watch = None
     try:
-        summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch)
+        # Triton: compile processes that import while the data is prepared (mt/precompile.py),
+        # and the time the first launches of each kernel variant take on this process's threads
+        if n_compile and ddp.main:
+            try:
+                workers = CompileWorkers.start(n_compile)
+            except OSError as e:  # only a head start: the first launches compile instead
+                log.warning("precompile: cannot start %d processes (%s); kernels compile at first launch",
+                            n_compile, first_line(e))
+        if backend == "triton" and device.type == "cuda":
+            watch = CompileWatch()
+        summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch,
+                         precompile_barrier)
     except BaseException:
         saver.wait(raise_error=False)  # the run's own error first; the write in flight completes
         raise
@@ -281,7 +292,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype, use_graphs: bool,
            saver: CheckpointWriter, workers: CompileWorkers | None = None,
-           watch: CompileWatch | None = None) -> dict[str, Any]:
+           watch: CompileWatch | None = None, precompile_barrier: bool = False) -> dict[str, Any]:
     started = _now()  # trainer.max_minutes counts from here
     tc, oc = cfg.trainer, cfg.optim
     if cfg.decoding.beam < 1:  # a recipe's decoding typo fails now, not when the run is over
@@ -414,7 +425,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
             variants, report = precompile.precompile(
                 workers, model, tok=tok, device=device, amp_dtype=amp_dtype, criterion=criterion,
                 clip_norm=oc.clip_grad_norm, use_graphs=use_graphs, buckets=buckets,
-                train_batch_sizes=[len(b) for b in train_loader.batch_sampler],
+                train_batch_sizes=[] if use_graphs else [len(b) for b in train_loader.batch_sampler],
                 valid_batch_sizes=[len(b) for b in valid_loader.batch_sampler], n_valid=len(valid_src_ids),
                 valid_batch_size=tc.valid_batch_size, max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b)
         except Exception as e:  # only a head start: the first launches compile what is missing
@@ -424,9 +435,10 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
         else:
             if watch is not None:
                 watch.expect(variants)
-            log.info("precompile: %s; %.1f s in all, the dry run included", report.summary(), time.perf_counter() - t0)
-    if ddp.enabled and precompile.resolve_workers(tc.precompile_workers, device, model.backend(device)):
-        ddp.barrier()  # the other ranks load what rank 0 compiled (one machine)
+            (log.warning if report.errors else log.info)(
+                "precompile: %s; %.1f s in all, the dry run included", report.summary(), time.perf_counter() - t0)
+    if precompile_barrier:
+        ddp.barrier()  # the other ranks then load what rank 0 compiled (on one machine)
 
     def evaluate() -> tuple[dict, bool, bool]:
         """Validate on rank 0; every rank learns the BLEU, whether to stop early and whether the

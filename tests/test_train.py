@@ -363,3 +363,49 @@ def test_a_failing_validation_report_is_a_warning(tiny_corpus_dir, tmp_path, mon
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ck["step"] == 10 and "chrf" in ck["metrics"]
     assert sorted(scalars(tmp_path / "run")["valid/bleu"]) == [5, 10]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_hands_its_shapes_to_the_precompile_and_stops_the_workers(tiny_corpus_dir, tmp_path, monkeypatch,
+                                                                          caplog, fails):
+    """mt.train's precompile wiring, on CPU (the compiling itself: tests/test_precompile.py): the
+    workers start before the data, get the run's shapes, and are stopped whatever happens; a
+    failing dry run is a warning and training goes on."""
+    import logging
+
+    import mt.train as mtrain
+    from mt.kernels.precompile import CompileWorkers
+
+    started, calls = [], []
+
+    class Workers:
+        @staticmethod
+        def start(n):
+            started.append(CompileWorkers.start(n))
+            return started[-1]
+
+    def fake_precompile(workers, model, **kw):
+        calls.append(kw)
+        if fails:
+            raise RuntimeError("dry run broke\nsecond line")
+        workers.compile([], ("cuda", 90, 32))
+        return [], workers.wait(60)
+
+    monkeypatch.setattr(mtrain.precompile, "resolve_workers", lambda value, device, backend: 2)
+    monkeypatch.setattr(mtrain, "CompileWorkers", Workers)
+    monkeypatch.setattr(mtrain.precompile, "precompile", fake_precompile)
+    caplog.set_level(logging.INFO, logger="mt.train")
+    summary = train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=4", "trainer.eval_every=4"),
+                    tmp_path / "run")
+    assert summary["step"] == 4
+    assert len(started) == 1 and len(started[0].procs) == 2 and len(calls) == 1
+    kw = calls[0]
+    assert kw["use_graphs"] is False and kw["buckets"] is None and kw["valid_batch_size"] == 128
+    assert kw["train_batch_sizes"] and all(n > 0 for n in kw["train_batch_sizes"])
+    assert kw["n_valid"] == sum(kw["valid_batch_sizes"]) > 0
+    if fails:
+        assert "precompile: skipped after" in caplog.text and "RuntimeError: dry run broke" in caplog.text
+        assert "second line" not in caplog.text
+    else:
+        assert "precompile: 0 of 0 Triton kernel variants precompiled by 2 processes" in caplog.text
+    assert all(p.returncode is not None for p in started[0].procs) and not started[0].tmp.exists()

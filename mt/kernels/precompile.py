@@ -18,7 +18,10 @@ variant's specialization data (JSON: signature, constexprs, attributes, options:
 `JITFunction.preload` compiles from); a hook that returns True skips the compile and the launch.
 A worker rebuilds the `ASTSource` from that data and calls `triton.compile` for the recorded
 target, which stores the result under the very cache key the JIT looks up later. The round
-trip is tested on CPU, compiling for sm_90 (tests/test_precompile.py).
+trip is tested on CPU, compiling for sm_90 (tests/test_precompile.py). The key also covers
+Triton's environment variables (TRITON_*, LLVM_*, ...): the workers get a copy of this
+process's environment when they start, so nothing may change those variables, or Triton's
+knobs, between `start` and the run's launches.
 
 Worker protocol (`python -m mt.kernels.precompile MODULE...`): import the kernel modules (and
 compute each kernel's source hash), read one line from stdin, the path of a JSON job
@@ -210,23 +213,28 @@ class CompileWorkers:
         report = CompileReport(variants=self._variants, workers=len(self.procs))
         deadline = t0 + timeout
         for proc, results, mine in self._jobs:
+            stopped = False
             try:
                 proc.wait(max(0.0, deadline - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                stopped = True
                 report.errors.append(f"a worker was still compiling after {timeout:.0f} s and was stopped")
             done = set()
             if results.exists():
                 for line in results.read_text().splitlines():
-                    r = json.loads(line)
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:  # the last line of a worker killed while writing it
+                        continue
                     if "error" in r:
                         report.errors.append(r["error"])
                     else:
                         done.add(r["i"])
                         report.work += r["seconds"]
             report.compiled += len(done)
-            if proc.returncode not in (0, None) and len(done) < len(mine):
+            if not stopped and proc.returncode != 0 and len(done) < len(mine):
                 report.errors.append(f"a worker exited with status {proc.returncode}: {self._stderr_tail(proc)}")
         report.waited = time.perf_counter() - t0
         report.seconds = time.perf_counter() - (self._started if self._started is not None else t0)

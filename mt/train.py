@@ -335,7 +335,6 @@ def _train(cfg: TrainConfig, out_dir: Path, ddp: Distributed, device, amp_dtype,
     # ---- model, optimizer, scheduler
     seed_everything(tc.seed)
     model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(device)
-    model.backend(device)  # an unusable model.cell fails here, on every rank, as a one-line error
     optimizer = make_optimizer(model, oc)
     scheduler = make_scheduler(optimizer, oc, tc.max_steps)
     criterion = nn.CrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=oc.label_smoothing, reduction="sum")

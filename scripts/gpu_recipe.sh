@@ -12,7 +12,9 @@
 # in /tmp/recipe (its checkpoints are too big to bring back) with an empty Triton cache (a
 # first run's compile time counts) and writes under $OUT:
 #     recipe_train.log     the run's train.log
-#     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best
+#     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best,
+#                          and the log's "precompile: ..." and "triton: ..." lines (what compiling
+#                          the Triton kernels cost: mt/precompile.py)
 # scripts/gpu_checks.sh runs this as its stage "recipe" (RECIPE_MINUTES bounds the training).
 # Killed (TERM, e.g. by the stage's timeout), it still copies the log and times what it holds.
 set -u

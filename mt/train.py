@@ -256,9 +256,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     use_graphs = graphs.resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
     backend = cell_backend(cfg.model.cell, device)  # an unusable model.cell fails now, before the data
     n_compile = precompile.resolve_workers(tc.precompile_workers, device, backend)
+    triton_on_cuda = backend == "triton" and device.type == "cuda"
     # the same answer on every rank (n_compile depends on each rank's CPUs): rank 0 precompiles,
     # then every rank passes one barrier
-    precompile_barrier = ddp.enabled and device.type == "cuda" and backend == "triton" and tc.precompile_workers != 0
+    precompile_barrier = ddp.enabled and triton_on_cuda and tc.precompile_workers != 0
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     ddp.init(device)
@@ -273,7 +274,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
             except OSError as e:  # only a head start: the first launches compile instead
                 log.warning("precompile: cannot start %d processes (%s); kernels compile at first launch",
                             n_compile, first_line(e))
-        if backend == "triton" and device.type == "cuda":
+        if triton_on_cuda:
             watch = CompileWatch()
         summary = _train(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch,
                          precompile_barrier)

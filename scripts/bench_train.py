@@ -24,8 +24,9 @@ Columns (the same model, same initial weights, same batches):
 Rows:
   train   target tokens per second of a full training step: forward, label-smoothed loss,
           backward, clip_grad_norm_, Adam, and reading the step's numbers back a step late
-          (mt.step_stats, as mt.train does: the host prepares step k+1 while the GPU runs k). Eager: mt.graphs.TrainStep, plain Adam. Graphs: mt.graphs.GraphedTrainStep
-          (one shape, captured after 2 eager warm-up steps), capturable Adam.
+          (mt.step_stats, as mt.train does: the host prepares step k+1 while the GPU runs k).
+          Eager: mt.graphs.TrainStep, plain Adam. Graphs: mt.graphs.GraphedTrainStep (one
+          shape, captured after 2 eager warm-up steps), capturable Adam.
   greedy  sentences per second, greedy search, --decode-batch sentences per batch
   beam    sentences per second, beam search (--beam, GNMT length penalty 1.0)
           (graphs: mt.graphs.GraphedDecoder, the whole search step replayed: decoder and
@@ -36,8 +37,8 @@ Timing: wall clock (time.perf_counter) around --iters steps after --warmup, with
 torch.cuda.synchronize() on both ends on GPU; decoding: the median of --decode-iters passes after
 2 untimed passes. Ratios are to cudnn_eager (> 1 = faster). --json writes every number, the first
 losses of each training column, the seconds of each column's untimed warm-up (`warmup_s`: graph
-captures, and Triton's compiles, most of them in the first "ours" column), the agreement of graphed with eager decodes, the device and the
-versions. Without CUDA the graph columns are skipped (CUDA graphs need CUDA).
+captures, and Triton's compiles, most of them in the first "ours" column), the agreement of
+graphed with eager decodes, the device and the versions. Without CUDA the graph columns are skipped (CUDA graphs need CUDA).
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ from pathlib import Path
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[\w+\] - (.*)$")
 VALID = re.compile(r"^step (\d+) \| valid loss ([\d.]+) .*?\| BLEU ([\d.]+)(?: chrF ([\d.]+) BLEU\(lc\) ([\d.]+))? \|")
 REPORT = re.compile(r"^step (\d+) \| valid chrF ([\d.]+) BLEU\(lc\) ([\d.]+) \|")
+NOTES = ("precompile", "triton")  # "precompile: ..." (after the dry run), "triton: ..." (at the end)
 
 
 def parse(text: str) -> dict:
     first = model = last = None
-    notes = {}  # the Triton lines: "precompile: ..." (after the dry run), "triton: ..." (at the end)
+    notes = {}  # the NOTES lines
     valids = []
     reported = {}  # step -> (chrF, BLEU(lc)) from the background report's line
     for line in text.splitlines():
@@ -43,7 +44,7 @@ def parse(text: str) -> dict:
         last = t
         if model is None and msg.startswith("model: "):
             model = t
-        for tag in ("precompile", "triton"):
+        for tag in NOTES:
             if msg.startswith(tag + ": "):
                 notes[tag] = dict(text=msg[len(tag) + 2:], since_training=None if model is None else t - model)
         v = VALID.match(msg)
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
               f"{row['since_start']:>22.1f}")
     best = max(rows, key=lambda r: r["bleu"]) if rows else None
     summary = dict(log=str(args.log), preparation_s=info["model"] - start, validations=rows, best=best,
-                   run_s=info["last"] - start, precompile=info.get("precompile"), triton=info.get("triton"))
-    for tag in ("precompile", "triton"):
+                   run_s=info["last"] - start, **{tag: info.get(tag) for tag in NOTES})
+    for tag in NOTES:
         if info.get(tag):
             print(f"{tag}: {info[tag]['text']}")
     if best:

@@ -163,8 +163,8 @@ class CompileWorkers:
     did not compile shows in the report, and the run's own launches compile it as before.
     """
 
-    def __init__(self, procs: list[subprocess.Popen], tmp: Path, modules: Sequence[str]):
-        self.procs, self.tmp, self.modules = procs, tmp, tuple(modules)
+    def __init__(self, procs: list[subprocess.Popen], tmp: Path):
+        self.procs, self.tmp = procs, tmp
         self._jobs: list[tuple[subprocess.Popen, Path, list[int]]] = []
         self._variants = 0
         self._started: float | None = None
@@ -183,9 +183,9 @@ class CompileWorkers:
                                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
                                                   env=env, text=True))
         except BaseException:
-            cls(procs, tmp, modules).close()
+            cls(procs, tmp).close()
             raise
-        return cls(procs, tmp, modules)
+        return cls(procs, tmp)
 
     def compile(self, variants: Sequence[Variant], target: Sequence) -> None:
         """Hand the variants to the workers (round robin) and return at once."""

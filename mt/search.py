@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -299,25 +300,39 @@ class _BeamSearch:
             res.index_copy_(0, self.sent, f)
 
     def output(self, steps: int, n: int, src_lens: list[int]) -> SearchOutput:
-        """Sentences [0, n): their finished hypotheses, rebuilt by following the back-pointers."""
-        score, logp, info = (r[:n].tolist() for r in self.result)
-        tok, bp = self.tok_hist[:steps, :n].tolist(), self.bp_hist[:steps, :n].tolist()  # (steps, n, K)
+        """Sentences [0, n): their finished hypotheses, rebuilt by following the back-pointers,
+        all hypotheses at once (numpy on the host: one copy of each history, a loop over steps)."""
+        m = self.nbest
+        score, logp = self.result[0][:n, :m].tolist(), self.result[1][:n, :m].tolist()  # (n, m)
+        info = self.result[2][:n, :m].cpu().numpy()  # (n, m, 3): step it closed, beam, last token
+        tok, bp = self.tok_hist[:steps, :n].cpu().numpy(), self.bp_hist[:steps, :n].cpu().numpy()  # (steps, n, K)
         attn = self.attn_hist[:steps, :n].cpu()  # (steps, n, K, S)
+        end, cur, last = info[..., 0], info[..., 1].copy(), info[..., 2]  # (n, m)
+        ii = np.arange(n)[:, None]  # (n, 1)
+        # Hypothesis (i, k) closed at step end[i, k] from beam cur[i, k]; walking back, at step t
+        # its token was tok[t, i, b] and its beam bp[t, i, b], b being its beam at step t + 1.
+        tokens = np.zeros((n, m, max(steps, 1)), dtype=np.int64)  # (n, m, steps)
+        beams = np.zeros((steps + 1, n, m), dtype=np.int64)  # (steps + 1, n, m) beam row at each step
+        for t in range(steps - 1, -1, -1):
+            live = t < end
+            beams[t + 1] = np.where(live, cur, beams[t + 1])
+            tokens[:, :, t] = np.where(live, tok[t, ii, cur], 0)
+            cur = np.where(live, bp[t, ii, cur], cur)
+        beams[0] = cur
+        # each hypothesis' attention rows, steps 0..end: (n, m, steps, S)
+        a_all = attn[torch.arange(steps)[None, None, :], torch.arange(n)[:, None, None],
+                     torch.from_numpy(beams[:steps]).permute(1, 2, 0)] if steps else attn.new_zeros(n, m, 0, attn.shape[-1])
+        tok_lists, end_list, last_list = tokens.tolist(), end.tolist(), last.tolist()
+        a_rows = a_all.unbind(0)  # views: one per sentence
         out = SearchOutput([], [], [], [])
         for i in range(n):
             hyps = []
-            for k in range(self.nbest):
+            for k in range(m):
                 if not math.isfinite(score[i][k]):
                     break
-                end, j, last = info[i][k]
-                beams, rev = [j], []  # beam of the hypothesis at steps end, end-1, ..., 0
-                for t in range(end - 1, -1, -1):
-                    rev.append(tok[t][i][j])
-                    j = bp[t][i][j]
-                    beams.append(j)
-                tokens = rev[::-1] + ([] if last == self.eos else [last])
-                a = attn[torch.arange(end + 1), i, torch.tensor(beams[::-1]), : src_lens[i]]  # (end+1, S_i)
-                hyps.append(Hyp(tokens, score[i][k], logp[i][k], a))
+                e, z = end_list[i][k], last_list[i][k]
+                toks = tok_lists[i][k][:e] + ([] if z == self.eos else [z])
+                hyps.append(Hyp(toks, score[i][k], logp[i][k], a_rows[i][k, : e + 1, : src_lens[i]]))
             if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
                 hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
             out.nbest.append(hyps)

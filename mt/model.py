@@ -135,6 +135,12 @@ class Decoder(nn.Module):
 
     def step(self, tokens: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, DecoderState, Tensor]:
         """Incremental decoding: previous tokens (B,) -> log-probs (B, V), new state, attention (B, S)."""
+        logits, state, attn = self.step_logits(tokens, state, memory)
+        return torch.log_softmax(logits.float(), dim=-1), state, attn
+
+    def step_logits(self, tokens: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, DecoderState, Tensor]:
+        """`step` before the log-softmax: logits (B, V) in the compute dtype (mt.search fuses
+        the normalisation with its top-k: kernels.log_softmax_topk)."""
         emb = self.embedding(tokens)  # (B, E)
         if memory.backend == "cudnn":
             x = emb
@@ -143,7 +149,7 @@ class Decoder(nn.Module):
                 memory.weights = self.rnn.step_weights(compute_dtype(emb.device, emb.dtype))
             x = self.rnn.precompute(emb, memory.weights[0][0].dtype)
         out, state, attn = self._step(x, state, memory, memory.weights)
-        return torch.log_softmax(self.generator(out).float(), dim=-1), state, attn
+        return self.generator(out), state, attn
 
 
 def cell_backend(cell: str, device: torch.device | str) -> str:

@@ -1,8 +1,11 @@
 """Decoding: batched greedy and beam search on the incremental LSTM decoder.
 
-Both searches encode the source once and then call ``model.decoder.step`` once per output
+Both searches encode the source once and then call ``model.decoder.step_logits`` once per output
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
+With our Triton gate cell, a step's log-softmax, beam-score add and top-k are one fused kernel
+(`kernels.log_softmax_topk`: each beam's 2K best, then a sentence's 2K best of those); with
+cuDNN or the PyTorch reference, PyTorch's log_softmax and topk over all K * V candidates.
 
 Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
 beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .errors import MTError
 from .model import DecoderState, Memory, Seq2Seq
 
@@ -116,6 +120,17 @@ def max_lengths(src_len: Tensor, a: float, b: int) -> Tensor:
     return (a * src_len.float() + b).long().clamp(min=1)
 
 
+def fused(memory: Memory, logits: Tensor, k: int) -> bool:
+    """Whether a step's log-softmax and top-k run as our fused Triton kernel: with our Triton
+    gate cell (model.cell=triton), where the kernel takes the shape. Otherwise (cuDNN, the
+    PyTorch reference) they are PyTorch's own log_softmax and topk."""
+    if memory.backend != "triton":
+        return False
+    from .kernels import search_topk  # imports Triton: only when the gate cell already runs on it
+
+    return search_topk.supported(logits, k)
+
+
 # ----------------------------------------------------------------------------- search state
 @dataclass
 class SearchState:
@@ -161,9 +176,13 @@ class _GreedySearch:
         s.done[:n] = False
 
     def step(self, step_fn, s: SearchState) -> SearchState:
-        logp, dec, attn = step_fn(s.last, s.dec, self.memory)  # (N, V), (N, S)
-        logp.index_fill_(1, self.banned, float("-inf"))
-        best, tok = logp.max(dim=-1)  # (N,)
+        logits, dec, attn = step_fn(s.last, s.dec, self.memory)  # (N, V), (N, S)
+        if fused(self.memory, logits, 1):  # our Triton kernels: one launch for all of it
+            best, tok = (x.squeeze(1) for x in kernels.log_softmax_topk(logits, 1, banned=self.banned, backend="triton"))
+        else:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp.index_fill_(1, self.banned, float("-inf"))
+            best, tok = logp.max(dim=-1)  # (N,)
         tok = tok.masked_fill(s.done, self.eos)
         self.tok_hist.index_copy_(0, s.t.view(1), tok.unsqueeze(0))
         self.attn_hist.index_copy_(0, s.t.view(1), attn.float().unsqueeze(0))
@@ -236,13 +255,21 @@ class _BeamSearch:
 
     def step(self, step_fn, s: SearchState) -> SearchState:
         n, K = s.scores.shape
-        logp, dec, attn = step_fn(s.last, s.dec, self.memory)  # (n*K, V), (n*K, S)
-        logp.index_fill_(1, self.banned, float("-inf"))
-        V = logp.shape[-1]
+        logits, dec, attn = step_fn(s.last, s.dec, self.memory)  # (n*K, V), (n*K, S)
+        V = logits.shape[-1]
         k2 = min(2 * K, K * V)
-        cand = s.scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
-        top_s, top_i = cand.view(n, K * V).topk(k2, dim=-1)  # (n, k2), best first
-        top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
+        kr = min(k2, V)  # a sentence's k2 best candidates are among its beams' kr best each
+        if fused(self.memory, logits, kr):  # our Triton kernels: log-softmax, + score, top-k per beam, one launch
+            val, col = kernels.log_softmax_topk(logits, kr, row_bias=s.scores.view(-1), banned=self.banned,
+                                                backend="triton")  # (n*K, kr)
+            top_s, j = val.view(n, K * kr).topk(k2, dim=-1)  # (n, k2), best first
+            top_beam, top_tok = j // kr, col.view(n, K * kr).gather(1, j)  # (n, k2)
+        else:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp.index_fill_(1, self.banned, float("-inf"))
+            cand = s.scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
+            top_s, top_i = cand.view(n, K * V).topk(k2, dim=-1)  # (n, k2), best first
+            top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
         is_eos = top_tok == self.eos
         length = s.t + 1  # () scored tokens per hypothesis, EOS included
         at_limit = length >= self.limit  # (n,)
@@ -360,7 +387,7 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderS
             search.skip_idle_merge = memory.out.device.type == "cpu"
         steps = 0
         while steps < steps_max:
-            search.state = search.step(model.decoder.step, search.state)
+            search.state = search.step(model.decoder.step_logits, search.state)
             steps += 1
             done = search.state.done.tolist()
             if all(done):
@@ -380,7 +407,7 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderS
     search.reset(n)
     steps = 0
     while steps < steps_max:
-        graphs.replay(slot, lambda: search.state.copy_(search.step(model.decoder.step, search.state)))
+        graphs.replay(slot, lambda: search.state.copy_(search.step(model.decoder.step_logits, search.state)))
         steps += 1
         if steps % graphs.sync_every == 0 and bool(search.state.done.all()):
             break

@@ -9,7 +9,8 @@ with status 1 if any fails. Checks:
 
   kernels       mt.kernels.triton_cell on CUDA (no interpreter) against mt.kernels.reference:
                 cell_step (with pre and bias) and lstm_sequence (2 directions, lengths, initial
-                state), outputs and gradients, fp32 (ieee dots) and bf16.
+                state), outputs and gradients, fp32 (ieee dots) and bf16; and the search's
+                fused log_softmax_topk (mt.kernels.search_topk) against the reference.
   train_graph_vs_emulated[cell]
                 20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
                 a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
@@ -120,6 +121,28 @@ def check_kernels() -> None:
             outs.append([out.float(), h_n.float(), c_n.float()] + [a.grad.float() for a in args])
         err = max(((x - y).abs().max() / (1 + y.abs().max())).item() for x, y in zip(*outs))
         check(f"kernels.lstm_sequence[{str(dtype)[6:]}]", err < tol, max_scaled_err=f"{err:.2e}", tol=tol)
+
+    # the search's fused log-softmax + top-k, at the bench's beam-5 shape and a small one
+    from mt.kernels import search_topk
+
+    for dtype in (torch.float32, torch.bfloat16):
+        shapes = ((640, 8000, 10), (128, 8000, 1), (37, 50, 10)) if dev == "cuda" else ((6, 800, 10), (37, 50, 10))
+        for N, V, k in shapes:
+            g = torch.Generator(device=dev).manual_seed(N + k)
+            logits = (torch.randn(N, V, device=dev, generator=g) * 4).to(dtype)
+            bias = torch.randn(N, device=dev, generator=g) - 3
+            bias[1] = float("-inf")
+            banned = torch.tensor([0, 2], device=dev)
+            vals, cols = search_topk.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
+            ref_vals, _ = reference.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
+            full_vals, full_cols = reference.log_softmax_topk(logits, V, row_bias=bias, banned=banned)
+            by_col = torch.empty(N, V, device=dev).scatter_(1, full_cols, full_vals)
+            fin = torch.isfinite(ref_vals)
+            err = max((vals[fin] - ref_vals[fin]).abs().max().item(),
+                      (by_col.gather(1, cols)[fin] - vals[fin]).abs().max().item())
+            ok = (err < 1e-4 and bool(torch.equal(fin, torch.isfinite(vals)))
+                  and bool(((cols >= 0) & (cols < V)).all()) and not bool(torch.isin(cols[fin], banned).any()))
+            check(f"kernels.log_softmax_topk[{str(dtype)[6:]}, {N}x{V}, k={k}]", ok, max_abs_err=f"{err:.2e}", tol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

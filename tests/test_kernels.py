@@ -487,3 +487,99 @@ def test_kernels_compile_for_h100():
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton build ships no ptxas")
     _run_without_interpreter(_COMPILE_SCRIPT, timeout=300)
+
+
+# ----------------------------------------------------------------------------- search top-k
+def _search_topk_module():
+    from mt.kernels import search_topk
+
+    if type(search_topk._log_softmax_topk_kernel).__name__ != "InterpretedFunction":
+        search_topk = importlib.reload(search_topk)
+    return search_topk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33)])
+def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
+    """The fused search kernel: the k best of bias + log_softmax, banned columns never picked
+    (unless nothing else is left), a row of -inf bias still returns k columns."""
+    search_topk = _search_topk_module()
+    g = torch.Generator().manual_seed(N * V + k)
+    logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
+    bias = torch.randn(N, generator=g) - 3
+    bias[1] = float("-inf")  # a beam that does not exist yet
+    banned = torch.tensor([0, 2]) if V > 3 else torch.tensor([1])
+    vals, cols = search_topk.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
+    ref_vals, ref_cols = reference.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
+    assert vals.shape == (N, k) and vals.dtype == torch.float32 and cols.dtype == torch.int64
+    torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=1e-5)
+    # columns: each picked one holds its value (near-ties may swap two columns' order)
+    full = reference.log_softmax_topk(logits, V, row_bias=bias, banned=banned)
+    by_col = torch.empty(N, V).scatter_(1, full[1], full[0])  # (N, V) the reference value of every column
+    finite = torch.isfinite(ref_vals)
+    torch.testing.assert_close(by_col.gather(1, cols)[finite], vals[finite], atol=1e-5, rtol=1e-5)
+    assert all(len(set(r)) == k for r in cols.tolist())  # no column twice
+    assert ((cols >= 0) & (cols < V)).all()
+    if V > k + len(banned):
+        assert not torch.isin(cols[finite], banned).any()
+    assert cols[1].tolist() == list(range(k))  # all -inf: the lowest columns, banned or not
+
+
+def test_log_softmax_topk_ties_go_to_the_lower_column():
+    search_topk = _search_topk_module()
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0]])
+    vals, cols = search_topk.log_softmax_topk(logits, 5)
+    assert cols.tolist() == [[1, 2, 4, 3, 5]] == reference.log_softmax_topk(logits, 5)[1].tolist()
+    assert vals[0, 0] == vals[0, 1] == vals[0, 2] > vals[0, 3] == vals[0, 4]
+
+
+def test_log_softmax_topk_dispatch():
+    logits = torch.randn(3, 20)
+    a = kernels.log_softmax_topk(logits, 4, backend="triton")
+    b = kernels.log_softmax_topk(logits, 4, backend="torch")
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(a[1], b[1])
+    c = kernels.log_softmax_topk(logits.double(), 4, backend="triton")  # fp64: the reference
+    torch.testing.assert_close(c[0], b[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "emulated-graphs"])
+def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed):
+    """Greedy and beam search with our Triton gate cell use the fused kernel; the same model
+    with PyTorch's log_softmax + topk (what cuDNN and the reference cell run) decodes the same."""
+    from mt import graphs, search
+    from mt.config import ModelConfig
+    from mt.model import Seq2Seq
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="triton", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
+                      attention="general", dropout=0.0, emb_dropout=0.0)
+    model = Seq2Seq(cfg, 40, 40, 0).eval()
+    g = torch.Generator().manual_seed(3)
+    lengths = [6, 3, 5]
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, : n - 1] = torch.randint(4, 40, (n - 1,), generator=g)
+        src[i, n - 1] = 3
+    src_len = torch.tensor(lengths)
+    calls = []
+    real = search.fused
+
+    def counting(memory, logits, k):
+        used = real(memory, logits, k)
+        calls.append(used)
+        return used
+
+    outs = {}
+    for name, on in (("fused", True), ("pytorch", False)):
+        monkeypatch.setattr(search, "fused", counting if on else (lambda *a: False))
+        for beam in (1, 3):
+            runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
+            outs[name, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
+                                             length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
+    assert calls and all(calls)  # the fused path really ran
+    for beam in (1, 3):
+        a, b = outs["fused", beam], outs["pytorch", beam]
+        assert a.tokens == b.tokens
+        assert [[h.tokens for h in hs] for hs in a.nbest] == [[h.tokens for h in hs] for hs in b.nbest]
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-5, rtol=1e-5)

@@ -72,7 +72,7 @@ class ChainModel:
         memory = Memory(torch.zeros(B, S, 1), torch.zeros(B, S, 1), mask, "torch")
         return memory, DecoderState([torch.zeros(B, 1)], [torch.zeros(B, 1)], torch.zeros(B, 1))
 
-    def step(self, tokens, state, memory):
+    def step_logits(self, tokens, state, memory):  # log-probs are logits the search's log-softmax keeps
         attn = memory.mask.float() / memory.mask.sum(-1, keepdim=True)
         return self.logp[tokens], state, attn
 

@@ -5,6 +5,10 @@ Two functions make the contract (see `reference.py` for the maths and shapes):
     cell_step(inp, c, weight, pre=None, bias=None, backend=...) -> (h', c')          # one step
     lstm_sequence(xproj, w_hh, lengths=None, h0=None, c0=None, backend=...) -> (out, h_n, c_n)
 
+and one more for the search (mt.search), fused on the GPU (`search_topk.py`):
+
+    log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
+
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)
   "triton"  fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)
@@ -84,3 +88,19 @@ def lstm_sequence(
     """One LSTM layer over a whole sequence in 1 or 2 directions; see `reference.lstm_sequence`."""
     impl = _impl(resolve_backend(backend, xproj.device))
     return impl.lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+
+
+def log_softmax_topk(
+    logits: Tensor,
+    k: int,
+    row_bias: Tensor | None = None,
+    banned: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """A search step's k best candidates per row; see `reference.log_softmax_topk`."""
+    if resolve_backend(backend, logits.device) == "triton":
+        from . import search_topk
+
+        if search_topk.supported(logits, k):
+            return search_topk.log_softmax_topk(logits, k, row_bias=row_bias, banned=banned)
+    return reference.log_softmax_topk(logits, k, row_bias=row_bias, banned=banned)

@@ -94,3 +94,18 @@ def lstm_sequence(
                 outs[d][t] = h_new
     out = torch.stack([torch.stack(o, dim=1) for o in outs], dim=0)  # (D, B, T, H)
     return out, torch.stack(hs, 0), torch.stack(cs, 0)
+
+
+def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
+                     banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A decoding step's candidates: the k largest of row_bias[:, None] + log_softmax(logits.float())
+    per row, the `banned` columns at -inf, best first, ties to the lower column (a stable sort).
+    logits (N, V), row_bias (N,), banned (NB,) -> values (N, k) fp32, columns (N, k) int64.
+    The oracle of `search_topk.py`'s kernel."""
+    v = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    if row_bias is not None:
+        v = v + row_bias.float().unsqueeze(-1)
+    if banned is not None and banned.numel():
+        v = v.index_fill(1, banned, float("-inf"))
+    vals, cols = v.sort(dim=-1, descending=True, stable=True)
+    return vals[:, :k], cols[:, :k]

@@ -52,9 +52,10 @@ Decoding (`GraphedDecoder`, given to mt.search's functions)
     device in fixed-shape tensors. Sentences are padded to a bucket (multiples of 8 up to 64,
     then 4 sizes per doubling: 80, 96, 112, 128, 160, ..., 640, 768, ...; padded sentences are
     done from the start), the source length likewise (multiples of 4 up to 32, then 40, 48, 56,
-    64, 80, ...; padded positions are masked). The memory (encoder outputs) and the initial
-    state are copied into the slot's buffers once per batch; then the host only replays, and
-    reads the done flags every `sync_every` steps. Eager on CPU, with gradients on, and when
+    64, 80, ...; padded positions are masked). The encoder is a second graph per shape, run once
+    per batch on the padded source: it writes the memory and the initial state into the
+    slot's buffers; then the host only replays steps, and reads the done flags every
+    `sync_every` steps. Eager on CPU, with gradients on, and when
     nothing is given (the search functions take `graphs=None`).
 
 On a CPU, or with `emulate=True`, both classes run the same static-shape code without capturing
@@ -404,7 +405,9 @@ class GraphedTrainStep:
         self.out = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, NLL sum, grad norm
         self.stats: Counter = Counter()
         self._slots: dict[Shape, _TrainSlot] = {}
-        self._runner = _SlotRunner(warmup, self.stats)
+        self._runner = _SlotRunner(warmup, self.stats)  # search steps
+        self.encoder_stats: Counter = Counter()  # the encoder, once per batch (its own graphs and pool)
+        self._enc_runner = _SlotRunner(warmup, self.encoder_stats)
 
     # the step itself: everything a graph captures (no host sync, no allocation that outlives it)
     def _run(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
@@ -468,39 +471,51 @@ class GraphedTrainStep:
 
 
 # --------------------------------------------------------------------------- decoding
-class _DecodeSlot:
-    """Static buffers of one padded search shape (sentences x beam rows, source length), the
-    search built on them (by mt.search, on first use) and the graph of its step."""
+class _Graphed:
+    """A graph and how often its function ran: what `_SlotRunner` keeps per captured function."""
 
-    def __init__(self, n: int, K: int, Sb: int, memory: Memory, dec: DecoderState, device: torch.device,
-                 amp: torch.dtype | None):
-        Nb = n * K
-        self.S, self.amp = Sb, amp  # amp: the autocast dtype the step runs under (part of the slot's key)
-        out, keys = memory.out, memory.keys
-        o = torch.zeros(Nb, Sb, out.shape[2], dtype=out.dtype, device=device)
-        k = o if keys is out else torch.zeros(Nb, Sb, keys.shape[2], dtype=keys.dtype, device=device)
-        self.memory = Memory(o, k, torch.zeros(Nb, Sb, dtype=torch.bool, device=device), memory.backend)
-        self.dec = DecoderState([torch.zeros(Nb, h.shape[1], dtype=h.dtype, device=device) for h in dec.h],
-                                [torch.zeros(Nb, c.shape[1], dtype=c.dtype, device=device) for c in dec.c],
-                                torch.zeros(Nb, dec.feed.shape[1], dtype=dec.feed.dtype, device=device))
-        self.limit = torch.ones(n, dtype=torch.long, device=device)  # padded sentences: limit 1, done
-        self.search: Any = None  # mt.search's _GreedySearch / _BeamSearch over these buffers
+    def __init__(self):
         self.graph: torch.cuda.CUDAGraph | None = None
         self.runs = 0
 
-    def load(self, memory: Memory, dec: DecoderState, limit: Tensor) -> None:
-        """One batch: N real rows of S source positions, n real sentences."""
-        (N, S), m = memory.mask.shape, self.memory
-        m.out[:N, :S].copy_(memory.out)
-        if m.keys is not m.out:
-            m.keys[:N, :S].copy_(memory.keys)
-        m.mask.zero_()
-        m.mask[:N, :S].copy_(memory.mask)
-        m.mask[N:, 0] = True  # padded rows attend somewhere: finite, and ignored
-        for dst, src in zip([*self.dec.h, *self.dec.c, self.dec.feed], [*dec.h, *dec.c, dec.feed]):
-            dst[:N].copy_(src)
+
+class _DecodeSlot(_Graphed):
+    """Static buffers of one padded search shape (sentences x beam rows, source length): the
+    padded source, what the encoder makes of it (memory and initial state, each sentence's rows
+    repeated K times), the search built on them (by mt.search, on first use), the graph of the
+    search step (this object) and the graph of the encoder (`encoder`)."""
+
+    def __init__(self, n: int, K: int, Sb: int, src: Tensor, src_len: Tensor, memory: Memory, dec: DecoderState,
+                 amp: torch.dtype | None):
+        super().__init__()
+        self.S, self.K, self.amp = Sb, K, amp  # amp: the autocast dtype both graphs run under
+        self.src, self.src_len = src, src_len  # (n, Sb), (n,) the padded source
+        self.memory = Memory(memory.out.clone(), None, memory.mask.clone(), memory.backend)  # (n*K, Sb, ...)
+        self.memory.keys = self.memory.out if memory.keys is memory.out else memory.keys.clone()
+        self.dec = DecoderState([h.clone() for h in dec.h], [c.clone() for c in dec.c], dec.feed.clone())
+        self.rows = torch.arange(n, device=src.device).repeat_interleave(K)  # (n*K,) sentence of each row
+        self.limit = torch.ones(n, dtype=torch.long, device=src.device)  # padded sentences: limit 1, done
+        self.search: Any = None  # mt.search's _GreedySearch / _BeamSearch over these buffers
+        self.encoder = _Graphed()
+
+    def load(self, src: Tensor, src_len: Tensor, limit: Tensor, pad_id: int) -> None:
+        """One batch: n real sentences of S source positions (padded rows: one PAD, length 1)."""
+        n, S = src.shape
+        self.src.fill_(pad_id)
+        self.src[:n, :S].copy_(src)
+        self.src_len.fill_(1)
+        self.src_len[:n].copy_(src_len)
         self.limit.fill_(1)
-        self.limit[: limit.shape[0]].copy_(limit)
+        self.limit[:n].copy_(limit)
+
+    def store(self, memory: Memory, dec: DecoderState) -> None:
+        """The encoder's results (already n*K rows of Sb positions) into the static buffers."""
+        self.memory.out.copy_(memory.out)
+        if self.memory.keys is not self.memory.out:
+            self.memory.keys.copy_(memory.keys)
+        self.memory.mask.copy_(memory.mask)
+        for dst, src in zip([*self.dec.h, *self.dec.c, self.dec.feed], [*dec.h, *dec.c, dec.feed]):
+            dst.copy_(src)
 
 
 class GraphedDecoder:
@@ -511,13 +526,17 @@ class GraphedDecoder:
 
     A whole search step is captured: the decoder step (embedding, LSTM layers, attention,
     output layer, log-softmax) and the search's bookkeeping (top-k, finished hypotheses, back-
-    pointers, reordering the state), all on the device without a host sync (mt.search). The
-    search runs on static buffers of a padded shape: sentences to `rows_bucket` (padded ones
-    are done from the start), source length to `length_bucket` (padded positions masked); the
-    host checks whether all sentences are done every `sync_every` steps. Eager (the plain
-    search) on CPU tensors and with gradients enabled, unless `emulate=True`, which runs the
-    padded static-shape code eagerly instead of capturing it. The first `warmup` steps of each
-    shape run eagerly on a side stream, the next one is captured.
+    pointers, reordering the state), all on the device without a host sync (mt.search). So is
+    the encoder, as a second graph per shape, replayed once per batch: it encodes the padded
+    source straight into the search's buffers (beam search: each sentence's rows repeated K
+    times) and refreshes the gate cell's step weights. The search runs on static buffers of a
+    padded shape: sentences to `rows_bucket` (padded ones are done from the start), source
+    length to `length_bucket` (padded positions masked); the host checks whether all sentences
+    are done every `sync_every` steps. Eager (the plain search) on CPU tensors and with
+    gradients enabled, unless `emulate=True`, which runs the padded static-shape code eagerly
+    instead of capturing it. The first `warmup` steps of each shape run eagerly on a side
+    stream (the encoder: the first batch, eagerly), the next one is captured. `stats` counts
+    the search steps, `encoder_stats` the encoder's runs.
     """
 
     def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):
@@ -526,7 +545,9 @@ class GraphedDecoder:
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
         self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-        self._runner = _SlotRunner(warmup, self.stats)
+        self._runner = _SlotRunner(warmup, self.stats)  # search steps
+        self.encoder_stats: Counter = Counter()  # the encoder, once per batch (its own graphs and pool)
+        self._enc_runner = _SlotRunner(warmup, self.encoder_stats)
 
     @staticmethod
     def rows_bucket(n: int) -> int:
@@ -556,34 +577,69 @@ class GraphedDecoder:
                 db.copy_(b)
         return static
 
-    def slot(self, key: tuple, memory: Memory, dec: DecoderState, n: int, K: int, limit: Tensor) -> _DecodeSlot:
-        """The static buffers for a search `key` (mt.search's settings) over n sentences x K
-        beams, loaded with this batch (memory and state: n*K rows; limit: n)."""
-        device = memory.out.device
-        nb, Sb = self.rows_bucket(n), self.length_bucket(memory.out.shape[1])
+    def _encode(self, src: Tensor, src_len: Tensor, rows: Tensor | None) -> tuple[Memory, DecoderState]:
+        """The model's encoder without host syncs (cuDNN on the padded batch), each sentence's
+        rows repeated per `rows` (beam search) or not (None)."""
+        model, safe = self.model, self.model.graph_safe
+        model.graph_safe = True
+        try:
+            memory, dec = model.encode(src, src_len)
+        finally:
+            model.graph_safe = safe
+        if rows is not None:
+            memory, dec = memory.index_select(rows), dec.index_select(rows)
+        return memory, dec
+
+    def slot(self, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor) -> _DecodeSlot:
+        """The static buffers for a search `key` (mt.search's settings) over the sentences of
+        src (n, S) x K beams, the batch encoded into them (limit: (n,) output length limits).
+        The encoder is captured as its own graph, replayed once per batch; with it the gate
+        cell's step weights are refreshed from the parameters (training between validations)."""
+        device, (n, S) = src.device, src.shape
+        nb, Sb = self.rows_bucket(n), self.length_bucket(S)
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        dtypes = tuple(t.dtype for t in (memory.out, memory.keys, dec.h[0], dec.c[0], dec.feed))
-        full = (*key, nb, Sb, K, amp, memory.backend, self.model.training, device, dtypes, memory.keys is memory.out)
+        backend = self.model.backend(device)
+        full = (*key, nb, Sb, K, amp, backend, self.model.training, device, self.decoder.embedding.weight.dtype)
         slot = self._slots.get(full)
-        if slot is None:
-            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, memory, dec, device, amp)
-        slot.load(memory, dec, limit)
-        wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
-        slot.memory.weights = self._static_weights(memory, wdtype, device)
+        pad = self.model.pad_id
+        if slot is None:  # the first batch of this shape runs the encoder eagerly and sizes the buffers
+            src_b = torch.full((nb, Sb), pad, dtype=src.dtype, device=device)
+            len_b = torch.ones(nb, dtype=src_len.dtype, device=device)
+            src_b[:n, :S].copy_(src)
+            len_b[:n].copy_(src_len)
+            rows = torch.arange(nb, device=device).repeat_interleave(K) if K > 1 else None
+            memory, dec = self._encode(src_b, len_b, rows)
+            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, src_b, len_b, memory, dec, amp)
+            slot.load(src, src_len, limit, pad)
+            slot.encoder.runs = self._enc_runner.warmup  # that was its warm-up: the next batch is captured
+            self.encoder_stats["warmup"] += 1
+            slot.memory.weights = self._static_weights(slot.memory, compute_dtype(device, self.decoder.embedding.weight.dtype),
+                                                       device)
+            return slot
+        slot.load(src, src_len, limit, pad)
+
+        def encode():
+            memory, dec = self._encode(slot.src, slot.src_len, slot.rows if K > 1 else None)
+            slot.store(memory, dec)
+            self._static_weights(slot.memory, compute_dtype(device, self.decoder.embedding.weight.dtype), device)
+
+        self._run_under_autocast(self._enc_runner, slot.encoder, encode, device, amp)
         return slot
 
     def replay(self, slot: _DecodeSlot, step) -> None:
         """One search step of `slot`: `step()` updates its static buffers in place; it is run
         eagerly (emulate, warm-up) or captured once and replayed."""
-        device, amp = slot.limit.device, slot.amp
+        self._run_under_autocast(self._runner, slot, step, slot.limit.device, slot.amp)
 
+    def _run_under_autocast(self, runner: _SlotRunner, holder: _Graphed, fn, device: torch.device,
+                            amp: torch.dtype | None) -> None:
         def run():
             # the autocast weight cache would hand the graph tensors that die with the caller's
             # autocast region: no cache inside (each weight is used once per step anyway)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
-                step()
+                fn()
 
-        self._runner.run(slot, run, device, capture=device.type == "cuda" and not self.emulate)
+        runner.run(holder, run, device, capture=device.type == "cuda" and not self.emulate)
 
 
 def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False, *,

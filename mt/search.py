@@ -369,18 +369,25 @@ class _BeamSearch:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderState, n: int, K: int,
-         limit: Tensor, steps_max: int):
-    """Build the search with `make(memory, dec, limit, T)` and step it until every sentence is
-    done (at most `steps_max` steps) -> (search, steps taken).
+def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor,
+         steps_max: int):
+    """Encode src (n, S) with K rows per sentence (beam search: each sentence repeated K times),
+    build the search with `make(memory, dec, limit, T)` and step it until every sentence is done
+    (at most `steps_max` steps) -> (search, steps taken).
 
     Eager (no GraphedDecoder, CPU, gradients on): a host check after every step; beam search
     drops finished sentences from the batch then. With a GraphedDecoder on CUDA (or emulating):
-    the search lives on static buffers padded to a bucket (n sentences -> graphs.rows_bucket(n),
-    padded ones done from the start; source length -> graphs.length_bucket), one captured step
-    is replayed per position and the host checks every `graphs.sync_every` steps (extra steps
-    change nothing: done sentences are frozen)."""
-    if graphs is None or not graphs.active(memory.out.device):
+    the encoder and the search live on static buffers padded to a bucket (n sentences ->
+    graphs.rows_bucket(n), padded ones done from the start; source length ->
+    graphs.length_bucket), the encoder is replayed once per batch and one captured step per
+    position; the host checks every `graphs.sync_every` steps (extra steps change nothing: done
+    sentences are frozen)."""
+    n = src.shape[0]
+    if graphs is None or not graphs.active(src.device):
+        memory, dec = model.encode(src, src_len)
+        if K > 1:
+            rows = torch.arange(n, device=src.device).repeat_interleave(K)  # (n*K,) sentence of each beam row
+            memory, dec = memory.index_select(rows), dec.index_select(rows)
         search = make(memory, dec, limit, steps_max)
         beam = isinstance(search, _BeamSearch)
         if beam:  # a host sync costs nothing on CPU; on a GPU it would be a second stall per step
@@ -398,7 +405,7 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, memory: Memory, dec: DecoderS
         if graphs is not None:
             graphs.stats["eager"] += steps
         return search, steps
-    slot = graphs.slot(key, memory, dec, n, K, limit)
+    slot = graphs.slot(key, src, src_len, K, limit)
     if slot.search is None:
         # the longest limit any source of this bucket can have (a negative max_len_a: the shortest one's)
         T = int(max_lengths(torch.arange(1, slot.S + 1), *key[-2:]).max())
@@ -420,7 +427,6 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
                   max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
     """Pick the most probable token at every step. src (B, S), src_len (B,)."""
     B = src.shape[0]
-    memory, dec = model.encode(src, src_len)
     limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
     limits, banned = limit.tolist(), _banned(model, bos_id)
 
@@ -428,7 +434,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
         return _GreedySearch(memory, dec, limit, T, bos_id, eos_id, banned)
 
     key = ("greedy", bos_id, eos_id, tuple(banned), max_len_a, max_len_b)
-    search, steps = _run(make, model, graphs, key, memory, dec, B, 1, limit, max(limits))
+    search, steps = _run(make, model, graphs, key, src, src_len, 1, limit, max(limits))
     return search.output(steps, B, src_len.tolist(), limits)
 
 
@@ -445,9 +451,6 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
         raise MTError(f"nbest must be between 1 and beam={beam} (got {nbest})")
     lp = parse_length_penalty(length_penalty)
     B, K = src.shape[0], beam
-    memory, dec = model.encode(src, src_len)
-    rows = torch.arange(B, device=src.device).repeat_interleave(K)  # (B*K,) sentence of each beam row
-    memory, dec = memory.index_select(rows), dec.index_select(rows)
     limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
     banned = _banned(model, bos_id)
 
@@ -455,7 +458,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
         return _BeamSearch(memory, dec, limit, T, K, nbest, lp, bos_id, eos_id, banned)
 
     key = ("beam", K, nbest, lp, bos_id, eos_id, tuple(banned), max_len_a, max_len_b)
-    search, steps = _run(make, model, graphs, key, memory, dec, B, K, limit, int(limit.max()))
+    search, steps = _run(make, model, graphs, key, src, src_len, K, limit, int(limit.max()))
     search.finish()
     return search.output(steps, B, src_len.tolist())
 

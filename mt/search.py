@@ -149,8 +149,10 @@ class SearchState:
         return [self.last, *self.dec.h, *self.dec.c, self.dec.feed, self.scores, self.done, self.t, *self.fin]
 
     def copy_(self, new: SearchState) -> None:
-        for dst, src in zip(self.tensors(), new.tensors(), strict=True):
-            dst.copy_(src)
+        dst, src = self.tensors(), new.tensors()
+        if len(dst) != len(src):
+            raise ValueError(f"search state of {len(src)} tensors copied into one of {len(dst)}")
+        torch._foreach_copy_(dst, src)  # on CUDA one multi-tensor launch per dtype, not one copy per tensor
 
 
 class _GreedySearch:
@@ -288,7 +290,9 @@ class _BeamSearch:
 
         # The K best candidates that do not end in EOS continue (a stable order keeps best first).
         order = is_eos.long() * k2 + self.rank[:k2]
-        pos = order.topk(K, dim=-1, largest=False).indices.sort(dim=-1).values  # (n, K)
+        pos = order.argsort(dim=-1)[:, :K]  # (n, K) distinct keys: non-EOS by rank, then EOS by rank
+        if k2 < 2 * K:  # (V = 1) fewer than K non-EOS candidates: keep the rank order
+            pos = pos.sort(dim=-1).values
         beam, tok, score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)
 
         # A sentence is done at its limit, with nothing open, or with K finished hypotheses of
@@ -340,7 +344,7 @@ class _BeamSearch:
         # its token was tok[t, i, b] and its beam bp[t, i, b], b being its beam at step t + 1.
         tokens = np.zeros((n, m, max(steps, 1)), dtype=np.int64)  # (n, m, steps)
         beams = np.zeros((steps + 1, n, m), dtype=np.int64)  # (steps + 1, n, m) beam row at each step
-        for t in range(steps - 1, -1, -1):
+        for t in range(min(steps, int(end.max(initial=0))) - 1, -1, -1):  # later steps: no hypothesis is open
             live = t < end
             beams[t + 1] = np.where(live, cur, beams[t + 1])
             tokens[:, :, t] = np.where(live, tok[t, ii, cur], 0)
@@ -349,8 +353,8 @@ class _BeamSearch:
         # each hypothesis' attention rows, steps 0..end: (n, m, steps, S)
         a_all = attn[torch.arange(steps)[None, None, :], torch.arange(n)[:, None, None],
                      torch.from_numpy(beams[:steps]).permute(1, 2, 0)] if steps else attn.new_zeros(n, m, 0, attn.shape[-1])
+        a_np = a_all.numpy()  # (n, m, steps, S); numpy slices are cheaper than tensor ones, per hypothesis
         tok_lists, end_list, last_list = tokens.tolist(), end.tolist(), last.tolist()
-        a_rows = a_all.unbind(0)  # views: one per sentence
         out = SearchOutput([], [], [], [])
         for i in range(n):
             hyps = []
@@ -359,7 +363,7 @@ class _BeamSearch:
                     break
                 e, z = end_list[i][k], last_list[i][k]
                 toks = tok_lists[i][k][:e] + ([] if z == self.eos else [z])
-                hyps.append(Hyp(toks, score[i][k], logp[i][k], a_rows[i][k, : e + 1, : src_lens[i]]))
+                hyps.append(Hyp(toks, score[i][k], logp[i][k], torch.from_numpy(a_np[i, k, : e + 1, : src_lens[i]])))
             if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
                 hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
             out.nbest.append(hyps)

@@ -541,6 +541,11 @@ def test_log_softmax_topk_dispatch():
     assert torch.equal(a[1], b[1])
     c = kernels.log_softmax_topk(logits.double(), 4, backend="triton")  # fp64: the reference
     torch.testing.assert_close(c[0], b[0], atol=1e-5, rtol=1e-5)
+    search_topk = _search_topk_module()
+    wide = torch.randn(2, search_topk.MAX_V + 1)  # a row too wide for the registers: the reference
+    assert not search_topk.supported(wide, 3) and search_topk.supported(wide[:, :-1], 3)
+    d = kernels.log_softmax_topk(wide, 3, backend="triton")
+    assert torch.equal(d[1], reference.log_softmax_topk(wide, 3)[1])
 
 
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "emulated-graphs"])

@@ -16,8 +16,9 @@ of its K * 2K per-beam candidates (the 2K best of a sentence are among them).
 
 `_log_softmax_topk_kernel`: one program per row. Loads the row (BLOCK_V = V rounded up to a power
 of two, at most MAX_V), takes its max and log-sum-exp in fp32, adds the row's bias, sets banned
-columns to -inf, then k times: the best value not taken yet and the lowest column holding it.
-A row of -inf (a beam that does not exist yet) still yields k columns, with value -inf.
+columns to -inf, then k times: the best value not taken yet and the lowest column holding it,
+both from one max-reduction over (value, column) packed into an int64. A row of -inf (a beam
+that does not exist yet) still yields k columns, with value -inf.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_V = 1 << 16  # a row lives in registers: larger vocabularies take the reference path
+MAX_V = 8192  # a row lives in registers (16 warps: 16 columns a thread); larger vocabularies: PyTorch's ops
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -58,15 +59,19 @@ def _log_softmax_topk_kernel(
         v = v + tl.load(bias_ptr + row)
     for j in tl.static_range(NB):
         v = tl.where(cols == tl.load(banned_ptr + j), float("-inf"), v)
-    taken = (cols >= V).to(tl.int32)  # 1: padding, or picked already
+    # One reduction per pick: value and column packed in one int64 key, the value's float bits
+    # mapped to an int32 of the same order (negative floats: all bits but the sign flipped) in
+    # the high half, BLOCK_V - 1 - column in the low half (equal values: the lower column wins).
+    bits = v.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (BLOCK_V - 1 - cols).to(tl.int64)
+    key = tl.where(valid, key, -9223372036854775808)  # padding columns: never picked
     for j in tl.static_range(K):
-        best = tl.max(tl.where(taken == 1, float("-inf"), v), axis=0)
-        hit = (v == best) & (taken == 0)
-        col = tl.minimum(tl.min(tl.where(hit, cols, BLOCK_V), axis=0), V - 1)  # a NaN row: no hit, stay in range
-        tl.store(val_ptr + row * K + j, best)
+        best = tl.max(key, axis=0)
+        col = BLOCK_V - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+        hi = (best >> 32).to(tl.int32)
+        tl.store(val_ptr + row * K + j, (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True))
         tl.store(idx_ptr + row * K + j, col.to(tl.int64))
-        taken = tl.where(cols == col, 1, taken)
-
+        key = tl.where(cols == col, -9223372036854775808, key)
 
 def _runs_here(t: Tensor) -> bool:
     return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,6 +102,6 @@ def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
     _log_softmax_topk_kernel[(N,)](
         logits, bias, ban, vals, idx, N, V, logits.stride(0),
         NB=0 if banned is None else banned.numel(), K=k, HAS_BIAS=row_bias is not None, BLOCK_V=block,
-        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+        num_warps=4 if block <= 1024 else (8 if block <= 2048 else 16),
     )
     return vals, idx

@@ -529,7 +529,9 @@ class GraphedDecoder:
     pointers, reordering the state), all on the device without a host sync (mt.search). So is
     the encoder, as a second graph per shape, replayed once per batch: it encodes the padded
     source straight into the search's buffers (beam search: each sentence's rows repeated K
-    times) and refreshes the gate cell's step weights. The search runs on static buffers of a
+    times) and refreshes the gate cell's step weights and the decoder's weights cast to the
+    compute dtype (`Decoder.step_casts`: inside a graph autocast caches no casts, so each step
+    would cast them again). The search runs on static buffers of a
     padded shape: sentences to `rows_bucket` (padded ones are done from the start), source
     length to `length_bucket` (padded positions masked); the host checks whether all sentences
     are done every `sync_every` steps. Eager (the plain search) on CPU tensors and with
@@ -545,6 +547,7 @@ class GraphedDecoder:
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
         self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self._casts: dict[tuple, dict[str, Tensor]] = {}
         self._runner = _SlotRunner(warmup, self.stats)  # search steps
         self.encoder_stats: Counter = Counter()  # the encoder, once per batch (its own graphs and pool)
         self._enc_runner = _SlotRunner(warmup, self.encoder_stats)
@@ -590,6 +593,20 @@ class GraphedDecoder:
             memory, dec = memory.index_select(rows), dec.index_select(rows)
         return memory, dec
 
+    def _static_casts(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor] | None:
+        """`Decoder.step_casts` in buffers shared by all shapes, refreshed like the step weights;
+        None when the parameters already have the compute dtype (nothing to cast)."""
+        if dtype == self.decoder.embedding.weight.dtype:
+            return None
+        fresh = self.decoder.step_casts(dtype)
+        static = self._casts.get((dtype, device))
+        if static is None:
+            static = self._casts[(dtype, device)] = {k: v.clone() for k, v in fresh.items()}
+        else:
+            for k, v in fresh.items():
+                static[k].copy_(v)
+        return static
+
     def slot(self, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor) -> _DecodeSlot:
         """The static buffers for a search `key` (mt.search's settings) over the sentences of
         src (n, S) x K beams, the batch encoded into them (limit: (n,) output length limits).
@@ -613,15 +630,18 @@ class GraphedDecoder:
             slot.load(src, src_len, limit, pad)
             slot.encoder.runs = self._enc_runner.warmup  # that was its warm-up: the next batch is captured
             self.encoder_stats["warmup"] += 1
-            slot.memory.weights = self._static_weights(slot.memory, compute_dtype(device, self.decoder.embedding.weight.dtype),
-                                                       device)
+            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+            slot.memory.weights = self._static_weights(slot.memory, wdtype, device)
+            slot.memory.casts = self._static_casts(wdtype, device)
             return slot
         slot.load(src, src_len, limit, pad)
 
         def encode():
             memory, dec = self._encode(slot.src, slot.src_len, slot.rows if K > 1 else None)
             slot.store(memory, dec)
-            self._static_weights(slot.memory, compute_dtype(device, self.decoder.embedding.weight.dtype), device)
+            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+            self._static_weights(slot.memory, wdtype, device)
+            self._static_casts(wdtype, device)
 
         self._run_under_autocast(self._enc_runner, slot.encoder, encode, device, amp)
         return slot

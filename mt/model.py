@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -36,11 +37,12 @@ class Memory:
     mask: Tensor  # (B, S) True at real source tokens
     backend: str
     weights: list[tuple[Tensor, Tensor]] | None = None  # gate-cell step weights (decoding)
+    casts: dict[str, Tensor] | None = None  # decoding under CUDA graphs: `Decoder.step_casts`
 
     def index_select(self, idx: Tensor) -> Memory:
         out = self.out.index_select(0, idx)
         keys = out if self.keys is self.out else self.keys.index_select(0, idx)  # dot: keys are out
-        return Memory(out, keys, self.mask.index_select(0, idx), self.backend, self.weights)
+        return Memory(out, keys, self.mask.index_select(0, idx), self.backend, self.weights, self.casts)
 
 
 @dataclass
@@ -112,7 +114,8 @@ class Decoder(nn.Module):
         h, c = self.rnn.step(x_t, feed, state.h, state.c, memory.backend, weights)
         top = h[-1]  # (B, H)
         ctx, attn = self.attention(top, memory.keys, memory.out, memory.mask)  # (B, H), (B, S)
-        out = torch.tanh(self.combine(torch.cat([ctx.to(top.dtype), top], dim=-1)))  # (B, H)
+        both = torch.cat([ctx.to(top.dtype), top], dim=-1)  # (B, 2H)
+        out = torch.tanh(self.combine(both) if memory.casts is None else F.linear(both, memory.casts["combine"]))  # (B, H)
         return out, DecoderState(h, c, out), attn
 
     def _inputs(self, tokens: Tensor, backend: str) -> tuple[Tensor, list | None]:
@@ -142,14 +145,29 @@ class Decoder(nn.Module):
         """`step` before the log-softmax: logits (B, V) in the compute dtype (mt.search fuses
         the normalisation with its top-k: kernels.log_softmax_topk)."""
         emb = self.embedding(tokens)  # (B, E)
+        casts = memory.casts
         if memory.backend == "cudnn":
             x = emb
         else:
             if memory.weights is None:
                 memory.weights = self.rnn.step_weights(compute_dtype(emb.device, emb.dtype))
-            x = self.rnn.precompute(emb, memory.weights[0][0].dtype)
+            if casts is None:
+                x = self.rnn.precompute(emb, memory.weights[0][0].dtype)
+            else:
+                x = F.linear(emb.to(casts["emb_w"].dtype), casts["emb_w"], casts["emb_b"])  # (B, 4H)
         out, state, attn = self._step(x, state, memory, memory.weights)
-        return self.generator(out), state, attn
+        logits = self.generator(out) if casts is None else F.linear(out, casts["gen_w"], casts["gen_b"])
+        return logits, state, attn
+
+    def step_casts(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The weights `step_logits` multiplies with, cast to `dtype` once (mt.graphs refreshes
+        them once per batch): inside a CUDA graph autocast has no weight cache, so otherwise
+        every replayed step would cast the output layer (V x H) and the others again."""
+        cell = self.rnn.cells[0]
+        E = self.rnn.emb_size
+        return {"emb_w": cell.weight_ih[:, :E].to(dtype), "emb_b": (cell.bias_ih + cell.bias_hh).to(dtype),
+                "combine": self.combine.weight.to(dtype), "gen_w": self.generator.weight.to(dtype),
+                "gen_b": self.generator.bias.to(dtype)}
 
 
 def cell_backend(cell: str, device: torch.device | str) -> str:

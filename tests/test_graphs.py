@@ -346,6 +346,32 @@ def test_emulated_search_reuses_a_slot_for_a_smaller_batch():
     assert len(graphs._slots) == 3
 
 
+def test_decoding_with_weights_cast_once_per_batch_matches_autocast(monkeypatch):
+    """Under bf16 autocast the graphed search multiplies with weights cast once per batch
+    (Decoder.step_casts, refreshed with the encoder) instead of casting them at every step:
+    the very same bf16 values, so the very same results. Training in between is seen."""
+    model = tiny_model("torch", dtype=torch.float32).eval()
+    batch = make_batch(5, 9, 2, seed=7)
+
+    def run(graphs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _decode_all(model, batch.src, batch.src_len, graphs)
+
+    cast = GraphedDecoder(model, emulate=True)
+    outs = run(cast)
+    assert all(slot.memory.casts is not None and slot.memory.casts["gen_w"].dtype == torch.bfloat16
+               for slot in cast._slots.values())
+    monkeypatch.setattr(GraphedDecoder, "_static_casts", lambda self, dtype, device: None)
+    _assert_same(outs, run(GraphedDecoder(model, emulate=True)), exact=True)
+    monkeypatch.undo()
+    with torch.no_grad():  # "training": the next batch must see the new weights
+        model.decoder.generator.weight.mul_(1.5)
+        model.decoder.combine.weight.add_(0.05)
+    outs = run(cast)  # the same slots, their casts refreshed
+    monkeypatch.setattr(GraphedDecoder, "_static_casts", lambda self, dtype, device: None)
+    _assert_same(outs, run(GraphedDecoder(model, emulate=True)), exact=True)
+
+
 # ----------------------------------------------------------------------------- GPU machine readiness
 def test_gpu_side_modules_import_without_hydra_omegaconf_or_datasets():
     """The GPU machine has torch, triton, sentencepiece, sacrebleu, tensorboard, numpy, pyarrow

@@ -17,8 +17,9 @@ every batch has the shape (B, T, T); the same batches for every column.
 Columns (the same model, same initial weights, same batches):
   cudnn_eager    model.cell=cudnn (nn.LSTM packed / nn.LSTMCell), eager: trainer.cuda_graphs=false
   cudnn_graphs   model.cell=cudnn under mt.graphs (encoder: cuDNN on the padded batch, no packing)
-  ours_eager     model.cell=triton (our Triton gate cell; on CPU: the PyTorch reference, or
-                 Triton interpreted with --interpret), eager
+  ours_eager     model.cell=triton (our Triton kernels: the gate cell, and in decoding the
+                 search's fused log-softmax + top-k; on CPU: the PyTorch reference, or Triton
+                 interpreted with --interpret), eager
   ours_graphs    model.cell=triton under mt.graphs
 
 Rows:
@@ -30,8 +31,9 @@ Rows:
   greedy  sentences per second, greedy search, --decode-batch sentences per batch
   beam    sentences per second, beam search (--beam, GNMT length penalty 1.0)
           (graphs: mt.graphs.GraphedDecoder, the whole search step replayed: decoder and
-          bookkeeping; the encoder eager, once per batch). The model is untrained, so it seldom emits EOS and most outputs
-          run to the length limit 1.5 * T + 10: a worst case for decoding length.
+          bookkeeping; the encoder a second graph, replayed once per batch). The model is
+          untrained, so it seldom emits EOS and most outputs run to the length limit
+          1.5 * T + 10: a worst case for decoding length.
 
 Timing: wall clock (time.perf_counter) around --iters steps after --warmup, with
 torch.cuda.synchronize() on both ends on GPU; decoding: the median of --decode-iters passes after

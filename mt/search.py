@@ -149,10 +149,8 @@ class SearchState:
         return [self.last, *self.dec.h, *self.dec.c, self.dec.feed, self.scores, self.done, self.t, *self.fin]
 
     def copy_(self, new: SearchState) -> None:
-        dst, src = self.tensors(), new.tensors()
-        if len(dst) != len(src):
-            raise ValueError(f"search state of {len(src)} tensors copied into one of {len(dst)}")
-        torch._foreach_copy_(dst, src)  # on CUDA one multi-tensor launch per dtype, not one copy per tensor
+        for dst, src in zip(self.tensors(), new.tensors(), strict=True):
+            dst.copy_(src)
 
 
 class _GreedySearch:

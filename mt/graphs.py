@@ -405,9 +405,7 @@ class GraphedTrainStep:
         self.out = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, NLL sum, grad norm
         self.stats: Counter = Counter()
         self._slots: dict[Shape, _TrainSlot] = {}
-        self._runner = _SlotRunner(warmup, self.stats)  # search steps
-        self.encoder_stats: Counter = Counter()  # the encoder, once per batch (its own graphs and pool)
-        self._enc_runner = _SlotRunner(warmup, self.encoder_stats)
+        self._runner = _SlotRunner(warmup, self.stats)
 
     # the step itself: everything a graph captures (no host sync, no allocation that outlives it)
     def _run(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
@@ -537,8 +535,10 @@ class GraphedDecoder:
     are done every `sync_every` steps. Eager (the plain search) on CPU tensors and with
     gradients enabled, unless `emulate=True`, which runs the padded static-shape code eagerly
     instead of capturing it. The first `warmup` steps of each shape run eagerly on a side
-    stream (the encoder: the first batch, eagerly), the next one is captured. `stats` counts
-    the search steps, `encoder_stats` the encoder's runs.
+    stream, the next one is captured; the encoder's warm-up is always the shape's first batch,
+    run eagerly on the caller's stream under the caller's autocast (it sizes the buffers), and
+    the second batch captures it. `stats` counts the search steps, `encoder_stats` the
+    encoder's runs.
     """
 
     def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):

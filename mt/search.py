@@ -4,7 +4,7 @@ Both searches encode the source once and then call ``model.decoder.step_logits``
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
 With our Triton gate cell, a step's log-softmax, beam-score add and top-k are one fused kernel
-(`kernels.log_softmax_topk`: each beam's 2K best, then a sentence's 2K best of those); with
+(`kernels.log_softmax_topk`: each beam's min(2K, V) best, then a sentence's 2K best of those); with
 cuDNN or the PyTorch reference, PyTorch's log_softmax and topk over all K * V candidates.
 
 Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
@@ -122,8 +122,8 @@ def max_lengths(src_len: Tensor, a: float, b: int) -> Tensor:
 
 def fused(memory: Memory, logits: Tensor, k: int) -> bool:
     """Whether a step's log-softmax and top-k run as our fused Triton kernel: with our Triton
-    gate cell (model.cell=triton), where the kernel takes the shape. Otherwise (cuDNN, the
-    PyTorch reference) they are PyTorch's own log_softmax and topk."""
+    gate cell (model.cell=triton, or auto on CUDA), where the kernel takes the shape. Otherwise
+    (cuDNN, the PyTorch reference) they are PyTorch's own log_softmax and topk."""
     if memory.backend != "triton":
         return False
     from .kernels import search_topk  # imports Triton: only when the gate cell already runs on it
@@ -361,7 +361,9 @@ class _BeamSearch:
                     break
                 e, z = end_list[i][k], last_list[i][k]
                 toks = tok_lists[i][k][:e] + ([] if z == self.eos else [z])
-                hyps.append(Hyp(toks, score[i][k], logp[i][k], torch.from_numpy(a_np[i, k, : e + 1, : src_lens[i]])))
+                # a compact copy: a view would keep the whole batch's array alive with every hypothesis
+                a = torch.from_numpy(np.ascontiguousarray(a_np[i, k, : e + 1, : src_lens[i]]))
+                hyps.append(Hyp(toks, score[i][k], logp[i][k], a))
             if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
                 hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
             out.nbest.append(hyps)

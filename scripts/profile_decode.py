@@ -117,9 +117,10 @@ def profile_one(args, cell: str, beam: int, batch) -> dict:
         lim = bt_limits(src_len, args)
         res["output_ms"] = timed(lambda: search_obj.output(steps, n, lens, lim), device, args.reps) * 1e3
     def one_step():  # what mt.search._run does per position: replay the captured step (CPU: emulate it)
-        runner.replay(slot, lambda: search_obj.state.copy_(search_obj.step(model.decoder.step, search_obj.state)))
+        runner.replay(slot, lambda: search_obj.state.copy_(search_obj.step(model.decoder.step_logits, search_obj.state)))
 
-    def chunk(synced: bool = False):  # a whole search's steps from a fresh start (the history has T rows)
+    def chunk(synced: bool = False):  # a whole search's steps from a fresh start (the history has T rows;
+        # the decoder state is the last search's end, which costs the same fixed-shape step)
         search_obj.reset(n)
         bt.sync(device)
         t0 = time.perf_counter()

@@ -544,6 +544,8 @@ def test_log_softmax_topk_dispatch():
     search_topk = _search_topk_module()
     wide = torch.randn(2, search_topk.MAX_V + 1)  # a row too wide for the registers: the reference
     assert not search_topk.supported(wide, 3) and search_topk.supported(wide[:, :-1], 3)
+    many = torch.randn(2, 200)  # k picks are unrolled: large k takes the reference too
+    assert search_topk.supported(many, search_topk.MAX_K) and not search_topk.supported(many, search_topk.MAX_K + 1)
     d = kernels.log_softmax_topk(wide, 3, backend="triton")
     assert torch.equal(d[1], reference.log_softmax_topk(wide, 3)[1])
 

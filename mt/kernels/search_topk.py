@@ -10,9 +10,10 @@ PyTorch (the test oracle).
 Why: a beam-5 search step over 128 sentences (V = 8000) spent about 150 of its 430 us of kernel
 time in PyTorch's log_softmax, the add of the beam scores, and `topk` over (n, K * V), whose
 radix select is several launches (scripts/profile_decode.py, H200, 2026-11-27). mt.search calls
-this instead when the model runs our Triton gate cell (model.cell=triton): one launch, each
-program one row, the whole row in registers; then a small topk picks each sentence's 2K best
-of its K * 2K per-beam candidates (the 2K best of a sentence are among them).
+this instead when the model runs our Triton gate cell (model.cell=triton, or auto on CUDA): one
+launch, each program one row, the whole row in registers; then a small topk picks each
+sentence's 2K best of its K * min(2K, V) per-beam candidates (the 2K best of a sentence are
+among them). Rows wider than MAX_V and k above MAX_K take the reference path.
 
 `_log_softmax_topk_kernel`: one program per row. Loads the row (BLOCK_V = V rounded up to a power
 of two, at most MAX_V), takes its max and log-sum-exp in fp32, adds the row's bias, sets banned
@@ -31,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_V = 8192  # a row lives in registers (16 warps: 16 columns a thread); larger vocabularies: PyTorch's ops
+MAX_K = 64  # the picks are unrolled (one reduction each): beams up to 32 (2K per row)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -80,7 +82,7 @@ def _runs_here(t: Tensor) -> bool:
 def supported(logits: Tensor, k: int) -> bool:
     """Whether the kernel takes this call (else use `reference.log_softmax_topk`)."""
     N, V = logits.shape
-    return (_runs_here(logits) and 1 <= k <= V and V <= MAX_V
+    return (_runs_here(logits) and 1 <= k <= min(V, MAX_K) and V <= MAX_V
             and logits.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 

@@ -469,6 +469,18 @@ class GraphedTrainStep:
 
 
 # --------------------------------------------------------------------------- decoding
+def _kept(cache: dict, key: tuple, fresh: list[Tensor]) -> list[Tensor]:
+    """`fresh` copied into the buffers `cache[key]` (clones, on the first call), which CUDA graphs
+    can read from replay to replay: the buffers, refreshed."""
+    static = cache.get(key)
+    if static is None:
+        static = cache[key] = [t.clone() for t in fresh]
+    else:
+        for dst, src in zip(static, fresh, strict=True):
+            dst.copy_(src)
+    return static
+
+
 class _Graphed:
     """A graph and how often its function ran: what `_SlotRunner` keeps per captured function."""
 
@@ -483,18 +495,25 @@ class _DecodeSlot(_Graphed):
     repeated K times), the search built on them (by mt.search, on first use), the graph of the
     search step (this object) and the graph of the encoder (`encoder`)."""
 
-    def __init__(self, n: int, K: int, Sb: int, src: Tensor, src_len: Tensor, memory: Memory, dec: DecoderState,
+    def __init__(self, n: int, K: int, Sb: int, src_dtype: torch.dtype, len_dtype: torch.dtype, device: torch.device,
                  amp: torch.dtype | None):
         super().__init__()
         self.S, self.K, self.amp = Sb, K, amp  # amp: the autocast dtype both graphs run under
-        self.src, self.src_len = src, src_len  # (n, Sb), (n,) the padded source
-        self.memory = Memory(memory.out.clone(), None, memory.mask.clone(), memory.backend)  # (n*K, Sb, ...)
-        self.memory.keys = self.memory.out if memory.keys is memory.out else memory.keys.clone()
-        self.dec = DecoderState([h.clone() for h in dec.h], [c.clone() for c in dec.c], dec.feed.clone())
-        self.rows = torch.arange(n, device=src.device).repeat_interleave(K)  # (n*K,) sentence of each row
-        self.limit = torch.ones(n, dtype=torch.long, device=src.device)  # padded sentences: limit 1, done
+        self.src = torch.empty(n, Sb, dtype=src_dtype, device=device)  # (n, Sb) the padded source
+        self.src_len = torch.empty(n, dtype=len_dtype, device=device)  # (n,)
+        # (n*K,) sentence of each row (beam search), None: one row per sentence
+        self.rows = torch.arange(n, device=device).repeat_interleave(K) if K > 1 else None
+        self.limit = torch.ones(n, dtype=torch.long, device=device)  # padded sentences: limit 1, done
+        self.memory: Memory | None = None  # (n*K, Sb, ...) and the initial state: `keep`
+        self.dec: DecoderState | None = None
         self.search: Any = None  # mt.search's _GreedySearch / _BeamSearch over these buffers
         self.encoder = _Graphed()
+
+    def keep(self, memory: Memory, dec: DecoderState) -> None:
+        """The first batch's encoder results become the static buffers (`store` refills them)."""
+        self.memory = Memory(memory.out.clone(), None, memory.mask.clone(), memory.backend)
+        self.memory.keys = self.memory.out if memory.keys is memory.out else memory.keys.clone()
+        self.dec = DecoderState([h.clone() for h in dec.h], [c.clone() for c in dec.c], dec.feed.clone())
 
     def load(self, src: Tensor, src_len: Tensor, limit: Tensor, pad_id: int) -> None:
         """One batch: n real sentences of S source positions (padded rows: one PAD, length 1)."""
@@ -546,8 +565,8 @@ class GraphedDecoder:
         self.emulate, self.sync_every = emulate, max(1, sync_every)
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
-        self._weights: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-        self._casts: dict[tuple, dict[str, Tensor]] = {}
+        self._weights: dict[tuple, list[Tensor]] = {}  # step weights, flat: w0, b0, w1, b1, ...
+        self._casts: dict[tuple, list[Tensor]] = {}  # Decoder.step_casts' values, in its order
         self._runner = _SlotRunner(warmup, self.stats)  # search steps
         self.encoder_stats: Counter = Counter()  # the encoder, once per batch (its own graphs and pool)
         self._enc_runner = _SlotRunner(warmup, self.encoder_stats)
@@ -569,16 +588,9 @@ class GraphedDecoder:
         training between validations is seen) in buffers shared by all shapes."""
         if memory.backend == "cudnn":
             return None
-        fresh = self.decoder.rnn.step_weights(dtype)
-        key = (dtype, device)
-        static = self._weights.get(key)
-        if static is None:
-            static = self._weights[key] = [(w.clone(), b.clone()) for w, b in fresh]
-        else:
-            for (dw, db), (w, b) in zip(static, fresh):
-                dw.copy_(w)
-                db.copy_(b)
-        return static
+        fresh = [t for wb in self.decoder.rnn.step_weights(dtype) for t in wb]
+        static = _kept(self._weights, (dtype, device), fresh)
+        return list(zip(static[::2], static[1::2]))
 
     def _encode(self, src: Tensor, src_len: Tensor, rows: Tensor | None) -> tuple[Memory, DecoderState]:
         """The model's encoder without host syncs (cuDNN on the padded batch), each sentence's
@@ -599,13 +611,7 @@ class GraphedDecoder:
         if dtype == self.decoder.embedding.weight.dtype:
             return None
         fresh = self.decoder.step_casts(dtype)
-        static = self._casts.get((dtype, device))
-        if static is None:
-            static = self._casts[(dtype, device)] = {k: v.clone() for k, v in fresh.items()}
-        else:
-            for k, v in fresh.items():
-                static[k].copy_(v)
-        return static
+        return dict(zip(fresh, _kept(self._casts, (dtype, device), list(fresh.values()))))
 
     def slot(self, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor) -> _DecodeSlot:
         """The static buffers for a search `key` (mt.search's settings) over the sentences of
@@ -617,29 +623,22 @@ class GraphedDecoder:
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         backend = self.model.backend(device)
         full = (*key, nb, Sb, K, amp, backend, self.model.training, device, self.decoder.embedding.weight.dtype)
+        wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
         slot = self._slots.get(full)
-        pad = self.model.pad_id
         if slot is None:  # the first batch of this shape runs the encoder eagerly and sizes the buffers
-            src_b = torch.full((nb, Sb), pad, dtype=src.dtype, device=device)
-            len_b = torch.ones(nb, dtype=src_len.dtype, device=device)
-            src_b[:n, :S].copy_(src)
-            len_b[:n].copy_(src_len)
-            rows = torch.arange(nb, device=device).repeat_interleave(K) if K > 1 else None
-            memory, dec = self._encode(src_b, len_b, rows)
-            slot = self._slots[full] = _DecodeSlot(nb, K, Sb, src_b, len_b, memory, dec, amp)
-            slot.load(src, src_len, limit, pad)
+            slot = _DecodeSlot(nb, K, Sb, src.dtype, src_len.dtype, device, amp)
+            slot.load(src, src_len, limit, self.model.pad_id)
+            slot.keep(*self._encode(slot.src, slot.src_len, slot.rows))
             slot.encoder.runs = self._enc_runner.warmup  # that was its warm-up: the next batch is captured
             self.encoder_stats["warmup"] += 1
-            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
             slot.memory.weights = self._static_weights(slot.memory, wdtype, device)
             slot.memory.casts = self._static_casts(wdtype, device)
+            self._slots[full] = slot
             return slot
-        slot.load(src, src_len, limit, pad)
+        slot.load(src, src_len, limit, self.model.pad_id)
 
         def encode():
-            memory, dec = self._encode(slot.src, slot.src_len, slot.rows if K > 1 else None)
-            slot.store(memory, dec)
-            wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+            slot.store(*self._encode(slot.src, slot.src_len, slot.rows))
             self._static_weights(slot.memory, wdtype, device)
             self._static_casts(wdtype, device)
 

@@ -151,10 +151,8 @@ class Decoder(nn.Module):
         else:
             if memory.weights is None:
                 memory.weights = self.rnn.step_weights(compute_dtype(emb.device, emb.dtype))
-            if casts is None:
-                x = self.rnn.precompute(emb, memory.weights[0][0].dtype)
-            else:
-                x = F.linear(emb.to(casts["emb_w"].dtype), casts["emb_w"], casts["emb_b"])  # (B, 4H)
+            x = self.rnn.precompute(emb, memory.weights[0][0].dtype,
+                                    None if casts is None else (casts["emb_w"], casts["emb_b"]))  # (B, 4H)
         out, state, attn = self._step(x, state, memory, memory.weights)
         logits = self.generator(out) if casts is None else F.linear(out, casts["gen_w"], casts["gen_b"])
         return logits, state, attn
@@ -163,11 +161,9 @@ class Decoder(nn.Module):
         """The weights `step_logits` multiplies with, cast to `dtype` once (mt.graphs refreshes
         them once per batch): inside a CUDA graph autocast has no weight cache, so otherwise
         every replayed step would cast the output layer (V x H) and the others again."""
-        cell = self.rnn.cells[0]
-        E = self.rnn.emb_size
-        return {"emb_w": cell.weight_ih[:, :E].to(dtype), "emb_b": (cell.bias_ih + cell.bias_hh).to(dtype),
-                "combine": self.combine.weight.to(dtype), "gen_w": self.generator.weight.to(dtype),
-                "gen_b": self.generator.bias.to(dtype)}
+        emb_w, emb_b = self.rnn.input_weights(dtype)
+        return {"emb_w": emb_w, "emb_b": emb_b, "combine": self.combine.weight.to(dtype),
+                "gen_w": self.generator.weight.to(dtype), "gen_b": self.generator.bias.to(dtype)}
 
 
 def cell_backend(cell: str, device: torch.device | str) -> str:

@@ -189,11 +189,16 @@ class DecoderLSTM(nn.Module):
             ws.append((w, (cell.bias_ih + cell.bias_hh).to(dtype)))
         return ws
 
-    def precompute(self, emb: Tensor, dtype: torch.dtype) -> Tensor:
-        """Embedding part of layer 0's gates (bias included): emb (..., E) -> (..., 4H)."""
+    def input_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Layer 0's embedding weights (4H, E) and its gate bias (4H,), in `dtype`."""
         cell = self.cells[0]
-        w = cell.weight_ih[:, : self.emb_size].to(dtype)  # (4H, E)
-        return F.linear(emb.to(dtype), w, (cell.bias_ih + cell.bias_hh).to(dtype))
+        return cell.weight_ih[:, : self.emb_size].to(dtype), (cell.bias_ih + cell.bias_hh).to(dtype)
+
+    def precompute(self, emb: Tensor, dtype: torch.dtype, weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Embedding part of layer 0's gates (bias included): emb (..., E) -> (..., 4H).
+        weights: `input_weights(dtype)` made already (decoding under CUDA graphs), or None."""
+        w, b = self.input_weights(dtype) if weights is None else weights
+        return F.linear(emb.to(w.dtype), w, b)
 
     def step(
         self,

@@ -150,7 +150,8 @@ class SearchState:
 
     def copy_(self, new: SearchState) -> None:
         for dst, src in zip(self.tensors(), new.tensors(), strict=True):
-            dst.copy_(src)
+            if dst is not src:  # a step that updated a buffer in place (`advance_fused`) leaves it as it is
+                dst.copy_(src)
 
 
 class _GreedySearch:
@@ -223,6 +224,7 @@ class _BeamSearch:
         self.lp_table = torch.tensor([length_penalty_factor(i, length_penalty) for i in range(T + 2)],
                                      dtype=torch.float64, device=device)
         self.skip_idle_merge = False  # eager on CPU: skip the merge when nothing closes (costs a host sync)
+        self.in_place = False  # the state lives in static buffers (CUDA graphs): `advance_fused` writes into them
         self.row0 = torch.arange(n, device=device) * K  # (n,) first beam row of each working sentence
         # history, by original sentence: the token each beam took at step t, the beam (before
         # step t's reorder) it continues, and the attention of every beam row at step t
@@ -262,6 +264,10 @@ class _BeamSearch:
         if fused(self.memory, logits, kr):  # our Triton kernels: log-softmax, + score, top-k per beam, one launch
             val, col = kernels.log_softmax_topk(logits, kr, row_bias=s.scores.view(-1), banned=self.banned,
                                                 backend="triton")  # (n*K, kr)
+            from .kernels import search_beam
+
+            if search_beam.supported(val, K, V, attn.shape[1]):  # ...and `advance` as one more
+                return self.advance_fused(s, val, col, dec, attn)
             top_s, j = val.view(n, K * kr).topk(k2, dim=-1)  # (n, k2), best first
             top_beam, top_tok = j // kr, col.view(n, K * kr).gather(1, j)  # (n, k2)
         else:
@@ -270,6 +276,16 @@ class _BeamSearch:
             cand = s.scores.unsqueeze(-1) + logp.view(n, K, V)  # (n, K, V)
             top_s, top_i = cand.view(n, K * V).topk(k2, dim=-1)  # (n, k2), best first
             top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
+        return self.advance(s, top_s, top_beam, top_tok, dec, attn)
+
+    def advance(self, s: SearchState, top_s: Tensor, top_beam: Tensor, top_tok: Tensor, dec: DecoderState,
+                attn: Tensor) -> SearchState:
+        """The step's decisions from each sentence's k2 best candidates, best first: top_s (n, k2)
+        their scores, top_beam and top_tok (n, k2) the beam each extends and its token; dec and
+        attn (n*K, S) what the decoder step gave every beam row. (`advance_fused` is the same
+        in one Triton kernel.)"""
+        n, K = s.scores.shape
+        k2 = top_s.shape[1]
         is_eos = top_tok == self.eos
         length = s.t + 1  # () scored tokens per hypothesis, EOS included
         at_limit = length >= self.limit  # (n,)
@@ -308,6 +324,30 @@ class _BeamSearch:
         self.attn_hist.view(-1, K, self.attn_hist.shape[-1]).index_copy_(0, at, attn.float().view(n, K, -1))
         rows = (self.row0.unsqueeze(-1) + beam).view(-1)  # (n*K,) the row each open beam continues
         return SearchState(tok.view(-1), dec.index_select(rows), score, done, length, fin)
+
+    def advance_fused(self, s: SearchState, val: Tensor, col: Tensor, dec: DecoderState,
+                      attn: Tensor) -> SearchState:
+        """`advance` from each beam's 2K best candidates, val and col (n*K, 2K) of the fused
+        top-k, in one launch (kernels/search_beam.py): s's scores, tokens, finished lists and
+        done flags are rewritten in place, and with `in_place` (static CUDA-graph buffers) the
+        decoder state is gathered straight into s's as well."""
+        from .kernels import search_beam
+
+        n, K = s.scores.shape
+        rows = torch.empty(n * K, dtype=torch.long, device=val.device)  # (n*K,) the row each open beam continues
+        search_beam.beam_update(val, col, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, s.scores,
+                                s.last, rows, self.tok_hist, self.bp_hist, self.attn_hist, self.eos, self.nbest)
+        if self.in_place:
+            for dst, src in zip([*s.dec.h, *s.dec.c, s.dec.feed], [*dec.h, *dec.c, dec.feed], strict=True):
+                if dst.dtype == src.dtype:
+                    torch.index_select(src, 0, rows, out=dst)
+                else:
+                    dst.copy_(src.index_select(0, rows))
+            dec = s.dec
+        else:
+            dec = dec.index_select(rows)
+        s.t.add_(1)
+        return SearchState(s.last, dec, s.scores, s.done, s.t, s.fin)
 
     def retire(self, s: SearchState, gone: list[int], keep: list[int]) -> SearchState:
         """Eager only: file the finished lists of sentences `gone` and drop them from the batch
@@ -414,6 +454,7 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor,
         # the longest limit any source of this bucket can have (a negative max_len_a: the shortest one's)
         T = int(max_lengths(torch.arange(1, slot.S + 1), *key[-2:]).max())
         slot.search = make(slot.memory, slot.dec, slot.limit, T)
+        slot.search.in_place = True
     search = slot.search
     search.reset(n)
     steps = 0

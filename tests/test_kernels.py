@@ -474,6 +474,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
     build(tc._cell_backward_kernel,
           dict(dh_ptr=bf, dc_ptr=f32, act_ptr=f32, c_ptr=f32, dgates_ptr=bf, dc_prev_ptr=f32),
           dict(HAS_DH=True, HAS_DC=True, BLOCK_B=64, BLOCK_H=32))
+    from mt.kernels import search_beam as sb
+    i64 = "*i64"
+    for K in (1, 5, sb.MAX_BEAM):  # the beam bookkeeping (a launch uses one warp)
+        build(sb._beam_update_kernel,
+              dict(val_ptr=f32, col_ptr=i64, attn_ptr=bf, limit_ptr=i64, sent_ptr=i64, t_ptr=i64, lp_ptr="*fp64",
+                   done_ptr="*i1", fin_score_ptr="*fp64", fin_logp_ptr=f32, fin_info_ptr=i64, scores_ptr=f32,
+                   last_ptr=i64, rows_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32),
+              dict(K=K, NBEST=1, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
+                   BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64))
     print("ok")
     """
 )
@@ -590,3 +599,130 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed):
         assert a.tokens == b.tokens
         assert [[h.tokens for h in hs] for hs in a.nbest] == [[h.tokens for h in hs] for hs in b.nbest]
         torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- beam bookkeeping
+def _search_beam_module():
+    from mt.kernels import search_beam
+
+    if type(search_beam._beam_update_kernel).__name__ != "InterpretedFunction":
+        search_beam = importlib.reload(search_beam)
+    return search_beam
+
+
+def _candidates(g: torch.Generator, n: int, K: int, V: int, eos: int, step: int, eos_rate: float):
+    """What the fused top-k hands the bookkeeping: per beam row its 2K best (score + log-prob,
+    best first) and their distinct tokens. Values on a 0.25 grid, so ties are common (across
+    beams, and between finished hypotheses); at step 0 only beam 0 exists (the others -inf)."""
+    R = 2 * K
+    val = (-torch.randint(0, 40, (n * K, R), generator=g).float() / 4).sort(dim=1, descending=True).values
+    if step == 0:
+        val.view(n, K, R)[:, 1:] = float("-inf")
+    col = torch.stack([torch.randperm(V, generator=g)[:R] for _ in range(n * K)])  # (n*K, R) distinct
+    hit = torch.rand(n * K, generator=g) < eos_rate  # rows that have EOS among their candidates
+    col[hit, torch.randint(0, R, (int(hit.sum()),), generator=g)] = eos
+    col[hit] = torch.where((col[hit] == eos).cumsum(1) > 1, (col[hit] + 1) % V, col[hit])  # EOS once a row
+    return val, col
+
+
+@pytest.mark.parametrize("K, nbest, lp, in_place, n", [(1, 1, None, False, 16), (2, 2, 1.0, True, 16),
+                                                       (3, 1, "avg", False, 10), (5, 2, 0.6, True, 6),
+                                                       (8, 8, None, True, 3)])
+def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n):
+    """`advance_fused` (one Triton launch) against `advance` (the PyTorch bookkeeping) fed the
+    same candidates in the same order: every state tensor, the history and the decoded
+    hypotheses equal, over steps with EOS, length limits, ties, finished sentences and a
+    sentence retired from the batch (eager mode's shrinking batch)."""
+    _search_beam_module()
+    from mt.model import DecoderState, Memory
+    from mt.search import _BeamSearch
+
+    S, H, V, T, eos = 7, 4, 50, 12, 3
+    g = torch.Generator().manual_seed(K * 100 + nbest)
+    limit = torch.tensor([12, 3, 7, 1, 12, 5, 12, 10, 12, 11, 12, 9, 12, 6, 12, 12])[:n]
+
+    def make():
+        memory = Memory(torch.zeros(n * K, S, H), torch.zeros(n * K, S, H), torch.ones(n * K, S, dtype=torch.bool),
+                        "triton")
+        dec = DecoderState([torch.zeros(n * K, H) for _ in range(2)],
+                           [torch.zeros(n * K, H) for _ in range(2)], torch.zeros(n * K, H))
+        search = _BeamSearch(memory, dec, limit.clone(), T, K, nbest, lp, 2, eos, [0, 2])
+        search.in_place = in_place
+        return search
+
+    ref, fused = make(), make()
+    early = 0  # sentences stopped by the bound (no open hypothesis can win) before their limit
+    for step in range(T):
+        s = ref.state
+        nw = s.scores.shape[0]
+        val, col = _candidates(g, nw, K, V, eos, step, eos_rate=0.6)
+        dec = DecoderState([torch.randn(nw * K, H, generator=g) for _ in range(2)],
+                           [torch.randn(nw * K, H, generator=g) for _ in range(2)], torch.randn(nw * K, H, generator=g))
+        attn = torch.rand(nw * K, S, generator=g).to(torch.bfloat16)
+        flat = val.view(nw, -1)
+        order = flat.sort(dim=1, descending=True, stable=True).indices[:, : 2 * K]  # lower index first on ties
+        top_s, top_tok = flat.gather(1, order), col.view(nw, -1).gather(1, order)
+        ref.state = ref.advance(s, top_s, order // (2 * K), top_tok, dec, attn)
+        prev = fused.state
+        fused.state = fused.advance_fused(prev, val, col, dec, attn)
+        a, b = ref.state, fused.state
+        early += int((a.done & ~s.done & (a.t < ref.limit) & torch.isfinite(a.scores[:, 0])).sum())
+        assert torch.equal(a.t, b.t) and torch.equal(a.done, b.done), step
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.last, b.last), step
+        assert all(torch.equal(x, y) for x, y in zip(a.fin, b.fin)), (step, a.fin, b.fin)
+        assert all(torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        assert b.scores is prev.scores and b.fin[2] is prev.fin[2]  # updated in place, nothing to copy back
+        assert (b.dec.c[1] is prev.dec.c[1]) == in_place  # the decoder state too, on static buffers
+        for name in ("tok_hist", "bp_hist", "attn_hist"):
+            assert torch.equal(getattr(ref, name), getattr(fused, name)), (step, name)
+        done = a.done.tolist()
+        if all(done):
+            break
+        if step == 1 and not any(done[:2]) and len(done) > 2:  # sentence 1 leaves the batch (eager search)
+            keep = [i for i in range(len(done)) if i != 1]
+            ref.state, fused.state = ref.retire(a, [1], keep), fused.retire(b, [1], keep)
+    assert early > 0 or n < 10, "the scenario never stopped a sentence early"
+    assert torch.isfinite(ref.state.fin[0]).any(), "no hypothesis closed"
+    ref.finish(), fused.finish()
+    steps = int(ref.state.t)
+    x, y = ref.output(steps, n, [S] * n), fused.output(steps, n, [S] * n)
+    assert x.tokens == y.tokens and x.scores == y.scores
+    assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [[(h.tokens, h.log_prob) for h in hs] for hs in y.nbest]
+
+
+def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
+    """K = 1: EOS and another token tie at -1.0; EOS (the lower column) closes a hypothesis, the
+    other stays open with the same score, which cannot beat it: the sentence is done, in both."""
+    _search_beam_module()
+    from mt.model import DecoderState, Memory
+    from mt.search import _BeamSearch
+
+    for fused in (False, True):
+        memory = Memory(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), torch.ones(1, 2, dtype=torch.bool), "triton")
+        dec = DecoderState([torch.zeros(1, 1)], [torch.zeros(1, 1)], torch.zeros(1, 1))
+        search = _BeamSearch(memory, dec, torch.tensor([5]), 5, 1, 1, None, 2, 3, [2])
+        val, col = torch.tensor([[-1.0, -1.0]]), torch.tensor([[3, 7]])
+        s = search.state
+        if fused:
+            s = search.advance_fused(s, val, col, dec, torch.ones(1, 2))
+        else:
+            s = search.advance(s, val, torch.zeros(1, 2, dtype=torch.long), col, dec, torch.ones(1, 2))
+        assert s.done.tolist() == [True] and s.fin[0][0, 0].item() == -1.0 and s.fin[2][0, 0].tolist() == [0, 0, 3]
+        assert s.last.tolist() == [7] and s.scores.tolist() == [[-1.0]]
+
+
+def test_beam_update_refuses_what_it_cannot_take():
+    search_beam = _search_beam_module()
+    val = torch.zeros(6, 4)
+    assert search_beam.supported(val, 2, 50, 7)
+    assert not search_beam.supported(val, 2, 3, 7)  # V < 2K: fewer than 2K candidates per beam
+    assert not search_beam.supported(val, 3, 50, 7)  # not each beam's 2K best
+    assert not search_beam.supported(val, 2, 50, search_beam.MAX_S + 1)
+    K = search_beam.MAX_BEAM
+    assert search_beam.supported(torch.zeros(2 * K, 2 * K), K, 100, 7)
+    assert not search_beam.supported(torch.zeros(2 * K + 2, 2 * K + 2), K + 1, 100, 7)  # more beams: PyTorch's ops
+    with pytest.raises(ValueError, match="contiguous"):
+        z = torch.zeros
+        search_beam.beam_update(val, val.long(), z(6, 7), z(3).long(), z(3).long(), z(()).long(), z(12).double(),
+                                z(3).bool(), (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()), z(2, 3).t(), z(6).long(),
+                                z(6).long(), z(9, 3, 2).long(), z(9, 3, 2).long(), z(9, 3, 2, 7), 3, 1)

@@ -9,6 +9,9 @@ and one more for the search (mt.search), fused on the GPU (`search_topk.py`):
 
     log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
 
+(Beam search's bookkeeping after it is one more Triton kernel, `search_beam.py`, whose reference
+is the search's own PyTorch code, `mt.search._BeamSearch.advance`.)
+
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)
   "triton"  fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.search_topk")
+KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.search_topk", "mt.kernels.search_beam")
 
 
 @dataclass(frozen=True)

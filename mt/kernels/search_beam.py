@@ -1,0 +1,221 @@
+"""A beam-search step's bookkeeping in one Triton kernel (the search half of `mt.kernels`, with
+`search_topk.py`).
+
+    beam_update(val, col, attn, state..., history...)      # in place, one launch
+
+After `search_topk.log_softmax_topk` has given each beam its 2K best continuations (beam score
+plus log-prob, best first, with their tokens), one program per sentence does what
+`mt.search._BeamSearch.advance` does with about 80 small PyTorch ops:
+
+1. the sentence's 2K best candidates of its K * 2K (equal values: the lower beam, then the
+   better rank within the beam, first);
+2. the best K of them that close a hypothesis (EOS, or any candidate at the length limit, of a
+   sentence not done yet) are merged into the K finished slots (ranking score float64, raw
+   log-prob, (step, beam, token)), a stable merge: a finished hypothesis stays ahead of a new
+   one with the same score;
+3. the K best that do not end in EOS continue (then EOS ones, by rank, when fewer are left):
+   their scores, tokens and rows (`rows`: the beam row each one continues, for the decoder
+   state's gather);
+4. the done flag: at the limit, nothing open, or K finished of which the nbest-th beats the
+   best any open hypothesis can still reach (lp from the float64 table, as `advance`);
+5. the step's history: token and back-pointer of every beam, and the attention of every beam
+   row (fp32) at row t * n0 + sent[i] of the flattened (T, n0) history.
+
+It reads a sentence's finished slots and done flag before it writes them, so they are updated
+in place (a search step under CUDA graphs then copies nothing back). `mt.search` calls it with
+our Triton gate cell when the fused top-k ran and V >= 2K; `advance` is its reference (the
+tests compare the two on the same candidates, ties included).
+
+Why: a graphed beam-5 step over 128 sentences ran 114 kernels, about 100 of them this
+bookkeeping at a few microseconds each (scripts/profile_decode.py, H200, 2026-11-27).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .search_topk import _runs_here
+
+MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no register spills for sm_90 up to here
+MAX_S = 4096  # a beam's attention row is copied from registers in one piece
+_EMPTY = tl.constexpr(-9223372036854775808)  # an int64 key no candidate has
+
+
+@triton.jit(do_not_specialize=["n0", "S", "stride_attn", "eos"])
+def _beam_update_kernel(
+    val_ptr,  # (n*K, 2K) fp32: each beam's 2K best, beam score + log-prob, best first
+    col_ptr,  # (n*K, 2K) int64: their tokens
+    attn_ptr,  # (n*K, S) any float: this step's attention
+    limit_ptr,  # (n,) int64: length limit
+    sent_ptr,  # (n,) int64: original sentence index (history row)
+    t_ptr,  # () int64: steps taken before this one
+    lp_ptr,  # (T + 2,) fp64: lp(length)
+    done_ptr,  # (n,) bool, in place
+    fin_score_ptr,  # (n, K) fp64, in place: finished, ranking score (-inf: empty)
+    fin_logp_ptr,  # (n, K) fp32, in place: finished, raw log-prob
+    fin_info_ptr,  # (n, K, 3) int64, in place: finished, (step, beam, token)
+    scores_ptr,  # (n, K) fp32 out: open hypotheses' scores
+    last_ptr,  # (n*K,) int64 out: their last tokens
+    rows_ptr,  # (n*K,) int64 out: the beam row each continues
+    tok_hist_ptr,  # (T, n0, K) int64 out, row t * n0 + sent
+    bp_hist_ptr,  # (T, n0, K) int64 out
+    attn_hist_ptr,  # (T, n0, K, S) fp32 out
+    n0,
+    S,
+    stride_attn,
+    eos,
+    K: tl.constexpr,
+    NBEST: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # next power of two >= K * 2K
+    BLOCK_2K: tl.constexpr,  # next power of two >= 2K
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+    BLOCK_S: tl.constexpr,  # next power of two >= S
+):
+    R: tl.constexpr = 2 * K
+    i = tl.program_id(0).to(tl.int64)
+    base = i * K * R
+    t = tl.load(t_ptr)
+    length = t + 1  # scored tokens per hypothesis after this step, EOS included
+    limit = tl.load(limit_ptr + i)
+    at_limit = length >= limit
+    was_open = tl.load(done_ptr + i) == 0
+
+    # 1. the 2K best of K * 2K: one max-reduction per pick over (value, index) packed in an
+    # int64 (search_topk's key: order-preserving value bits high, BLOCK_C - 1 - index low)
+    c = tl.arange(0, BLOCK_C)
+    v = tl.load(val_ptr + base + c, mask=c < K * R, other=float("-inf"))
+    bits = v.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (BLOCK_C - 1 - c).to(tl.int64)
+    key = tl.where(c < K * R, key, _EMPTY)
+    r = tl.arange(0, BLOCK_2K)  # a candidate's rank; in step 2, a merge position
+    top_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # rank -> index into the K * 2K candidates
+    new_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # merge position K + p -> the candidate of rank p < K
+    for p in tl.static_range(2 * K):
+        j = BLOCK_C - 1 - (tl.max(key, axis=0) & 0xFFFFFFFF)
+        top_j = tl.where(r == p, j, top_j)
+        if p < K:
+            new_j = tl.where(r == K + p, j, new_j)
+        key = tl.where(c == j, _EMPTY, key)
+    ranked = r < 2 * K
+    top_s = tl.load(val_ptr + base + top_j, mask=ranked, other=float("-inf"))  # (2K,) best first
+    top_tok = tl.load(col_ptr + base + top_j, mask=ranked, other=0)
+    top_beam = top_j // R
+    is_eos = ranked & (top_tok == eos)
+
+    # 2. merge: positions [0, K) the finished slots, [K, 2K) the K best candidates, those that
+    # close a hypothesis scored by lp(length), the others -inf; K picks of the best, the lower
+    # position first on equal scores (a stable sort)
+    fin = r < K
+    new = (r >= K) & ranked
+    n_s = tl.load(val_ptr + base + new_j, mask=new, other=float("-inf"))
+    n_tok = tl.load(col_ptr + base + new_j, mask=new, other=0)
+    closing = new & ((n_tok == eos) | at_limit) & (n_s > float("-inf")) & (n_s < float("inf")) & was_open
+    lp_len = tl.load(lp_ptr + length)
+    slot = i * K + r  # fin's row of position r < K
+    m_score = tl.where(closing, n_s.to(tl.float64) / lp_len, float("-inf"))
+    m_score = tl.where(fin, tl.load(fin_score_ptr + slot, mask=fin, other=float("-inf")), m_score)
+    m_logp = tl.where(fin, tl.load(fin_logp_ptr + slot, mask=fin, other=0.0), n_s)
+    m_step = tl.where(fin, tl.load(fin_info_ptr + slot * 3, mask=fin, other=0), t)
+    m_beam = tl.where(fin, tl.load(fin_info_ptr + slot * 3 + 1, mask=fin, other=0), new_j // R)
+    m_tok = tl.where(fin, tl.load(fin_info_ptr + slot * 3 + 2, mask=fin, other=0), n_tok)
+    q = tl.arange(0, BLOCK_K)  # a beam / finished slot
+    f_score = tl.full([BLOCK_K], float("-inf"), dtype=tl.float64)
+    f_logp = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+    f_step = tl.zeros([BLOCK_K], dtype=tl.int64)
+    f_beam = tl.zeros([BLOCK_K], dtype=tl.int64)
+    f_tok = tl.zeros([BLOCK_K], dtype=tl.int64)
+    taken = r >= 2 * K
+    for p in tl.static_range(K):
+        best = tl.max(tl.where(taken, float("-inf"), m_score), axis=0)
+        pick = r == tl.min(tl.where(~taken & (m_score == best), r, BLOCK_2K), axis=0)
+        here = q == p
+        f_score = tl.where(here, best, f_score)
+        f_logp = tl.where(here, tl.max(tl.where(pick, m_logp, float("-inf")), axis=0), f_logp)
+        f_step = tl.where(here, tl.sum(tl.where(pick, m_step, 0), axis=0), f_step)
+        f_beam = tl.where(here, tl.sum(tl.where(pick, m_beam, 0), axis=0), f_beam)
+        f_tok = tl.where(here, tl.sum(tl.where(pick, m_tok, 0), axis=0), f_tok)
+        taken = taken | pick
+
+    # 3. the K that continue: the non-EOS candidates by rank, then the EOS ones by rank
+    order = tl.where(ranked, tl.where(is_eos, 2 * K, 0) + r, 4 * K)
+    o_score = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+    o_tok = tl.zeros([BLOCK_K], dtype=tl.int64)
+    o_beam = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for p in tl.static_range(K):
+        pick = r == tl.min(order, axis=0) % (2 * K)
+        here = q == p
+        o_score = tl.where(here, tl.max(tl.where(pick, top_s, float("-inf")), axis=0), o_score)
+        o_tok = tl.where(here, tl.sum(tl.where(pick, top_tok, 0), axis=0), o_tok)
+        o_beam = tl.where(here, tl.sum(tl.where(pick, top_beam, 0), axis=0), o_beam)
+        order = tl.where(pick, 4 * K, order)
+
+    # 4. done: at the limit, nothing open, or K finished and the nbest-th beats every open one's best reachable score
+    best_open = tl.max(tl.where(q == 0, o_score, float("-inf")), axis=0).to(tl.float64)
+    lp_lo = tl.load(lp_ptr + length + 1)
+    lp_hi = tl.load(lp_ptr + tl.maximum(limit, length + 1))
+    bound = tl.maximum(best_open / lp_lo, best_open / lp_hi)
+    n_fin = tl.sum(((q < K) & (f_score > float("-inf")) & (f_score < float("inf"))).to(tl.int32), axis=0)
+    nth = tl.max(tl.where(q == NBEST - 1, f_score, float("-inf")), axis=0)
+    open_finite = (best_open > float("-inf")) & (best_open < float("inf"))
+    done = (was_open == 0) | at_limit | (open_finite == 0) | ((n_fin >= K) & (bound <= nth))
+
+    # every read of this sentence's in-place state is above (one warp: its reductions order them)
+    tl.debug_barrier()
+    beams = q < K
+    out = i * K + q
+    tl.store(fin_score_ptr + out, f_score, mask=beams)
+    tl.store(fin_logp_ptr + out, f_logp, mask=beams)
+    tl.store(fin_info_ptr + out * 3, f_step, mask=beams)
+    tl.store(fin_info_ptr + out * 3 + 1, f_beam, mask=beams)
+    tl.store(fin_info_ptr + out * 3 + 2, f_tok, mask=beams)
+    tl.store(done_ptr + i, done)
+    tl.store(scores_ptr + out, o_score, mask=beams)
+    tl.store(last_ptr + out, o_tok, mask=beams)
+    tl.store(rows_ptr + out, i * K + o_beam, mask=beams)
+
+    # 5. history, by original sentence
+    hist = (t * n0 + tl.load(sent_ptr + i)) * K  # first of the sentence's K rows at step t
+    tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams)
+    tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams)
+    s = tl.arange(0, BLOCK_S)
+    for b in tl.static_range(K):
+        a = tl.load(attn_ptr + (i * K + b) * stride_attn + s, mask=s < S, other=0.0)
+        tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=s < S)
+
+
+def supported(val: Tensor, K: int, V: int, S: int) -> bool:
+    """Whether the kernel takes a step of K beams over V tokens and S source positions whose
+    per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
+    2K best (V >= 2K)."""
+    return (_runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,)
+            and S <= MAX_S)
+
+
+def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Tensor, t: Tensor,
+                lp_table: Tensor, done: Tensor, fin: tuple[Tensor, Tensor, Tensor], scores: Tensor,
+                last: Tensor, rows: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor,
+                eos: int, nbest: int) -> None:
+    """See the module docstring. n sentences, K beams: val, col (n*K, 2K); attn (n*K, S); limit,
+    sent, done (n,); t (); fin = (score (n, K) fp64, log-prob (n, K) fp32, info (n, K, 3) int64);
+    scores (n, K) fp32; last, rows (n*K,) int64; tok_hist, bp_hist (T, n0, K); attn_hist (T, n0, K, S)
+    fp32. done and fin are read and rewritten in place; the history at step t."""
+    n, K = scores.shape
+    S = attn.shape[1]
+    state = (done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist)
+    if not all(x.is_contiguous() for x in state):
+        raise ValueError("beam_update writes its state in place: contiguous tensors only")
+    if n == 0:
+        return
+    val, col, attn = val.contiguous(), col.contiguous(), attn if attn.stride(1) == 1 else attn.contiguous()
+    _beam_update_kernel[(n,)](
+        val, col, attn, limit, sent, t, lp_table, done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist,
+        tok_hist.shape[1], S, attn.stride(0), eos,
+        K=K, NBEST=nbest, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
+        BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(max(S, 1)),
+        num_warps=1,
+    )
+
+
+__all__ = ["MAX_BEAM", "supported", "beam_update"]

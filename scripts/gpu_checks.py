@@ -31,6 +31,10 @@ with status 1 if any fails. Checks:
                 greedy and beam 5 with mt.graphs.GraphedDecoder (captured: the encoder and the
                 search step, each its own graph) against emulate=True: identical tokens, scores
                 within 1e-4; the encoder's graph captured once and replayed.
+  beam_kernel_vs_pytorch[triton, dtype]
+                beam 5 with the bookkeeping kernel (mt.kernels.search_beam) against the same
+                search with its PyTorch code (`_BeamSearch.advance`), graphed and eager:
+                identical tokens, scores within 1e-5.
   decode_graph_vs_eager[cell]
                 fp32: the graphed decoder against plain eager decoding (no padding): >= 95% of
                 the sentences identical (padding changes float rounding; an untrained model has
@@ -315,6 +319,8 @@ def check_decoding() -> None:
                 enc_ok = DEVICE != "cuda" or (enc.get("captured") == 1 and enc.get("replayed") == 1)
                 check(f"decode_graph_vs_emulated[{name}, beam {beam}]", same and err <= 1e-4 and enc_ok,
                       same_tokens=same, max_rel_score_diff=f"{err:.2e}", stats=dict(gd.stats), encoder_stats=enc)
+                if cell == "triton" and beam > 1:
+                    check_beam_kernel(model, batch, gd, beam, amp, name)
                 if amp is None:
                     eager = decode(model, batch, None, beam, None)
                     agree = [a == b for a, b in zip(outs[-1].tokens, eager.tokens)]
@@ -323,6 +329,27 @@ def check_decoding() -> None:
                     frac = sum(agree) / len(agree)
                     check(f"decode_graph_vs_eager[{name}, beam {beam}]", frac >= 0.95 and sdiff <= 1e-3,
                           same_output=f"{frac:.3f}", max_rel_score_diff=f"{sdiff:.2e}")
+
+
+def check_beam_kernel(model, batch, graphs, beam: int, amp_dtype, name: str) -> None:
+    """The beam bookkeeping kernel (mt.kernels.search_beam) against the search's PyTorch code
+    for it (`_BeamSearch.advance`, after PyTorch's topk over the fused top-k's candidates), on
+    the same model and batch, graphed and eager: the same outputs (an untrained model's exact
+    ties may order differently: PyTorch's topk promises no order among equal values)."""
+    from mt.kernels import search_beam
+
+    outs = {}
+    real = search_beam.supported
+    for kernel in (True, False):
+        search_beam.supported = real if kernel else (lambda *a: False)
+        try:
+            outs[kernel] = [decode(model, batch, g, beam, amp_dtype) for g in (graphs, None)]
+        finally:
+            search_beam.supported = real
+    same = [a.tokens == b.tokens for a, b in zip(outs[True], outs[False])]
+    err = max(max_rel(a.scores, b.scores) for a, b in zip(outs[True], outs[False]))
+    check(f"beam_kernel_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5,
+          same_tokens_graphed_eager=same, max_rel_score_diff=f"{err:.2e}")
 
 
 def main(argv=None) -> int:

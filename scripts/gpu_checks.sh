@@ -20,9 +20,11 @@
 #     recipe_train.log    scripts/gpu_recipe.sh: experiment=multi30k_de_en trained for at most
 #     recipe_timing.json  RECIPE_MINUTES (default 1.5) minutes: every validation's BLEU and time
 #     bench_cell.json     scripts/bench_cell.py --quick: the gate cell alone (B=64, H=512, T=30)
+#     profile_decode.json scripts/profile_decode.py: where a graphed decoding batch's time goes, ours
+#                         with and without the search's kernels, and cuDNN
 #     summary.txt         one line per stage: exit status and seconds
 # Default stages, most wanted first: environment gpu_checks bench_train recipe; also available:
-# test_kernels bench_cell test_graphs (STAGES=all runs all seven). A failing (or timed-out)
+# profile_decode test_kernels bench_cell test_graphs (STAGES=all runs all eight). A failing (or timed-out)
 # stage does not stop the others. The exit status is the number of failed stages.
 set -u
 cd "$(dirname "$0")/.."
@@ -51,7 +53,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 }
 
 STAGES="${STAGES:-environment gpu_checks bench_train recipe}"
-[ "$STAGES" = all ] && STAGES="environment gpu_checks bench_train recipe test_kernels bench_cell test_graphs"
+[ "$STAGES" = all ] && STAGES="environment gpu_checks bench_train recipe profile_decode test_kernels bench_cell test_graphs"
 for name in $STAGES; do
     case $name in
     environment) stage environment 15 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'" ;;
@@ -61,9 +63,11 @@ for name in $STAGES; do
     bench_train) stage bench_train 110 "$PY" scripts/bench_train.py --json "$OUT/bench_train.json" ;;
     # the full recipe, timed to its best validation BLEU (stops after RECIPE_MINUTES of training)
     recipe) stage recipe 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" bash scripts/gpu_recipe.sh ;;
+    profile_decode) stage profile_decode 120 "$PY" scripts/profile_decode.py --json "$OUT/profile_decode.json" \
+        --cells ours ours-topk-only ours-torch-search cudnn ;;
     # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
     # a subprocess) and the sm_90 compile test
-    test_kernels) stage test_kernels 75 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
+    test_kernels) stage test_kernels 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
     bench_cell) stage bench_cell 45 "$PY" scripts/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
     # the CPU-side graph tests under this machine's torch (API drift between torch versions)
     test_graphs) stage test_graphs 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py ;;

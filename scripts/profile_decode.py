@@ -12,6 +12,15 @@ captured search step (its graph replayed for a whole search, synchronized at the
 back-pointers and attention read back to the host); then a torch.profiler table of the kernels
 one replayed step launches (count and device time per step), whose sum against the step's time
 shows what the gaps between kernels cost. Needs only torch, triton and numpy.
+
+Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and two variants of
+ours that turn search kernels off, to measure what each gives:
+
+    python scripts/profile_decode.py --cells ours ours-topk-only ours-torch-search cudnn
+
+ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does beam
+search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/search_beam.py);
+ours-torch-search uses PyTorch's ops for both (what the cuDNN cell's search runs).
 """
 
 from __future__ import annotations
@@ -71,7 +80,22 @@ def kernel_table(fn, steps: int, top: int) -> dict:
                 top=rows[:top])
 
 
-def profile_one(args, cell: str, beam: int, batch) -> dict:
+VARIANTS = {"ours-topk-only": "mt.kernels.search_beam", "ours-torch-search": "mt.search"}  # -> what is switched off
+
+
+def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -> dict:
+    """variant: None, or a key of VARIANTS (our cell with a search kernel off)."""
+    import importlib
+
+    if variant is not None:  # the module's gate (search_beam.supported, search.fused) answers no
+        module = importlib.import_module(VARIANTS[variant])
+        gate = "supported" if module.__name__.endswith("search_beam") else "fused"
+        real = getattr(module, gate)
+        setattr(module, gate, lambda *a: False)
+        try:
+            return profile_one(args, cell, beam, batch)
+        finally:
+            setattr(module, gate, real)
     from mt import graphs
     from mt.search import search
 
@@ -187,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny sizes")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, default=40)
-    p.add_argument("--cells", nargs="+", default=["ours", "cudnn"])
+    p.add_argument("--cells", nargs="+", default=["ours", "cudnn"], choices=["ours", "cudnn", *VARIANTS])
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     args = bt.parse_args(["--quick"] if a.quick else [])
@@ -200,12 +224,14 @@ def main(argv=None) -> int:
     for cell in a.cells:
         for beam in (1, args.beam):
             try:
-                r = profile_one(args, ours if cell == "ours" else "cudnn", beam, batch)
+                r = profile_one(args, "cudnn" if cell == "cudnn" else ours, beam, batch,
+                                variant=cell if cell in VARIANTS else None)
             except Exception as e:
                 import traceback
 
                 traceback.print_exc()
                 r = dict(cell=cell, beam=beam, error=f"{type(e).__name__}: {e}"[:400])
+            r["name"] = cell
             results.append(r)
             prof = r.get("profile", {})
             print(f"{cell:6} beam {beam}: search {r.get('search_ms', 0):7.2f} ms = encode {r.get('encode_ms', 0):6.2f} "

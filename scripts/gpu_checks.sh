@@ -64,7 +64,7 @@ for name in $STAGES; do
     # the full recipe, timed to its best validation BLEU (stops after RECIPE_MINUTES of training)
     recipe) stage recipe 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" bash scripts/gpu_recipe.sh ;;
     profile_decode) stage profile_decode 120 "$PY" scripts/profile_decode.py --json "$OUT/profile_decode.json" \
-        --cells ours ours-topk-only ours-torch-search cudnn ;;
+        --cells ours ours-row-topk ours-topk-only ours-torch-search cudnn ;;
     # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
     # a subprocess) and the sm_90 compile test
     test_kernels) stage test_kernels 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;

@@ -16,11 +16,13 @@ shows what the gaps between kernels cost. Needs only torch, triton and numpy.
 Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and two variants of
 ours that turn search kernels off, to measure what each gives:
 
-    python scripts/profile_decode.py --cells ours ours-topk-only ours-torch-search cudnn
+    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-torch-search cudnn
 
 ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does beam
 search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/search_beam.py);
-ours-torch-search uses PyTorch's ops for both (what the cuDNN cell's search runs).
+ours-torch-search uses PyTorch's ops for both (what the cuDNN cell's search runs);
+ours-row-topk has the top-k take rows up to 8192 wide whole, one program each (the kernel
+before the chunked one).
 """
 
 from __future__ import annotations
@@ -80,18 +82,20 @@ def kernel_table(fn, steps: int, top: int) -> dict:
                 top=rows[:top])
 
 
-VARIANTS = {"ours-topk-only": "mt.kernels.search_beam", "ours-torch-search": "mt.search"}  # -> what is switched off
+VARIANTS = {"ours-topk-only": "mt.kernels.search_beam", "ours-torch-search": "mt.search",
+            "ours-row-topk": "mt.kernels.search_topk"}  # -> what is switched off
 
 
 def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -> dict:
     """variant: None, or a key of VARIANTS (our cell with a search kernel off)."""
     import importlib
 
-    if variant is not None:  # the module's gate (search_beam.supported, search.fused) answers no
-        module = importlib.import_module(VARIANTS[variant])
-        gate = "supported" if module.__name__.endswith("search_beam") else "fused"
+    if variant is not None:  # the module's gate (search_beam.supported, search.fused) answers no;
+        module = importlib.import_module(VARIANTS[variant])  # or the top-k takes whole rows up to 8192
+        gate = {"mt.search": "fused", "mt.kernels.search_beam": "supported", "mt.kernels.search_topk": "ROW_V"}[
+            module.__name__]
         real = getattr(module, gate)
-        setattr(module, gate, lambda *a: False)
+        setattr(module, gate, 8192 if gate == "ROW_V" else (lambda *a: False))
         try:
             return profile_one(args, cell, beam, batch)
         finally:

@@ -449,12 +449,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from mt.kernels import triton_cell as tc
 
-    def build(kernel, ptrs, consts):
+    def build(kernel, ptrs, consts, num_warps=4):
         names = kernel.arg_names
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
         consts = {(names.index(k),): v for k, v in consts.items()}
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
         assert k.asm.get("cubin"), kernel
 
     tiles = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, INPUT_PRECISION="ieee", UPCAST_DOT=False)
@@ -475,14 +475,24 @@ _COMPILE_SCRIPT = textwrap.dedent(
           dict(dh_ptr=bf, dc_ptr=f32, act_ptr=f32, c_ptr=f32, dgates_ptr=bf, dc_prev_ptr=f32),
           dict(HAS_DH=True, HAS_DC=True, BLOCK_B=64, BLOCK_H=32))
     from mt.kernels import search_beam as sb
+    from mt.kernels import search_topk as st
     i64 = "*i64"
+    for k in (1, 10, st.MAX_K):  # the chunked top-k at V = 8000 (the merge's warps as the wrapper picks them)
+        split = triton.cdiv(8000, st.CHUNK)
+        build(st._chunk_topk_kernel, dict(logits_ptr=bf, banned_ptr=i64, part_ptr=f32, cval_ptr=f32, ccol_ptr=i64),
+              dict(NB=2, K=k, SPLIT=split, CHUNK=st.CHUNK), num_warps=1)
+        block = triton.next_power_of_2(split * k)
+        build(st._merge_topk_kernel, dict(part_ptr=f32, cval_ptr=f32, ccol_ptr=i64, bias_ptr=f32, val_ptr=f32,
+                                          idx_ptr=i64),
+              dict(K=k, SPLIT=split, HAS_BIAS=True, BLOCK_P=triton.next_power_of_2(split), BLOCK_M=block),
+              num_warps=1 if block <= 512 else (4 if block <= 2048 else 8))
     for K in (1, 5, sb.MAX_BEAM):  # the beam bookkeeping (a launch uses one warp)
         build(sb._beam_update_kernel,
               dict(val_ptr=f32, col_ptr=i64, attn_ptr=bf, limit_ptr=i64, sent_ptr=i64, t_ptr=i64, lp_ptr="*fp64",
                    done_ptr="*i1", fin_score_ptr="*fp64", fin_logp_ptr=f32, fin_info_ptr=i64, scores_ptr=f32,
                    last_ptr=i64, rows_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32),
               dict(K=K, NBEST=1, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
-                   BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64))
+                   BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64), num_warps=1)
     print("ok")
     """
 )
@@ -508,10 +518,12 @@ def _search_topk_module():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33)])
+@pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33),
+                                     (5, 3000, 10), (4, 1030, 10), (3, 2000, 64), (3, 1100, 1)])
 def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
-    """The fused search kernel: the k best of bias + log_softmax, banned columns never picked
-    (unless nothing else is left), a row of -inf bias still returns k columns."""
+    """The fused search kernels: the k best of bias + log_softmax, banned columns never picked
+    (unless nothing else is left), a row of -inf bias still returns k columns. Rows wider than
+    ROW_V go through chunks (1030: a last chunk of 6 columns, fewer than k)."""
     search_topk = _search_topk_module()
     g = torch.Generator().manual_seed(N * V + k)
     logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
@@ -534,12 +546,24 @@ def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
     assert cols[1].tolist() == list(range(k))  # all -inf: the lowest columns, banned or not
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")  # interpreter: -inf - (-inf), masked
 def test_log_softmax_topk_ties_go_to_the_lower_column():
     search_topk = _search_topk_module()
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0]])
     vals, cols = search_topk.log_softmax_topk(logits, 5)
     assert cols.tolist() == [[1, 2, 4, 3, 5]] == reference.log_softmax_topk(logits, 5)[1].tolist()
     assert vals[0, 0] == vals[0, 1] == vals[0, 2] > vals[0, 3] == vals[0, 4]
+    wide = torch.zeros(1, 1500)  # chunked: ties within a chunk and across chunks
+    wide[0, [1200, 3, 700, 701, 9]] = 3.0
+    wide[0, [1499, 256]] = 2.0
+    vals, cols = search_topk.log_softmax_topk(wide, 8, banned=torch.tensor([9]))
+    assert cols.tolist() == [[3, 700, 701, 1200, 256, 1499, 0, 1]] == reference.log_softmax_topk(
+        wide, 8, banned=torch.tensor([9]))[1].tolist()
+    sparse = torch.full((1, 1030), float("-inf"))  # 3 finite columns: the rest of the 10 are the lowest
+    sparse[0, [1029, 500, 4]] = torch.tensor([1.0, 2.0, 3.0])  # -inf ones (the last chunk holds 6 columns)
+    vals, cols = search_topk.log_softmax_topk(sparse, 10)
+    assert cols.tolist() == [[4, 500, 1029, 0, 1, 2, 3, 5, 6, 7]] == reference.log_softmax_topk(sparse, 10)[1].tolist()
+    assert torch.isfinite(vals).sum() == 3 and not vals.isnan().any()
 
 
 def test_log_softmax_topk_dispatch():
@@ -551,18 +575,23 @@ def test_log_softmax_topk_dispatch():
     c = kernels.log_softmax_topk(logits.double(), 4, backend="triton")  # fp64: the reference
     torch.testing.assert_close(c[0], b[0], atol=1e-5, rtol=1e-5)
     search_topk = _search_topk_module()
-    wide = torch.randn(2, search_topk.MAX_V + 1)  # a row too wide for the registers: the reference
-    assert not search_topk.supported(wide, 3) and search_topk.supported(wide[:, :-1], 3)
+    k = search_topk.MAX_K  # chunks x k candidates beyond what one program merges: the reference
+    V = search_topk.MAX_CANDIDATES // k * search_topk.CHUNK
+    wide = torch.randn(2, V + 1)
+    assert not search_topk.supported(wide, k) and search_topk.supported(wide[:, :-1], k)
+    assert search_topk.supported(wide, 3)
     many = torch.randn(2, 200)  # k picks are unrolled: large k takes the reference too
     assert search_topk.supported(many, search_topk.MAX_K) and not search_topk.supported(many, search_topk.MAX_K + 1)
-    d = kernels.log_softmax_topk(wide, 3, backend="triton")
-    assert torch.equal(d[1], reference.log_softmax_topk(wide, 3)[1])
+    d = kernels.log_softmax_topk(wide, k, backend="triton")
+    assert torch.equal(d[1], reference.log_softmax_topk(wide, k)[1])
 
 
-@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "emulated-graphs"])
-def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed):
-    """Greedy and beam search with our Triton gate cell use the fused kernel; the same model
-    with PyTorch's log_softmax + topk (what cuDNN and the reference cell run) decodes the same."""
+@pytest.mark.parametrize("graphed, V", [(False, 40), (True, 40), (False, 1100)],
+                         ids=["eager", "emulated-graphs", "eager-chunked-topk"])
+def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
+    """Greedy and beam search with our Triton gate cell use the fused kernels (top-k; beam search's
+    bookkeeping); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
+    and the reference cell run) decodes the same. V = 1100: the top-k in chunks."""
     from mt import graphs, search
     from mt.config import ModelConfig
     from mt.model import Seq2Seq
@@ -570,7 +599,7 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed):
     torch.manual_seed(0)
     cfg = ModelConfig(cell="triton", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
                       attention="general", dropout=0.0, emb_dropout=0.0)
-    model = Seq2Seq(cfg, 40, 40, 0).eval()
+    model = Seq2Seq(cfg, 40, V, 0).eval()
     g = torch.Generator().manual_seed(3)
     lengths = [6, 3, 5]
     src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
@@ -586,15 +615,25 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed):
         calls.append(used)
         return used
 
+    kernel_steps = []
+    advance_fused = search._BeamSearch.advance_fused
+
+    def counting_beam(self, *a):
+        kernel_steps.append(1)
+        return advance_fused(self, *a)
+
+    monkeypatch.setattr(search._BeamSearch, "advance_fused", counting_beam)
+    beams = (3,) if V > 1024 else (1, 3)  # (the chunked case: beam search only, the interpreter is slow)
     outs = {}
     for name, on in (("fused", True), ("pytorch", False)):
         monkeypatch.setattr(search, "fused", counting if on else (lambda *a: False))
-        for beam in (1, 3):
+        for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
             outs[name, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
                                              length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
-    assert calls and all(calls)  # the fused path really ran
-    for beam in (1, 3):
+    assert calls and all(calls)  # the fused path really ran...
+    assert kernel_steps  # ...beam search's bookkeeping kernel too
+    for beam in beams:
         a, b = outs["fused", beam], outs["pytorch", beam]
         assert a.tokens == b.tokens
         assert [[h.tokens for h in hs] for hs in a.nbest] == [[h.tokens for h in hs] for hs in b.nbest]

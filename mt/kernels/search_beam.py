@@ -36,11 +36,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_topk import _runs_here
+from .search_topk import EMPTY, _runs_here, _sort_key
 
 MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no register spills for sm_90 up to here
 MAX_S = 4096  # a beam's attention row is copied from registers in one piece
-_EMPTY = tl.constexpr(-9223372036854775808)  # an int64 key no candidate has
 
 
 @triton.jit(do_not_specialize=["n0", "S", "stride_attn", "eos"])
@@ -86,9 +85,7 @@ def _beam_update_kernel(
     # int64 (search_topk's key: order-preserving value bits high, BLOCK_C - 1 - index low)
     c = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + base + c, mask=c < K * R, other=float("-inf"))
-    bits = v.to(tl.int32, bitcast=True)
-    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (BLOCK_C - 1 - c).to(tl.int64)
-    key = tl.where(c < K * R, key, _EMPTY)
+    key = tl.where(c < K * R, _sort_key(v, BLOCK_C - 1 - c), EMPTY)
     r = tl.arange(0, BLOCK_2K)  # a candidate's rank; in step 2, a merge position
     top_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # rank -> index into the K * 2K candidates
     new_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # merge position K + p -> the candidate of rank p < K
@@ -97,7 +94,7 @@ def _beam_update_kernel(
         top_j = tl.where(r == p, j, top_j)
         if p < K:
             new_j = tl.where(r == K + p, j, new_j)
-        key = tl.where(c == j, _EMPTY, key)
+        key = tl.where(c == j, EMPTY, key)
     ranked = r < 2 * K
     top_s = tl.load(val_ptr + base + top_j, mask=ranked, other=float("-inf"))  # (2K,) best first
     top_tok = tl.load(col_ptr + base + top_j, mask=ranked, other=0)

@@ -334,7 +334,8 @@ class _BeamSearch:
         from .kernels import search_beam
 
         n, K = s.scores.shape
-        rows = torch.empty(n * K, dtype=torch.long, device=val.device)  # (n*K,) the row each open beam continues
+        # (n*K,) the row each open beam continues; zeros, not empty: a precompile dry run skips the launch
+        rows = torch.zeros(n * K, dtype=torch.long, device=val.device)
         search_beam.beam_update(val, col, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, s.scores,
                                 s.last, rows, self.tok_hist, self.bp_hist, self.attn_hist, self.eos, self.nbest)
         if self.in_place:

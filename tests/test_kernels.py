@@ -519,7 +519,7 @@ def _search_topk_module():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33),
-                                     (5, 3000, 10), (4, 1030, 10), (3, 2000, 64), (3, 1100, 1)])
+                                     (5, 3000, 10), (4, 1030, 10), (2, 1300, 64), (3, 1100, 1)])
 def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
     """The fused search kernels: the k best of bias + log_softmax, banned columns never picked
     (unless nothing else is left), a row of -inf bias still returns k columns. Rows wider than
@@ -601,7 +601,7 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
                       attention="general", dropout=0.0, emb_dropout=0.0)
     model = Seq2Seq(cfg, 40, V, 0).eval()
     g = torch.Generator().manual_seed(3)
-    lengths = [6, 3, 5]
+    lengths = [6, 3, 5] if V <= 1024 else [6, 4]  # (the interpreter is slow: 2 sentences through chunks)
     src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
     for i, n in enumerate(lengths):
         src[i, : n - 1] = torch.randint(4, 40, (n - 1,), generator=g)

@@ -3,9 +3,10 @@
 Both searches encode the source once and then call ``model.decoder.step_logits`` once per output
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
-With our Triton gate cell, a step's log-softmax, beam-score add and top-k are one fused kernel
-(`kernels.log_softmax_topk`: each beam's min(2K, V) best, then a sentence's 2K best of those); with
-cuDNN or the PyTorch reference, PyTorch's log_softmax and topk over all K * V candidates.
+With our Triton gate cell, a step's log-softmax, beam-score add and top-k are fused kernels
+(`kernels.log_softmax_topk`: each beam's min(2K, V) best), and beam search's bookkeeping after it
+one more (`kernels/search_beam.py`, reference `_BeamSearch.advance`); with cuDNN or the PyTorch
+reference, PyTorch's log_softmax and topk over all K * V candidates, and `advance`.
 
 Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
 beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
@@ -136,7 +137,8 @@ def fused(memory: Memory, logits: Tensor, k: int) -> bool:
 class SearchState:
     """What one search step reads and replaces: device tensors of fixed shape, N = n x K rows
     (n sentences, K beams; greedy: K = 1). A step returns a new SearchState; under CUDA graphs
-    it is copied into the captured one instead (`copy_`)."""
+    it is copied into the captured one (`copy_`), except the tensors the step updated in place
+    (`_BeamSearch.advance_fused`)."""
 
     last: Tensor  # (N,) each row's previous output token
     dec: DecoderState  # (N, H) per layer, and the input feed

@@ -82,24 +82,26 @@ def kernel_table(fn, steps: int, top: int) -> dict:
                 top=rows[:top])
 
 
-VARIANTS = {"ours-topk-only": "mt.kernels.search_beam", "ours-torch-search": "mt.search",
-            "ours-row-topk": "mt.kernels.search_topk"}  # -> what is switched off
+VARIANTS = {  # our cell with one search kernel off: (module, attribute, what it is set to)
+    "ours-row-topk": ("mt.kernels.search_topk", "ROW_V", 8192),  # rows up to 8192 wide: one program each
+    "ours-topk-only": ("mt.kernels.search_beam", "supported", lambda *a: False),
+    "ours-torch-search": ("mt.search", "fused", lambda *a: False),
+}
 
 
 def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -> dict:
-    """variant: None, or a key of VARIANTS (our cell with a search kernel off)."""
-    import importlib
+    """variant: None, or a key of VARIANTS."""
+    if variant is not None:
+        import importlib
 
-    if variant is not None:  # the module's gate (search_beam.supported, search.fused) answers no;
-        module = importlib.import_module(VARIANTS[variant])  # or the top-k takes whole rows up to 8192
-        gate = {"mt.search": "fused", "mt.kernels.search_beam": "supported", "mt.kernels.search_topk": "ROW_V"}[
-            module.__name__]
-        real = getattr(module, gate)
-        setattr(module, gate, 8192 if gate == "ROW_V" else (lambda *a: False))
+        name, attr, value = VARIANTS[variant]
+        module = importlib.import_module(name)
+        real = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             return profile_one(args, cell, beam, batch)
         finally:
-            setattr(module, gate, real)
+            setattr(module, attr, real)
     from mt import graphs
     from mt.search import search
 

@@ -82,7 +82,7 @@ def _beam_update_kernel(
     was_open = tl.load(done_ptr + i) == 0
 
     # 1. the 2K best of K * 2K: one max-reduction per pick over (value, index) packed in an
-    # int64 (search_topk's key: order-preserving value bits high, BLOCK_C - 1 - index low)
+    # int64 (`_sort_key`: equal values, the lower index first)
     c = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + base + c, mask=c < K * R, other=float("-inf"))
     key = tl.where(c < K * R, _sort_key(v, BLOCK_C - 1 - c), EMPTY)

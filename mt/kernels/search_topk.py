@@ -93,8 +93,8 @@ def _log_softmax_topk_kernel(
         v = v + tl.load(bias_ptr + row)
     for j in tl.static_range(NB):
         v = tl.where(cols == tl.load(banned_ptr + j), float("-inf"), v)
-    # One reduction per pick: value and column packed in one int64 key (`_sort_key`), with
-    # the high half, BLOCK_V - 1 - column in the low half (equal values: the lower column wins).
+    # One reduction per pick: value and column packed in one int64 key (`_sort_key`: the value's
+    # order-preserving bits high, BLOCK_V - 1 - column low; equal values: the lower column wins).
     key = tl.where(valid, _sort_key(v, BLOCK_V - 1 - cols), EMPTY)  # padding columns: never picked
     for j in tl.static_range(K):
         best = tl.max(key, axis=0)
@@ -102,6 +102,7 @@ def _log_softmax_topk_kernel(
         tl.store(val_ptr + row * K + j, _key_value(best))
         tl.store(idx_ptr + row * K + j, col.to(tl.int64))
         key = tl.where(cols == col, EMPTY, key)
+
 
 @triton.jit(do_not_specialize=["N", "V"])
 def _chunk_topk_kernel(

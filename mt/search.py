@@ -12,9 +12,10 @@ Every decision of a step is made on the device, on tensors of fixed shape (`Sear
 beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
 slots and records per step only the token and back-pointer of every beam (and its attention),
 so a step costs the same at every position and the outputs are rebuilt once at the end by
-following the back-pointers. Nothing in a step reads a value back to the host; that is what
-lets `mt.graphs.GraphedDecoder` capture the whole step (decoder and bookkeeping) as one CUDA
-graph. Eagerly, the host looks at the ``done`` flags after every step and beam search drops
+following the back-pointers (with our Triton cell on the device, `kernels/search_beam.py`'s
+`backtrack`; else on the host, `_backtrack_host`). Nothing in a step reads a value back to
+the host; that is what lets `mt.graphs.GraphedDecoder` capture the whole step (decoder and
+bookkeeping) as one CUDA graph. Eagerly, the host looks at the ``done`` flags after every step and beam search drops
 finished sentences from the batch.
 
 Scores are sums of token log-probabilities, EOS included; BOS and padding are never generated. A hypothesis that reaches the length
@@ -195,14 +196,14 @@ class _GreedySearch:
     def output(self, steps: int, n: int, src_lens: list[int], limits: list[int]) -> SearchOutput:
         toks = self.tok_hist[:steps, :n].t().tolist()  # (n, steps)
         # a copy even on CPU: the history is a CUDA-graph slot's buffer, which the next batch overwrites
-        attn = self.attn_hist[:steps, :n].transpose(0, 1).to("cpu", copy=True)  # (n, steps, S)
+        attn = self.attn_hist[:steps, :n].transpose(0, 1).to("cpu", copy=True).numpy()  # (n, steps, S)
         score_list = self.state.scores[:n].tolist()
         out = SearchOutput([], [], [], [])
         for i in range(n):
             seq = toks[i]
             m = seq.index(self.eos) if self.eos in seq else len(seq)
             # one attention row per scored step: the tokens, plus EOS unless the length limit closed it
-            a = attn[i, : min(m + 1, len(seq), limits[i]), : src_lens[i]]
+            a = torch.from_numpy(attn[i, : min(m + 1, len(seq), limits[i]), : src_lens[i]])  # a view: cheaper
             out.tokens.append(seq[:m]), out.scores.append(score_list[i]), out.attention.append(a)
             out.nbest.append([Hyp(seq[:m], score_list[i], score_list[i], a)])
         return out
@@ -373,29 +374,22 @@ class _BeamSearch:
 
     def output(self, steps: int, n: int, src_lens: list[int]) -> SearchOutput:
         """Sentences [0, n): their finished hypotheses, rebuilt by following the back-pointers,
-        all hypotheses at once (numpy on the host: one copy of each history, a loop over steps)."""
+        all hypotheses at once: with our Triton gate cell on the device (`kernels/search_beam.py`,
+        `backtrack`: one launch, then only the hypotheses' rows come back), else on the host
+        (`_backtrack_host`, numpy)."""
         m = self.nbest
         score, logp = self.result[0][:n, :m].tolist(), self.result[1][:n, :m].tolist()  # (n, m)
         info = self.result[2][:n, :m].cpu().numpy()  # (n, m, 3): step it closed, beam, last token
-        tok, bp = self.tok_hist[:steps, :n].cpu().numpy(), self.bp_hist[:steps, :n].cpu().numpy()  # (steps, n, K)
-        attn = self.attn_hist[:steps, :n].cpu()  # (steps, n, K, S)
-        end, cur, last = info[..., 0], info[..., 1].copy(), info[..., 2]  # (n, m)
-        ii = np.arange(n)[:, None]  # (n, 1)
-        # Hypothesis (i, k) closed at step end[i, k] from beam cur[i, k]; walking back, at step t
-        # its token was tok[t, i, b] and its beam bp[t, i, b], b being its beam at step t + 1.
-        tokens = np.zeros((n, m, max(steps, 1)), dtype=np.int64)  # (n, m, steps)
-        beams = np.zeros((steps + 1, n, m), dtype=np.int64)  # (steps + 1, n, m) beam row at each step
-        for t in range(min(steps, int(end.max(initial=0))) - 1, -1, -1):  # later steps: no hypothesis is open
-            live = t < end
-            beams[t + 1] = np.where(live, cur, beams[t + 1])
-            tokens[:, :, t] = np.where(live, tok[t, ii, cur], 0)
-            cur = np.where(live, bp[t, ii, cur], cur)
-        beams[0] = cur
-        # each hypothesis' attention rows, steps 0..end: (n, m, steps, S)
-        a_all = attn[torch.arange(steps)[None, None, :], torch.arange(n)[:, None, None],
-                     torch.from_numpy(beams[:steps]).permute(1, 2, 0)] if steps else attn.new_zeros(n, m, 0, attn.shape[-1])
-        a_np = a_all.numpy()  # (n, m, steps, S); numpy slices are cheaper than tensor ones, per hypothesis
-        tok_lists, end_list, last_list = tokens.tolist(), end.tolist(), last.tolist()
+        if self.memory.backend == "triton" and steps and _backtrack_kernel_takes(self.attn_hist):
+            from .kernels import search_beam
+
+            tok, attn = search_beam.backtrack(self.result[2], self.tok_hist, self.bp_hist, self.attn_hist, n, m, steps)
+            tokens, a_np = tok.cpu().numpy(), attn.cpu().numpy()  # (n, m, L), (n, m, L, S)
+        else:
+            tokens, a_np = _backtrack_host(self.tok_hist[:steps, :n].cpu().numpy(),
+                                           self.bp_hist[:steps, :n].cpu().numpy(), self.attn_hist[:steps, :n].cpu(),
+                                           info)
+        tok_lists, end_list, last_list = tokens.tolist(), info[..., 0].tolist(), info[..., 2].tolist()
         out = SearchOutput([], [], [], [])
         for i in range(n):
             hyps = []
@@ -404,8 +398,8 @@ class _BeamSearch:
                     break
                 e, z = end_list[i][k], last_list[i][k]
                 toks = tok_lists[i][k][:e] + ([] if z == self.eos else [z])
-                # a compact copy: a view would keep the whole batch's array alive with every hypothesis
-                a = torch.from_numpy(np.ascontiguousarray(a_np[i, k, : e + 1, : src_lens[i]]))
+                # a view of the batch's (n, m, L, S) rows: what the n-best hold anyway, up to padding
+                a = torch.from_numpy(a_np[i, k, : e + 1, : src_lens[i]])
                 hyps.append(Hyp(toks, score[i][k], logp[i][k], a))
             if not hyps:  # cannot happen with a finite model; keep the output well-formed anyway
                 hyps = [Hyp([], float("-inf"), float("-inf"), torch.zeros(0, src_lens[i]))]
@@ -413,6 +407,44 @@ class _BeamSearch:
             out.tokens.append(hyps[0].tokens), out.scores.append(hyps[0].score)
             out.attention.append(hyps[0].attention)
         return out
+
+
+def _backtrack_kernel_takes(attn_hist: Tensor) -> bool:
+    from .kernels import search_beam  # imports Triton: only when the gate cell already runs on it
+
+    return search_beam.backtrack_supported(attn_hist)
+
+
+def _backtrack_host(tok: np.ndarray, bp: np.ndarray, attn: Tensor, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Follow the back-pointers of n sentences' m finished hypotheses each, on the host.
+    tok, bp (steps, n, K): the token each beam took at step t and the beam (before step t's
+    reorder) it continues; attn (steps, n, K, S) the attention of every beam row at step t;
+    info (n, m, 3) where each hypothesis closed: (step e, beam, last token). Returns tokens
+    (n, m, L) and attention (n, m, L, S), L = max(steps, 1): hypothesis (i, k) has its tokens at
+    [0, e) and attention rows at [0, e]; the other entries are meaningless.
+    (`kernels.search_beam.backtrack` is the same on the device.)"""
+    steps, n, K = tok.shape
+    m, S, L = info.shape[1], attn.shape[-1], max(steps, 1)
+    end, cur = info[..., 0], info[..., 1].copy()  # (n, m)
+    # Walking back from where it closed: at step t the hypothesis sat in beam cur (after step
+    # t's reorder), took token tok[t, i, cur], and came from row bp[t, i, cur], the row whose
+    # attention step t is. Past its end a hypothesis stands still (its entries there are unused).
+    beams = np.empty((L, n, m), dtype=np.int64)  # (L, n, m) the row that computed each step
+    beams[:] = cur
+    tokens = np.zeros((n, m, L), dtype=np.int64)
+    first = (np.arange(n, dtype=np.int64) * K)[:, None]  # (n, 1) each sentence's first beam
+    tok_f, bp_f = tok.reshape(steps, n * K), bp.reshape(steps, n * K)
+    for t in range(min(steps, int(end.max(initial=0))) - 1, -1, -1):  # later steps: no hypothesis is open
+        at = first + cur
+        tokens[:, :, t] = tok_f[t].take(at)
+        cur = np.where(t < end, bp_f[t].take(at), cur)
+        beams[t] = cur
+    if not steps:
+        return tokens, np.zeros((n, m, L, S), dtype=np.float32)
+    # each hypothesis' attention rows: one gather from the flattened (steps * n * K, S) history
+    rows = (np.arange(steps)[:, None, None] * n + np.arange(n)[None, :, None]) * K + beams[:steps]  # (steps, n, m)
+    a = attn.reshape(steps * n * K, S).numpy()[rows.transpose(1, 2, 0)]  # (n, m, steps, S)
+    return tokens, a
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -153,3 +153,51 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- beam histories
+def random_beam_history(seed: int, T: int, n0: int, K: int, S: int):
+    """A beam search's history as `mt.search._BeamSearch` keeps it, random but well formed:
+    tok_hist, bp_hist (T, n0, K) int64 (back-pointers in [0, K)), attn_hist (T, n0, K, S) fp32,
+    and the finished slots `info` (n0, K, 3): (step it closed in [0, T), beam, last token)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(4, 1000, (T, n0, K), generator=g)
+    bp = torch.randint(0, K, (T, n0, K), generator=g)
+    attn = torch.rand(T, n0, K, S, generator=g)
+    info = torch.stack([torch.randint(0, T, (n0, K), generator=g), torch.randint(0, K, (n0, K), generator=g),
+                        torch.randint(3, 1000, (n0, K), generator=g)], dim=-1)
+    info[0, 0, 0] = 0  # closed at the first step: no tokens before it
+    info[-1, -1, 0] = T - 1  # at the last
+    return tok, bp, attn, info
+
+
+def walk_back(tok, bp, attn, info, i: int, k: int):
+    """The oracle, one hypothesis at a time in plain Python: hypothesis k of sentence i ->
+    (its tokens before the closing step, its attention rows (end + 1, S))."""
+    import torch
+
+    end, b = int(info[i, k, 0]), int(info[i, k, 1])
+    tokens, rows = [], [attn[end, i, b]]
+    for t in range(end - 1, -1, -1):
+        tokens.append(int(tok[t, i, b]))  # the token the hypothesis' beam took at step t
+        b = int(bp[t, i, b])  # the row that computed step t
+        rows.append(attn[t, i, b])
+    return tokens[::-1], torch.stack(rows[::-1])
+
+
+def assert_walked_back(history, tokens, attention, n: int, m: int) -> None:
+    """tokens (n, m, L) and attention (n, m, L, S), numpy or torch, as a rebuild of `history`'s
+    first n sentences' m hypotheses (`random_beam_history`'s tuple): every token and attention
+    row they define equals `walk_back`'s."""
+    import torch
+
+    tokens, attention = torch.as_tensor(tokens), torch.as_tensor(attention)
+    info = history[-1]
+    for i in range(n):
+        for k in range(m):
+            want_tok, want_attn = walk_back(*history, i, k)
+            e = int(info[i, k, 0])
+            assert tokens[i, k, :e].tolist() == want_tok, (i, k)
+            assert torch.equal(attention[i, k, : e + 1], want_attn), (i, k)

@@ -493,6 +493,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
                    last_ptr=i64, rows_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32),
               dict(K=K, NBEST=1, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
                    BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64), num_warps=1)
+    for K in (1, 5):  # beam search's output: the walk back (a while loop)
+        build(sb._beam_backtrack_kernel, dict(info_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32,
+                                              tok_out_ptr=i64, attn_out_ptr=f32),
+              dict(K=K, M=1, BLOCK_S=64), num_warps=1)
     print("ok")
     """
 )
@@ -590,7 +594,7 @@ def test_log_softmax_topk_dispatch():
                          ids=["eager", "emulated-graphs", "eager-chunked-topk"])
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     """Greedy and beam search with our Triton gate cell use the fused kernels (top-k; beam search's
-    bookkeeping); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
+    bookkeeping and its output's walk back); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
     and the reference cell run) decodes the same. V = 1100: the top-k in chunks."""
     from mt import graphs, search
     from mt.config import ModelConfig
@@ -623,20 +627,31 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
         return advance_fused(self, *a)
 
     monkeypatch.setattr(search._BeamSearch, "advance_fused", counting_beam)
+    backtracks = []
+    real_backtrack = search._backtrack_kernel_takes
+
+    def counting_backtrack(attn_hist):
+        backtracks.append(real_backtrack(attn_hist))
+        return backtracks[-1]
+
     beams = (3,) if V > 1024 else (1, 3)  # (the chunked case: beam search only, the interpreter is slow)
     outs = {}
     for name, on in (("fused", True), ("pytorch", False)):
         monkeypatch.setattr(search, "fused", counting if on else (lambda *a: False))
+        monkeypatch.setattr(search, "_backtrack_kernel_takes", counting_backtrack if on else (lambda *a: False))
         for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
             outs[name, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
                                              length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
     assert calls and all(calls)  # the fused path really ran...
     assert kernel_steps  # ...beam search's bookkeeping kernel too
+    assert backtracks and all(backtracks)  # ...and the output's walk back (`backtrack`)
     for beam in beams:
         a, b = outs["fused", beam], outs["pytorch", beam]
         assert a.tokens == b.tokens
         assert [[h.tokens for h in hs] for hs in a.nbest] == [[h.tokens for h in hs] for hs in b.nbest]
+        for x, y in zip([h.attention for hs in a.nbest for h in hs], [h.attention for hs in b.nbest for h in hs]):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-5, rtol=1e-5)
 
 
@@ -748,6 +763,28 @@ def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
             s = search.advance(s, val, torch.zeros(1, 2, dtype=torch.long), col, dec, torch.ones(1, 2))
         assert s.done.tolist() == [True] and s.fin[0][0, 0].item() == -1.0 and s.fin[2][0, 0].tolist() == [0, 0, 3]
         assert s.last.tolist() == [7] and s.scores.tolist() == [[-1.0]]
+
+
+@pytest.mark.parametrize("T, n0, n, K, m, S", [(9, 6, 6, 3, 2, 5), (12, 7, 4, 5, 5, 3), (3, 2, 2, 2, 1, 40)])
+def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
+    """`search_beam.backtrack` (beam search's output on the device, one launch) against a plain
+    per-hypothesis walk on random histories (every token and attention row it defines; the
+    host's `_backtrack_host` has the same test in test_search.py); `steps` below the history's
+    length, sentences [0, n)."""
+    from conftest import assert_walked_back, random_beam_history
+
+    search_beam = _search_beam_module()
+    tok, bp, attn, info = history = random_beam_history(T * 10 + n, T, n0, K, S)
+    steps = T - 1
+    info[..., 0].clamp_(max=steps - 1)
+    tokens, a = search_beam.backtrack(info, tok, bp, attn, n, m, steps)
+    assert tokens.shape == (n, m, steps) and a.shape == (n, m, steps, S)
+    assert_walked_back(history, tokens, a, n, m)
+    with pytest.raises(ValueError, match="steps"):
+        search_beam.backtrack(info, tok, bp, attn, n, m, T + 1)
+    assert search_beam.backtrack_supported(attn)
+    assert not search_beam.backtrack_supported(attn.double())
+    assert not search_beam.backtrack_supported(torch.zeros(1, 1, 1, search_beam.MAX_S + 1))
 
 
 def test_beam_update_refuses_what_it_cannot_take():

@@ -9,8 +9,9 @@ and one more for the search (mt.search), fused on the GPU (`search_topk.py`):
 
     log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
 
-(Beam search's bookkeeping after it is one more Triton kernel, `search_beam.py`, whose reference
-is the search's own PyTorch code, `mt.search._BeamSearch.advance`.)
+(Beam search's bookkeeping after it is one more Triton kernel, and the rebuild of its
+hypotheses at the end another, both in `search_beam.py`; their references are the search's
+own code, `mt.search._BeamSearch.advance` and `mt.search._backtrack_host`.)
 
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)

@@ -1,7 +1,9 @@
-"""A beam-search step's bookkeeping in one Triton kernel (the search half of `mt.kernels`, with
+"""A beam-search step's bookkeeping in one Triton kernel, and the rebuild of the finished
+hypotheses after the last step in another (the search half of `mt.kernels`, with
 `search_topk.py`).
 
     beam_update(val, col, attn, state..., history...)      # in place, one launch
+    backtrack(info, tok_hist, bp_hist, attn_hist, n, m, steps) -> (tokens, attention)
 
 After `search_topk.log_softmax_topk` has given each beam its 2K best continuations (beam score
 plus log-prob, best first, with their tokens), one program per sentence does what
@@ -28,10 +30,18 @@ tests compare the two on the same candidates, ties included).
 
 Why: a graphed beam-5 step over 128 sentences ran 114 kernels, about 100 of them this
 bookkeeping at a few microseconds each (scripts/profile_decode.py, H200, 2026-11-27).
+
+`backtrack`: one program per finished hypothesis follows the back-pointers from the step it
+closed at to the first, gathering its tokens and attention rows into compact (n, m, L) and
+(n, m, L, S) outputs, so the host copies back the m hypotheses' rows instead of the history of
+all K beams and does no walk of its own. Its reference is `mt.search._backtrack_host` (numpy);
+the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild took 2.4 ms
+of an 18 ms beam-5 batch (the same profile), and the bookkeeping kernel makes the steps shorter.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -182,6 +192,40 @@ def _beam_update_kernel(
         tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=s < S)
 
 
+@triton.jit(do_not_specialize=["n0", "S", "L"])
+def _beam_backtrack_kernel(
+    info_ptr,  # (n0, K, 3) int64: finished hypotheses, (step it closed, beam, last token)
+    tok_hist_ptr,  # (T, n0, K) int64: the token each beam took at step t
+    bp_hist_ptr,  # (T, n0, K) int64: the beam (before step t's reorder) it continues
+    attn_hist_ptr,  # (T, n0, K, S) fp32: the attention of every beam row at step t
+    tok_out_ptr,  # (n, M, L) int64 out: a hypothesis' tokens at steps [0, end)
+    attn_out_ptr,  # (n, M, L, S) fp32 out: its attention rows at steps [0, end]
+    n0,
+    S,
+    L,
+    K: tl.constexpr,
+    M: tl.constexpr,  # hypotheses per sentence (nbest)
+    BLOCK_S: tl.constexpr,  # next power of two >= S
+):
+    p = tl.program_id(0).to(tl.int64)  # hypothesis k = p % M of sentence i = p // M
+    i = p // M
+    slot = (i * K + p % M) * 3
+    end = tl.minimum(tl.maximum(tl.load(info_ptr + slot), 0), L - 1)  # (clamped: an empty slot reads zeros)
+    b = tl.minimum(tl.maximum(tl.load(info_ptr + slot + 1), 0), K - 1)  # the row that computed step `end`
+    s = tl.arange(0, BLOCK_S)
+    row = p * L  # the hypothesis' first row of the outputs
+    a = tl.load(attn_hist_ptr + ((end * n0 + i) * K + b) * S + s, mask=s < S, other=0.0)
+    tl.store(attn_out_ptr + (row + end) * S + s, a, mask=s < S)
+    t = end - 1
+    while t >= 0:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
+        h = (t * n0 + i) * K + b  # the beam the hypothesis sat in after step t
+        tl.store(tok_out_ptr + row + t, tl.load(tok_hist_ptr + h))
+        b = tl.load(bp_hist_ptr + h)  # the row that computed step t
+        a = tl.load(attn_hist_ptr + ((t * n0 + i) * K + b) * S + s, mask=s < S, other=0.0)
+        tl.store(attn_out_ptr + (row + t) * S + s, a, mask=s < S)
+        t -= 1
+
+
 def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     """Whether the kernel takes a step of K beams over V tokens and S source positions whose
     per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
@@ -215,4 +259,32 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
     )
 
 
-__all__ = ["MAX_BEAM", "supported", "beam_update"]
+def backtrack_supported(attn_hist: Tensor) -> bool:
+    """Whether `backtrack` takes this search's history (else `mt.search._backtrack_host`)."""
+    return _runs_here(attn_hist) and attn_hist.dtype == torch.float32 and attn_hist.shape[-1] <= MAX_S
+
+
+def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor, n: int, m: int,
+              steps: int) -> tuple[Tensor, Tensor]:
+    """Sentences [0, n), hypotheses [0, m) of each: follow the back-pointers from where each
+    closed, on the device -> tokens (n, m, L) int64 and attention (n, m, L, S) fp32, L = max(steps,
+    1): hypothesis (i, k) closed at step e = info[i, k, 0] has its tokens at [0, e) (the token it
+    closed with is info[i, k, 2]) and attention rows at [0, e]; the rest is not written.
+    info (n0, K, 3) int64; tok_hist, bp_hist (T, n0, K) int64; attn_hist (T, n0, K, S) fp32.
+    What `mt.search._backtrack_host` does on the host, as one launch and a copy back of only the
+    rows the hypotheses use (not the K beams' whole history)."""
+    T, n0, K, S = attn_hist.shape
+    L = max(steps, 1)
+    if not (steps <= T and n <= n0 and m <= K and info.shape == (n0, K, 3)):
+        raise ValueError(f"backtrack: {n} sentences x {m} hypotheses over {steps} steps of a ({T}, {n0}, {K}) history")
+    if not all(x.is_contiguous() for x in (info, tok_hist, bp_hist, attn_hist)):
+        raise ValueError("backtrack: contiguous tensors only")
+    tokens = torch.empty(n, m, L, dtype=torch.long, device=attn_hist.device)
+    attention = torch.empty(n, m, L, S, dtype=torch.float32, device=attn_hist.device)
+    if n * m:
+        _beam_backtrack_kernel[(n * m,)](info, tok_hist, bp_hist, attn_hist, tokens, attention, n0, S, L, K=K, M=m,
+                                         BLOCK_S=triton.next_power_of_2(max(S, 1)), num_warps=1)
+    return tokens, attention
+
+
+__all__ = ["MAX_BEAM", "supported", "beam_update", "backtrack_supported", "backtrack"]

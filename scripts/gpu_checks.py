@@ -9,8 +9,9 @@ with status 1 if any fails. Checks:
 
   kernels       mt.kernels.triton_cell on CUDA (no interpreter) against mt.kernels.reference:
                 cell_step (with pre and bias) and lstm_sequence (2 directions, lengths, initial
-                state), outputs and gradients, fp32 (ieee dots) and bf16; and the search's
-                fused log_softmax_topk (mt.kernels.search_topk) against the reference.
+                state), outputs and gradients, fp32 (ieee dots) and bf16; the search's
+                fused log_softmax_topk (mt.kernels.search_topk) against the reference; and
+                beam search's output walk (search_beam.backtrack) against the host's.
   train_graph_vs_emulated[cell]
                 20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
                 a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
@@ -32,9 +33,10 @@ with status 1 if any fails. Checks:
                 search step, each its own graph) against emulate=True: identical tokens, scores
                 within 1e-4; the encoder's graph captured once and replayed.
   beam_kernel_vs_pytorch[triton, dtype]
-                beam 5 with the bookkeeping kernel (mt.kernels.search_beam) against the same
-                search with its PyTorch code (`_BeamSearch.advance`), graphed and eager:
-                identical tokens, scores within 1e-5.
+                beam 5 with the bookkeeping kernel and the output's walk back on the device
+                (mt.kernels.search_beam) against the same search with its PyTorch / numpy
+                code (`_BeamSearch.advance`, `_backtrack_host`), graphed and eager:
+                identical tokens, scores and attention within 1e-5.
   decode_graph_vs_eager[cell]
                 fp32: the graphed decoder against plain eager decoding (no padding): >= 95% of
                 the sentences identical (padding changes float rounding; an untrained model has
@@ -148,6 +150,27 @@ def check_kernels() -> None:
             ok = (err < 1e-4 and bool(torch.equal(fin, torch.isfinite(vals)))
                   and bool(((cols >= 0) & (cols < V)).all()) and not bool(torch.isin(cols[fin], banned).any()))
             check(f"kernels.log_softmax_topk[{str(dtype)[6:]}, {N}x{V}, k={k}]", ok, max_abs_err=f"{err:.2e}", tol=1e-4)
+
+    # beam search's output: the device walk back (search_beam.backtrack) against the host's
+    from mt.kernels import search_beam
+    from mt.search import _backtrack_host
+
+    shapes = ((40, 128, 128, 5, 1, 20), (41, 64, 50, 5, 5, 33)) if dev == "cuda" else ((6, 4, 3, 5, 2, 7),)
+    for T, n0, n, K, m, S in shapes:
+        g = torch.Generator().manual_seed(T)
+        tok, bp = torch.randint(4, 8000, (T, n0, K), generator=g), torch.randint(0, K, (T, n0, K), generator=g)
+        attn = torch.rand(T, n0, K, S, generator=g)
+        steps = T - 1
+        info = torch.stack([torch.randint(0, steps, (n0, K), generator=g), torch.randint(0, K, (n0, K), generator=g),
+                            torch.randint(3, 8000, (n0, K), generator=g)], dim=-1)
+        d_tok, d_attn = search_beam.backtrack(*(x.to(dev) for x in (info, tok, bp, attn)), n, m, steps)
+        h_tok, h_attn = _backtrack_host(tok[:steps, :n].numpy(), bp[:steps, :n].numpy(), attn[:steps, :n],
+                                        info[:n, :m].numpy())
+        d_tok, d_attn, ends = d_tok.cpu(), d_attn.cpu(), info[:n, :m, 0].tolist()
+        same = all(d_tok[i, k, :e].tolist() == h_tok[i, k, :e].tolist()
+                   and torch.equal(d_attn[i, k, : e + 1], torch.from_numpy(h_attn[i, k, : e + 1]))
+                   for i in range(n) for k in range(m) for e in [ends[i][k]])
+        check(f"kernels.beam_backtrack[{n}x{m} of {n0}x{K}, {steps} steps]", same)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,28 +354,37 @@ def check_decoding() -> None:
                           same_output=f"{frac:.3f}", max_rel_score_diff=f"{sdiff:.2e}")
 
 
+def attention_diff(a, b) -> float:
+    """The largest difference between two decodes' attention weights (inf where shapes differ)."""
+    return max([(x - y).abs().max().item() if x.shape == y.shape else math.inf
+                for x, y in zip(a.attention, b.attention) if x.numel() or y.numel()], default=0.0)
+
+
 def check_beam_kernel(model, batch, beam: int, amp_dtype, name: str) -> None:
     """The beam bookkeeping kernel (mt.kernels.search_beam) against the search's PyTorch code
     for it (`_BeamSearch.advance`, after PyTorch's topk over the fused top-k's candidates), on
     the same model and batch, graphed and eager: the same outputs (an untrained model's exact
     ties may order differently: PyTorch's topk promises no order among equal values)."""
     from mt import graphs as G
+    from mt import search
     from mt.kernels import search_beam
 
     outs = {}
-    real = search_beam.supported
+    real, real_walk = search_beam.supported, search._backtrack_kernel_takes
     for kernel in (True, False):
         search_beam.supported = real if kernel else (lambda *a: False)
+        search._backtrack_kernel_takes = real_walk if kernel else (lambda *a: False)
         try:  # a GraphedDecoder of its own: one that captured the other setting would replay it
             gd = G.GraphedDecoder(model)
             outs[kernel] = [[decode(model, batch, gd, beam, amp_dtype) for _ in range(3)][-1],
                             decode(model, batch, None, beam, amp_dtype)]
         finally:
-            search_beam.supported = real
+            search_beam.supported, search._backtrack_kernel_takes = real, real_walk
     same = [a.tokens == b.tokens for a, b in zip(outs[True], outs[False])]
     err = max(max_rel(a.scores, b.scores) for a, b in zip(outs[True], outs[False]))
-    check(f"beam_kernel_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5,
-          same_tokens_graphed_eager=same, max_rel_score_diff=f"{err:.2e}")
+    attn_err = max(attention_diff(a, b) for a, b in zip(outs[True], outs[False]) if a.tokens == b.tokens)
+    check(f"beam_kernel_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5 and attn_err <= 1e-5,
+          same_tokens_graphed_eager=same, max_rel_score_diff=f"{err:.2e}", max_attention_diff=f"{attn_err:.2e}")
 
 
 def main(argv=None) -> int:

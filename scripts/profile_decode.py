@@ -13,16 +13,18 @@ back-pointers and attention read back to the host); then a torch.profiler table 
 one replayed step launches (count and device time per step), whose sum against the step's time
 shows what the gaps between kernels cost. Needs only torch, triton and numpy.
 
-Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and two variants of
+Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and variants of
 ours that turn search kernels off, to measure what each gives:
 
-    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-torch-search cudnn
+    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-search cudnn
 
 ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does beam
 search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/search_beam.py);
-ours-torch-search uses PyTorch's ops for both (what the cuDNN cell's search runs);
-ours-row-topk has the top-k take rows up to 8192 wide whole, one program each (the kernel
-before the chunked one).
+ours-host-output rebuilds beam search's hypotheses on the host (`_backtrack_host`, numpy,
+after copying the whole history back) instead of `search_beam.backtrack` on the device;
+ours-torch-search uses PyTorch's ops and the host rebuild for all of it (what the cuDNN cell's
+search runs); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
+(the kernel before the chunked one).
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ def kernel_table(fn, steps: int, top: int) -> dict:
                 top=rows[:top])
 
 
-VARIANTS = {  # our cell with one search kernel off: (module, attribute, what it is set to)
-    "ours-row-topk": ("mt.kernels.search_topk", "ROW_V", 8192),  # rows up to 8192 wide: one program each
-    "ours-topk-only": ("mt.kernels.search_beam", "supported", lambda *a: False),
-    "ours-torch-search": ("mt.search", "fused", lambda *a: False),
+_OFF = lambda *a: False  # noqa: E731
+VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is set to), ...
+    "ours-row-topk": (("mt.kernels.search_topk", "ROW_V", 8192),),  # rows up to 8192 wide: one program each
+    "ours-topk-only": (("mt.kernels.search_beam", "supported", _OFF),),
+    "ours-host-output": (("mt.search", "_backtrack_kernel_takes", _OFF),),
+    "ours-torch-search": (("mt.search", "fused", _OFF), ("mt.search", "_backtrack_kernel_takes", _OFF)),
 }
 
 
@@ -94,14 +98,15 @@ def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -
     if variant is not None:
         import importlib
 
-        name, attr, value = VARIANTS[variant]
-        module = importlib.import_module(name)
-        real = getattr(module, attr)
-        setattr(module, attr, value)
+        patches = [(importlib.import_module(name), attr, value) for name, attr, value in VARIANTS[variant]]
+        real = [getattr(module, attr) for module, attr, _ in patches]
+        for module, attr, value in patches:
+            setattr(module, attr, value)
         try:
             return profile_one(args, cell, beam, batch)
         finally:
-            setattr(module, attr, real)
+            for (module, attr, _), value in zip(patches, real):
+                setattr(module, attr, value)
     from mt import graphs
     from mt.search import search
 

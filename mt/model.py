@@ -113,7 +113,7 @@ class Decoder(nn.Module):
         feed = state.feed if self.cfg.input_feeding else None
         h, c = self.rnn.step(x_t, feed, state.h, state.c, memory.backend, weights)
         top = h[-1]  # (B, H)
-        ctx, attn = self.attention(top, memory.keys, memory.out, memory.mask)  # (B, H), (B, S)
+        ctx, attn = self.attention(top, memory.keys, memory.out, memory.mask, memory.backend)  # (B, H), (B, S)
         both = torch.cat([ctx.to(top.dtype), top], dim=-1)  # (B, 2H)
         out = torch.tanh(self.combine(both) if memory.casts is None else F.linear(both, memory.casts["combine"]))  # (B, H)
         return out, DecoderState(h, c, out), attn

@@ -3,8 +3,9 @@
     python -m mt.train experiment=multi30k_de_en trainer.precompile_workers=8   # default null: auto
 
 A first run on a machine compiles every Triton kernel variant it meets (about a second each, on
-the training thread: the de->en recipe meets 12, six at its first step and six at its first
-validation). With the Triton gate cell on CUDA, mt.train instead
+the training thread: the de->en recipe met 12, six at its first step and six at its first
+validation, before the search's and the decoding attention's kernels were added). With the
+Triton gate cell on CUDA, mt.train instead
 
 1. starts `trainer.precompile_workers` compile processes (mt/kernels/precompile.py) before it
    prepares the data, so they import Triton meanwhile;

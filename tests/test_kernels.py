@@ -493,6 +493,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
                    last_ptr=i64, rows_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32),
               dict(K=K, NBEST=1, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
                    BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64), num_warps=1)
+    from mt.kernels import decode_attention as da
+    for q, m in ((bf, bf), (f32, f32)):  # a decoding step's attention at the Multi30k model's sizes
+        build(da._attention_step_kernel, dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", ctx_ptr=m, w_ptr=f32),
+              dict(BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.TILE // 512))
     for K in (1, 5):  # beam search's output: the walk back (a while loop)
         build(sb._beam_backtrack_kernel, dict(info_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32,
                                               tok_out_ptr=i64, attn_out_ptr=f32),
@@ -510,6 +514,55 @@ def test_kernels_compile_for_h100():
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton build ships no ptxas")
     _run_without_interpreter(_COMPILE_SCRIPT, timeout=300)
+
+
+# ----------------------------------------------------------------------------- decoding attention
+def _decode_attention_module():
+    from mt.kernels import decode_attention
+
+    if type(decode_attention._attention_step_kernel).__name__ != "InterpretedFunction":
+        decode_attention = importlib.reload(decode_attention)
+    return decode_attention
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, S, Q, M", [(5, 7, 16, 16), (3, 13, 48, 40), (2, 11, 1024, 512), (4, 1, 8, 24)])
+def test_attention_step_triton_matches_reference(dtype, tol, B, S, Q, M):
+    """One decoding step's dot/general attention: the fused kernel against the PyTorch ops, with
+    padding (a row of one real token), strided keys and query, sources longer than one tile
+    (Q = 1024: 4 positions a tile), sizes that are not powers of two."""
+    decode_attention = _decode_attention_module()
+    g = torch.Generator().manual_seed(B * S + Q)
+    query = (torch.randn(B, 2 * Q, generator=g) * 0.3).to(dtype)[:, ::2] if Q > 8 else torch.randn(B, Q, generator=g).to(dtype)
+    keys = torch.randn(B, S, Q + 5, generator=g).to(dtype)[:, :, :Q]  # rows of a wider tensor
+    memory = torch.randn(B, S, M, generator=g).to(dtype)
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = 1
+    mask = torch.arange(S)[None, :] < lengths[:, None]
+    if query.stride(1) != 1:  # the kernel wants contiguous rows: the wrapper's caller (the model) has them
+        assert not decode_attention.supported(query, keys, memory, mask)
+        query = query.contiguous()
+    assert decode_attention.supported(query, keys, memory, mask)
+    ctx, w = decode_attention.attention_step(query, keys, memory, mask)
+    ref_ctx, ref_w = reference.attention_step(query, keys, memory, mask)
+    assert ctx.dtype == dtype and w.dtype == torch.float32 and ctx.shape == (B, M) and w.shape == (B, S)
+    torch.testing.assert_close(w, ref_w, atol=tol, rtol=tol)
+    torch.testing.assert_close(ctx.float(), ref_ctx.float(), atol=tol, rtol=tol)
+    assert (w[~mask] == 0).all() and torch.allclose(w.sum(-1), torch.ones(B), atol=1e-5)
+    # the dispatcher takes the kernel for Triton, the reference otherwise, and the same answer
+    torch.testing.assert_close(kernels.attention_step(query, keys, memory, mask, backend="triton")[1], w)
+    torch.testing.assert_close(kernels.attention_step(query, keys, memory, mask, backend="torch")[1], ref_w)
+
+
+def test_attention_step_refuses_what_it_cannot_take():
+    decode_attention = _decode_attention_module()
+    q, k, m, mask = torch.zeros(2, 8), torch.zeros(2, 3, 8), torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    assert decode_attention.supported(q, k, m, mask)
+    assert not decode_attention.supported(q, k.transpose(1, 2).contiguous().transpose(1, 2), m, mask)  # strided rows
+    assert not decode_attention.supported(q, k, m, mask.float())
+    assert not decode_attention.supported(q.double(), k.double(), m.double(), mask)
+    big = decode_attention.MAX_DIM + 1
+    assert not decode_attention.supported(torch.zeros(2, big), torch.zeros(2, 3, big), m, mask)
 
 
 # ----------------------------------------------------------------------------- search top-k
@@ -593,8 +646,8 @@ def test_log_softmax_topk_dispatch():
 @pytest.mark.parametrize("graphed, V", [(False, 40), (True, 40), (False, 1100)],
                          ids=["eager", "emulated-graphs", "eager-chunked-topk"])
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
-    """Greedy and beam search with our Triton gate cell use the fused kernels (top-k; beam search's
-    bookkeeping and its output's walk back); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
+    """Greedy and beam search with our Triton gate cell use the fused kernels (the decoder step's
+    attention; top-k; beam search's bookkeeping and its output's walk back); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
     and the reference cell run) decodes the same. V = 1100: the top-k in chunks."""
     from mt import graphs, search
     from mt.config import ModelConfig
@@ -634,11 +687,20 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
         backtracks.append(real_backtrack(attn_hist))
         return backtracks[-1]
 
+    decode_attention = _decode_attention_module()
+    attention_calls = []
+    real_attention = decode_attention.supported
+
+    def counting_attention(*a):
+        attention_calls.append(real_attention(*a))
+        return attention_calls[-1]
+
     beams = (3,) if V > 1024 else (1, 3)  # (the chunked case: beam search only, the interpreter is slow)
     outs = {}
     for name, on in (("fused", True), ("pytorch", False)):
         monkeypatch.setattr(search, "fused", counting if on else (lambda *a: False))
         monkeypatch.setattr(search, "_backtrack_kernel_takes", counting_backtrack if on else (lambda *a: False))
+        monkeypatch.setattr(decode_attention, "supported", counting_attention if on else (lambda *a: False))
         for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
             outs[name, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
@@ -646,6 +708,7 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     assert calls and all(calls)  # the fused path really ran...
     assert kernel_steps  # ...beam search's bookkeeping kernel too
     assert backtracks and all(backtracks)  # ...and the output's walk back (`backtrack`)
+    assert attention_calls and all(attention_calls)  # ...and the decoder step's attention
     for beam in beams:
         a, b = outs["fused", beam], outs["pytorch", beam]
         assert a.tokens == b.tokens

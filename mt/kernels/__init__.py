@@ -5,8 +5,10 @@ Two functions make the contract (see `reference.py` for the maths and shapes):
     cell_step(inp, c, weight, pre=None, bias=None, backend=...) -> (h', c')          # one step
     lstm_sequence(xproj, w_hh, lengths=None, h0=None, c0=None, backend=...) -> (out, h_n, c_n)
 
-and one more for the search (mt.search), fused on the GPU (`search_topk.py`):
+and two more for decoding, fused on the GPU: the attention of one decoder step
+(`decode_attention.py`; no autograd) and the search's candidates (mt.search, `search_topk.py`):
 
+    attention_step(query, keys, memory, mask, backend=...) -> (context, weights)
     log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
 
 (Beam search's bookkeeping after it is one more Triton kernel, and the rebuild of its
@@ -92,6 +94,23 @@ def lstm_sequence(
     """One LSTM layer over a whole sequence in 1 or 2 directions; see `reference.lstm_sequence`."""
     impl = _impl(resolve_backend(backend, xproj.device))
     return impl.lstm_sequence(xproj, w_hh, lengths=lengths, h0=h0, c0=c0)
+
+
+def attention_step(
+    query: Tensor,
+    keys: Tensor,
+    memory: Tensor,
+    mask: Tensor,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One decoding step's dot/general attention; see `reference.attention_step` (no autograd
+    through the Triton kernel: the model calls it under no_grad only)."""
+    if resolve_backend(backend, query.device) == "triton":
+        from . import decode_attention
+
+        if decode_attention.supported(query, keys, memory, mask):
+            return decode_attention.attention_step(query, keys, memory, mask)
+    return reference.attention_step(query, keys, memory, mask)
 
 
 def log_softmax_topk(

@@ -3,7 +3,7 @@
 Triton compiles a kernel variant (its constexprs, dtypes and argument alignment: triton_cell.py,
 "Compiled variants") the first time a launch needs it, on the launching thread, and keeps it in
 its on-disk cache (TRITON_CACHE_DIR, ~/.triton/cache by default). A first run of the de->en
-recipe meets 12 variants, each about a second of compiling (0.9-1.6 s for sm_90 on a 2-core VM):
+recipe meets about a dozen variants (12, 13 with the search's top-k), each about a second of compiling (0.9-1.6 s for sm_90 on a 2-core VM):
 seconds of the recipe's first minute, one after another. mt.train does this instead
 (trainer.precompile_workers; README "GPU speed"):
 
@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.search_topk", "mt.kernels.search_beam")
+KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.decode_attention", "mt.kernels.search_topk",
+                  "mt.kernels.search_beam")
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,21 @@ def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
         v = v.index_fill(1, banned, float("-inf"))
     vals, cols = v.sort(dim=-1, descending=True, stable=True)
     return vals[:, :k], cols[:, :k]
+
+
+def attention_context(scores: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention's second half: scores (B, S), memory (B, S, M), mask (B, S) True at real tokens
+    -> context (B, M) in memory's dtype, weights (B, S) fp32 (softmax over the real tokens)."""
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # (B, S), fp32
+    context = torch.bmm(weights.unsqueeze(1).to(memory.dtype), memory).squeeze(1)  # (B, M)
+    return context, weights
+
+
+def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Luong attention with multiplicative scores (dot, general: keys = W_a memory, computed once
+    per sentence), one decoder step: query (B, Q), keys (B, S, Q), memory (B, S, M), mask (B, S)
+    -> context (B, M), weights (B, S) fp32. The scores are `keys @ query` in keys' dtype (under
+    autocast a bf16 bmm), then fp32. The oracle of `decode_attention.py`'s kernel."""
+    scores = torch.bmm(keys, query.unsqueeze(2).to(keys.dtype)).squeeze(2)  # (B, S)
+    return attention_context(scores, memory, mask)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..errors import MTError
+from ..kernels import reference
 
 KINDS = ("dot", "general", "concat", "bahdanau")
 
@@ -39,15 +41,16 @@ class Attention(nn.Module):
         """The memory side of the score, once per sentence: (B, S, M) -> (B, S, Q) (dot: memory)."""
         return memory if self.kind == "dot" else self.w_m(memory)
 
-    def forward(self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor,
+                backend: str = "torch") -> tuple[Tensor, Tensor]:
         """query (B, Q), keys (B, S, Q), memory (B, S, M), mask (B, S) True at real tokens
-        -> context (B, M), weights (B, S)."""
+        -> context (B, M), weights (B, S) fp32. backend "triton" (the model's gate cell) and no
+        autograd: dot and general attention as one fused Triton kernel
+        (`kernels/decode_attention.py`: a decoding step's scores, softmax and context)."""
         if self.kind in ("dot", "general"):
-            scores = torch.bmm(keys, query.unsqueeze(2).to(keys.dtype)).squeeze(2)  # (B, S)
-        else:
-            hidden = torch.tanh(keys + self.w_q(query).unsqueeze(1))  # (B, S, Q)
-            scores = self.v(hidden).squeeze(2)  # (B, S)
-        scores = scores.float().masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)  # (B, S), fp32
-        context = torch.bmm(weights.unsqueeze(1).to(memory.dtype), memory).squeeze(1)  # (B, M)
-        return context, weights
+            if backend == "triton" and not torch.is_grad_enabled():
+                return kernels.attention_step(query, keys, memory, mask, backend="triton")
+            return reference.attention_step(query, keys, memory, mask)
+        hidden = torch.tanh(keys + self.w_q(query).unsqueeze(1))  # (B, S, Q)
+        scores = self.v(hidden).squeeze(2)  # (B, S)
+        return reference.attention_context(scores, memory, mask)

@@ -10,8 +10,9 @@ with status 1 if any fails. Checks:
   kernels       mt.kernels.triton_cell on CUDA (no interpreter) against mt.kernels.reference:
                 cell_step (with pre and bias) and lstm_sequence (2 directions, lengths, initial
                 state), outputs and gradients, fp32 (ieee dots) and bf16; the search's
-                fused log_softmax_topk (mt.kernels.search_topk) against the reference; and
-                beam search's output walk (search_beam.backtrack) against the host's.
+                fused log_softmax_topk (mt.kernels.search_topk) against the reference; a
+                decoding step's attention (mt.kernels.decode_attention) against the PyTorch
+                ops; and beam search's output walk (search_beam.backtrack) against the host's.
   train_graph_vs_emulated[cell]
                 20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
                 a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
@@ -150,6 +151,21 @@ def check_kernels() -> None:
             ok = (err < 1e-4 and bool(torch.equal(fin, torch.isfinite(vals)))
                   and bool(((cols >= 0) & (cols < V)).all()) and not bool(torch.isin(cols[fin], banned).any()))
             check(f"kernels.log_softmax_topk[{str(dtype)[6:]}, {N}x{V}, k={k}]", ok, max_abs_err=f"{err:.2e}", tol=1e-4)
+
+    # a decoding step's attention (decode_attention.py) against the PyTorch ops, at the beam-5 bench's rows
+    from mt.kernels import decode_attention
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        B, S, H = (640, 20, 512) if dev == "cuda" else (6, 5, 32)
+        g = torch.Generator(device=dev).manual_seed(S)
+        query = torch.randn(B, H, device=dev, generator=g).to(dtype)
+        keys, memory = (torch.randn(B, S, H, device=dev, generator=g).to(dtype) for _ in range(2))
+        mask = torch.arange(S, device=dev)[None, :] < torch.randint(1, S + 1, (B, 1), device=dev, generator=g)
+        ctx, w = decode_attention.attention_step(query, keys, memory, mask)
+        ref_ctx, ref_w = reference.attention_step(query, keys, memory, mask)
+        err = max((w - ref_w).abs().max().item(), (ctx.float() - ref_ctx.float()).abs().max().item()
+                  / (1 + ref_ctx.float().abs().max().item()))
+        check(f"kernels.attention_step[{str(dtype)[6:]}, {B}x{S}x{H}]", err < tol, max_err=f"{err:.2e}", tol=tol)
 
     # beam search's output: the device walk back (search_beam.backtrack) against the host's
     from mt.kernels import search_beam

@@ -63,8 +63,8 @@ for name in $STAGES; do
     bench_train) stage bench_train 110 "$PY" scripts/bench_train.py --json "$OUT/bench_train.json" ;;
     # the full recipe, timed to its best validation BLEU (stops after RECIPE_MINUTES of training)
     recipe) stage recipe 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" bash scripts/gpu_recipe.sh ;;
-    profile_decode) stage profile_decode 150 "$PY" scripts/profile_decode.py --json "$OUT/profile_decode.json" \
-        --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-search cudnn ;;
+    profile_decode) stage profile_decode 180 "$PY" scripts/profile_decode.py --json "$OUT/profile_decode.json" \
+        --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-attention ours-torch-search cudnn ;;
     # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
     # a subprocess) and the sm_90 compile test
     test_kernels) stage test_kernels 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;

@@ -16,13 +16,15 @@ shows what the gaps between kernels cost. Needs only torch, triton and numpy.
 Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and variants of
 ours that turn search kernels off, to measure what each gives:
 
-    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-search cudnn
+    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output \
+        ours-torch-attention ours-torch-search cudnn
 
 ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does beam
 search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/search_beam.py);
-ours-host-output rebuilds beam search's hypotheses on the host (`_backtrack_host`, numpy,
-after copying the whole history back) instead of `search_beam.backtrack` on the device;
-ours-torch-search uses PyTorch's ops and the host rebuild for all of it (what the cuDNN cell's
+ours-torch-attention runs the decoder step's attention as PyTorch's six ops (not
+mt/kernels/decode_attention.py); ours-host-output rebuilds beam search's hypotheses on the
+host (`_backtrack_host`, numpy, after copying the whole history back) instead of
+`search_beam.backtrack` on the device; ours-torch-search uses PyTorch's ops and the host rebuild for all of it (what the cuDNN cell's
 search runs); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
 (the kernel before the chunked one).
 """
@@ -89,6 +91,7 @@ VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is
     "ours-row-topk": (("mt.kernels.search_topk", "ROW_V", 8192),),  # rows up to 8192 wide: one program each
     "ours-topk-only": (("mt.kernels.search_beam", "supported", _OFF),),
     "ours-host-output": (("mt.search", "_backtrack_kernel_takes", _OFF),),
+    "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),
     "ours-torch-search": (("mt.search", "fused", _OFF), ("mt.search", "_backtrack_kernel_takes", _OFF)),
 }
 

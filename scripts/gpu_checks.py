@@ -398,7 +398,8 @@ def check_beam_kernel(model, batch, beam: int, amp_dtype, name: str) -> None:
             search_beam.supported, search._backtrack_kernel_takes = real, real_walk
     same = [a.tokens == b.tokens for a, b in zip(outs[True], outs[False])]
     err = max(max_rel(a.scores, b.scores) for a, b in zip(outs[True], outs[False]))
-    attn_err = max(attention_diff(a, b) for a, b in zip(outs[True], outs[False]) if a.tokens == b.tokens)
+    attn_err = max((attention_diff(a, b) for a, b in zip(outs[True], outs[False]) if a.tokens == b.tokens),
+                   default=0.0)
     check(f"beam_kernel_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5 and attn_err <= 1e-5,
           same_tokens_graphed_eager=same, max_rel_score_diff=f"{err:.2e}", max_attention_diff=f"{attn_err:.2e}")
 

@@ -24,8 +24,9 @@ search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/sea
 ours-torch-attention runs the decoder step's attention as PyTorch's six ops (not
 mt/kernels/decode_attention.py); ours-host-output rebuilds beam search's hypotheses on the
 host (`_backtrack_host`, numpy, after copying the whole history back) instead of
-`search_beam.backtrack` on the device; ours-torch-search uses PyTorch's ops and the host rebuild for all of it (what the cuDNN cell's
-search runs); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
+`search_beam.backtrack` on the device; ours-torch-search uses PyTorch's ops and the host rebuild for all of the search (what the
+cuDNN cell's search runs; its decoder step keeps the attention kernel, so this is not what a
+cuDNN step runs, nor run 4's code); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
 (the kernel before the chunked one).
 """
 

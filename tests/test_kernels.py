@@ -529,16 +529,17 @@ def _decode_attention_module():
 @pytest.mark.parametrize("B, S, Q, M", [(5, 7, 16, 16), (3, 13, 48, 40), (2, 11, 1024, 512), (4, 1, 8, 24)])
 def test_attention_step_triton_matches_reference(dtype, tol, B, S, Q, M):
     """One decoding step's dot/general attention: the fused kernel against the PyTorch ops, with
-    padding (a row of one real token), strided keys and query, sources longer than one tile
-    (Q = 1024: 4 positions a tile), sizes that are not powers of two."""
+    padding (a row of one real token), keys, memory and mask rows taken from wider tensors
+    (row strides), sources longer than one tile (Q = 1024: 4 positions a tile), sizes that are
+    not powers of two; a query with a column stride is refused."""
     decode_attention = _decode_attention_module()
     g = torch.Generator().manual_seed(B * S + Q)
     query = (torch.randn(B, 2 * Q, generator=g) * 0.3).to(dtype)[:, ::2] if Q > 8 else torch.randn(B, Q, generator=g).to(dtype)
     keys = torch.randn(B, S, Q + 5, generator=g).to(dtype)[:, :, :Q]  # rows of a wider tensor
-    memory = torch.randn(B, S, M, generator=g).to(dtype)
+    memory = torch.randn(B, S, M + 3, generator=g).to(dtype)[:, :, :M]
     lengths = torch.randint(1, S + 1, (B,), generator=g)
     lengths[0] = 1
-    mask = torch.arange(S)[None, :] < lengths[:, None]
+    mask = (torch.arange(S + 2)[None, :] < lengths[:, None])[:, :S]
     if query.stride(1) != 1:  # the kernel wants contiguous rows: the wrapper's caller (the model) has them
         assert not decode_attention.supported(query, keys, memory, mask)
         query = query.contiguous()
@@ -563,6 +564,12 @@ def test_attention_step_refuses_what_it_cannot_take():
     assert not decode_attention.supported(q.double(), k.double(), m.double(), mask)
     big = decode_attention.MAX_DIM + 1
     assert not decode_attention.supported(torch.zeros(2, big), torch.zeros(2, 3, big), m, mask)
+    # the kernel has no backward: while autograd records, the dispatcher runs the reference
+    q.requires_grad_()
+    ctx, w = kernels.attention_step(q, k, m, mask, backend="triton")
+    assert ctx.grad_fn is not None and w.grad_fn is not None
+    with torch.no_grad():
+        assert kernels.attention_step(q, k, m, mask, backend="triton")[0].grad_fn is None
 
 
 # ----------------------------------------------------------------------------- search top-k

@@ -103,9 +103,10 @@ def attention_step(
     mask: Tensor,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step's dot/general attention; see `reference.attention_step` (no autograd
-    through the Triton kernel: the model calls it under no_grad only)."""
-    if resolve_backend(backend, query.device) == "triton":
+    """One decoding step's dot/general attention; see `reference.attention_step`. The Triton
+    kernel has no backward: with autograd recording, the reference runs."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, keys, memory))
+    if not needs_grad and resolve_backend(backend, query.device) == "triton":
         from . import decode_attention
 
         if decode_attention.supported(query, keys, memory, mask):

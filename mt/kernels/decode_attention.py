@@ -10,7 +10,9 @@ For each row b (one program each), what `reference.attention_step` does with six
     context[m] = sum_s weights[s] * memory[b, s, m]   (weights rounded to memory's dtype first)
 
 `mt.modules.attention.Attention` calls it with our Triton gate cell when no gradient is needed
-(greedy and beam search, validation); training keeps the PyTorch ops (autograd). Every decoding
+(greedy and beam search, validation); training keeps the PyTorch ops (autograd). It computes
+in its inputs' dtypes and ignores autocast: under autocast the model hands it bf16 query, keys
+and memory, as the PyTorch ops would see them after autocast's casts. Every decoding
 step runs it once for the B (greedy) or n*K (beam) rows, inside the step's CUDA graph.
 
 Why: a replayed decoding step is a chain of small kernels, each a few microseconds however
@@ -88,7 +90,7 @@ def _attention_step_kernel(
         total += tl.exp(tl.load(row + s, mask=s < S, other=float("-inf")) - top_all)
         s0 += BLOCK_S
     denom = tl.sum(total, axis=0)
-    tl.debug_barrier()  # every read of the scores is above: the weights replace them
+    tl.debug_barrier()  # step 2's reads of the scores are done before step 3 writes weights over them
 
     # 3. weights (fp32), and context (M,) = weights (S,) @ memory (S, M), the weights in memory's
     # dtype as the bmm's input
@@ -97,6 +99,9 @@ def _attention_step_kernel(
     while s0 < S:
         s = s0 + tl.arange(0, BLOCK_S)
         w = tl.exp(tl.load(row + s, mask=s < S, other=float("-inf")) - top_all) / denom
+        # every thread reads the tile's scores (for its columns of the context), fewer threads
+        # store its weights: all reads first, or a late warp would read a weight as a score
+        tl.debug_barrier()
         tl.store(row + s, w, mask=s < S)
         m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm[None, :],
                     mask=(s < S)[:, None] & (dm < M)[None, :], other=0.0)

@@ -12,7 +12,8 @@ with status 1 if any fails. Checks:
                 state), outputs and gradients, fp32 (ieee dots) and bf16; the search's
                 fused log_softmax_topk (mt.kernels.search_topk) against the reference; a
                 decoding step's attention (mt.kernels.decode_attention) against the PyTorch
-                ops; and beam search's output walk (search_beam.backtrack) against the host's.
+                ops, and the same bits in 10 launches; and beam search's output walk
+                (search_beam.backtrack) against the host's.
   train_graph_vs_emulated[cell]
                 20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
                 a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
@@ -152,20 +153,25 @@ def check_kernels() -> None:
                   and bool(((cols >= 0) & (cols < V)).all()) and not bool(torch.isin(cols[fin], banned).any()))
             check(f"kernels.log_softmax_topk[{str(dtype)[6:]}, {N}x{V}, k={k}]", ok, max_abs_err=f"{err:.2e}", tol=1e-4)
 
-    # a decoding step's attention (decode_attention.py) against the PyTorch ops, at the beam-5 bench's rows
+    # a decoding step's attention (decode_attention.py) against the PyTorch ops, at the beam-5
+    # bench's rows and at long sources (25 tiles a row), 10 launches each: the same bits every
+    # time (a race between the program's warps would show as launches that differ)
     from mt.kernels import decode_attention
 
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        B, S, H = (640, 20, 512) if dev == "cuda" else (6, 5, 32)
-        g = torch.Generator(device=dev).manual_seed(S)
-        query = torch.randn(B, H, device=dev, generator=g).to(dtype)
-        keys, memory = (torch.randn(B, S, H, device=dev, generator=g).to(dtype) for _ in range(2))
-        mask = torch.arange(S, device=dev)[None, :] < torch.randint(1, S + 1, (B, 1), device=dev, generator=g)
-        ctx, w = decode_attention.attention_step(query, keys, memory, mask)
-        ref_ctx, ref_w = reference.attention_step(query, keys, memory, mask)
-        err = max((w - ref_w).abs().max().item(), (ctx.float() - ref_ctx.float()).abs().max().item()
-                  / (1 + ref_ctx.float().abs().max().item()))
-        check(f"kernels.attention_step[{str(dtype)[6:]}, {B}x{S}x{H}]", err < tol, max_err=f"{err:.2e}", tol=tol)
+        for B, S, H in ((640, 20, 512), (640, 200, 512)) if dev == "cuda" else ((6, 5, 32), (3, 70, 512)):
+            g = torch.Generator(device=dev).manual_seed(S)
+            query = torch.randn(B, H, device=dev, generator=g).to(dtype)
+            keys, memory = (torch.randn(B, S, H, device=dev, generator=g).to(dtype) for _ in range(2))
+            mask = torch.arange(S, device=dev)[None, :] < torch.randint(1, S + 1, (B, 1), device=dev, generator=g)
+            runs = [decode_attention.attention_step(query, keys, memory, mask) for _ in range(10 if dev == "cuda" else 2)]
+            ctx, w = runs[0]
+            same = all(torch.equal(c, ctx) and torch.equal(x, w) for c, x in runs[1:])
+            ref_ctx, ref_w = reference.attention_step(query, keys, memory, mask)
+            err = max((w - ref_w).abs().max().item(), (ctx.float() - ref_ctx.float()).abs().max().item()
+                      / (1 + ref_ctx.float().abs().max().item()))
+            check(f"kernels.attention_step[{str(dtype)[6:]}, {B}x{S}x{H}]", err < tol and same, max_err=f"{err:.2e}",
+                  tol=tol, same_bits_every_launch=same)
 
     # beam search's output: the device walk back (search_beam.backtrack) against the host's
     from mt.kernels import search_beam

@@ -229,6 +229,9 @@ class _BeamSearch:
         self.skip_idle_merge = False  # eager on CPU: skip the merge when nothing closes (costs a host sync)
         self.in_place = False  # the state lives in static buffers (CUDA graphs): `advance_fused` writes into them
         self.row0 = torch.arange(n, device=device) * K  # (n,) first beam row of each working sentence
+        # `advance_fused`'s rows (the beam row each open beam continues), rewritten by every step;
+        # zeros, not empty: a precompile dry run skips the kernel that writes them
+        self.rows = torch.zeros(n * K, dtype=torch.long, device=device)
         # history, by original sentence: the token each beam took at step t, the beam (before
         # step t's reorder) it continues, and the attention of every beam row at step t
         self.tok_hist = torch.zeros(T, n, K, dtype=torch.long, device=device)
@@ -337,20 +340,23 @@ class _BeamSearch:
         from .kernels import search_beam
 
         n, K = s.scores.shape
-        # (n*K,) the row each open beam continues; zeros, not empty: a precompile dry run skips the launch
-        rows = torch.zeros(n * K, dtype=torch.long, device=val.device)
+        rows = self.rows[: n * K]  # (n*K,) the row each open beam continues, written by the kernel
         search_beam.beam_update(val, col, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, s.scores,
                                 s.last, rows, self.tok_hist, self.bp_hist, self.attn_hist, self.eos, self.nbest)
-        if self.in_place:
-            for dst, src in zip([*s.dec.h, *s.dec.c, s.dec.feed], [*dec.h, *dec.c, dec.feed], strict=True):
+        # the decoder state follows its beams: one gather launch for h and c of every layer and the feed
+        L = len(dec.h)
+        srcs = [*dec.h, *dec.c, dec.feed]
+        dsts = [*s.dec.h, *s.dec.c, s.dec.feed] if self.in_place else [torch.empty_like(x) for x in srcs]
+        if search_beam.gather_rows_supported(rows, srcs, dsts):
+            search_beam.gather_rows(rows, srcs, dsts)
+        else:
+            for dst, src in zip(dsts, srcs, strict=True):
                 if dst.dtype == src.dtype:
                     torch.index_select(src, 0, rows, out=dst)
                 else:
                     dst.copy_(src.index_select(0, rows))
-            dec = s.dec
-        else:
-            dec = dec.index_select(rows)
         s.t.add_(1)
+        dec = s.dec if self.in_place else DecoderState(dsts[:L], dsts[L : 2 * L], dsts[2 * L])
         return SearchState(s.last, dec, s.scores, s.done, s.t, s.fin)
 
     def retire(self, s: SearchState, gone: list[int], keep: list[int]) -> SearchState:

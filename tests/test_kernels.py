@@ -497,6 +497,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for q, m in ((bf, bf), (f32, f32)):  # a decoding step's attention at the Multi30k model's sizes
         build(da._attention_step_kernel, dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", ctx_ptr=m, w_ptr=f32),
               dict(BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.TILE // 512))
+    for nt in (3, sb.MAX_STATE):  # the decoder state's gather after a beam step
+        build(sb._gather_rows_kernel, dict(rows_ptr=i64, **{f"{x}{i}": (bf if i % 2 == 0 else f32)
+                                                           for i in range(sb.MAX_STATE) for x in "sd"}),
+              dict(NT=nt, BLOCK_H=512), num_warps=2)
     for K in (1, 5):  # beam search's output: the walk back (a while loop)
         build(sb._beam_backtrack_kernel, dict(info_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32,
                                               tok_out_ptr=i64, attn_out_ptr=f32),
@@ -855,6 +859,39 @@ def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
     assert search_beam.backtrack_supported(attn)
     assert not search_beam.backtrack_supported(attn.double())
     assert not search_beam.backtrack_supported(torch.zeros(1, 1, 1, search_beam.MAX_S + 1))
+
+
+@pytest.mark.parametrize("layers, H", [(1, 40), (4, 16)])
+def test_gather_rows_moves_the_decoder_state_in_one_launch(layers, H):
+    """`search_beam.gather_rows`: every destination row is its source's row `rows[r]` (repeats
+    and all), cast to the destination's dtype (bf16 h, fp32 c, a bf16 feed into fp32), as
+    index_select gives; 1 to MAX_STATE tensors. (A widening cast: the interpreter rounds fp32
+    to bf16 differently from PyTorch.)"""
+    search_beam = _search_beam_module()
+    g = torch.Generator().manual_seed(layers)
+    N = 12
+    rows = torch.randint(0, N, (N,), generator=g)
+    rows[:3] = 5  # the same beam continued three times
+    srcs = [torch.randn(N, H, generator=g).to(torch.bfloat16) for _ in range(layers)]  # h
+    srcs += [torch.randn(N, H, generator=g) for _ in range(layers)]  # c, fp32
+    srcs += [torch.randn(N, H, generator=g).to(torch.bfloat16)]  # the feed, into fp32 below
+    dsts = [torch.full((N, H), 7.0, dtype=torch.bfloat16 if i < layers else torch.float32)
+            for i in range(2 * layers + 1)]
+    assert len(srcs) <= search_beam.MAX_STATE and search_beam.gather_rows_supported(rows, srcs, dsts)
+    search_beam.gather_rows(rows, srcs, dsts)
+    for src, dst in zip(srcs, dsts):
+        assert torch.equal(dst, src.index_select(0, rows).to(dst.dtype))
+
+
+def test_gather_rows_refuses_what_it_cannot_take():
+    search_beam = _search_beam_module()
+    rows, a, b = torch.zeros(4, dtype=torch.long), torch.zeros(4, 8), torch.zeros(4, 8)
+    assert search_beam.gather_rows_supported(rows, [a], [b])
+    assert not search_beam.gather_rows_supported(rows, [a], [a])  # in place: rows would overwrite their sources
+    assert not search_beam.gather_rows_supported(rows, [a], [b[:, :4]])  # another H, and strided
+    assert not search_beam.gather_rows_supported(rows, [a.t().contiguous().t()], [b])  # not contiguous
+    assert not search_beam.gather_rows_supported(rows, [a] * 10, [torch.zeros(4, 8) for _ in range(10)])  # > MAX_STATE
+    assert not search_beam.gather_rows_supported(rows[:3], [a], [b])  # a row index per destination row
 
 
 def test_beam_update_refuses_what_it_cannot_take():

@@ -3,6 +3,7 @@ hypotheses after the last step in another (the search half of `mt.kernels`, with
 `search_topk.py`).
 
     beam_update(val, col, attn, state..., history...)      # in place, one launch
+    gather_rows(rows, srcs, dsts)                          # the decoder state follows, one launch
     backtrack(info, tok_hist, bp_hist, attn_hist, n, m, steps) -> (tokens, attention)
 
 After `search_topk.log_softmax_topk` has given each beam its 2K best continuations (beam score
@@ -226,6 +227,78 @@ def _beam_backtrack_kernel(
         t -= 1
 
 
+MAX_STATE = 9  # tensors one gather_rows launch moves: h and c of 4 decoder layers, and the input feed
+
+
+@triton.jit
+def _copy_row(src_ptr, dst_ptr, r, src_row, H, BLOCK_H: tl.constexpr):
+    d = tl.arange(0, BLOCK_H)
+    x = tl.load(src_ptr + src_row * H + d, mask=d < H)
+    tl.store(dst_ptr + r * H + d, x.to(dst_ptr.dtype.element_ty), mask=d < H)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _gather_rows_kernel(rows_ptr, s0, d0, s1, d1, s2, d2, s3, d3, s4, d4, s5, d5, s6, d6, s7, d7, s8, d8, H,
+                        NT: tl.constexpr, BLOCK_H: tl.constexpr):
+    # program (r, t): row r of destination t = row rows[r] of source t (pairs past NT: unused)
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    src_row = tl.load(rows_ptr + r)
+    if t == 0:
+        _copy_row(s0, d0, r, src_row, H, BLOCK_H)
+    if NT > 1:
+        if t == 1:
+            _copy_row(s1, d1, r, src_row, H, BLOCK_H)
+    if NT > 2:
+        if t == 2:
+            _copy_row(s2, d2, r, src_row, H, BLOCK_H)
+    if NT > 3:
+        if t == 3:
+            _copy_row(s3, d3, r, src_row, H, BLOCK_H)
+    if NT > 4:
+        if t == 4:
+            _copy_row(s4, d4, r, src_row, H, BLOCK_H)
+    if NT > 5:
+        if t == 5:
+            _copy_row(s5, d5, r, src_row, H, BLOCK_H)
+    if NT > 6:
+        if t == 6:
+            _copy_row(s6, d6, r, src_row, H, BLOCK_H)
+    if NT > 7:
+        if t == 7:
+            _copy_row(s7, d7, r, src_row, H, BLOCK_H)
+    if NT > 8:
+        if t == 8:
+            _copy_row(s8, d8, r, src_row, H, BLOCK_H)
+
+
+def gather_rows_supported(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> bool:
+    """Whether `gather_rows` takes these (else one index_select each): up to MAX_STATE pairs of
+    contiguous (N, H) tensors of one H, every destination apart from every source."""
+    if not (_runs_here(rows) and 1 <= len(srcs) == len(dsts) <= MAX_STATE and rows.dim() == 1):
+        return False
+    N, H = dsts[0].shape
+    if any(x.dim() != 2 or x.shape[1] != H or not x.is_contiguous() for x in (*srcs, *dsts)):
+        return False
+    if any(d.shape[0] != rows.shape[0] for d in dsts):
+        return False
+    return not any(d.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for d in dsts for x in srcs)
+
+
+def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
+    """dsts[t][r] = srcs[t][rows[r]] for every pair t, cast to the destination's dtype, in one
+    launch: the decoder state's reorder after a beam step (h and c of every layer, the input
+    feed), which is otherwise one index_select per tensor. rows (N,) int64; srcs (N', H),
+    dsts (N, H). See `gather_rows_supported`."""
+    N, H = dsts[0].shape
+    if N == 0:
+        return
+    pairs = [x for pair in zip(srcs, dsts) for x in pair]
+    pairs += pairs[:2] * (MAX_STATE - len(srcs))  # unused slots (never touched: NT)
+    _gather_rows_kernel[(N, len(srcs))](rows, *pairs, H, NT=len(srcs), BLOCK_H=triton.next_power_of_2(H),
+                                        num_warps=4 if H >= 1024 else (2 if H >= 256 else 1))
+
+
 def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     """Whether the kernel takes a step of K beams over V tokens and S source positions whose
     per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
@@ -287,4 +360,5 @@ def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor
     return tokens, attention
 
 
-__all__ = ["MAX_BEAM", "supported", "beam_update", "backtrack_supported", "backtrack"]
+__all__ = ["MAX_BEAM", "MAX_STATE", "supported", "beam_update", "gather_rows_supported", "gather_rows",
+           "backtrack_supported", "backtrack"]

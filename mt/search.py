@@ -4,9 +4,10 @@ Both searches encode the source once and then call ``model.decoder.step_logits``
 position for the whole batch; the decoder state (h, c, input feed) is carried forward and, in
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
 With our Triton gate cell, a step's log-softmax, beam-score add and top-k are fused kernels
-(`kernels.log_softmax_topk`: each beam's min(2K, V) best), and beam search's bookkeeping after it
-one more (`kernels/search_beam.py`, reference `_BeamSearch.advance`); with cuDNN or the PyTorch
-reference, PyTorch's log_softmax and topk over all K * V candidates, and `advance`.
+(`kernels.log_softmax_topk`: each beam's min(2K, V) best), and the search's bookkeeping after it
+one more (`kernels/search_greedy.py`, `kernels/search_beam.py`; references: the searches'
+`advance`); with cuDNN or the PyTorch reference, PyTorch's log_softmax and topk over all K * V
+candidates, and `advance`.
 
 Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
 beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
@@ -166,6 +167,8 @@ class _GreedySearch:
         N, S, device = memory.out.shape[0], memory.out.shape[1], limit.device
         self.memory, self.limit, self.bos, self.eos = memory, limit, bos, eos  # limit (N,)
         self.banned = torch.tensor(banned, device=device)
+        self.in_place = False  # the state lives in static buffers (CUDA graphs): `advance_fused` writes into them
+        self.identity = torch.arange(N, device=device)  # (N,) rows: the decoder state's copy, as a gather
         self.tok_hist = torch.zeros(T, N, dtype=torch.long, device=device)  # (T, N) output tokens
         self.attn_hist = torch.zeros(T, N, S, device=device)  # (T, N, S) fp32 attention
         self.state = SearchState(torch.full((N,), bos, dtype=torch.long, device=device), dec,
@@ -181,17 +184,45 @@ class _GreedySearch:
 
     def step(self, step_fn, s: SearchState) -> SearchState:
         logits, dec, attn = step_fn(s.last, s.dec, self.memory)  # (N, V), (N, S)
-        if fused(self.memory, logits, 1):  # our Triton kernels: one launch for all of it
+        if fused(self.memory, logits, 1):  # our Triton kernels: one launch for log-softmax and top-1...
             best, tok = (x.squeeze(1) for x in kernels.log_softmax_topk(logits, 1, banned=self.banned, backend="triton"))
+            from .kernels import search_greedy
+
+            if search_greedy.supported(attn):  # ...and one for `advance`
+                return self.advance_fused(s, best, tok, dec, attn)
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             logp.index_fill_(1, self.banned, float("-inf"))
             best, tok = logp.max(dim=-1)  # (N,)
+        return self.advance(s, best, tok, dec, attn)
+
+    def advance(self, s: SearchState, best: Tensor, tok: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
+        """The step's decisions from each row's best log-prob and token, best and tok (N,); dec and
+        attn (N, S) what the decoder step gave. (`advance_fused` is the same in one Triton kernel.)"""
         tok = tok.masked_fill(s.done, self.eos)
         self.tok_hist.index_copy_(0, s.t.view(1), tok.unsqueeze(0))
         self.attn_hist.index_copy_(0, s.t.view(1), attn.float().unsqueeze(0))
         done = s.done | (tok == self.eos) | (s.t + 1 >= self.limit)
         return SearchState(tok, dec, s.scores + best.masked_fill(s.done, 0.0), done, s.t + 1)
+
+    def advance_fused(self, s: SearchState, best: Tensor, tok: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
+        """`advance` in one launch (kernels/search_greedy.py): s's tokens, scores and done flags are
+        rewritten in place, and with `in_place` (static CUDA-graph buffers) the decoder state is
+        copied into s's by one more (`search_beam.gather_rows` over the identity)."""
+        from .kernels import search_beam, search_greedy
+
+        search_greedy.greedy_update(best, tok, attn, self.limit, s.t, s.done, s.scores, s.last, self.tok_hist,
+                                    self.attn_hist, self.eos)
+        if self.in_place:
+            srcs, dsts = [*dec.h, *dec.c, dec.feed], [*s.dec.h, *s.dec.c, s.dec.feed]
+            if search_beam.gather_rows_supported(self.identity, srcs, dsts):
+                search_beam.gather_rows(self.identity, srcs, dsts)
+            else:
+                for dst, src in zip(dsts, srcs, strict=True):
+                    dst.copy_(src)
+            dec = s.dec
+        s.t.add_(1)
+        return SearchState(s.last, dec, s.scores, s.done, s.t)
 
     def output(self, steps: int, n: int, src_lens: list[int], limits: list[int]) -> SearchOutput:
         toks = self.tok_hist[:steps, :n].t().tolist()  # (n, steps)

@@ -497,6 +497,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for q, m in ((bf, bf), (f32, f32)):  # a decoding step's attention at the Multi30k model's sizes
         build(da._attention_step_kernel, dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", ctx_ptr=m, w_ptr=f32),
               dict(BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.TILE // 512))
+    from mt.kernels import search_greedy as sg
+    build(sg._greedy_update_kernel, dict(best_ptr=f32, tok_ptr=i64, attn_ptr=bf, limit_ptr=i64, t_ptr=i64,
+                                         done_ptr="*i1", scores_ptr=f32, last_ptr=i64, tok_hist_ptr=i64,
+                                         attn_hist_ptr=f32), dict(BLOCK=sg.BLOCK_S), num_warps=1)
     for nt in (3, sb.MAX_STATE):  # the decoder state's gather after a beam step
         build(sb._gather_rows_kernel, dict(rows_ptr=i64, **{f"{x}{i}": (bf if i % 2 == 0 else f32)
                                                            for i in range(sb.MAX_STATE) for x in "sd"}),
@@ -658,7 +662,8 @@ def test_log_softmax_topk_dispatch():
                          ids=["eager", "emulated-graphs", "eager-chunked-topk"])
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     """Greedy and beam search with our Triton gate cell use the fused kernels (the decoder step's
-    attention; top-k; beam search's bookkeeping and its output's walk back); the same model with PyTorch's log_softmax + topk and bookkeeping (what cuDNN
+    attention; top-k; the bookkeeping; beam search's output walk back); the same model with
+    PyTorch's attention, log_softmax + topk and bookkeeping and the host's walk back (what cuDNN
     and the reference cell run) decodes the same. V = 1100: the top-k in chunks."""
     from mt import graphs, search
     from mt.config import ModelConfig
@@ -675,51 +680,39 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
         src[i, : n - 1] = torch.randint(4, 40, (n - 1,), generator=g)
         src[i, n - 1] = 3
     src_len = torch.tensor(lengths)
-    calls = []
-    real = search.fused
 
-    def counting(memory, logits, k):
-        used = real(memory, logits, k)
-        calls.append(used)
-        return used
+    def spy(owner, name: str, log: list):
+        """Record what owner.name returns (or that it ran) while the real one runs; -> the real one."""
+        real = getattr(owner, name)
 
-    kernel_steps = []
-    advance_fused = search._BeamSearch.advance_fused
+        def wrapper(*a):
+            log.append(real(*a))
+            return log[-1]
 
-    def counting_beam(self, *a):
-        kernel_steps.append(1)
-        return advance_fused(self, *a)
-
-    monkeypatch.setattr(search._BeamSearch, "advance_fused", counting_beam)
-    backtracks = []
-    real_backtrack = search._backtrack_kernel_takes
-
-    def counting_backtrack(attn_hist):
-        backtracks.append(real_backtrack(attn_hist))
-        return backtracks[-1]
+        monkeypatch.setattr(owner, name, wrapper)
+        return wrapper
 
     decode_attention = _decode_attention_module()
-    attention_calls = []
-    real_attention = decode_attention.supported
-
-    def counting_attention(*a):
-        attention_calls.append(real_attention(*a))
-        return attention_calls[-1]
-
+    # each of our kernels (the decision to take it, or its step), spied on in the "fused" run
+    switches = {"fused": (search, "fused"), "backtrack": (search, "_backtrack_kernel_takes"),
+                "attention": (decode_attention, "supported")}
+    logs = {name: [] for name in [*switches, "beam", "greedy"]}
+    spy(search._BeamSearch, "advance_fused", logs["beam"])
+    spy(search._GreedySearch, "advance_fused", logs["greedy"])
+    on = {name: spy(owner, attr, logs[name]) for name, (owner, attr) in switches.items()}
     beams = (3,) if V > 1024 else (1, 3)  # (the chunked case: beam search only, the interpreter is slow)
     outs = {}
-    for name, on in (("fused", True), ("pytorch", False)):
-        monkeypatch.setattr(search, "fused", counting if on else (lambda *a: False))
-        monkeypatch.setattr(search, "_backtrack_kernel_takes", counting_backtrack if on else (lambda *a: False))
-        monkeypatch.setattr(decode_attention, "supported", counting_attention if on else (lambda *a: False))
+    for run in ("fused", "pytorch"):
+        for name, (owner, attr) in switches.items():  # "pytorch": what cuDNN and the reference cell run
+            monkeypatch.setattr(owner, attr, on[name] if run == "fused" else (lambda *a: False))
         for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
-            outs[name, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
-                                             length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
-    assert calls and all(calls)  # the fused path really ran...
-    assert kernel_steps  # ...beam search's bookkeeping kernel too
-    assert backtracks and all(backtracks)  # ...and the output's walk back (`backtrack`)
-    assert attention_calls and all(attention_calls)  # ...and the decoder step's attention
+            outs[run, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
+                                            length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
+    for name in switches:  # the fused path really ran: the top-k, the walk back, the attention...
+        assert logs[name] and all(logs[name]), name
+    assert logs["beam"]  # ...beam search's bookkeeping kernel...
+    assert logs["greedy"] or V > 1024  # ...and greedy search's (the chunked case runs beam search only)
     for beam in beams:
         a, b = outs["fused", beam], outs["pytorch", beam]
         assert a.tokens == b.tokens
@@ -859,6 +852,58 @@ def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
     assert search_beam.backtrack_supported(attn)
     assert not search_beam.backtrack_supported(attn.double())
     assert not search_beam.backtrack_supported(torch.zeros(1, 1, 1, search_beam.MAX_S + 1))
+
+
+@pytest.mark.parametrize("in_place, S", [(False, 7), (True, 300)])
+def test_greedy_update_kernel_matches_advance(in_place, S):
+    """`_GreedySearch.advance_fused` (one Triton launch, plus the state's gather under graphs)
+    against `advance` (the PyTorch bookkeeping) fed the same best tokens: every state tensor and
+    the histories equal over steps with EOS, length limits and rows already done; S = 300: the
+    attention row in three tiles."""
+    from mt.kernels import search_greedy
+
+    if type(search_greedy._greedy_update_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(search_greedy)
+    _search_beam_module()
+    from mt.model import DecoderState, Memory
+    from mt.search import _GreedySearch
+
+    N, H, T, eos = 9, 4, 8, 3
+    g = torch.Generator().manual_seed(S)
+    limit = torch.tensor([8, 2, 5, 1, 8, 3, 8, 6, 7])
+
+    def make():
+        memory = Memory(torch.zeros(N, S, H), torch.zeros(N, S, H), torch.ones(N, S, dtype=torch.bool), "triton")
+        dec = DecoderState([torch.zeros(N, H) for _ in range(2)], [torch.zeros(N, H) for _ in range(2)],
+                           torch.zeros(N, H))
+        search = _GreedySearch(memory, dec, limit.clone(), T, 2, eos, [0, 2])
+        search.in_place = in_place
+        search.reset(N - 1)  # the last row is padding: done from the start
+        return search
+
+    ref, fused = make(), make()
+    for step in range(T):
+        best = -torch.rand(N, generator=g) * 3
+        tok = torch.randint(4, 50, (N,), generator=g)
+        tok[torch.rand(N, generator=g) < 0.2] = eos
+        dec = DecoderState([torch.randn(N, H, generator=g) for _ in range(2)],
+                           [torch.randn(N, H, generator=g) for _ in range(2)], torch.randn(N, H, generator=g))
+        attn = torch.rand(N, S, generator=g).to(torch.bfloat16)
+        prev = fused.state
+        ref.state = ref.advance(ref.state, best, tok, dec, attn)
+        fused.state = fused.advance_fused(prev, best, tok, dec, attn)
+        a, b = ref.state, fused.state
+        assert torch.equal(a.t, b.t) and torch.equal(a.done, b.done), step
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.last, b.last), step
+        assert all(torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        assert b.scores is prev.scores and b.done is prev.done  # updated in place, nothing to copy back
+        assert (b.dec.h[0] is prev.dec.h[0]) == in_place  # the decoder state too, on static buffers
+        assert torch.equal(ref.tok_hist, fused.tok_hist) and torch.equal(ref.attn_hist, fused.attn_hist), step
+        if bool(a.done.all()):
+            break
+    assert bool(ref.state.done.all())  # EOS and the limits stopped every row...
+    first_eos = [row.index(eos) if eos in row else T for row in ref.tok_hist.t().tolist()]
+    assert any(e + 1 < lim for e, lim in zip(first_eos, limit.tolist())), "no row stopped at EOS before its limit"
 
 
 @pytest.mark.parametrize("layers, H", [(1, 40), (4, 16)])

@@ -11,9 +11,10 @@ and two more for decoding, fused on the GPU: the attention of one decoder step
     attention_step(query, keys, memory, mask, backend=...) -> (context, weights)
     log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
 
-(Beam search's bookkeeping after it is one more Triton kernel, and the rebuild of its
-hypotheses at the end another, both in `search_beam.py`; their references are the search's
-own code, `mt.search._BeamSearch.advance` and `mt.search._backtrack_host`.)
+(The search's bookkeeping after it is one more Triton kernel, `search_greedy.py` and
+`search_beam.py`, which also has the decoder state's reorder and the rebuild of beam search's
+hypotheses at the end; their references are the search's own code, `mt.search`'s
+`_GreedySearch.advance`, `_BeamSearch.advance` and `_backtrack_host`.)
 
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)

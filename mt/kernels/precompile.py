@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.decode_attention", "mt.kernels.search_topk",
-                  "mt.kernels.search_beam")
+                  "mt.kernels.search_greedy", "mt.kernels.search_beam")
 
 
 @dataclass(frozen=True)

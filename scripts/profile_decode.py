@@ -19,8 +19,9 @@ ours that turn search kernels off, to measure what each gives:
     python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output \
         ours-torch-attention ours-torch-search cudnn
 
-ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does beam
-search's bookkeeping with PyTorch ops (`_BeamSearch.advance`, not mt/kernels/search_beam.py);
+ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does the
+search's bookkeeping with PyTorch ops (`_BeamSearch.advance` and `_GreedySearch.advance`, not
+mt/kernels/search_beam.py and search_greedy.py);
 ours-torch-attention runs the decoder step's attention as PyTorch's six ops (not
 mt/kernels/decode_attention.py); ours-host-output rebuilds beam search's hypotheses on the
 host (`_backtrack_host`, numpy, after copying the whole history back) instead of
@@ -90,7 +91,7 @@ def kernel_table(fn, steps: int, top: int) -> dict:
 _OFF = lambda *a: False  # noqa: E731
 VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is set to), ...
     "ours-row-topk": (("mt.kernels.search_topk", "ROW_V", 8192),),  # rows up to 8192 wide: one program each
-    "ours-topk-only": (("mt.kernels.search_beam", "supported", _OFF),),
+    "ours-topk-only": (("mt.kernels.search_beam", "supported", _OFF), ("mt.kernels.search_greedy", "supported", _OFF)),
     "ours-host-output": (("mt.search", "_backtrack_kernel_takes", _OFF),),
     "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),
     "ours-torch-search": (("mt.search", "fused", _OFF), ("mt.search", "_backtrack_kernel_takes", _OFF)),

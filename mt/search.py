@@ -138,9 +138,11 @@ def fused(memory: Memory, logits: Tensor, k: int) -> bool:
 @dataclass
 class SearchState:
     """What one search step reads and replaces: device tensors of fixed shape, N = n x K rows
-    (n sentences, K beams; greedy: K = 1). A step returns a new SearchState; under CUDA graphs
-    it is copied into the captured one (`copy_`), except the tensors the step updated in place
-    (`_BeamSearch.advance_fused`)."""
+    (n sentences, K beams; greedy: K = 1). A step returns a SearchState; under CUDA graphs it is
+    copied into the captured one (`copy_`), except the tensors the step updated in place: the
+    `advance_fused` of both searches rewrite the state's tokens, scores, done flags and step
+    (beam search: and finished lists) in place, eagerly too, so the returned state shares them
+    with the one passed in (nothing keeps the old values)."""
 
     last: Tensor  # (N,) each row's previous output token
     dec: DecoderState  # (N, H) per layer, and the input feed

@@ -12,8 +12,9 @@ with status 1 if any fails. Checks:
                 state), outputs and gradients, fp32 (ieee dots) and bf16; the search's
                 fused log_softmax_topk (mt.kernels.search_topk) against the reference; a
                 decoding step's attention (mt.kernels.decode_attention) against the PyTorch
-                ops, and the same bits in 10 launches; and beam search's output walk
-                (search_beam.backtrack) against the host's.
+                ops, and the same bits in 10 launches; beam search's output walk
+                (search_beam.backtrack) against the host's; and the decoder state's gather
+                (search_beam.gather_rows) against index_select, an fp32 -> bf16 cast included.
   train_graph_vs_emulated[cell]
                 20 steps of a small model (bf16 autocast, dropout 0.3, label smoothing, clipping,
                 a LambdaLR warm-up read through the lr tensor) over batches of 3 shapes, one of
@@ -34,11 +35,12 @@ with status 1 if any fails. Checks:
                 greedy and beam 5 with mt.graphs.GraphedDecoder (captured: the encoder and the
                 search step, each its own graph) against emulate=True: identical tokens, scores
                 within 1e-4; the encoder's graph captured once and replayed.
-  beam_kernel_vs_pytorch[triton, dtype]
-                beam 5 with the bookkeeping kernel and the output's walk back on the device
-                (mt.kernels.search_beam) against the same search with its PyTorch / numpy
-                code (`_BeamSearch.advance`, `_backtrack_host`), graphed and eager:
-                identical tokens, scores and attention within 1e-5.
+  search_kernels_vs_pytorch[triton, dtype, beam]
+                greedy and beam 5 with the bookkeeping kernels, the state's gather and the
+                output's walk back on the device (mt.kernels.search_greedy, search_beam)
+                against the same search with its PyTorch / numpy code (`advance`,
+                index_select, `_backtrack_host`), graphed and eager: identical tokens, scores
+                and attention within 1e-5.
   decode_graph_vs_eager[cell]
                 fp32: the graphed decoder against plain eager decoding (no padding): >= 95% of
                 the sentences identical (padding changes float rounding; an untrained model has
@@ -193,6 +195,19 @@ def check_kernels() -> None:
                    and torch.equal(d_attn[i, k, : e + 1], torch.from_numpy(h_attn[i, k, : e + 1]))
                    for i in range(n) for k in range(m) for e in [ends[i][k]])
         check(f"kernels.beam_backtrack[{n}x{m} of {n0}x{K}, {steps} steps]", same)
+
+    # the decoder state's gather (search_beam.gather_rows) against index_select, casts included
+    N, H = (640, 512) if dev == "cuda" else (12, 40)
+    g = torch.Generator(device=dev).manual_seed(N)
+    rows = torch.randint(0, N, (N,), device=dev, generator=g)
+    srcs = [torch.randn(N, H, device=dev, generator=g).to(d) for d in (torch.bfloat16, torch.bfloat16, torch.float32,
+                                                                       torch.float32, torch.float32)]
+    dsts = [torch.empty(N, H, device=dev, dtype=d) for d in (torch.bfloat16, torch.bfloat16, torch.float32,
+                                                             torch.float32, torch.bfloat16)]  # the last: fp32 -> bf16
+    search_beam.gather_rows(rows, srcs, dsts)
+    same = [bool(torch.equal(d, s.index_select(0, rows).to(d.dtype))) for s, d in zip(srcs, dsts)]
+    # (on CPU the interpreter rounds fp32 to bf16 its own way: the last pair is only checked on CUDA)
+    check(f"kernels.gather_rows[{N}x{H}, 5 tensors]", all(same if dev == "cuda" else same[:4]), same=same)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +379,8 @@ def check_decoding() -> None:
                 enc_ok = DEVICE != "cuda" or (enc.get("captured") == 1 and enc.get("replayed") == 1)
                 check(f"decode_graph_vs_emulated[{name}, beam {beam}]", same and err <= 1e-4 and enc_ok,
                       same_tokens=same, max_rel_score_diff=f"{err:.2e}", stats=dict(gd.stats), encoder_stats=enc)
-                if cell == "triton" and beam > 1:
-                    check_beam_kernel(model, batch, beam, amp, name)
+                if cell == "triton":
+                    check_search_kernels(model, batch, beam, amp, name)
                 if amp is None:
                     eager = decode(model, batch, None, beam, None)
                     agree = [a == b for a, b in zip(outs[-1].tokens, eager.tokens)]
@@ -382,31 +397,35 @@ def attention_diff(a, b) -> float:
                 for x, y in zip(a.attention, b.attention) if x.numel() or y.numel()], default=0.0)
 
 
-def check_beam_kernel(model, batch, beam: int, amp_dtype, name: str) -> None:
-    """The beam bookkeeping kernel (mt.kernels.search_beam) against the search's PyTorch code
-    for it (`_BeamSearch.advance`, after PyTorch's topk over the fused top-k's candidates), on
-    the same model and batch, graphed and eager: the same outputs (an untrained model's exact
-    ties may order differently: PyTorch's topk promises no order among equal values)."""
+def check_search_kernels(model, batch, beam: int, amp_dtype, name: str) -> None:
+    """The search's bookkeeping kernels (mt.kernels.search_greedy, search_beam: the step's
+    update, the decoder state's gather, beam search's walk back) against the search's PyTorch
+    and numpy code for them (`advance`, index_select, `_backtrack_host`), on the same model and
+    batch, graphed and eager: the same outputs (an untrained model's exact ties may order
+    differently: PyTorch's topk promises no order among equal values)."""
     from mt import graphs as G
     from mt import search
-    from mt.kernels import search_beam
+    from mt.kernels import search_beam, search_greedy
 
+    switches = [(search_beam, "supported"), (search_greedy, "supported"), (search, "_backtrack_kernel_takes"),
+                (search_beam, "gather_rows_supported")]
+    real = [getattr(owner, attr) for owner, attr in switches]
     outs = {}
-    real, real_walk = search_beam.supported, search._backtrack_kernel_takes
     for kernel in (True, False):
-        search_beam.supported = real if kernel else (lambda *a: False)
-        search._backtrack_kernel_takes = real_walk if kernel else (lambda *a: False)
+        for (owner, attr), fn in zip(switches, real):
+            setattr(owner, attr, fn if kernel else (lambda *a: False))
         try:  # a GraphedDecoder of its own: one that captured the other setting would replay it
             gd = G.GraphedDecoder(model)
             outs[kernel] = [[decode(model, batch, gd, beam, amp_dtype) for _ in range(3)][-1],
                             decode(model, batch, None, beam, amp_dtype)]
         finally:
-            search_beam.supported, search._backtrack_kernel_takes = real, real_walk
+            for (owner, attr), fn in zip(switches, real):
+                setattr(owner, attr, fn)
     same = [a.tokens == b.tokens for a, b in zip(outs[True], outs[False])]
     err = max(max_rel(a.scores, b.scores) for a, b in zip(outs[True], outs[False]))
     attn_err = max((attention_diff(a, b) for a, b in zip(outs[True], outs[False]) if a.tokens == b.tokens),
                    default=0.0)
-    check(f"beam_kernel_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5 and attn_err <= 1e-5,
+    check(f"search_kernels_vs_pytorch[{name}, beam {beam}]", all(same) and err <= 1e-5 and attn_err <= 1e-5,
           same_tokens_graphed_eager=same, max_rel_score_diff=f"{err:.2e}", max_attention_diff=f"{attn_err:.2e}")
 
 

@@ -895,15 +895,28 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
         a, b = ref.state, fused.state
         assert torch.equal(a.t, b.t) and torch.equal(a.done, b.done), step
         assert torch.equal(a.scores, b.scores) and torch.equal(a.last, b.last), step
-        assert all(torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        if in_place:  # the decoder state copied into the static buffers (one gather launch)
+            assert b.dec.h[0] is prev.dec.h[0]
+            assert all(torch.equal(x, y) for x, y in zip(dec.h + dec.c + [dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        else:  # the step's own
+            assert b.dec is dec
         assert b.scores is prev.scores and b.done is prev.done  # updated in place, nothing to copy back
-        assert (b.dec.h[0] is prev.dec.h[0]) == in_place  # the decoder state too, on static buffers
         assert torch.equal(ref.tok_hist, fused.tok_hist) and torch.equal(ref.attn_hist, fused.attn_hist), step
         if bool(a.done.all()):
             break
     assert bool(ref.state.done.all())  # EOS and the limits stopped every row...
     first_eos = [row.index(eos) if eos in row else T for row in ref.tok_hist.t().tolist()]
     assert any(e + 1 < lim for e, lim in zip(first_eos, limit.tolist())), "no row stopped at EOS before its limit"
+    # a step past the history (which the search never takes) writes nothing: histories that are
+    # the first T rows of larger buffers keep the row after them
+    tok_buf, attn_buf = torch.full((T + 1, N), -7), torch.full((T + 1, N, S), -7.0)
+    tok_buf[:T], attn_buf[:T] = fused.tok_hist, fused.attn_hist
+    s = fused.state
+    s.t.fill_(T)
+    search_greedy.greedy_update(best, tok, attn, fused.limit, s.t, s.done, s.scores, s.last, tok_buf[:T],
+                                attn_buf[:T], eos)
+    assert (tok_buf[T] == -7).all() and (attn_buf[T] == -7).all()
+    assert torch.equal(tok_buf[:T], fused.tok_hist) and torch.equal(attn_buf[:T], fused.attn_hist)
 
 
 @pytest.mark.parametrize("layers, H", [(1, 40), (4, 16)])
@@ -937,6 +950,9 @@ def test_gather_rows_refuses_what_it_cannot_take():
     assert not search_beam.gather_rows_supported(rows, [a.t().contiguous().t()], [b])  # not contiguous
     assert not search_beam.gather_rows_supported(rows, [a] * 10, [torch.zeros(4, 8) for _ in range(10)])  # > MAX_STATE
     assert not search_beam.gather_rows_supported(rows[:3], [a], [b])  # a row index per destination row
+    assert not search_beam.gather_rows_supported(rows, [a, a.clone()], [b, b])  # two pairs into one tensor
+    assert not search_beam.gather_rows_supported(rows.int(), [a], [b])  # int64 rows only
+    assert not search_beam.gather_rows_supported(rows, [a.view(4, 2, 4)], [b])  # (N, H) tensors only
 
 
 def test_beam_update_refuses_what_it_cannot_take():

@@ -53,7 +53,7 @@ MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no regi
 MAX_S = 4096  # a beam's attention row is copied from registers in one piece
 
 
-@triton.jit(do_not_specialize=["n0", "S", "stride_attn", "eos"])
+@triton.jit(do_not_specialize=["n0", "T", "S", "stride_attn", "eos"])
 def _beam_update_kernel(
     val_ptr,  # (n*K, 2K) fp32: each beam's 2K best, beam score + log-prob, best first
     col_ptr,  # (n*K, 2K) int64: their tokens
@@ -73,6 +73,7 @@ def _beam_update_kernel(
     bp_hist_ptr,  # (T, n0, K) int64 out
     attn_hist_ptr,  # (T, n0, K, S) fp32 out
     n0,
+    T,  # the history's steps: a step t >= T writes none (the search never takes one)
     S,
     stride_attn,
     eos,
@@ -185,12 +186,13 @@ def _beam_update_kernel(
 
     # 5. history, by original sentence
     hist = (t * n0 + tl.load(sent_ptr + i)) * K  # first of the sentence's K rows at step t
-    tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams)
-    tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams)
+    in_hist = t < T
+    tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams & in_hist)
+    tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams & in_hist)
     s = tl.arange(0, BLOCK_S)
     for b in tl.static_range(K):
         a = tl.load(attn_ptr + (i * K + b) * stride_attn + s, mask=s < S, other=0.0)
-        tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=s < S)
+        tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
 
 
 @triton.jit(do_not_specialize=["n0", "S", "L"])
@@ -274,15 +276,20 @@ def _gather_rows_kernel(rows_ptr, s0, d0, s1, d1, s2, d2, s3, d3, s4, d4, s5, d5
 
 def gather_rows_supported(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> bool:
     """Whether `gather_rows` takes these (else one index_select each): up to MAX_STATE pairs of
-    contiguous (N, H) tensors of one H, every destination apart from every source."""
-    if not (_runs_here(rows) and 1 <= len(srcs) == len(dsts) <= MAX_STATE and rows.dim() == 1):
+    contiguous (N, H) tensors of one H on rows' device, int64 rows, every destination a tensor
+    of its own, apart from every source."""
+    if not (_runs_here(rows) and 1 <= len(srcs) == len(dsts) <= MAX_STATE and rows.dim() == 1
+            and rows.dtype == torch.int64 and all(x.dim() == 2 for x in (*srcs, *dsts))):
         return False
-    N, H = dsts[0].shape
-    if any(x.dim() != 2 or x.shape[1] != H or not x.is_contiguous() for x in (*srcs, *dsts)):
+    H = dsts[0].shape[1]
+    if any(x.shape[1] != H or not x.is_contiguous() or x.device != rows.device for x in (*srcs, *dsts)):
         return False
     if any(d.shape[0] != rows.shape[0] for d in dsts):
         return False
-    return not any(d.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for d in dsts for x in srcs)
+    dst_storages = [d.untyped_storage().data_ptr() for d in dsts]
+    if len(set(dst_storages)) < len(dsts):  # two pairs writing one tensor
+        return False
+    return not set(dst_storages) & {x.untyped_storage().data_ptr() for x in srcs}
 
 
 def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
@@ -325,7 +332,7 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
     val, col, attn = val.contiguous(), col.contiguous(), attn if attn.stride(1) == 1 else attn.contiguous()
     _beam_update_kernel[(n,)](
         val, col, attn, limit, sent, t, lp_table, done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist,
-        tok_hist.shape[1], S, attn.stride(0), eos,
+        tok_hist.shape[1], tok_hist.shape[0], S, attn.stride(0), eos,
         K=K, NBEST=nbest, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
         BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(max(S, 1)),
         num_warps=1,

@@ -34,7 +34,7 @@ from .search_topk import _runs_here
 BLOCK_S = 128  # attention entries copied per tile
 
 
-@triton.jit(do_not_specialize=["N", "S", "stride_attn", "eos"])
+@triton.jit(do_not_specialize=["N", "T", "S", "stride_attn", "eos"])
 def _greedy_update_kernel(
     best_ptr,  # (N,) fp32: each row's best log-prob this step
     tok_ptr,  # (N,) int64: its token
@@ -47,6 +47,7 @@ def _greedy_update_kernel(
     tok_hist_ptr,  # (T, N) int64 out, row t
     attn_hist_ptr,  # (T, N, S) fp32 out, row t
     N,
+    T,  # the history's steps: a step t >= T writes none (the search never takes one)
     S,
     stride_attn,
     eos,
@@ -61,12 +62,13 @@ def _greedy_update_kernel(
     tl.store(last_ptr + r, tok)
     tl.store(scores_ptr + r, score)
     tl.store(done_ptr + r, done)
-    tl.store(tok_hist_ptr + t * N + r, tok)
+    in_hist = t < T
+    tl.store(tok_hist_ptr + t * N + r, tok, mask=in_hist)
     s0 = 0
     while s0 < S:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
         s = s0 + tl.arange(0, BLOCK)
         a = tl.load(attn_ptr + r * stride_attn + s, mask=s < S, other=0.0)
-        tl.store(attn_hist_ptr + (t * N + r) * S + s, a.to(tl.float32), mask=s < S)
+        tl.store(attn_hist_ptr + (t * N + r) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
         s0 += BLOCK
 
 
@@ -92,7 +94,7 @@ def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Ten
         return
     attn = attn if attn.stride(1) == 1 else attn.contiguous()
     _greedy_update_kernel[(N,)](best.contiguous(), tok.contiguous(), attn, limit, t, done, scores, last, tok_hist,
-                                attn_hist, N, S, attn.stride(0), eos, BLOCK=BLOCK_S, num_warps=1)
+                                attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=BLOCK_S, num_warps=1)
 
 
 __all__ = ["supported", "greedy_update"]

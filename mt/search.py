@@ -16,8 +16,8 @@ so a step costs the same at every position and the outputs are rebuilt once at t
 following the back-pointers (with our Triton cell on the device, `kernels/search_beam.py`'s
 `backtrack`; else on the host, `_backtrack_host`). Nothing in a step reads a value back to
 the host; that is what lets `mt.graphs.GraphedDecoder` capture the whole step (decoder and
-bookkeeping) as one CUDA graph. Eagerly, the host looks at the ``done`` flags after every step and beam search drops
-finished sentences from the batch.
+bookkeeping) as one CUDA graph. Eagerly, the host looks at the ``done`` flags after every step
+and beam search drops finished sentences from the batch.
 
 Scores are sums of token log-probabilities, EOS included; BOS and padding are never generated. A hypothesis that reaches the length
 limit ``max_len_a * src_len + max_len_b`` (src_len counts the source EOS) without producing EOS is

@@ -304,20 +304,22 @@ def test_resolve_backend():
         kernels.resolve_backend("cuda-magic", "cpu")
 
 
-def _record_variants(monkeypatch) -> set:
+def _record_variants(monkeypatch, kernels=None) -> set:
     """Record the key under which Triton's JIT would compile each kernel launch from now on
     (constexpr values, num_warps, and the specialization of every other argument: dtype,
     16-byte alignment, ints equal to 1 or divisible by 16, unless `do_not_specialize`d).
-    Each distinct key is one compilation (about 1 s each on a GPU machine's CPU)."""
+    Each distinct key is one compilation (about 1 s each on a GPU machine's CPU).
+    kernels: (module, kernel name) pairs; default the gate cell's four."""
     import inspect
 
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
     keys: set = set()
-    for name in ("_cell_forward_kernel", "_cell_backward_kernel", "_lstm_step_forward_kernel",
-                 "_lstm_step_backward_kernel"):
-        kernel = getattr(triton_cell, name)
+    for module, name in kernels or [(triton_cell, n) for n in ("_cell_forward_kernel", "_cell_backward_kernel",
+                                                               "_lstm_step_forward_kernel",
+                                                               "_lstm_step_backward_kernel")]:
+        kernel = getattr(module, name)
         params = list(inspect.signature(kernel.fn).parameters.values())
         dns = set(kernel.kwargs.get("do_not_specialize") or ())
 
@@ -363,6 +365,44 @@ def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
     assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}
     # one variant per kernel here: the backward's first launch (no later step) is not another
     assert len(next(iter(variants.values()))) == 4
+
+
+def test_decoding_variants_do_not_depend_on_batch_size_or_source_length(monkeypatch):
+    """Greedy and beam search with our Triton cell over batches of other sizes and source lengths
+    (3, 9 and 20 positions: three powers of two apart) launch the same kernel variants: a
+    translation job or a validation compiles each decoding kernel once, not per length."""
+    from mt.config import ModelConfig
+    from mt.kernels import search_greedy, search_topk
+    from mt.model import Seq2Seq
+    from mt.search import beam_search, greedy_search
+
+    search_beam = _search_beam_module()
+    decode_attention = _decode_attention_module()
+    if type(search_greedy._greedy_update_kernel).__name__ != "InterpretedFunction":
+        search_greedy = importlib.reload(search_greedy)
+    if type(search_topk._log_softmax_topk_kernel).__name__ != "InterpretedFunction":
+        search_topk = importlib.reload(search_topk)
+    decoding = [(decode_attention, "_attention_step_kernel"), (search_topk, "_log_softmax_topk_kernel"),
+                (search_greedy, "_greedy_update_kernel"), (search_beam, "_beam_update_kernel"),
+                (search_beam, "_gather_rows_kernel"), (search_beam, "_beam_backtrack_kernel")]
+    keys = _record_variants(monkeypatch, decoding)
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="triton", emb_dim=8, hidden_dim=8, enc_layers=1, dec_layers=2, attention="general",
+                      dropout=0.0, emb_dropout=0.0)
+    model = Seq2Seq(cfg, 30, 30, 0).eval()
+    variants = {}
+    for n, S in [(2, 3), (3, 9), (2, 20)]:
+        g = torch.Generator().manual_seed(n * S)
+        src = torch.randint(4, 30, (n, S), generator=g)
+        src[:, -1] = 3
+        src_len = torch.full((n,), S)
+        keys.clear()
+        greedy_search(model, src, src_len, 2, 3, max_len_a=0.0, max_len_b=3)
+        beam_search(model, src, src_len, 2, 3, beam=2, max_len_a=0.0, max_len_b=3)
+        variants[n, S] = frozenset(keys)
+    names = {k[0] for k in next(iter(variants.values()))}
+    assert names == {name for _, name in decoding}, names  # every decoding kernel ran...
+    assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}  # ...in the same variants
 
 
 def test_graphed_sequence_falls_back_to_eager_on_cpu():
@@ -492,7 +532,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                    done_ptr="*i1", fin_score_ptr="*fp64", fin_logp_ptr=f32, fin_info_ptr=i64, scores_ptr=f32,
                    last_ptr=i64, rows_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32),
               dict(K=K, NBEST=1, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
-                   BLOCK_K=triton.next_power_of_2(K), BLOCK_S=64), num_warps=1)
+                   BLOCK_K=triton.next_power_of_2(K), BLOCK_S=sb.ROW_TILE), num_warps=1)
     from mt.kernels import decode_attention as da
     for q, m in ((bf, bf), (f32, f32)):  # a decoding step's attention at the Multi30k model's sizes
         build(da._attention_step_kernel, dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", ctx_ptr=m, w_ptr=f32),
@@ -508,7 +548,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for K in (1, 5):  # beam search's output: the walk back (a while loop)
         build(sb._beam_backtrack_kernel, dict(info_ptr=i64, tok_hist_ptr=i64, bp_hist_ptr=i64, attn_hist_ptr=f32,
                                               tok_out_ptr=i64, attn_out_ptr=f32),
-              dict(K=K, M=1, BLOCK_S=64), num_warps=1)
+              dict(K=K, M=1, BLOCK_S=sb.ROW_TILE), num_warps=1)
     print("ok")
     """
 )
@@ -746,19 +786,20 @@ def _candidates(g: torch.Generator, n: int, K: int, V: int, eos: int, step: int,
     return val, col
 
 
-@pytest.mark.parametrize("K, nbest, lp, in_place, n", [(1, 1, None, False, 16), (2, 2, 1.0, True, 16),
-                                                       (3, 1, "avg", False, 10), (5, 2, 0.6, True, 6),
-                                                       (8, 8, None, True, 3)])
-def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n):
+@pytest.mark.parametrize("K, nbest, lp, in_place, n, S", [(1, 1, None, False, 16, 7), (2, 2, 1.0, True, 16, 7),
+                                                          (3, 1, "avg", False, 10, 7), (5, 2, 0.6, True, 6, 7),
+                                                          (8, 8, None, True, 3, 260)])
+def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     """`advance_fused` (one Triton launch) against `advance` (the PyTorch bookkeeping) fed the
     same candidates in the same order: every state tensor, the history and the decoded
     hypotheses equal, over steps with EOS, length limits, ties, finished sentences and a
-    sentence retired from the batch (eager mode's shrinking batch)."""
+    sentence retired from the batch (eager mode's shrinking batch). S = 260: attention rows
+    of three tiles."""
     _search_beam_module()
     from mt.model import DecoderState, Memory
     from mt.search import _BeamSearch
 
-    S, H, V, T, eos = 7, 4, 50, 12, 3
+    H, V, T, eos = 4, 50, 12, 3
     g = torch.Generator().manual_seed(K * 100 + nbest)
     limit = torch.tensor([12, 3, 7, 1, 12, 5, 12, 10, 12, 11, 12, 9, 12, 6, 12, 12])[:n]
 
@@ -832,7 +873,7 @@ def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
         assert s.last.tolist() == [7] and s.scores.tolist() == [[-1.0]]
 
 
-@pytest.mark.parametrize("T, n0, n, K, m, S", [(9, 6, 6, 3, 2, 5), (12, 7, 4, 5, 5, 3), (3, 2, 2, 2, 1, 40)])
+@pytest.mark.parametrize("T, n0, n, K, m, S", [(9, 6, 6, 3, 2, 5), (12, 7, 4, 5, 5, 3), (3, 2, 2, 2, 1, 300)])
 def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
     """`search_beam.backtrack` (beam search's output on the device, one launch) against a plain
     per-hypothesis walk on random histories (every token and attention row it defines; the
@@ -851,7 +892,7 @@ def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
         search_beam.backtrack(info, tok, bp, attn, n, m, T + 1)
     assert search_beam.backtrack_supported(attn)
     assert not search_beam.backtrack_supported(attn.double())
-    assert not search_beam.backtrack_supported(torch.zeros(1, 1, 1, search_beam.MAX_S + 1))
+    assert search_beam.backtrack_supported(torch.zeros(1, 1, 1, 5000))  # any source length: the rows go in tiles
 
 
 @pytest.mark.parametrize("in_place, S", [(False, 7), (True, 300)])
@@ -961,7 +1002,7 @@ def test_beam_update_refuses_what_it_cannot_take():
     assert search_beam.supported(val, 2, 50, 7)
     assert not search_beam.supported(val, 2, 3, 7)  # V < 2K: fewer than 2K candidates per beam
     assert not search_beam.supported(val, 3, 50, 7)  # not each beam's 2K best
-    assert not search_beam.supported(val, 2, 50, search_beam.MAX_S + 1)
+    assert search_beam.supported(val, 2, 50, 5000)  # any source length: the attention rows go in tiles
     K = search_beam.MAX_BEAM
     assert search_beam.supported(torch.zeros(2 * K, 2 * K), K, 100, 7)
     assert not search_beam.supported(torch.zeros(2 * K + 2, 2 * K + 2), K + 1, 100, 7)  # more beams: PyTorch's ops

@@ -50,7 +50,7 @@ from torch import Tensor
 from .search_topk import EMPTY, _runs_here, _sort_key
 
 MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no register spills for sm_90 up to here
-MAX_S = 4096  # a beam's attention row is copied from registers in one piece
+ROW_TILE = 128  # attention entries copied per tile (a runtime loop over S: no variant per source length)
 
 
 @triton.jit(do_not_specialize=["n0", "T", "S", "stride_attn", "eos"])
@@ -82,7 +82,7 @@ def _beam_update_kernel(
     BLOCK_C: tl.constexpr,  # next power of two >= K * 2K
     BLOCK_2K: tl.constexpr,  # next power of two >= 2K
     BLOCK_K: tl.constexpr,  # next power of two >= K
-    BLOCK_S: tl.constexpr,  # next power of two >= S
+    BLOCK_S: tl.constexpr,  # ROW_TILE
 ):
     R: tl.constexpr = 2 * K
     i = tl.program_id(0).to(tl.int64)
@@ -189,10 +189,22 @@ def _beam_update_kernel(
     in_hist = t < T
     tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams & in_hist)
     tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams & in_hist)
-    s = tl.arange(0, BLOCK_S)
     for b in tl.static_range(K):
-        a = tl.load(attn_ptr + (i * K + b) * stride_attn + s, mask=s < S, other=0.0)
-        tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
+        s0 = 0
+        while s0 < S:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
+            s = s0 + tl.arange(0, BLOCK_S)
+            a = tl.load(attn_ptr + (i * K + b) * stride_attn + s, mask=s < S, other=0.0)
+            tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
+            s0 += BLOCK_S
+
+
+@triton.jit
+def _copy_attention_row(src_ptr, dst_ptr, S, BLOCK_S: tl.constexpr):
+    s0 = 0
+    while s0 < S:
+        s = s0 + tl.arange(0, BLOCK_S)
+        tl.store(dst_ptr + s, tl.load(src_ptr + s, mask=s < S, other=0.0), mask=s < S)
+        s0 += BLOCK_S
 
 
 @triton.jit(do_not_specialize=["n0", "S", "L"])
@@ -208,24 +220,21 @@ def _beam_backtrack_kernel(
     L,
     K: tl.constexpr,
     M: tl.constexpr,  # hypotheses per sentence (nbest)
-    BLOCK_S: tl.constexpr,  # next power of two >= S
+    BLOCK_S: tl.constexpr,  # ROW_TILE
 ):
     p = tl.program_id(0).to(tl.int64)  # hypothesis k = p % M of sentence i = p // M
     i = p // M
     slot = (i * K + p % M) * 3
     end = tl.minimum(tl.maximum(tl.load(info_ptr + slot), 0), L - 1)  # (clamped: an empty slot reads zeros)
     b = tl.minimum(tl.maximum(tl.load(info_ptr + slot + 1), 0), K - 1)  # the row that computed step `end`
-    s = tl.arange(0, BLOCK_S)
     row = p * L  # the hypothesis' first row of the outputs
-    a = tl.load(attn_hist_ptr + ((end * n0 + i) * K + b) * S + s, mask=s < S, other=0.0)
-    tl.store(attn_out_ptr + (row + end) * S + s, a, mask=s < S)
+    _copy_attention_row(attn_hist_ptr + ((end * n0 + i) * K + b) * S, attn_out_ptr + (row + end) * S, S, BLOCK_S)
     t = end - 1
     while t >= 0:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
         h = (t * n0 + i) * K + b  # the beam the hypothesis sat in after step t
         tl.store(tok_out_ptr + row + t, tl.load(tok_hist_ptr + h))
         b = tl.load(bp_hist_ptr + h)  # the row that computed step t
-        a = tl.load(attn_hist_ptr + ((t * n0 + i) * K + b) * S + s, mask=s < S, other=0.0)
-        tl.store(attn_out_ptr + (row + t) * S + s, a, mask=s < S)
+        _copy_attention_row(attn_hist_ptr + ((t * n0 + i) * K + b) * S, attn_out_ptr + (row + t) * S, S, BLOCK_S)
         t -= 1
 
 
@@ -310,8 +319,7 @@ def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     """Whether the kernel takes a step of K beams over V tokens and S source positions whose
     per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
     2K best (V >= 2K)."""
-    return (_runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,)
-            and S <= MAX_S)
+    return _runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,) and S >= 1
 
 
 def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Tensor, t: Tensor,
@@ -334,14 +342,14 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
         val, col, attn, limit, sent, t, lp_table, done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist,
         tok_hist.shape[1], tok_hist.shape[0], S, attn.stride(0), eos,
         K=K, NBEST=nbest, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
-        BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(max(S, 1)),
+        BLOCK_K=triton.next_power_of_2(K), BLOCK_S=ROW_TILE,
         num_warps=1,
     )
 
 
 def backtrack_supported(attn_hist: Tensor) -> bool:
     """Whether `backtrack` takes this search's history (else `mt.search._backtrack_host`)."""
-    return _runs_here(attn_hist) and attn_hist.dtype == torch.float32 and attn_hist.shape[-1] <= MAX_S
+    return _runs_here(attn_hist) and attn_hist.dtype == torch.float32
 
 
 def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor, n: int, m: int,
@@ -363,7 +371,7 @@ def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor
     attention = torch.empty(n, m, L, S, dtype=torch.float32, device=attn_hist.device)
     if n * m:
         _beam_backtrack_kernel[(n * m,)](info, tok_hist, bp_hist, attn_hist, tokens, attention, n0, S, L, K=K, M=m,
-                                         BLOCK_S=triton.next_power_of_2(max(S, 1)), num_warps=1)
+                                         BLOCK_S=ROW_TILE, num_warps=1)
     return tokens, attention
 
 

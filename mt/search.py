@@ -211,18 +211,12 @@ class _GreedySearch:
         """`advance` in one launch (kernels/search_greedy.py): s's tokens, scores and done flags are
         rewritten in place, and with `in_place` (static CUDA-graph buffers) the decoder state is
         copied into s's by one more (`search_beam.gather_rows` over the identity)."""
-        from .kernels import search_beam, search_greedy
+        from .kernels import search_greedy
 
         search_greedy.greedy_update(best, tok, attn, self.limit, s.t, s.done, s.scores, s.last, self.tok_hist,
                                     self.attn_hist, self.eos)
         if self.in_place:
-            srcs, dsts = [*dec.h, *dec.c, dec.feed], [*s.dec.h, *s.dec.c, s.dec.feed]
-            if search_beam.gather_rows_supported(self.identity, srcs, dsts):
-                search_beam.gather_rows(self.identity, srcs, dsts)
-            else:
-                for dst, src in zip(dsts, srcs, strict=True):
-                    dst.copy_(src)
-            dec = s.dec
+            dec = _gather_state(dec, self.identity, into=s.dec)
         s.t.add_(1)
         return SearchState(s.last, dec, s.scores, s.done, s.t)
 
@@ -376,20 +370,8 @@ class _BeamSearch:
         rows = self.rows[: n * K]  # (n*K,) the row each open beam continues, written by the kernel
         search_beam.beam_update(val, col, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, s.scores,
                                 s.last, rows, self.tok_hist, self.bp_hist, self.attn_hist, self.eos, self.nbest)
-        # the decoder state follows its beams: one gather launch for h and c of every layer and the feed
-        L = len(dec.h)
-        srcs = [*dec.h, *dec.c, dec.feed]
-        dsts = [*s.dec.h, *s.dec.c, s.dec.feed] if self.in_place else [torch.empty_like(x) for x in srcs]
-        if search_beam.gather_rows_supported(rows, srcs, dsts):
-            search_beam.gather_rows(rows, srcs, dsts)
-        else:
-            for dst, src in zip(dsts, srcs, strict=True):
-                if dst.dtype == src.dtype:
-                    torch.index_select(src, 0, rows, out=dst)
-                else:
-                    dst.copy_(src.index_select(0, rows))
+        dec = _gather_state(dec, rows, into=s.dec if self.in_place else None)  # the state follows its beams
         s.t.add_(1)
-        dec = s.dec if self.in_place else DecoderState(dsts[:L], dsts[L : 2 * L], dsts[2 * L])
         return SearchState(s.last, dec, s.scores, s.done, s.t, s.fin)
 
     def retire(self, s: SearchState, gone: list[int], keep: list[int]) -> SearchState:
@@ -446,6 +428,26 @@ class _BeamSearch:
             out.tokens.append(hyps[0].tokens), out.scores.append(hyps[0].score)
             out.attention.append(hyps[0].attention)
         return out
+
+
+def _gather_state(dec: DecoderState, rows: Tensor, into: DecoderState | None = None) -> DecoderState:
+    """dec.index_select(rows), written into `into`'s tensors (static CUDA-graph buffers, cast to
+    their dtypes) or new ones: with our Triton kernels one launch for h and c of every layer and
+    the feed (`search_beam.gather_rows`), else one index_select each."""
+    from .kernels import search_beam
+
+    srcs = [*dec.h, *dec.c, dec.feed]
+    dsts = [*into.h, *into.c, into.feed] if into is not None else [x.new_empty(len(rows), x.shape[1]) for x in srcs]
+    if search_beam.gather_rows_supported(rows, srcs, dsts):
+        search_beam.gather_rows(rows, srcs, dsts)
+    else:
+        for dst, src in zip(dsts, srcs, strict=True):
+            if dst.dtype == src.dtype:
+                torch.index_select(src, 0, rows, out=dst)
+            else:
+                dst.copy_(src.index_select(0, rows))
+    L = len(dec.h)
+    return into if into is not None else DecoderState(dsts[:L], dsts[L : 2 * L], dsts[2 * L])
 
 
 def _backtrack_kernel_takes(attn_hist: Tensor) -> bool:

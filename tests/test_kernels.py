@@ -540,7 +540,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from mt.kernels import search_greedy as sg
     build(sg._greedy_update_kernel, dict(best_ptr=f32, tok_ptr=i64, attn_ptr=bf, limit_ptr=i64, t_ptr=i64,
                                          done_ptr="*i1", scores_ptr=f32, last_ptr=i64, tok_hist_ptr=i64,
-                                         attn_hist_ptr=f32), dict(BLOCK=sg.BLOCK_S), num_warps=1)
+                                         attn_hist_ptr=f32), dict(BLOCK=sb.ROW_TILE), num_warps=1)
     for nt in (3, sb.MAX_STATE):  # the decoder state's gather after a beam step
         build(sb._gather_rows_kernel, dict(rows_ptr=i64, **{f"{x}{i}": (bf if i % 2 == 0 else f32)
                                                            for i in range(sb.MAX_STATE) for x in "sd"}),
@@ -903,9 +903,9 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
     attention row in three tiles."""
     from mt.kernels import search_greedy
 
+    _search_beam_module()  # first: the greedy kernel calls one of its helpers
     if type(search_greedy._greedy_update_kernel).__name__ != "InterpretedFunction":
         importlib.reload(search_greedy)
-    _search_beam_module()
     from mt.model import DecoderState, Memory
     from mt.search import _GreedySearch
 

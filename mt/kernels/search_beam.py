@@ -53,6 +53,19 @@ MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no regi
 ROW_TILE = 128  # attention entries copied per tile (a runtime loop over S: no variant per source length)
 
 
+@triton.jit
+def _copy_in_tiles(src_ptr, dst_ptr, S, write, BLOCK: tl.constexpr):
+    """dst[0:S] = src[0:S] in dst's dtype, BLOCK entries a tile (an attention row: a runtime loop
+    over S, so no compiled variant per source length; a while loop, as the interpreter cannot
+    run a range() with a runtime bound). Nothing is stored where `write` is False."""
+    s0 = 0
+    while s0 < S:
+        s = s0 + tl.arange(0, BLOCK)
+        x = tl.load(src_ptr + s, mask=s < S, other=0.0)
+        tl.store(dst_ptr + s, x.to(dst_ptr.dtype.element_ty), mask=(s < S) & write)
+        s0 += BLOCK
+
+
 @triton.jit(do_not_specialize=["n0", "T", "S", "stride_attn", "eos"])
 def _beam_update_kernel(
     val_ptr,  # (n*K, 2K) fp32: each beam's 2K best, beam score + log-prob, best first
@@ -190,21 +203,7 @@ def _beam_update_kernel(
     tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams & in_hist)
     tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams & in_hist)
     for b in tl.static_range(K):
-        s0 = 0
-        while s0 < S:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
-            s = s0 + tl.arange(0, BLOCK_S)
-            a = tl.load(attn_ptr + (i * K + b) * stride_attn + s, mask=s < S, other=0.0)
-            tl.store(attn_hist_ptr + (hist + b) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
-            s0 += BLOCK_S
-
-
-@triton.jit
-def _copy_attention_row(src_ptr, dst_ptr, S, BLOCK_S: tl.constexpr):
-    s0 = 0
-    while s0 < S:
-        s = s0 + tl.arange(0, BLOCK_S)
-        tl.store(dst_ptr + s, tl.load(src_ptr + s, mask=s < S, other=0.0), mask=s < S)
-        s0 += BLOCK_S
+        _copy_in_tiles(attn_ptr + (i * K + b) * stride_attn, attn_hist_ptr + (hist + b) * S, S, in_hist, BLOCK_S)
 
 
 @triton.jit(do_not_specialize=["n0", "S", "L"])
@@ -228,13 +227,13 @@ def _beam_backtrack_kernel(
     end = tl.minimum(tl.maximum(tl.load(info_ptr + slot), 0), L - 1)  # (clamped: an empty slot reads zeros)
     b = tl.minimum(tl.maximum(tl.load(info_ptr + slot + 1), 0), K - 1)  # the row that computed step `end`
     row = p * L  # the hypothesis' first row of the outputs
-    _copy_attention_row(attn_hist_ptr + ((end * n0 + i) * K + b) * S, attn_out_ptr + (row + end) * S, S, BLOCK_S)
+    _copy_in_tiles(attn_hist_ptr + ((end * n0 + i) * K + b) * S, attn_out_ptr + (row + end) * S, S, True, BLOCK_S)
     t = end - 1
     while t >= 0:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
         h = (t * n0 + i) * K + b  # the beam the hypothesis sat in after step t
         tl.store(tok_out_ptr + row + t, tl.load(tok_hist_ptr + h))
         b = tl.load(bp_hist_ptr + h)  # the row that computed step t
-        _copy_attention_row(attn_hist_ptr + ((t * n0 + i) * K + b) * S, attn_out_ptr + (row + t) * S, S, BLOCK_S)
+        _copy_in_tiles(attn_hist_ptr + ((t * n0 + i) * K + b) * S, attn_out_ptr + (row + t) * S, S, True, BLOCK_S)
         t -= 1
 
 

@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .search_beam import ROW_TILE, _copy_in_tiles
 from .search_topk import _runs_here
-
-BLOCK_S = 128  # attention entries copied per tile
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "stride_attn", "eos"])
@@ -64,12 +63,7 @@ def _greedy_update_kernel(
     tl.store(done_ptr + r, done)
     in_hist = t < T
     tl.store(tok_hist_ptr + t * N + r, tok, mask=in_hist)
-    s0 = 0
-    while s0 < S:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
-        s = s0 + tl.arange(0, BLOCK)
-        a = tl.load(attn_ptr + r * stride_attn + s, mask=s < S, other=0.0)
-        tl.store(attn_hist_ptr + (t * N + r) * S + s, a.to(tl.float32), mask=(s < S) & in_hist)
-        s0 += BLOCK
+    _copy_in_tiles(attn_ptr + r * stride_attn, attn_hist_ptr + (t * N + r) * S, S, in_hist, BLOCK)
 
 
 def supported(attn: Tensor) -> bool:
@@ -94,7 +88,7 @@ def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Ten
         return
     attn = attn if attn.stride(1) == 1 else attn.contiguous()
     _greedy_update_kernel[(N,)](best.contiguous(), tok.contiguous(), attn, limit, t, done, scores, last, tok_hist,
-                                attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=BLOCK_S, num_warps=1)
+                                attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=ROW_TILE, num_warps=1)
 
 
 __all__ = ["supported", "greedy_update"]

@@ -45,6 +45,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,9 +254,12 @@ def build_case(workload, B, H, T, dtype, device, backends, seed=0):
 def run_case(workload, B, H, T, dtype, args, backends):
     device = args.device
     fns, params = build_case(workload, B, H, T, dtype, device, backends)
-    x = torch.randn(B, T, H, device=device, dtype=dtype)
+    # Inputs come from the CPU generator: a CUDA graph capture that fails half way leaves the
+    # CUDA generator registered to it ("Offset increment outside graph capture encountered
+    # unexpectedly" at the next CUDA randn), which would end the run and hide the first error.
+    x = torch.randn(B, T, H, dtype=dtype).to(device)
     out_dim = 2 * H if workload == "encoder" else H
-    gy = torch.randn(B, T, out_dim, device=device, dtype=dtype)
+    gy = torch.randn(B, T, out_dim, dtype=dtype).to(device)
     rows = []
     with torch.no_grad():
         expected = fns["cudnn"](x).float()
@@ -274,6 +278,8 @@ def run_case(workload, B, H, T, dtype, args, backends):
                         diffs[backend] = (fn().float() - expected).abs().max().item()
             except Exception as e:  # report, keep benchmarking the others
                 errors[backend] = f"{type(e).__name__}: {e}"[:300]
+                print(f"# {workload} {dtype} B={B} H={H} {mode} {backend} failed:", file=sys.stderr)
+                traceback.print_exc()  # the whole story, on stderr (the table keeps one line)
         rows.append(
             dict(
                 workload=workload,

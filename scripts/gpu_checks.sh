@@ -68,7 +68,7 @@ for name in $STAGES; do
     # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
     # a subprocess) and the sm_90 compile test
     test_kernels) stage test_kernels 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
-    bench_cell) stage bench_cell 45 "$PY" scripts/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
+    bench_cell) stage bench_cell 90 "$PY" scripts/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
     # the CPU-side graph tests under this machine's torch (API drift between torch versions)
     test_graphs) stage test_graphs 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py ;;
     *) echo "gpu_checks: unknown stage $name" | tee -a "$LOG"; failed=$((failed + 1)) ;;

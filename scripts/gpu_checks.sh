@@ -22,10 +22,12 @@
 #     bench_cell.json     scripts/bench_cell.py --quick: the gate cell alone (B=64, H=512, T=30)
 #     profile_decode.json scripts/profile_decode.py: where a graphed decoding batch's time goes, ours
 #                         with and without the search's kernels, and cuDNN
-#     summary.txt         one line per stage: exit status and seconds
+#     profile_train.json  scripts/profile_train.py: the kernels of one graphed training step, ours
+#                         and cuDNN, by group
+# The log ends with one line per stage: exit status and seconds.
 # Default stages, most wanted first: environment gpu_checks bench_train recipe; also available:
-# profile_decode test_kernels bench_cell test_graphs (STAGES=all runs all eight). A failing (or timed-out)
-# stage does not stop the others. The exit status is the number of failed stages.
+# profile_decode profile_train test_kernels bench_cell test_graphs (STAGES=all runs all nine). A failing
+# (or timed-out) stage does not stop the others. The exit status is the number of failed stages.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -34,7 +36,7 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET            # the real kernels (tests/conftest.py sets it only without /dev/nvidia0)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 LOG="$OUT/gpu_checks.log"
-SUMMARY="$OUT/summary.txt"
+SUMMARY="$(mktemp)"  # (in the log at the end: $OUT keeps to the 8 files the device tool returns)
 : >"$LOG"
 : >"$SUMMARY"
 failed=0
@@ -53,7 +55,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 }
 
 STAGES="${STAGES:-environment gpu_checks bench_train recipe}"
-[ "$STAGES" = all ] && STAGES="environment gpu_checks bench_train recipe profile_decode test_kernels bench_cell test_graphs"
+[ "$STAGES" = all ] && STAGES="environment gpu_checks bench_train recipe profile_decode profile_train test_kernels bench_cell test_graphs"
 for name in $STAGES; do
     case $name in
     environment) stage environment 15 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'" ;;
@@ -65,6 +67,7 @@ for name in $STAGES; do
     recipe) stage recipe 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" bash scripts/gpu_recipe.sh ;;
     profile_decode) stage profile_decode 180 "$PY" scripts/profile_decode.py --json "$OUT/profile_decode.json" \
         --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-attention ours-torch-search cudnn ;;
+    profile_train) stage profile_train 90 "$PY" scripts/profile_train.py --json "$OUT/profile_train.json" ;;
     # the gate-cell tests (interpreter on CPU tensors), the CUDA-graph LSTM test (real kernels, in
     # a subprocess) and the sm_90 compile test
     test_kernels) stage test_kernels 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;

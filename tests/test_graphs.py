@@ -408,6 +408,39 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
     assert "x cudnn eager" in proc.stdout
 
 
+def test_profile_train_script_runs_on_cpu(tmp_path):
+    """scripts/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
+    kernel table needs CUDA); its kernel groups on names seen in the H200 profiles."""
+    out = tmp_path / "profile_train.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_train.py"), "--quick", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["results"]] == ["ours", "cudnn"]
+    for r in res["results"]:
+        assert "error" not in r and r["step_ms"] > 0 and r["stats"] == {"emulated": 4 + 2}, r
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import profile_train
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    rows = [dict(kernel="_lstm_step_backward_kernel", per_step=40.0, us_per_step=400.0),
+            dict(kernel="_cell_forward_kernel", per_step=40.0, us_per_step=100.0),
+            dict(kernel="RNN_blockPersist_bp_LSTM<bf16>", per_step=4.0, us_per_step=900.0),
+            dict(kernel="nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", per_step=60.0, us_per_step=800.0),
+            dict(kernel="void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+                 per_step=2.0, us_per_step=30.0),
+            dict(kernel="void (anonymous namespace)::CatArrayBatchedCopy<>", per_step=80.0, us_per_step=160.0),
+            dict(kernel="void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>", per_step=20.0,
+                 us_per_step=40.0),
+            dict(kernel="mystery", per_step=1.0, us_per_step=1.0)]
+    groups = {g["group"]: (g["per_step"], g["us_per_step"]) for g in profile_train.by_group(rows)}
+    assert groups == {"gate cell (ours)": (80.0, 500.0), "cuDNN RNN": (4.0, 900.0), "matmul": (60.0, 800.0),
+                      "optimizer": (2.0, 30.0), "copy, cat": (80.0, 160.0), "elementwise": (20.0, 40.0),
+                      "other": (1.0, 1.0)}
+    assert [g["group"] for g in profile_train.by_group(rows)][0] == "cuDNN RNN"  # largest first
+
+
 def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path, monkeypatch):
     """mt.train's trainer.cuda_graphs branch end to end on CPU: bucket shapes from the config,
     GraphedTrainStep in the loop, GraphedDecoder in validation, checkpoints. Only the capture is

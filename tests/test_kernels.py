@@ -994,6 +994,7 @@ def test_gather_rows_refuses_what_it_cannot_take():
     assert not search_beam.gather_rows_supported(rows, [a, a.clone()], [b, b])  # two pairs into one tensor
     assert not search_beam.gather_rows_supported(rows.int(), [a], [b])  # int64 rows only
     assert not search_beam.gather_rows_supported(rows, [a.view(4, 2, 4)], [b])  # (N, H) tensors only
+    assert not search_beam.gather_rows_supported(torch.zeros(8, dtype=torch.long)[::2], [a], [b])  # strided rows
 
 
 def test_beam_update_refuses_what_it_cannot_take():
@@ -1011,3 +1012,38 @@ def test_beam_update_refuses_what_it_cannot_take():
         search_beam.beam_update(val, val.long(), z(6, 7), z(3).long(), z(3).long(), z(()).long(), z(12).double(),
                                 z(3).bool(), (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()), z(2, 3).t(), z(6).long(),
                                 z(6).long(), z(9, 3, 2).long(), z(9, 3, 2).long(), z(9, 3, 2, 7), 3, 1)
+
+
+def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S: int = 7) -> dict:
+    """Valid beam_update arguments: n open sentences of K beams at step t of a T-step history,
+    every sentence's length limit `limit`, candidates from `_candidates`."""
+    g = torch.Generator().manual_seed(5)
+    val, col = _candidates(g, n, K, 50, 3, step=1, eos_rate=0.5)
+    z = torch.zeros
+    return dict(val=val, col=col, attn=torch.rand(n * K, S, generator=g), limit=torch.full((n,), limit),
+                sent=torch.arange(n), t=torch.tensor(t), lp_table=torch.arange(1, T + 3, dtype=torch.float64),
+                done=z(n, dtype=torch.bool),
+                fin=(torch.full((n, K), float("-inf"), dtype=torch.float64), torch.full((n, K), float("-inf")),
+                     z(n, K, 3, dtype=torch.long)),
+                scores=z(n, K), last=z(n * K, dtype=torch.long), rows=z(n * K, dtype=torch.long),
+                tok_hist=z(T, n, K, dtype=torch.long), bp_hist=z(T, n, K, dtype=torch.long), attn_hist=z(T, n, K, S),
+                eos=3, nbest=1)
+
+
+def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
+    """Wrong shapes are a ValueError, not stores to the wrong rows; and the length-penalty
+    table (T + 2 entries) is read within its bounds whatever the limit (a limit past the
+    history reads the last entry, as a limit of T + 1 does)."""
+    search_beam = _search_beam_module()
+    for name, bad in (("attn_hist", torch.zeros(9, 3, 2, 6)), ("val", torch.zeros(6, 3)), ("limit", torch.zeros(2)),
+                      ("lp_table", torch.zeros(10, dtype=torch.float64))):
+        with pytest.raises(ValueError, match=name):
+            search_beam.beam_update(**{**_beam_update_args(5, 2), name: bad})
+    outs = []
+    for limit in (9 + 1, 10**9):
+        args = _beam_update_args(limit, t=8)
+        search_beam.beam_update(**args)
+        outs.append([args[k] for k in ("done", "scores", "last", "rows", "tok_hist", "bp_hist", "attn_hist")]
+                    + list(args["fin"]))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert outs[0][4][8].any()  # the last step's tokens were written

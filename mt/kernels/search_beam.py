@@ -134,7 +134,7 @@ def _beam_update_kernel(
     n_s = tl.load(val_ptr + base + new_j, mask=new, other=float("-inf"))
     n_tok = tl.load(col_ptr + base + new_j, mask=new, other=0)
     closing = new & ((n_tok == eos) | at_limit) & (n_s > float("-inf")) & (n_s < float("inf")) & was_open
-    lp_len = tl.load(lp_ptr + length)
+    lp_len = tl.load(lp_ptr + tl.minimum(length, T + 1))  # (the table has T + 2 entries; t < T in a search)
     slot = i * K + r  # fin's row of position r < K
     m_score = tl.where(closing, n_s.to(tl.float64) / lp_len, float("-inf"))
     m_score = tl.where(fin, tl.load(fin_score_ptr + slot, mask=fin, other=float("-inf")), m_score)
@@ -175,8 +175,8 @@ def _beam_update_kernel(
 
     # 4. done: at the limit, nothing open, or K finished and the nbest-th beats every open one's best reachable score
     best_open = tl.max(tl.where(q == 0, o_score, float("-inf")), axis=0).to(tl.float64)
-    lp_lo = tl.load(lp_ptr + length + 1)
-    lp_hi = tl.load(lp_ptr + tl.maximum(limit, length + 1))
+    lp_lo = tl.load(lp_ptr + tl.minimum(length + 1, T + 1))
+    lp_hi = tl.load(lp_ptr + tl.minimum(tl.maximum(limit, length + 1), T + 1))
     bound = tl.maximum(best_open / lp_lo, best_open / lp_hi)
     n_fin = tl.sum(((q < K) & (f_score > float("-inf")) & (f_score < float("inf"))).to(tl.int32), axis=0)
     nth = tl.max(tl.where(q == NBEST - 1, f_score, float("-inf")), axis=0)
@@ -284,10 +284,10 @@ def _gather_rows_kernel(rows_ptr, s0, d0, s1, d1, s2, d2, s3, d3, s4, d4, s5, d5
 
 def gather_rows_supported(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> bool:
     """Whether `gather_rows` takes these (else one index_select each): up to MAX_STATE pairs of
-    contiguous (N, H) tensors of one H on rows' device, int64 rows, every destination a tensor
+    contiguous (N, H) tensors of one H on rows' device, contiguous int64 rows, every destination a tensor
     of its own, apart from every source."""
     if not (_runs_here(rows) and 1 <= len(srcs) == len(dsts) <= MAX_STATE and rows.dim() == 1
-            and rows.dtype == torch.int64 and all(x.dim() == 2 for x in (*srcs, *dsts))):
+            and rows.dtype == torch.int64 and rows.is_contiguous() and all(x.dim() == 2 for x in (*srcs, *dsts))):
         return False
     H = dsts[0].shape[1]
     if any(x.shape[1] != H or not x.is_contiguous() or x.device != rows.device for x in (*srcs, *dsts)):
@@ -328,15 +328,27 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
     """See the module docstring. n sentences, K beams: val, col (n*K, 2K); attn (n*K, S); limit,
     sent, done (n,); t (); fin = (score (n, K) fp64, log-prob (n, K) fp32, info (n, K, 3) int64);
     scores (n, K) fp32; last, rows (n*K,) int64; tok_hist, bp_hist (T, n0, K); attn_hist (T, n0, K, S)
-    fp32. done and fin are read and rewritten in place; the history at step t."""
+    fp32; lp_table (>= T + 2,) fp64, lp_table[L] the length penalty of L scored tokens. done and fin
+    are read and rewritten in place; the history at step t."""
     n, K = scores.shape
     S = attn.shape[1]
+    T, n0 = tok_hist.shape[:2]
     state = (done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist)
     if not all(x.is_contiguous() for x in state):
         raise ValueError("beam_update writes its state in place: contiguous tensors only")
+    shapes = dict(val=(val.shape, (n * K, 2 * K)), col=(col.shape, (n * K, 2 * K)), attn=(attn.shape, (n * K, S)),
+                  limit=(limit.shape, (n,)), sent=(sent.shape, (n,)), done=(done.shape, (n,)),
+                  fin_score=(fin[0].shape, (n, K)), fin_logp=(fin[1].shape, (n, K)), fin_info=(fin[2].shape, (n, K, 3)),
+                  last=(last.shape, (n * K,)), rows=(rows.shape, (n * K,)), tok_hist=(tok_hist.shape, (T, n0, K)),
+                  bp_hist=(bp_hist.shape, (T, n0, K)), attn_hist=(attn_hist.shape, (T, n0, K, S)))
+    wrong = [f"{k} {tuple(got)} (not {want})" for k, (got, want) in shapes.items() if tuple(got) != want]
+    if wrong or t.numel() != 1 or lp_table.dim() != 1 or lp_table.numel() < T + 2 or n > n0:
+        raise ValueError(f"beam_update: {n} sentences x {K} beams, {S} source positions, a ({T}, {n0}) history: "
+                         + ", ".join(wrong or [f"t {tuple(t.shape)}, lp_table {tuple(lp_table.shape)}"]))
     if n == 0:
         return
     val, col, attn = val.contiguous(), col.contiguous(), attn if attn.stride(1) == 1 else attn.contiguous()
+    limit, sent, lp_table = limit.contiguous(), sent.contiguous(), lp_table.contiguous()
     _beam_update_kernel[(n,)](
         val, col, attn, limit, sent, t, lp_table, done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist,
         tok_hist.shape[1], tok_hist.shape[0], S, attn.stride(0), eos,

@@ -96,6 +96,11 @@ def max_rel(a: list[float], b: list[float]) -> float:
     return max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=0.0)
 
 
+def max_scaled(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """The largest |x - ref| / max |ref| over pairs of tensors."""
+    return max(((x - r).abs().max() / r.abs().max().clamp_min(1e-12)).item() for x, r in zip(xs, refs))
+
+
 # ----------------------------------------------------------------------------------------------
 def check_kernels() -> None:
     from mt.kernels import reference, triton_cell
@@ -173,6 +178,34 @@ def check_kernels() -> None:
             err = max((w - ref_w).abs().max().item(), (ctx.float() - ref_ctx.float()).abs().max().item()
                       / (1 + ref_ctx.float().abs().max().item()))
             check(f"kernels.attention_step[{str(dtype)[6:]}, {B}x{S}x{H}]", err < tol and same, max_err=f"{err:.2e}",
+                  tol=tol, same_bits_every_launch=same)
+
+    # training's attention backward (decode_attention.attention_step_autograd) and autograd
+    # through the PyTorch ops, both against the PyTorch ops in fp64, at the training bench's
+    # shape (and a long source), a loss on the context and the weights: the kernel's scaled error
+    # at most tol or twice the PyTorch ops' own (in bf16 they differ from each other by more
+    # than either does from fp64); 10 backward launches that must agree bit for bit
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for B, S, H in ((128, 20, 512), (128, 200, 512)) if dev == "cuda" else ((6, 5, 32), (3, 70, 512)):
+            g = torch.Generator(device=dev).manual_seed(S + 1)
+            query = torch.randn(B, H, device=dev, generator=g).to(dtype)
+            keys = (torch.randn(B, S, H, device=dev, generator=g) * 0.3).to(dtype)
+            memory = torch.randn(B, S, H, device=dev, generator=g).to(dtype)
+            mask = torch.arange(S, device=dev)[None, :] < torch.randint(1, S + 1, (B, 1), device=dev, generator=g)
+            d_ctx, d_w = torch.randn(B, H, device=dev, generator=g).to(dtype), torch.randn(B, S, device=dev, generator=g)
+            grads = []
+            for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
+                           (decode_attention.attention_step_autograd, dtype)):
+                leaves = [x.to(dt).clone().requires_grad_() for x in (query, keys, memory)]
+                torch.autograd.backward(list(fn(*leaves, mask)), [d_ctx.to(dt), d_w])
+                grads.append([x.grad.double() for x in leaves])
+            err, ref_err = max_scaled(grads[2], grads[0]), max_scaled(grads[1], grads[0])
+            w = decode_attention.attention_step(query, keys, memory, mask)[1]
+            runs = [decode_attention.attention_step_backward(query, keys, memory, w, d_ctx, d_w)
+                    for _ in range(10 if dev == "cuda" else 2)]
+            same = all(all(torch.equal(x, y) for x, y in zip(r, runs[0])) for r in runs[1:])
+            check(f"kernels.attention_step_backward[{str(dtype)[6:]}, {B}x{S}x{H}]",
+                  err <= max(tol, 2 * ref_err) and same, max_scaled_err=f"{err:.2e}", pytorch_ops=f"{ref_err:.2e}",
                   tol=tol, same_bits_every_launch=same)
 
     # beam search's output: the device walk back (search_beam.backtrack) against the host's

@@ -34,6 +34,8 @@ cuDNN step runs, nor run 4's code); ours-row-topk has the top-k take rows up to 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import statistics
 import sys
@@ -98,20 +100,27 @@ VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is
 }
 
 
+@contextlib.contextmanager
+def patched(variants: dict, variant: str | None):
+    """For the with-block, set each (module, attribute) of variants[variant] (None: nothing)."""
+    patches = [(importlib.import_module(name), attr, value) for name, attr, value in variants.get(variant, ())]
+    real = [getattr(module, attr) for module, attr, _ in patches]
+    for module, attr, value in patches:
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for (module, attr, _), value in zip(patches, real):
+            setattr(module, attr, value)
+
+
 def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -> dict:
     """variant: None, or a key of VARIANTS."""
-    if variant is not None:
-        import importlib
+    with patched(VARIANTS, variant):
+        return _profile_one(args, cell, beam, batch)
 
-        patches = [(importlib.import_module(name), attr, value) for name, attr, value in VARIANTS[variant]]
-        real = [getattr(module, attr) for module, attr, _ in patches]
-        for module, attr, value in patches:
-            setattr(module, attr, value)
-        try:
-            return profile_one(args, cell, beam, batch)
-        finally:
-            for (module, attr, _), value in zip(patches, real):
-                setattr(module, attr, value)
+
+def _profile_one(args, cell: str, beam: int, batch) -> dict:
     from mt import graphs
     from mt.search import search
 

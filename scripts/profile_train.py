@@ -14,6 +14,10 @@ the optimizer, loss and softmax, reductions, copies and concatenations, other el
 work) and the --top kernels. The sum of the kernels' time against the step's wall time shows
 what the gaps between kernels cost. The training target (issue 6: ours >= 1.3x cuDNN under the
 same graphs) is decided by these groups. Needs only torch, triton and numpy.
+
+Cells: ours (our Triton gate cell, and the decoder's attention as mt/kernels/decode_attention.py's
+forward and backward kernels), ours-torch-attention (the same with the attention as PyTorch's
+ops: what that pair of kernels gives), cudnn.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_train as bt  # noqa: E402
 import torch  # noqa: E402
-from profile_decode import kernel_table  # noqa: E402
+from profile_decode import kernel_table, patched  # noqa: E402
 from torch import nn  # noqa: E402
 
 WARMUP = 2  # eager steps before the capture (bench_train's GraphedTrainStep default)
@@ -71,7 +75,19 @@ def by_group(rows: list[dict]) -> list[dict]:
                   key=lambda r: -r["us_per_step"])
 
 
-def profile_cell(args, cell: str, batches: list, steps: int, reps: int, top: int) -> dict:
+_OFF = lambda *a: False  # noqa: E731
+VARIANTS = {  # our cell with a kernel off: (module, attribute, what it is set to), ...
+    "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),  # the attention as PyTorch's ops
+}
+
+
+def profile_cell(args, cell: str, batches: list, steps: int, reps: int, top: int, variant: str | None = None) -> dict:
+    """variant: None, or a key of VARIANTS (patched for this call only)."""
+    with patched(VARIANTS, variant):
+        return _profile_cell(args, cell, batches, steps, reps, top)
+
+
+def _profile_cell(args, cell: str, batches: list, steps: int, reps: int, top: int) -> dict:
     from mt import graphs
 
     device = args.device
@@ -123,7 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="replayed steps per timed pass and in the profile")
     p.add_argument("--reps", type=int, default=5, help="timed passes (median)")
     p.add_argument("--top", type=int, default=30, help="kernels listed per cell")
-    p.add_argument("--cells", nargs="+", default=["ours", "cudnn"], choices=["ours", "cudnn"])
+    p.add_argument("--cells", nargs="+", default=["ours", "ours-torch-attention", "cudnn"],
+                   choices=["ours", "cudnn", *VARIANTS])
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     args = bt.parse_args(["--quick"] if a.quick else [])
@@ -136,14 +153,15 @@ def main(argv=None) -> int:
     results = []
     for name in a.cells:
         try:
-            r = profile_cell(args, "cudnn" if name == "cudnn" else ours, batches, steps, reps, a.top)
+            r = profile_cell(args, "cudnn" if name == "cudnn" else ours, batches, steps, reps, a.top,
+                             variant=name if name in VARIANTS else None)
         except Exception as e:
             traceback.print_exc()
             r = dict(error=f"{type(e).__name__}: {e}"[:400])
         r["name"] = name
         results.append(r)
         prof = r.get("profile", {})
-        print(f"{name:6} step {r.get('step_ms', 0):7.3f} ms ({r.get('tokens_per_s', 0):9.0f} tok/s) | kernels/step "
+        print(f"{name:20} step {r.get('step_ms', 0):7.3f} ms ({r.get('tokens_per_s', 0):9.0f} tok/s) | kernels/step "
               f"{prof.get('kernels_per_step', 0):6.1f} summing {prof.get('kernel_us_per_step', 0):8.1f} us | "
               f"warm-up {r.get('warmup_s', 0):.1f} s | {r.get('stats', {})}")
         for g in prof.get("groups", []):

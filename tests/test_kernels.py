@@ -537,6 +537,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for q, m in ((bf, bf), (f32, f32)):  # a decoding step's attention at the Multi30k model's sizes
         build(da._attention_step_kernel, dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", ctx_ptr=m, w_ptr=f32),
               dict(BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.TILE // 512))
+        for has_dw in (False, True):  # training's backward of it
+            build(da._attention_step_backward_kernel,
+                  dict(q_ptr=q, keys_ptr=q, mem_ptr=m, w_ptr=f32, dctx_ptr=m, dw_ptr=f32, dq_ptr=q, dk_ptr=q, dm_ptr=m),
+                  dict(HAS_DW=has_dw, BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.BACKWARD_TILE // 512),
+                  num_warps=da.BACKWARD_WARPS)
     from mt.kernels import search_greedy as sg
     build(sg._greedy_update_kernel, dict(best_ptr=f32, tok_ptr=i64, attn_ptr=bf, limit_ptr=i64, t_ptr=i64,
                                          done_ptr="*i1", scores_ptr=f32, last_ptr=i64, tok_hist_ptr=i64,
@@ -612,12 +617,80 @@ def test_attention_step_refuses_what_it_cannot_take():
     assert not decode_attention.supported(q.double(), k.double(), m.double(), mask)
     big = decode_attention.MAX_DIM + 1
     assert not decode_attention.supported(torch.zeros(2, big), torch.zeros(2, 3, big), m, mask)
-    # the kernel has no backward: while autograd records, the dispatcher runs the reference
+    # while autograd records, the dispatcher takes the kernel with its backward; else the plain one
     q.requires_grad_()
     ctx, w = kernels.attention_step(q, k, m, mask, backend="triton")
-    assert ctx.grad_fn is not None and w.grad_fn is not None
+    assert type(ctx.grad_fn).__name__ == "_AttentionStepFunctionBackward" and w.grad_fn is ctx.grad_fn
+    assert kernels.attention_step(q, k, m, mask, backend="torch")[0].grad_fn is not None  # the reference's ops
     with torch.no_grad():
         assert kernels.attention_step(q, k, m, mask, backend="triton")[0].grad_fn is None
+    assert kernels.attention_step(q.double(), k.double(), m.double(), mask, backend="triton")[0].grad_fn is not None
+
+
+def _scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, S, Q, M, d_weights, shared", [(5, 7, 16, 16, True, False), (3, 13, 48, 40, False, False),
+                                                           (2, 300, 16, 24, True, False), (4, 6, 32, 32, False, True),
+                                                           (3, 70, 512, 512, True, False)])
+def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, B, S, Q, M, d_weights, shared):
+    """Training's attention: the fused forward + backward kernels (`attention_step_autograd`)
+    and autograd through the PyTorch ops, both against the PyTorch ops in fp64: the gradients of
+    query, keys and memory for a loss on the context (and on the weights: `d_weights`). The
+    kernels' scaled error is at most `tol` or three times the PyTorch ops' own: in bf16 the two
+    differ from each other by more than either does from fp64 (they round g to bf16 after
+    summing in different orders, then subtract its weighted mean), and the interpreter rounds
+    fp32 to bf16 by truncation (up to 2.6x the PyTorch ops' error here; gpu_checks.py allows 2x
+    on a GPU, which rounds to nearest as PyTorch does). With padding (a row of one real
+    token), keys and memory rows taken from wider tensors, sources of two tiles (S = 300),
+    sizes that are not powers of two, and dot attention's keys that are the memory (`shared`:
+    autograd adds the two gradients)."""
+    decode_attention = _decode_attention_module()
+    g = torch.Generator().manual_seed(B * S + Q + 7)
+    query = torch.randn(B, Q, generator=g)
+    memory = torch.randn(B, S, M + 3, generator=g)[:, :, :M]
+    keys = memory if shared else (torch.randn(B, S, Q + 5, generator=g) * 0.3)[:, :, :Q]
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = 1
+    mask = torch.arange(S)[None, :] < lengths[:, None]
+    d_context = torch.randn(B, M, generator=g)
+    d_w = torch.randn(B, S, generator=g) if d_weights else None
+    grads = []
+    for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
+                   (decode_attention.attention_step_autograd, dtype)):
+        leaves = [query.to(dt).requires_grad_(), memory.to(dt).requires_grad_()]
+        if not shared:  # (rows of a wider tensor: the kernels take row strides)
+            leaves.append(torch.zeros(B, S, Q + 5, dtype=dt)[:, :, :Q].copy_(keys).requires_grad_())
+        q_, m_ = leaves[0], leaves[1]
+        k_ = m_ if shared else leaves[2]
+        ctx, w = fn(q_, k_, m_, mask)
+        torch.autograd.backward([ctx, w] if d_weights else [ctx],
+                                [d_context.to(dt), d_w] if d_weights else [d_context.to(dt)])
+        grads.append([x.grad for x in leaves])
+    for name, truth, ref, ours in zip(("query", "memory", "keys"), *grads):
+        assert ours.dtype == dtype and ours.shape == truth.shape, name
+        err, ref_err = _scaled_error(ours, truth), _scaled_error(ref, truth)
+        assert err <= max(tol, 3 * ref_err), (name, err, ref_err)
+    if not shared:  # padding positions get no gradient
+        assert (grads[2][2][~mask] == 0).all() and (grads[2][1][~mask] == 0).all()
+
+
+def test_attention_step_backward_without_a_context_gradient():
+    """Only the weights reach the loss (d context is None): the backward runs on a zero d context
+    and agrees with the reference."""
+    decode_attention = _decode_attention_module()
+    g = torch.Generator().manual_seed(3)
+    q, k, m = torch.randn(2, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    target = torch.randn(2, 5, generator=g)
+    grads = []
+    for fn in (reference.attention_step, decode_attention.attention_step_autograd):
+        q_ = q.clone().requires_grad_()
+        (fn(q_, k, m, mask)[1] * target).sum().backward()
+        grads.append(q_.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- search top-k

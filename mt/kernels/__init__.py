@@ -5,8 +5,9 @@ Two functions make the contract (see `reference.py` for the maths and shapes):
     cell_step(inp, c, weight, pre=None, bias=None, backend=...) -> (h', c')          # one step
     lstm_sequence(xproj, w_hh, lengths=None, h0=None, c0=None, backend=...) -> (out, h_n, c_n)
 
-and two more for decoding, fused on the GPU: the attention of one decoder step
-(`decode_attention.py`; no autograd) and the search's candidates (mt.search, `search_topk.py`):
+and two more for the decoder, fused on the GPU: the attention of one decoder step
+(`decode_attention.py`; a forward kernel, and a backward one for training) and the search's
+candidates (mt.search, `search_topk.py`):
 
     attention_step(query, keys, memory, mask, backend=...) -> (context, weights)
     log_softmax_topk(logits, k, row_bias=None, banned=None, backend=...) -> (values, columns)
@@ -104,13 +105,14 @@ def attention_step(
     mask: Tensor,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step's dot/general attention; see `reference.attention_step`. The Triton
-    kernel has no backward: with autograd recording, the reference runs."""
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, keys, memory))
-    if not needs_grad and resolve_backend(backend, query.device) == "triton":
+    """One decoder step's dot/general attention; see `reference.attention_step`. Triton: one
+    kernel, and while autograd records, one more for the backward (`decode_attention.py`)."""
+    if resolve_backend(backend, query.device) == "triton":
         from . import decode_attention
 
         if decode_attention.supported(query, keys, memory, mask):
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (query, keys, memory)):
+                return decode_attention.attention_step_autograd(query, keys, memory, mask)
             return decode_attention.attention_step(query, keys, memory, mask)
     return reference.attention_step(query, keys, memory, mask)
 

@@ -1,6 +1,7 @@
-"""One decoding step's Luong attention (dot / general) in one Triton kernel.
+"""One decoder step's Luong attention (dot / general) in one Triton kernel, and its backward in one more.
 
-    attention_step(query, keys, memory, mask) -> (context, weights)
+    attention_step(query, keys, memory, mask) -> (context, weights)            no autograd
+    attention_step_autograd(query, keys, memory, mask) -> (context, weights)   with a backward
 
 For each row b (one program each), what `reference.attention_step` does with six PyTorch ops
 (a bmm, a cast, the mask, the softmax, another cast and a bmm):
@@ -9,16 +10,28 @@ For each row b (one program each), what `reference.attention_step` does with six
     weights    = softmax over the real tokens   (fp32; mask False -> weight 0)
     context[m] = sum_s weights[s] * memory[b, s, m]   (weights rounded to memory's dtype first)
 
-`mt.modules.attention.Attention` calls it with our Triton gate cell when no gradient is needed
-(greedy and beam search, validation); training keeps the PyTorch ops (autograd). It computes
-in its inputs' dtypes and ignores autocast: under autocast the model hands it bf16 query, keys
-and memory, as the PyTorch ops would see them after autocast's casts. Every decoding
-step runs it once for the B (greedy) or n*K (beam) rows, inside the step's CUDA graph.
+and `_attention_step_backward_kernel`, for training, what autograd runs for those six ops
+(about eight kernels: two bmms for each bmm, the casts, the softmax's backward, the mask's),
+with the same roundings (d stands for the loss's gradient):
 
-Why: a replayed decoding step is a chain of small kernels, each a few microseconds however
-little it computes (a graphed beam-5 step ran 114: scripts/profile_decode.py, H200,
-2026-11-27); the attention's six become one, which reads keys and memory once. Its gain is not
-measured yet.
+    g[s]             = d context . memory[b, s]  (+ d weights[s])   (rounded to memory's dtype)
+    d scores[s]      = weights[s] (g[s] - sum_s' weights[s'] g[s'])  (rounded to keys' dtype)
+    d query          = sum_s d scores[s] keys[b, s]
+    d keys[b, s]     = d scores[s] query                     (zero at padding: its weight is 0)
+    d memory[b, s]   = weights[s] d context
+
+`mt.modules.attention.Attention` calls them with our Triton gate cell: `attention_step` when no
+gradient is needed (greedy and beam search, validation), `attention_step_autograd` in training
+(autograd then sums each step's d keys and d memory over the decoder's steps, as it does for the
+PyTorch ops). They compute in their inputs' dtypes and ignore autocast: under autocast the model
+hands them bf16 query, keys and memory, as the PyTorch ops would see them after autocast's casts.
+
+Why: a replayed decoding step, or a replayed training step, is a chain of small kernels, each a
+few microseconds however little it computes (a graphed beam-5 step ran 114:
+scripts/profile_decode.py, H200, 2026-11-27; a training step of the Multi30k model runs the
+decoder's attention 20 times forward and backward). Six kernels become one forward, about eight
+become one backward, each reading keys and memory once. Neither gain is measured yet
+(scripts/profile_decode.py and scripts/profile_train.py, variant `ours-torch-attention`).
 """
 
 from __future__ import annotations
@@ -110,7 +123,86 @@ def _attention_step_kernel(
     tl.store(ctx_ptr + b * M + dm, ctx.to(ctx_ptr.dtype.element_ty), mask=dm < M)
 
 
+@triton.jit(do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms"])
+def _attention_step_backward_kernel(
+    q_ptr,  # (B, Q) any float: the query, as the forward had it
+    keys_ptr,  # (B, S, Q) float, last dim contiguous
+    mem_ptr,  # (B, S, M) float, last dim contiguous
+    w_ptr,  # (B, S) fp32, contiguous: the forward's weights (0 at padding)
+    dctx_ptr,  # (B, M) contiguous, memory's dtype: d context
+    dw_ptr,  # (B, S) fp32, contiguous: d weights (read only if HAS_DW)
+    dq_ptr,  # (B, Q) out, query's dtype, contiguous
+    dk_ptr,  # (B, S, Q) out, keys' dtype, contiguous
+    dm_ptr,  # (B, S, M) out, memory's dtype, contiguous
+    S,
+    Q,
+    M,
+    stride_qb,
+    stride_kb,
+    stride_ks,
+    stride_mb,
+    stride_ms,
+    HAS_DW: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # next power of two >= Q
+    BLOCK_M: tl.constexpr,  # next power of two >= M
+    BLOCK_S: tl.constexpr,  # source positions per tile: BACKWARD_TILE // max(BLOCK_Q, BLOCK_M)
+):
+    # Two passes over the source in tiles (runtime bound, as the forward): the first sums
+    # weights . g for the softmax's backward, the second recomputes g (it re-reads memory rather
+    # than keep g in a scratch row) and writes every output. Nothing the program writes is read
+    # back, so it needs no barrier; each program writes only its own row b.
+    b = tl.program_id(0).to(tl.int64)
+    dq_i = tl.arange(0, BLOCK_Q)
+    dm_i = tl.arange(0, BLOCK_M)
+    q = tl.load(q_ptr + b * stride_qb + dq_i, mask=dq_i < Q, other=0.0)
+    q = q.to(keys_ptr.dtype.element_ty).to(tl.float32)  # the forward bmm's input
+    dctx = tl.load(dctx_ptr + b * M + dm_i, mask=dm_i < M, other=0.0).to(tl.float32)  # (M,)
+    w_row = w_ptr + b * S
+
+    # 1. wg = sum_s weights[s] g[s], g[s] = d context . memory[s] (in memory's dtype: the bmm's output)
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    s0 = 0
+    while s0 < S:
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
+                    mask=(s < S)[:, None] & (dm_i < M)[None, :], other=0.0)  # (BLOCK_S, BLOCK_M)
+        g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_DW:
+            g += tl.load(dw_ptr + b * S + s, mask=s < S, other=0.0)
+        acc += tl.load(w_row + s, mask=s < S, other=0.0) * g
+        s0 += BLOCK_S
+    wg = tl.sum(acc, axis=0)
+
+    # 2. d scores = weights (g - wg) in keys' dtype; d keys, d memory per position; d query summed
+    dq = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    s0 = 0
+    while s0 < S:
+        s = s0 + tl.arange(0, BLOCK_S)
+        in_s = s < S
+        m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
+                    mask=in_s[:, None] & (dm_i < M)[None, :], other=0.0)
+        g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_DW:
+            g += tl.load(dw_ptr + b * S + s, mask=in_s, other=0.0)
+        w = tl.load(w_row + s, mask=in_s, other=0.0)
+        ds = (w * (g - wg)).to(keys_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_S,)
+        k = tl.load(keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq_i[None, :],
+                    mask=in_s[:, None] & (dq_i < Q)[None, :], other=0.0)  # (BLOCK_S, BLOCK_Q)
+        dq += tl.sum(k.to(tl.float32) * ds[:, None], axis=0)
+        row = b * S + s  # (BLOCK_S,) rows of the (B*S, .) outputs
+        tl.store(dk_ptr + row[:, None] * Q + dq_i[None, :], (ds[:, None] * q[None, :]).to(dk_ptr.dtype.element_ty),
+                 mask=in_s[:, None] & (dq_i < Q)[None, :])
+        w_m = w.to(mem_ptr.dtype.element_ty).to(tl.float32)  # the forward bmm's input
+        tl.store(dm_ptr + row[:, None] * M + dm_i[None, :], (w_m[:, None] * dctx[None, :]).to(dm_ptr.dtype.element_ty),
+                 mask=in_s[:, None] & (dm_i < M)[None, :])
+        s0 += BLOCK_S
+    dq = dq.to(keys_ptr.dtype.element_ty)  # the bmm's output, then the query cast's backward
+    tl.store(dq_ptr + b * Q + dq_i, dq.to(dq_ptr.dtype.element_ty), mask=dq_i < Q)
+
+
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+BACKWARD_TILE = 4096  # the backward holds four tiles at once (memory, keys and two products), over 8 warps
+BACKWARD_WARPS = 8  # (ptxas for sm_90a: 100-111 registers at H = 512, 128-148 at 256, no spills)
 
 
 def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool:
@@ -134,13 +226,70 @@ def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) ->
     weights = torch.empty(B, S, device=memory.device, dtype=torch.float32)
     if B == 0:
         return context, weights
-    block_q, block_m = triton.next_power_of_2(Q), triton.next_power_of_2(M)
+    block_q, block_m, block_s = _blocks(Q, M, TILE)
     _attention_step_kernel[(B,)](
         query, keys, memory, mask, context, weights, S, Q, M,
         query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1), mask.stride(0),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=max(1, TILE // max(block_q, block_m)), num_warps=4,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=block_s, num_warps=4,
     )
     return context, weights
 
 
-__all__ = ["MAX_DIM", "supported", "attention_step"]
+def _blocks(Q: int, M: int, tile: int) -> tuple[int, int, int]:
+    block_q, block_m = triton.next_power_of_2(Q), triton.next_power_of_2(M)
+    return block_q, block_m, max(1, tile // max(block_q, block_m))
+
+
+def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, weights: Tensor, d_context: Tensor,
+                            d_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `attention_step`'s inputs: query (B, Q), keys (B, S, Q), memory (B, S, M)
+    as the forward had them, its weights (B, S) fp32, d context (B, M), d weights (B, S) or None
+    -> d query, d keys, d memory in their inputs' dtypes (contiguous)."""
+    B, S, Q = keys.shape
+    M = memory.shape[2]
+    d_query = torch.empty(B, Q, device=query.device, dtype=query.dtype)
+    d_keys = torch.empty(B, S, Q, device=keys.device, dtype=keys.dtype)
+    d_memory = torch.empty(B, S, M, device=memory.device, dtype=memory.dtype)
+    if B == 0:
+        return d_query, d_keys, d_memory
+    d_context = d_context.to(memory.dtype).contiguous()
+    d_w = d_weights.float().contiguous() if d_weights is not None else weights  # (a dummy pointer, never read)
+    block_q, block_m, block_s = _blocks(Q, M, BACKWARD_TILE)
+    _attention_step_backward_kernel[(B,)](
+        query, keys, memory, weights.contiguous(), d_context, d_w, d_query, d_keys, d_memory, S, Q, M,
+        query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1),
+        HAS_DW=d_weights is not None, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=block_s, num_warps=BACKWARD_WARPS,
+    )
+    return d_query, d_keys, d_memory
+
+
+class _AttentionStepFunction(torch.autograd.Function):
+    """`attention_step` under autograd: forward one kernel, backward one kernel
+    (`attention_step_backward`). Saves query, keys, memory (the same keys and memory at every
+    decoder step: references, not copies) and the weights."""
+
+    @staticmethod
+    def forward(ctx, query, keys, memory, mask):
+        context, weights = attention_step(query, keys, memory, mask)
+        ctx.save_for_backward(query, keys, memory, weights)
+        ctx.set_materialize_grads(False)
+        return context, weights
+
+    @staticmethod
+    def backward(ctx, d_context, d_weights):
+        query, keys, memory, weights = ctx.saved_tensors
+        if d_context is None and d_weights is None:
+            return None, None, None, None
+        if d_context is None:  # only the weights reach the loss
+            d_context = torch.zeros(memory.shape[0], memory.shape[2], device=memory.device, dtype=memory.dtype)
+        d_query, d_keys, d_memory = attention_step_backward(query, keys, memory, weights, d_context, d_weights)
+        need = ctx.needs_input_grad
+        return (d_query if need[0] else None, d_keys if need[1] else None, d_memory if need[2] else None, None)
+
+
+def attention_step_autograd(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`attention_step` with a backward (`_attention_step_backward_kernel`); see the module docstring."""
+    return _AttentionStepFunction.apply(query, keys, memory, mask)
+
+
+__all__ = ["MAX_DIM", "supported", "attention_step", "attention_step_autograd", "attention_step_backward"]

@@ -44,11 +44,11 @@ class Attention(nn.Module):
     def forward(self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor,
                 backend: str = "torch") -> tuple[Tensor, Tensor]:
         """query (B, Q), keys (B, S, Q), memory (B, S, M), mask (B, S) True at real tokens
-        -> context (B, M), weights (B, S) fp32. backend "triton" (the model's gate cell) and no
-        autograd: dot and general attention as one fused Triton kernel
-        (`kernels/decode_attention.py`: a decoding step's scores, softmax and context)."""
+        -> context (B, M), weights (B, S) fp32. backend "triton" (the model's gate cell): dot
+        and general attention as one fused Triton kernel (`kernels/decode_attention.py`: a
+        step's scores, softmax and context), and one more for its backward in training."""
         if self.kind in ("dot", "general"):
-            if backend == "triton" and not torch.is_grad_enabled():
+            if backend == "triton":
                 return kernels.attention_step(query, keys, memory, mask, backend="triton")
             return reference.attention_step(query, keys, memory, mask)
         hidden = torch.tanh(keys + self.w_q(query).unsqueeze(1))  # (B, S, Q)

@@ -181,30 +181,38 @@ def check_kernels() -> None:
                   tol=tol, same_bits_every_launch=same)
 
     # training's attention backward (decode_attention.attention_step_autograd) and autograd
-    # through the PyTorch ops, both against the PyTorch ops in fp64, at the training bench's
-    # shape (and a long source), a loss on the context and the weights: the kernel's scaled error
-    # at most tol or twice the PyTorch ops' own (in bf16 they differ from each other by more
-    # than either does from fp64); 10 backward launches that must agree bit for bit
+    # through the PyTorch ops, both against the PyTorch ops in fp64: the kernel's scaled error at
+    # most tol or twice the PyTorch ops' own (in bf16 they differ from each other by more than
+    # either does from fp64); 10 backward launches that must agree bit for bit. At the training
+    # bench's shape a loss on the context alone (what training runs), on the context and the
+    # weights, and dot attention's keys that are the memory; and a long source
+    cases = ((128, 20, 512, False, False), (128, 20, 512, True, False), (128, 20, 512, False, True),
+             (128, 200, 512, True, False))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        for B, S, H in ((128, 20, 512), (128, 200, 512)) if dev == "cuda" else ((6, 5, 32), (3, 70, 512)):
+        for B, S, H, with_dw, shared in cases if dev == "cuda" else ((6, 5, 32, True, False), (3, 70, 512, False, True)):
             g = torch.Generator(device=dev).manual_seed(S + 1)
             query = torch.randn(B, H, device=dev, generator=g).to(dtype)
             keys = (torch.randn(B, S, H, device=dev, generator=g) * 0.3).to(dtype)
             memory = torch.randn(B, S, H, device=dev, generator=g).to(dtype)
             mask = torch.arange(S, device=dev)[None, :] < torch.randint(1, S + 1, (B, 1), device=dev, generator=g)
-            d_ctx, d_w = torch.randn(B, H, device=dev, generator=g).to(dtype), torch.randn(B, S, device=dev, generator=g)
+            d_ctx = torch.randn(B, H, device=dev, generator=g).to(dtype)
+            d_w = torch.randn(B, S, device=dev, generator=g) if with_dw else None
             grads = []
             for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
                            (decode_attention.attention_step_autograd, dtype)):
-                leaves = [x.to(dt).clone().requires_grad_() for x in (query, keys, memory)]
-                torch.autograd.backward(list(fn(*leaves, mask)), [d_ctx.to(dt), d_w])
-                grads.append([x.grad.double() for x in leaves])
+                q_, m_ = query.to(dt).clone().requires_grad_(), memory.to(dt).clone().requires_grad_()
+                k_ = m_ if shared else keys.to(dt).clone().requires_grad_()
+                ctx, w = fn(q_, k_, m_, mask)
+                torch.autograd.backward([ctx, w] if with_dw else [ctx], [d_ctx.to(dt), d_w] if with_dw else [d_ctx.to(dt)])
+                grads.append([x.grad.double() for x in ((q_, m_) if shared else (q_, k_, m_))])
             err, ref_err = max_scaled(grads[2], grads[0]), max_scaled(grads[1], grads[0])
-            w = decode_attention.attention_step(query, keys, memory, mask)[1]
-            runs = [decode_attention.attention_step_backward(query, keys, memory, w, d_ctx, d_w)
+            k_in = memory if shared else keys
+            w = decode_attention.attention_step(query, k_in, memory, mask)[1]
+            runs = [decode_attention.attention_step_backward(query, k_in, memory, mask, w, d_ctx, d_w)
                     for _ in range(10 if dev == "cuda" else 2)]
             same = all(all(torch.equal(x, y) for x, y in zip(r, runs[0])) for r in runs[1:])
-            check(f"kernels.attention_step_backward[{str(dtype)[6:]}, {B}x{S}x{H}]",
+            what = "d_context" + (" d_weights" if with_dw else "") + (" keys=memory" if shared else "")
+            check(f"kernels.attention_step_backward[{str(dtype)[6:]}, {B}x{S}x{H}, {what}]",
                   err <= max(tol, 2 * ref_err) and same, max_scaled_err=f"{err:.2e}", pytorch_ops=f"{ref_err:.2e}",
                   tol=tol, same_bits_every_launch=same)
 

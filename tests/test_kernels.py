@@ -539,7 +539,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
               dict(BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.TILE // 512))
         for has_dw in (False, True):  # training's backward of it
             build(da._attention_step_backward_kernel,
-                  dict(q_ptr=q, keys_ptr=q, mem_ptr=m, w_ptr=f32, dctx_ptr=m, dw_ptr=f32, dq_ptr=q, dk_ptr=q, dm_ptr=m),
+                  dict(q_ptr=q, keys_ptr=q, mem_ptr=m, mask_ptr="*i1", w_ptr=f32, dctx_ptr=m, dw_ptr=f32, dq_ptr=q,
+                       dk_ptr=q, dm_ptr=m),
                   dict(HAS_DW=has_dw, BLOCK_Q=512, BLOCK_M=512, BLOCK_S=da.BACKWARD_TILE // 512),
                   num_warps=da.BACKWARD_WARPS)
     from mt.kernels import search_greedy as sg
@@ -691,6 +692,39 @@ def test_attention_step_backward_without_a_context_gradient():
         (fn(q_, k, m, mask)[1] * target).sum().backward()
         grads.append(q_.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # (the interpreter, on the NaN row)
+def test_attention_step_backward_edge_cases(monkeypatch):
+    """A row with no real token: NaN weights and d memory, as with the PyTorch ops, and no
+    gradient through its scores (d query, d keys 0: the mask's backward), the other rows
+    unaffected. The backward is once differentiable: a second derivative is an error, not a
+    silent zero. Rows too far apart for the kernels' int32 offsets go to the PyTorch ops."""
+    decode_attention = _decode_attention_module()
+    g = torch.Generator().manual_seed(4)
+    q, k, m = torch.randn(3, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 6, generator=g)
+    mask = torch.tensor([[True] * 4, [False] * 4, [True, True, False, False]])
+    d_ctx = torch.randn(3, 6, generator=g)
+    grads = []
+    for fn in (reference.attention_step, decode_attention.attention_step_autograd):
+        leaves = [x.clone().requires_grad_() for x in (q, k, m)]
+        fn(*leaves, mask)[0].backward(d_ctx)
+        grads.append([x.grad for x in leaves])
+    for ref, ours in zip(*grads):
+        assert torch.equal(ours.isnan(), ref.isnan())
+        torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num(), atol=1e-6, rtol=1e-5)
+    assert (grads[1][0][1] == 0).all() and (grads[1][1][1] == 0).all() and grads[1][2][1].isnan().all()
+    q_ = q.clone().requires_grad_()
+    ctx, _ = decode_attention.attention_step_autograd(q_, k, m, mask[[0, 2, 0]])
+    d_q, = torch.autograd.grad(ctx.square().sum(), q_, create_graph=True)  # (d context depends on q)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        d_q.sum().backward()
+    # (meta tensors: strides without the 8 GB of memory; "runs here" stands in for the device check)
+    far = torch.empty(1, 2, 2**30 + 8, device="meta")[:, :, :8]  # row stride 2**30 + 8: offsets past int32
+    monkeypatch.setattr(decode_attention, "_runs_here", lambda t: True)
+    qm, mm = torch.empty(1, 8, device="meta"), torch.ones(1, 2, dtype=torch.bool, device="meta")
+    assert not decode_attention.supported(qm, far, far, mm)
+    assert decode_attention.supported(qm, far[:, :1], far[:, :1], mm[:, :1])  # one position: offset 0
 
 
 # ----------------------------------------------------------------------------- search top-k

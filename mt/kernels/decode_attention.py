@@ -123,11 +123,25 @@ def _attention_step_kernel(
     tl.store(ctx_ptr + b * M + dm, ctx.to(ctx_ptr.dtype.element_ty), mask=dm < M)
 
 
-@triton.jit(do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms"])
+@triton.jit
+def _g_tile(mem_ptr, dw_ptr, b, s, S, M, stride_mb, stride_ms, dctx, dm_i, HAS_DW: tl.constexpr):
+    """g at the tile's source positions s (BLOCK_S,): d context . memory[b, s], rounded to
+    memory's dtype (the bmm's output), plus d weights[b, s] if HAS_DW."""
+    m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
+                mask=(s < S)[:, None] & (dm_i < M)[None, :], other=0.0)  # (BLOCK_S, BLOCK_M)
+    g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_DW:
+        g += tl.load(dw_ptr + b * S + s, mask=s < S, other=0.0)
+    return g
+
+
+@triton.jit(do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms",
+                               "stride_maskb"])
 def _attention_step_backward_kernel(
     q_ptr,  # (B, Q) any float: the query, as the forward had it
     keys_ptr,  # (B, S, Q) float, last dim contiguous
     mem_ptr,  # (B, S, M) float, last dim contiguous
+    mask_ptr,  # (B, S) bool: True at real tokens
     w_ptr,  # (B, S) fp32, contiguous: the forward's weights (0 at padding)
     dctx_ptr,  # (B, M) contiguous, memory's dtype: d context
     dw_ptr,  # (B, S) fp32, contiguous: d weights (read only if HAS_DW)
@@ -142,6 +156,7 @@ def _attention_step_backward_kernel(
     stride_ks,
     stride_mb,
     stride_ms,
+    stride_maskb,
     HAS_DW: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # next power of two >= Q
     BLOCK_M: tl.constexpr,  # next power of two >= M
@@ -164,28 +179,23 @@ def _attention_step_backward_kernel(
     s0 = 0
     while s0 < S:
         s = s0 + tl.arange(0, BLOCK_S)
-        m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
-                    mask=(s < S)[:, None] & (dm_i < M)[None, :], other=0.0)  # (BLOCK_S, BLOCK_M)
-        g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_DW:
-            g += tl.load(dw_ptr + b * S + s, mask=s < S, other=0.0)
+        g = _g_tile(mem_ptr, dw_ptr, b, s, S, M, stride_mb, stride_ms, dctx, dm_i, HAS_DW)
         acc += tl.load(w_row + s, mask=s < S, other=0.0) * g
         s0 += BLOCK_S
     wg = tl.sum(acc, axis=0)
 
-    # 2. d scores = weights (g - wg) in keys' dtype; d keys, d memory per position; d query summed
+    # 2. d scores = weights (g - wg) in keys' dtype, 0 at padding (the mask's backward: a row with
+    # no real token has NaN weights, and no gradient through its scores, as with the PyTorch ops);
+    # d keys, d memory per position; d query summed
     dq = tl.zeros([BLOCK_Q], dtype=tl.float32)
     s0 = 0
     while s0 < S:
         s = s0 + tl.arange(0, BLOCK_S)
         in_s = s < S
-        m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
-                    mask=in_s[:, None] & (dm_i < M)[None, :], other=0.0)
-        g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_DW:
-            g += tl.load(dw_ptr + b * S + s, mask=in_s, other=0.0)
+        g = _g_tile(mem_ptr, dw_ptr, b, s, S, M, stride_mb, stride_ms, dctx, dm_i, HAS_DW)
         w = tl.load(w_row + s, mask=in_s, other=0.0)
-        ds = (w * (g - wg)).to(keys_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_S,)
+        real = tl.load(mask_ptr + b * stride_maskb + s, mask=in_s, other=0) != 0
+        ds = tl.where(real, (w * (g - wg)).to(keys_ptr.dtype.element_ty).to(tl.float32), 0.0)  # (BLOCK_S,)
         k = tl.load(keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq_i[None, :],
                     mask=in_s[:, None] & (dq_i < Q)[None, :], other=0.0)  # (BLOCK_S, BLOCK_Q)
         dq += tl.sum(k.to(tl.float32) * ds[:, None], axis=0)
@@ -202,19 +212,21 @@ def _attention_step_backward_kernel(
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 BACKWARD_TILE = 4096  # the backward holds four tiles at once (memory, keys and two products), over 8 warps
-BACKWARD_WARPS = 8  # (ptxas for sm_90a: 100-111 registers at H = 512, 128-148 at 256, no spills)
+BACKWARD_WARPS = 8  # (ptxas for sm_90a: 92-114 registers at H = 512, 128-156 at 256, no spills)
 
 
 def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool:
     """Whether the kernel takes this call (else `reference.attention_step`): float tensors whose
-    last dimension is contiguous, a bool mask, query and memory sizes up to MAX_DIM."""
+    last dimension is contiguous, a bool mask, query and memory sizes up to MAX_DIM, and source
+    positions S * row stride within int32 (the kernels' offset arithmetic)."""
     if query.dim() != 2 or keys.dim() != 3 or memory.dim() != 3 or mask.dim() != 2:
         return False
     B, S, Q = keys.shape
     return (_runs_here(keys) and S >= 1 and query.shape == (B, Q) and memory.shape[:2] == (B, S)
             and max(Q, memory.shape[2]) <= MAX_DIM and mask.shape == (B, S) and mask.dtype == torch.bool
             and all(x.dtype in FLOATS for x in (query, keys, memory))
-            and query.stride(1) == 1 and keys.stride(2) == 1 and memory.stride(2) == 1 and mask.stride(1) == 1)
+            and query.stride(1) == 1 and keys.stride(2) == 1 and memory.stride(2) == 1 and mask.stride(1) == 1
+            and S * max(keys.stride(1), memory.stride(1)) < 2**31)
 
 
 def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,11 +252,11 @@ def _blocks(Q: int, M: int, tile: int) -> tuple[int, int, int]:
     return block_q, block_m, max(1, tile // max(block_q, block_m))
 
 
-def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, weights: Tensor, d_context: Tensor,
-                            d_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of `attention_step`'s inputs: query (B, Q), keys (B, S, Q), memory (B, S, M)
-    as the forward had them, its weights (B, S) fp32, d context (B, M), d weights (B, S) or None
-    -> d query, d keys, d memory in their inputs' dtypes (contiguous)."""
+def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor, weights: Tensor,
+                            d_context: Tensor, d_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `attention_step`'s inputs: query (B, Q), keys (B, S, Q), memory (B, S, M),
+    mask (B, S) as the forward had them, its weights (B, S) fp32, d context (B, M), d weights
+    (B, S) or None -> d query, d keys, d memory in their inputs' dtypes (contiguous)."""
     B, S, Q = keys.shape
     M = memory.shape[2]
     d_query = torch.empty(B, Q, device=query.device, dtype=query.dtype)
@@ -256,8 +268,8 @@ def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, weights
     d_w = d_weights.float().contiguous() if d_weights is not None else weights  # (a dummy pointer, never read)
     block_q, block_m, block_s = _blocks(Q, M, BACKWARD_TILE)
     _attention_step_backward_kernel[(B,)](
-        query, keys, memory, weights.contiguous(), d_context, d_w, d_query, d_keys, d_memory, S, Q, M,
-        query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1),
+        query, keys, memory, mask, weights.contiguous(), d_context, d_w, d_query, d_keys, d_memory, S, Q, M,
+        query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1), mask.stride(0),
         HAS_DW=d_weights is not None, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=block_s, num_warps=BACKWARD_WARPS,
     )
     return d_query, d_keys, d_memory
@@ -265,24 +277,25 @@ def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, weights
 
 class _AttentionStepFunction(torch.autograd.Function):
     """`attention_step` under autograd: forward one kernel, backward one kernel
-    (`attention_step_backward`). Saves query, keys, memory (the same keys and memory at every
-    decoder step: references, not copies) and the weights."""
+    (`attention_step_backward`). Saves query, keys, memory, mask (the same keys, memory and mask
+    at every decoder step: references, not copies) and the weights. Once differentiable."""
 
     @staticmethod
     def forward(ctx, query, keys, memory, mask):
         context, weights = attention_step(query, keys, memory, mask)
-        ctx.save_for_backward(query, keys, memory, weights)
+        ctx.save_for_backward(query, keys, memory, mask, weights)
         ctx.set_materialize_grads(False)
         return context, weights
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_context, d_weights):
-        query, keys, memory, weights = ctx.saved_tensors
+        query, keys, memory, mask, weights = ctx.saved_tensors
         if d_context is None and d_weights is None:
             return None, None, None, None
         if d_context is None:  # only the weights reach the loss
             d_context = torch.zeros(memory.shape[0], memory.shape[2], device=memory.device, dtype=memory.dtype)
-        d_query, d_keys, d_memory = attention_step_backward(query, keys, memory, weights, d_context, d_weights)
+        d_query, d_keys, d_memory = attention_step_backward(query, keys, memory, mask, weights, d_context, d_weights)
         need = ctx.needs_input_grad
         return (d_query if need[0] else None, d_keys if need[1] else None, d_memory if need[2] else None, None)
 

@@ -129,8 +129,10 @@ class Decoder(nn.Module):
         """Teacher forcing: tgt_in (B, T) -> logits (B, T, V), attention (B, T, S)."""
         x, weights = self._inputs(tgt_in, memory.backend)  # (B, T, E) or (B, T, 4H)
         outs, attns = [], []
-        for t in range(tgt_in.shape[1]):
-            out, state, attn = self._step(x[:, t], state, memory, weights)
+        # unbind, not x[:, t]: its backward is one stack of the T step gradients, where T
+        # selects' backwards would each fill a zero (B, T, .) tensor, copy a slice, and add it up
+        for x_t in x.unbind(1):  # (B, E) or (B, 4H)
+            out, state, attn = self._step(x_t, state, memory, weights)
             outs.append(out)
             attns.append(attn)
         hidden = torch.stack(outs, dim=1)  # (B, T, H)

@@ -133,3 +133,28 @@ def test_triton_cell_gives_the_same_loss_and_gradients(attention):
     torch.testing.assert_close(tri[1], ref[1], atol=2e-5, rtol=2e-5)
     for name in ref[2]:
         torch.testing.assert_close(tri[2][name], ref[2][name], atol=5e-5, rtol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("cell", ["torch", "cudnn"])
+def test_teacher_forcing_graph_does_not_grow_a_select_per_step(cell):
+    """The decoder's loop takes its T step inputs by one unbind: its backward is one stack. With
+    x[:, t] every step added a SelectBackward, whose backward fills a zero (B, T, .) tensor,
+    copies a slice into it, and adds it to the others (T times: O(T^2) memory traffic)."""
+    model = Seq2Seq(tiny_cfg(cell=cell), 30, 30, 0)
+
+    def node_names(T: int) -> list[str]:
+        src, lengths, tgt = toy_batch(T=T)
+        logits, _ = model(src, lengths, tgt)
+        names, todo, seen = [], [logits.grad_fn], set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            names.append(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+        return names
+
+    short, long = node_names(3), node_names(9)
+    assert long.count("SelectBackward0") == short.count("SelectBackward0")  # none per step
+    assert long.count("UnbindBackward0") == short.count("UnbindBackward0") >= 1

@@ -15,9 +15,11 @@ work) and the --top kernels. The sum of the kernels' time against the step's wal
 what the gaps between kernels cost. The training target (issue 6: ours >= 1.3x cuDNN under the
 same graphs) is decided by these groups. Needs only torch, triton and numpy.
 
-Cells: ours (our Triton gate cell, and the decoder's attention as mt/kernels/decode_attention.py's
-forward and backward kernels), ours-torch-attention (the same with the attention as PyTorch's
-ops: what that pair of kernels gives), cudnn.
+Cells: ours (our Triton gate cell, the decoder's attention as mt/kernels/decode_attention.py's
+forward and backward kernels, the decoder steps' weight gradients as one matmul after the loop:
+triton_cell.DeferredWeightGrad), ours-torch-attention (the attention as PyTorch's ops: what that
+pair of kernels gives), ours-per-step-weight-grads (a weight-gradient matmul and an addition per
+step and layer, as autograd does by itself), cudnn.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def by_group(rows: list[dict]) -> list[dict]:
 _OFF = lambda *a: False  # noqa: E731
 VARIANTS = {  # our cell with a kernel off: (module, attribute, what it is set to), ...
     "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),  # the attention as PyTorch's ops
+    "ours-per-step-weight-grads": (("mt.model", "DEFER_STEP_WEIGHT_GRADS", False),),  # a matmul + add per step
 }
 
 
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="replayed steps per timed pass and in the profile")
     p.add_argument("--reps", type=int, default=5, help="timed passes (median)")
     p.add_argument("--top", type=int, default=30, help="kernels listed per cell")
-    p.add_argument("--cells", nargs="+", default=["ours", "ours-torch-attention", "cudnn"],
+    p.add_argument("--cells", nargs="+",
+                   default=["ours", "ours-torch-attention", "ours-per-step-weight-grads", "cudnn"],
                    choices=["ours", "cudnn", *VARIANTS])
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)

@@ -416,7 +416,8 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
-    assert [r["name"] for r in res["results"]] == ["ours", "ours-torch-attention", "cudnn"]
+    assert [r["name"] for r in res["results"]] == ["ours", "ours-torch-attention", "ours-per-step-weight-grads",
+                                                   "cudnn"]
     for r in res["results"]:
         assert "error" not in r and r["step_ms"] > 0 and r["stats"] == {"emulated": 4 + 2}, r
     sys.path.insert(0, str(REPO / "scripts"))

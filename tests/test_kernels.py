@@ -196,6 +196,51 @@ def test_float64_falls_back_to_reference():
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
+    """A decoder-like loop (layer 0 with `pre`, layer 1 with a bias, each step's input depending
+    on the last) through `cell_step` with a `DeferredWeightGrad` bank per layer, against the
+    same loop with per-step weight gradients: every gradient equal (the bank sums the T steps
+    in one fp32 matmul; per step they are summed in the weight's dtype, hence bf16's tolerance).
+    A gradient that also reaches the attached weight another way is added; the banks end
+    empty; the reference cell ignores a bank and gives the same gradients."""
+    from mt import kernels
+
+    g = torch.Generator().manual_seed(1)
+    B, H, T = 5, 16, 4
+    w0 = (torch.randn(4 * H, 2 * H, generator=g) / 4).to(dtype)  # acts on [feed; h0]
+    w1 = (torch.randn(4 * H, 2 * H, generator=g) / 4).to(dtype)  # acts on [h0; h1]
+    b1 = torch.randn(4 * H, generator=g).to(dtype)
+    pre = torch.randn(T, B, 4 * H, generator=g).to(dtype)
+
+    def run(backend: str, banked: bool):
+        leaves = [x.clone().requires_grad_() for x in (w0, w1, b1, pre)]
+        W0, W1, B1 = leaves[0].t(), leaves[1].t(), leaves[2]
+        banks = [None, None]
+        if banked:
+            banks = [kernels.triton_cell.DeferredWeightGrad(), kernels.triton_cell.DeferredWeightGrad()]
+            W0, _ = banks[0].attach(W0)
+            W1, B1 = banks[1].attach(W1, B1)
+        h0 = h1 = torch.zeros(B, H, dtype=dtype)
+        c0 = c1 = torch.zeros(B, H)
+        loss = (W1.float() ** 2).sum() * 1e-3  # another path to the attached weight
+        for t in range(T):
+            h0, c0 = kernels.cell_step(torch.cat([h1, h0], 1), c0, W0, pre=leaves[3][t], backend=backend,
+                                       bank=banks[0])
+            h1, c1 = kernels.cell_step(torch.cat([h0, h1], 1), c1, W1, bias=B1, backend=backend, bank=banks[1])
+            loss = loss + (h1.float() * (t + 1)).sum() + c1.sum() * 0.1
+        loss.backward()
+        assert all(not (b.inps or b.dgates) for b in banks if b is not None)
+        return [x.grad for x in leaves]
+
+    want = run("triton", banked=False)
+    for backend in ("triton", "torch"):
+        got = run(backend, banked=True)
+        for name, a, b in zip(("w0", "w1", "b1", "pre"), got, want):
+            assert a.dtype == dtype, name
+            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"{backend} {name}")
+
+
 def test_gradcheck_reference_cell_step():
     g = torch.Generator().manual_seed(0)
     B, K, H = 2, 3, 2

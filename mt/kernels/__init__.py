@@ -79,10 +79,15 @@ def cell_step(
     pre: Tensor | None = None,
     bias: Tensor | None = None,
     backend: str = "auto",
+    bank=None,
 ) -> tuple[Tensor, Tensor]:
-    """One LSTM step; see `reference.cell_step`."""
-    impl = _impl(resolve_backend(backend, inp.device))
-    return impl.cell_step(inp, c, weight, pre=pre, bias=bias)
+    """One LSTM step; see `reference.cell_step`. bank: a `triton_cell.DeferredWeightGrad` whose
+    attached weight and bias these are: the Triton cell leaves their gradients to it (one matmul
+    after the step loop); the reference computes them per step (the same gradients)."""
+    name = resolve_backend(backend, inp.device)
+    if name == "triton" and bank is not None:
+        return _impl(name).cell_step(inp, c, weight, pre=pre, bias=bias, bank=bank)
+    return _impl(name).cell_step(inp, c, weight, pre=pre, bias=bias)
 
 
 def lstm_sequence(

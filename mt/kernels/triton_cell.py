@@ -694,14 +694,74 @@ def _cell_backward(dh, dc, act, c, gate_dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-class _CellStepFunction(torch.autograd.Function):
-    """One fused step. Backward: `_cell_backward_kernel`, then d inp = dgates @ W^T and
-    d W = inp^T @ dgates as torch matmuls (not fused), d pre = dgates, d bias = dgates.sum(0)."""
+class DeferredWeightGrad:
+    """A step loop's weight (and bias) gradient as one matmul after the loop, not one per step.
+
+    A decoder calls `cell_step` T times with the same weight (K, 4H). Autograd would compute
+    inp_t^T @ dgates_t at every step (a skinny matmul over the batch: (K, B) @ (B, 4H)) and add
+    the T results up, T matmuls and T - 1 additions of a (K, 4H) tensor. Instead:
+
+        bank = DeferredWeightGrad()
+        w, b = bank.attach(weight, bias)            # before the loop (bias may be None)
+        for t ...: cell_step(inp_t, c, w, bias=b, bank=bank)
+
+    Each step's backward leaves (inp_t, dgates_t) in the bank and returns no weight or bias
+    gradient; the node `attach` made, which autograd runs after every step's backward (every
+    step uses its outputs), computes d weight = [inp_1; ...; inp_T]^T @ [dgates_1; ...; dgates_T]
+    (one matmul over all T * B rows, accumulated in fp32 inside it) and d bias = the column sums.
+    Gradients that reach w or b another way (the reference cell, which ignores the bank) are
+    added to them. One bank per loop and forward pass; w and b must be the bank's.
+    """
+
+    def __init__(self) -> None:
+        self.inps: list[Tensor] = []
+        self.dgates: list[Tensor] = []
+
+    def attach(self, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Aliases of weight and bias whose gradients this bank computes."""
+        w, b = _DeferredWeightFunction.apply(self, weight, bias if bias is not None else weight.new_empty(0))
+        return w, (b if bias is not None else None)
+
+    def add(self, inp: Tensor, dgates: Tensor) -> None:
+        self.inps.append(inp)
+        self.dgates.append(dgates)
+
+
+class _DeferredWeightFunction(torch.autograd.Function):
+    """`DeferredWeightGrad.attach`: forward, aliases; backward, the bank's matmul and sum."""
 
     @staticmethod
-    def forward(ctx, inp, c, weight, pre, bias, store_act):
+    def forward(ctx, bank, weight, bias):
+        ctx.bank, ctx.w_dtype, ctx.b_dtype, ctx.has_bias = bank, weight.dtype, bias.dtype, bias.numel() > 0
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, d_weight, d_bias):
+        bank = ctx.bank
+        if bank.inps:
+            inp = torch.cat(bank.inps)  # (T*B, K)
+            dgates = torch.cat(bank.dgates)  # (T*B, 4H)
+            bank.inps.clear()  # (the bank's tensors are freed with the graph's other saved ones)
+            bank.dgates.clear()
+            d_w = (inp.t() @ dgates).to(ctx.w_dtype)  # (K, 4H)
+            d_weight = d_w if d_weight is None else d_weight + d_w
+            if ctx.has_bias:
+                d_b = dgates.sum(0, dtype=torch.float32).to(ctx.b_dtype)  # (4H,)
+                d_bias = d_b if d_bias is None else d_bias + d_b
+        return None, d_weight, (d_bias if ctx.has_bias else None)
+
+
+class _CellStepFunction(torch.autograd.Function):
+    """One fused step. Backward: `_cell_backward_kernel`, then d inp = dgates @ W^T and
+    d W = inp^T @ dgates as torch matmuls (not fused), d pre = dgates, d bias = dgates.sum(0);
+    with a `DeferredWeightGrad` bank, d W and d bias are left to it (one matmul after the loop)."""
+
+    @staticmethod
+    def forward(ctx, inp, c, weight, pre, bias, store_act, bank):
         h_new, c_new, act = _cell_forward(inp, c, weight, pre, bias, store_act)
         ctx.save_for_backward(inp, c, weight, act)
+        ctx.bank = bank
         ctx.has_pre, ctx.has_bias = pre is not None, bias is not None
         ctx.pre_dtype = pre.dtype if pre is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -713,7 +773,7 @@ class _CellStepFunction(torch.autograd.Function):
         inp, c, weight, act = ctx.saved_tensors
         d_inp = d_c = d_w = d_pre = d_bias = None
         if dh is None and dc is None:
-            return d_inp, d_c, d_w, d_pre, d_bias, None
+            return d_inp, d_c, d_w, d_pre, d_bias, None, None
         # dgates in inp's dtype: the dtype of the forward matmul, as in the reference
         dgates, dc_prev = _cell_backward(dh, dc, act, c, inp.dtype)  # (B, 4H), (B, H)
         need = ctx.needs_input_grad
@@ -721,13 +781,17 @@ class _CellStepFunction(torch.autograd.Function):
             d_inp = dgates @ weight.to(inp.dtype).t()  # (B, K)
         if need[1]:
             d_c = dc_prev.to(c.dtype)
-        if need[2]:
-            d_w = (inp.t() @ dgates).to(weight.dtype)  # (K, 4H)
         if ctx.has_pre and need[3]:
             d_pre = dgates.to(ctx.pre_dtype)
+        if ctx.bank is not None:  # d W and d bias: one matmul and one sum after the loop
+            if need[2] or (ctx.has_bias and need[4]):
+                ctx.bank.add(inp, dgates)
+            return d_inp, d_c, None, d_pre, None, None, None
+        if need[2]:
+            d_w = (inp.t() @ dgates).to(weight.dtype)  # (K, 4H)
         if ctx.has_bias and need[4]:
             d_bias = dgates.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return d_inp, d_c, d_w, d_pre, d_bias, None
+        return d_inp, d_c, d_w, d_pre, d_bias, None, None
 
 
 class _LSTMSequenceFunction(torch.autograd.Function):
@@ -880,12 +944,14 @@ def cell_step(
     weight: Tensor,
     pre: Tensor | None = None,
     bias: Tensor | None = None,
+    bank: DeferredWeightGrad | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step: inp (B, K) @ weight (K, 4H) + pre (B, 4H) + bias (4H,) -> (h', c').
 
     h' has inp's dtype, c' has c's dtype (as `reference.cell_step`). weight may be any strided
-    view (e.g. `param.t()`). One kernel launch forward, one kernel + two matmuls backward.
-    float64 falls back to the reference.
+    view (e.g. `param.t()`). One kernel launch forward, one kernel + two matmuls backward (one
+    with a `bank`: weight and bias are then the bank's, and their gradients one matmul after the
+    loop). float64 falls back to the reference.
     """
     if inp.dtype == torch.float64:
         return reference.cell_step(inp, c, weight, pre=pre, bias=bias)
@@ -899,7 +965,7 @@ def cell_step(
     if bias is not None and bias.shape != (4 * H,):
         raise ValueError(f"bias must be (4H,) = ({4 * H},), got {tuple(bias.shape)}")
     return _CellStepFunction.apply(
-        inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias)
+        inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias), bank
     )
 
 

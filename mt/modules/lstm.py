@@ -180,13 +180,24 @@ class DecoderLSTM(nn.Module):
         sizes = [emb_size + extra_size] + [hidden_size] * (num_layers - 1)
         self.cells = nn.ModuleList(nn.LSTMCell(k, hidden_size) for k in sizes)
 
-    def step_weights(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """Per layer, (W (K, 4H), bias (4H,)) for the gate cell; built once per forward pass."""
+    def step_weights(self, dtype: torch.dtype, defer_grads: bool = False) -> list[tuple]:
+        """Per layer, (W (K, 4H), bias (4H,)) for the gate cell; built once per forward pass.
+        defer_grads (training with the Triton cell): (W, bias, bank) with W and bias attached to
+        a `DeferredWeightGrad` bank, so the T steps' weight gradients are one matmul after the
+        loop (layer 0's bias is not attached: `precompute` carries it, not the steps)."""
         ws = []
         for layer, cell in enumerate(self.cells):
             w_in = cell.weight_ih[:, self.emb_size:] if layer == 0 else cell.weight_ih
             w = torch.cat([w_in, cell.weight_hh], dim=1).t().to(dtype)  # (K, 4H)
-            ws.append((w, (cell.bias_ih + cell.bias_hh).to(dtype)))
+            b = (cell.bias_ih + cell.bias_hh).to(dtype)
+            if defer_grads:
+                from ..kernels.triton_cell import DeferredWeightGrad
+
+                bank = DeferredWeightGrad()
+                w, attached = bank.attach(w, b if layer > 0 else None)
+                ws.append((w, attached if layer > 0 else b, bank))
+            else:
+                ws.append((w, b))
         return ws
 
     def input_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -223,13 +234,14 @@ class DecoderLSTM(nn.Module):
                 inp = (x_t if extra is None else torch.cat([x_t, extra], -1)) if layer == 0 else below
                 hl, cl = cell(inp, (h[layer], c[layer]))
             else:
-                w, b = weights[layer]
+                w, b, *bank = weights[layer]  # (bank: step_weights(defer_grads=True))
+                bank = bank[0] if bank else None
                 parts = ([] if extra is None else [extra]) if layer == 0 else [below]
                 inp = torch.cat([*parts, h[layer]], dim=-1).to(w.dtype)  # (B, K)
                 if layer == 0:
-                    hl, cl = kernels.cell_step(inp, c[layer], w, pre=x_t, backend=backend)
+                    hl, cl = kernels.cell_step(inp, c[layer], w, pre=x_t, backend=backend, bank=bank)
                 else:
-                    hl, cl = kernels.cell_step(inp, c[layer], w, bias=b, backend=backend)
+                    hl, cl = kernels.cell_step(inp, c[layer], w, bias=b, backend=backend, bank=bank)
             h_new.append(hl)
             c_new.append(cl)
         return h_new, c_new

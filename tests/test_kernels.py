@@ -241,6 +241,47 @@ def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"{backend} {name}")
 
 
+def test_deferred_weight_grad_misuse_is_refused_or_harmless():
+    """A bank is attached once; a weight or bias that is not the bank's is refused (its gradient
+    would be lost); a backward that does not want the weight's gradient leaves nothing in the
+    bank, so a later backward of the same graph gives the gradient once, not twice."""
+    from mt.kernels.triton_cell import DeferredWeightGrad, cell_step
+
+    g = torch.Generator().manual_seed(2)
+    B, H = 3, 16
+    w = (torch.randn(2 * H, 4 * H, generator=g) / 4).requires_grad_()
+    bias = torch.randn(4 * H, generator=g).requires_grad_()
+    bank = DeferredWeightGrad()
+    W, Bias = bank.attach(w, bias)
+    with pytest.raises(RuntimeError, match="attached once"):
+        bank.attach(w, bias)
+    inp, c = torch.randn(B, 2 * H, generator=g), torch.zeros(B, H)
+    with pytest.raises(ValueError, match="bank.attach returned"):
+        cell_step(inp, c, w, bias=Bias, bank=bank)  # the weight itself, not the bank's alias
+    with pytest.raises(ValueError, match="bank.attach returned"):
+        cell_step(inp, c, W, bias=bias, bank=bank)
+    with pytest.raises(ValueError, match="bank.attach returned"):
+        cell_step(inp, c, W, bank=bank)  # the bank sums a bias gradient over every step it saw
+
+    pre = torch.randn(2, B, 4 * H, generator=g).requires_grad_()
+    h = inp
+    for t in range(2):
+        h2, c = cell_step(torch.cat([h[:, :H], h[:, H:]], 1), c, W, pre=pre[t], bias=Bias, bank=bank)
+        h = torch.cat([h2, h2], 1)
+    loss = h.sum() + c.sum()
+    torch.autograd.grad(loss, [pre], retain_graph=True)  # the weight's gradient not wanted
+    assert not bank.inps
+    loss.backward()
+    w_once = w.grad.clone()
+    w.grad = None
+    h, c = inp, torch.zeros(B, H)
+    for t in range(2):  # the same without a bank
+        h2, c = cell_step(torch.cat([h[:, :H], h[:, H:]], 1), c, w, pre=pre[t], bias=bias)
+        h = torch.cat([h2, h2], 1)
+    (h.sum() + c.sum()).backward()
+    torch.testing.assert_close(w_once, w.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_gradcheck_reference_cell_step():
     g = torch.Generator().manual_seed(0)
     B, K, H = 2, 3, 2

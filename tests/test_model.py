@@ -115,9 +115,11 @@ def test_zero_bridge_and_no_input_feeding_run():
 
 
 @pytest.mark.parametrize("attention", ["general", "bahdanau"])
-def test_triton_cell_gives_the_same_loss_and_gradients(attention):
-    """model.cell=triton (interpreted on CPU) against model.cell=torch, same weights, fp32."""
-    from mt.kernels import triton_available
+def test_triton_cell_gives_the_same_loss_and_gradients(attention, monkeypatch):
+    """model.cell=triton (interpreted on CPU) against model.cell=torch, same weights, fp32. The
+    Triton path's decoder weight gradients go through its banks (triton_cell.DeferredWeightGrad):
+    every step of both decoder layers leaves its pair there."""
+    from mt.kernels import triton_available, triton_cell
 
     if not triton_available():
         pytest.skip("Triton cannot run here (no CUDA, TRITON_INTERPRET unset)")
@@ -128,7 +130,11 @@ def test_triton_cell_gives_the_same_loss_and_gradients(attention):
     model.cfg.cell = "torch"
     ref = loss_and_grads(model, *batch)
     model.cfg.cell = "triton"
+    added = []
+    real_add = triton_cell.DeferredWeightGrad.add
+    monkeypatch.setattr(triton_cell.DeferredWeightGrad, "add", lambda self, *a: (added.append(a), real_add(self, *a)))
     tri = loss_and_grads(model, *batch)
+    assert len(added) == 2 * batch[2].shape[1]  # (2 layers x T steps)
     torch.testing.assert_close(tri[0], ref[0], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(tri[1], ref[1], atol=2e-5, rtol=2e-5)
     for name in ref[2]:

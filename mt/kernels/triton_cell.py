@@ -62,6 +62,7 @@ Offsets are int32: tensors must stay below 2**31 elements (B=256, H=1024, T=30, 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -710,17 +711,39 @@ class DeferredWeightGrad:
     step uses its outputs), computes d weight = [inp_1; ...; inp_T]^T @ [dgates_1; ...; dgates_T]
     (one matmul over all T * B rows, accumulated in fp32 inside it) and d bias = the column sums.
     Gradients that reach w or b another way (the reference cell, which ignores the bank) are
-    added to them. One bank per loop and forward pass; w and b must be the bank's.
+    added to them. A bank is attached once (one loop, one forward pass); `cell_step` refuses a
+    weight or bias that is not the bank's (its gradient would be lost). A backward that does not
+    want the weight's gradient (`torch.autograd.grad(..., inputs=...)` without it) leaves
+    nothing in the bank.
     """
 
     def __init__(self) -> None:
         self.inps: list[Tensor] = []
         self.dgates: list[Tensor] = []
+        self._node = None  # the aliases' backward node, once attached
+        self._aliases: tuple = ()  # weak references to the aliases (no cycle through autograd's ctx)
 
     def attach(self, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Aliases of weight and bias whose gradients this bank computes."""
+        """Aliases of weight and bias whose gradients this bank computes (once per bank)."""
+        if self._node is not None:
+            raise RuntimeError("DeferredWeightGrad.attach: a bank is attached once (one per step loop)")
         w, b = _DeferredWeightFunction.apply(self, weight, bias if bias is not None else weight.new_empty(0))
-        return w, (b if bias is not None else None)
+        b = b if bias is not None else None
+        self._node = w.grad_fn
+        self._aliases = (weakref.ref(w), None if b is None else weakref.ref(b))
+        return w, b
+
+    def check(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Raise unless weight and bias are this bank's aliases (bias None if it has none)."""
+        w_ref, b_ref = self._aliases or (None, None)
+        if w_ref is None or weight is not w_ref() or (bias is None) != (b_ref is None) or (
+                bias is not None and bias is not b_ref()):
+            raise ValueError("cell_step(bank=...): weight and bias must be the ones bank.attach returned")
+
+    def wanted(self) -> bool:
+        """In a backward pass: will autograd run the aliases' node (is the weight's gradient wanted)?"""
+        will_run = getattr(torch._C, "_will_engine_execute_node", None)  # (what torch.utils.checkpoint asks)
+        return self._node is not None and (will_run is None or will_run(self._node))
 
     def add(self, inp: Tensor, dgates: Tensor) -> None:
         self.inps.append(inp)
@@ -784,7 +807,7 @@ class _CellStepFunction(torch.autograd.Function):
         if ctx.has_pre and need[3]:
             d_pre = dgates.to(ctx.pre_dtype)
         if ctx.bank is not None:  # d W and d bias: one matmul and one sum after the loop
-            if need[2] or (ctx.has_bias and need[4]):
+            if ctx.bank.wanted():
                 ctx.bank.add(inp, dgates)
             return d_inp, d_c, None, d_pre, None, None, None
         if need[2]:
@@ -964,6 +987,8 @@ def cell_step(
         raise ValueError(f"pre must be (B, 4H) = ({B}, {4 * H}), got {tuple(pre.shape)}")
     if bias is not None and bias.shape != (4 * H,):
         raise ValueError(f"bias must be (4H,) = ({4 * H},), got {tuple(bias.shape)}")
+    if bank is not None:
+        bank.check(weight, bias)
     return _CellStepFunction.apply(
         inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias), bank
     )

@@ -88,8 +88,8 @@ def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Ten
         return
     attn = attn if attn.stride(1) == 1 else attn.contiguous()
     _greedy_update_kernel[(N,)](best.contiguous(), tok.contiguous(), attn, limit.contiguous(), t, done, scores, last,
-                                tok_hist,
-                                attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=ROW_TILE, num_warps=1)
+                                tok_hist, attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=ROW_TILE,
+                                num_warps=1)
 
 
 __all__ = ["supported", "greedy_update"]

@@ -162,20 +162,30 @@ def sync(device: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
+def train_step(args, cell: str, graphed: bool, warmup: int = 2):
+    """The bench's training step for `cell`: (optimizer, step). Graphed: mt.graphs.GraphedTrainStep
+    for the one (batch, T, T) shape, capturable Adam, `warmup` eager steps before the capture
+    (emulated, no capture, off CUDA); else mt.graphs.TrainStep."""
     from mt import graphs
-    from mt.step_stats import StepStats, step_values
 
     model = build_model(args, cell).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
     crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1, reduction="sum")
     kw = dict(pad_id=PAD, amp_dtype=args.amp_dtype, clip_norm=5.0, device=args.device)
-    if graphed:
+    if not graphed:
+        return opt, graphs.TrainStep(model, opt, crit, **kw)
+    cuda = args.device == "cuda"
+    if cuda:  # (capturable Adam runs on CUDA only)
         graphs.make_capturable(opt, args.device)
-        shape = (args.batch, args.steps, args.steps)
-        step = graphs.GraphedTrainStep(model, opt, crit, buckets=graphs.ShapeBuckets([shape]), **kw)
-    else:
-        step = graphs.TrainStep(model, opt, crit, **kw)
+    shape = (args.batch, args.steps, args.steps)
+    return opt, graphs.GraphedTrainStep(model, opt, crit, buckets=graphs.ShapeBuckets([shape]), warmup=warmup,
+                                        emulate=not cuda, **kw)
+
+
+def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
+    from mt.step_stats import StepStats, step_values
+
+    opt, step = train_step(args, cell, graphed)
 
     pending = StepStats(args.device, lag=1)
     losses: list[float] = []

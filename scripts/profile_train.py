@@ -39,11 +39,9 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_train as bt  # noqa: E402
-import torch  # noqa: E402
 from profile_decode import kernel_table, patched  # noqa: E402
-from torch import nn  # noqa: E402
 
-WARMUP = 2  # eager steps before the capture (bench_train's GraphedTrainStep default)
+WARMUP = 2  # eager steps before the capture (as bench_train's)
 
 # (group, pattern on the kernel's name), first match wins
 GROUPS = (
@@ -91,18 +89,8 @@ def profile_cell(args, cell: str, batches: list, steps: int, reps: int, top: int
 
 
 def _profile_cell(args, cell: str, batches: list, steps: int, reps: int, top: int) -> dict:
-    from mt import graphs
-
     device = args.device
-    model = bt.build_model(args, cell).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-    crit = nn.CrossEntropyLoss(ignore_index=bt.PAD, label_smoothing=0.1, reduction="sum")
-    if device == "cuda":  # (capturable Adam runs on CUDA only; on CPU the steps are emulated)
-        graphs.make_capturable(opt, device)
-    shape = (args.batch, args.steps, args.steps)
-    step = graphs.GraphedTrainStep(model, opt, crit, pad_id=bt.PAD, amp_dtype=args.amp_dtype, clip_norm=5.0,
-                                   device=device, buckets=graphs.ShapeBuckets([shape]), warmup=WARMUP,
-                                   emulate=device != "cuda")
+    _, step = bt.train_step(args, cell, graphed=True, warmup=WARMUP)  # (CPU: emulated steps)
 
     def one(b) -> None:
         step.forward_backward(b)

@@ -80,4 +80,5 @@ done
 
 echo "=== summary ($failed failed)" | tee -a "$LOG"
 cat "$SUMMARY" | tee -a "$LOG"
+rm -f "$SUMMARY"
 exit "$failed"

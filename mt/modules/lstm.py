@@ -185,14 +185,14 @@ class DecoderLSTM(nn.Module):
         defer_grads (training with the Triton cell): (W, bias, bank) with W and bias attached to
         a `DeferredWeightGrad` bank, so the T steps' weight gradients are one matmul after the
         loop (layer 0's bias is not attached: `precompute` carries it, not the steps)."""
+        if defer_grads:  # (imports Triton: only when training on it)
+            from ..kernels.triton_cell import DeferredWeightGrad
         ws = []
         for layer, cell in enumerate(self.cells):
             w_in = cell.weight_ih[:, self.emb_size:] if layer == 0 else cell.weight_ih
             w = torch.cat([w_in, cell.weight_hh], dim=1).t().to(dtype)  # (K, 4H)
             b = (cell.bias_ih + cell.bias_hh).to(dtype)
             if defer_grads:
-                from ..kernels.triton_cell import DeferredWeightGrad
-
                 bank = DeferredWeightGrad()
                 w, attached = bank.attach(w, b if layer > 0 else None)
                 ws.append((w, attached if layer > 0 else b, bank))

@@ -134,6 +134,18 @@ def fused(memory: Memory, logits: Tensor, k: int) -> bool:
     return search_topk.supported(logits, k)
 
 
+def best_candidates(val: Tensor, col: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A sentence's k best candidates from its beams' own best (val, col: (n, K, r), each beam's
+    best first), best first, as `search_beam._beam_update_kernel` picks them: equal values go
+    to the lower beam, then the better rank within the beam. Returns their values, beams and
+    tokens, each (n, k). A stable sort, not `topk`, whose order among equal values is
+    unspecified (on CUDA and CPU alike): an untrained bf16 model's log-probs tie often, and the
+    two paths' outputs then differed (gpu_checks on an H100, 2026-11-27)."""
+    n, K, r = val.shape
+    j = val.view(n, K * r).sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (n, k)
+    return val.view(n, K * r).gather(1, j), j // r, col.reshape(n, K * r).gather(1, j)
+
+
 # ----------------------------------------------------------------------------- search state
 @dataclass
 class SearchState:
@@ -301,8 +313,7 @@ class _BeamSearch:
 
             if search_beam.supported(val, K, V, attn.shape[1]):  # ...and `advance` as one more
                 return self.advance_fused(s, val, col, dec, attn)
-            top_s, j = val.view(n, K * kr).topk(k2, dim=-1)  # (n, k2), best first
-            top_beam, top_tok = j // kr, col.view(n, K * kr).gather(1, j)  # (n, k2)
+            top_s, top_beam, top_tok = best_candidates(val.view(n, K, kr), col.view(n, K, kr), k2)
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             logp.index_fill_(1, self.banned, float("-inf"))

@@ -990,7 +990,7 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     of three tiles."""
     _search_beam_module()
     from mt.model import DecoderState, Memory
-    from mt.search import _BeamSearch
+    from mt.search import _BeamSearch, best_candidates
 
     H, V, T, eos = 4, 50, 12, 3
     g = torch.Generator().manual_seed(K * 100 + nbest)
@@ -1014,10 +1014,8 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
         dec = DecoderState([torch.randn(nw * K, H, generator=g) for _ in range(2)],
                            [torch.randn(nw * K, H, generator=g) for _ in range(2)], torch.randn(nw * K, H, generator=g))
         attn = torch.rand(nw * K, S, generator=g).to(torch.bfloat16)
-        flat = val.view(nw, -1)
-        order = flat.sort(dim=1, descending=True, stable=True).indices[:, : 2 * K]  # lower index first on ties
-        top_s, top_tok = flat.gather(1, order), col.view(nw, -1).gather(1, order)
-        ref.state = ref.advance(s, top_s, order // (2 * K), top_tok, dec, attn)
+        top_s, top_beam, top_tok = best_candidates(val.view(nw, K, -1), col.view(nw, K, -1), 2 * K)  # what step() does
+        ref.state = ref.advance(s, top_s, top_beam, top_tok, dec, attn)
         prev = fused.state
         fused.state = fused.advance_fused(prev, val, col, dec, attn)
         a, b = ref.state, fused.state

@@ -18,6 +18,7 @@ from mt.errors import MTError
 from mt.model import DecoderState, Memory, Seq2Seq
 from mt.search import (
     beam_search,
+    best_candidates,
     decode_dataset,
     greedy_search,
     length_penalty_factor,
@@ -115,6 +116,22 @@ def test_length_penalty_changes_ranking_as_defined(lp, expected):
         assert h.score == pytest.approx(normalized_score(h.log_prob, len(h.tokens) + 1, parse_length_penalty(lp)))
     assert {tuple(h.tokens) for h in out.nbest[0]} == {(), (A, B_)}
     assert out.nbest[0][0].score >= out.nbest[0][1].score
+
+
+def test_best_candidates_break_ties_as_the_beam_kernel_does():
+    """Equal values: the lower beam, then the better rank within the beam (the order
+    `_beam_update_kernel` picks in), whatever order `topk` would give them."""
+    g = torch.Generator().manual_seed(0)
+    n, K, r, k = 6, 5, 10, 10
+    val = (-torch.randint(0, 3, (n, K, r), generator=g).float()).sort(dim=-1, descending=True).values  # many ties
+    val[0, 2:] = float("-inf")  # beams not yet open tie too
+    col = torch.randint(0, 1000, (n, K, r), generator=g)
+    top_s, beam, tok = best_candidates(val, col, k)
+    for i in range(n):
+        want = sorted(((-val[i, b, j].item(), b, j) for b in range(K) for j in range(r)))[:k]
+        assert top_s[i].tolist() == [-v for v, _, _ in want]
+        assert beam[i].tolist() == [b for _, b, _ in want]
+        assert tok[i].tolist() == [col[i, b, j].item() for _, b, j in want]
 
 
 def test_max_length_respected_without_eos():

@@ -442,8 +442,9 @@ def check_search_kernels(model, batch, beam: int, amp_dtype, name: str) -> None:
     """The search's bookkeeping kernels (mt.kernels.search_greedy, search_beam: the step's
     update, the decoder state's gather, beam search's walk back) against the search's PyTorch
     and numpy code for them (`advance`, index_select, `_backtrack_host`), on the same model and
-    batch, graphed and eager: the same outputs (an untrained model's exact ties may order
-    differently: PyTorch's topk promises no order among equal values)."""
+    batch, graphed and eager: the same outputs, exact ties included (an untrained bf16 model's
+    log-probs tie often; both paths give a tie to the lower beam, then the better rank:
+    `mt.search.best_candidates`, which an H100 run of this check asked for)."""
     from mt import graphs as G
     from mt import search
     from mt.kernels import search_beam, search_greedy

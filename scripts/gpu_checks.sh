@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go (the default stages' timeouts add up to 515 s, plus up
-# to 10 s of kill-after per stage; on an H200, 2026-11-27, they took 6-8 + 60-84 + 25-32 + 63-69 s):
+# to 10 s of kill-after per stage; on an H100, 2026-11-27, they took 8-9 + 98-105 + 26-30 + 73 s,
+# and profile_train 21 s, profile_decode 24 s, bench_cell 41 s):
 #
 #     bash scripts/gpu_bundle.sh                       # first, on the development machine
 #     OUT=/some/dir bash scripts/gpu_checks.sh         # on the GPU machine, from the repository

@@ -128,7 +128,7 @@ def test_best_candidates_break_ties_as_the_beam_kernel_does():
     col = torch.randint(0, 1000, (n, K, r), generator=g)
     top_s, beam, tok = best_candidates(val, col, k)
     for i in range(n):
-        want = sorted(((-val[i, b, j].item(), b, j) for b in range(K) for j in range(r)))[:k]
+        want = sorted((-val[i, b, j].item(), b, j) for b in range(K) for j in range(r))[:k]
         assert top_s[i].tolist() == [-v for v, _, _ in want]
         assert beam[i].tolist() == [b for _, b, _ in want]
         assert tok[i].tolist() == [col[i, b, j].item() for _, b, j in want]

@@ -40,6 +40,18 @@ def _remove_hf_tmp() -> None:  # atexit, not a fixture: also runs when collectio
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where CUDA is available: `pytest -m gpu` on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu): run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 # fake-German -> fake-English, one word each (20 pairs).
 TOY_LEXICON: dict[str, str] = {
     "hund": "dog",

@@ -105,8 +105,11 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
         out = gtr.translate(lines, beam=beam, length_penalty=lp, nbest=nbest, batch_size=3)
         assert [h.text for h in flat(out)] == [h.text for h in flat(ref)]
         for a, b in zip(flat(out), flat(ref)):
-            assert a.score == pytest.approx(b.score, abs=1e-5)
-            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=1e-6)
+            # The slots pad a batch to their own size, so the GEMMs run at other shapes and
+            # the CPU BLAS may block them differently: scores drift by ~1e-5 over a long
+            # sentence (seen on AMD EPYC); the tokens stay exact.
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=1e-5)
     slots = len(gtr.graphs._slots)
     assert gtr.graphs.stats["emulated"] > 10 and slots >= 2
     gtr.translate(lines, beam=4, length_penalty=1.0, nbest=3, batch_size=3)

@@ -35,9 +35,9 @@ from mt.graphs import (
     make_capturable,
     pad_batch,
     portable_state,
-    resolve_cuda_graphs,
 )
 from mt.model import Seq2Seq
+from mt.runtime import resolve_cuda_graphs
 from mt.search import beam_search, greedy_search, search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -452,7 +452,7 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
     from omegaconf import OmegaConf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mt import graphs
+    from mt import graphs, trainer
     from mt.checkpoint import load_checkpoint
     from mt.config import register_configs
     from mt.train import train
@@ -483,7 +483,7 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
 
     train_step.__wrapped__ = graphs.GraphedTrainStep
     decoder.__wrapped__ = graphs.GraphedDecoder
-    monkeypatch.setattr(graphs, "resolve_cuda_graphs", lambda value, device, distributed=False: True)
+    monkeypatch.setattr(trainer, "resolve_cuda_graphs", lambda value, device, distributed=False: True)
     monkeypatch.setattr(graphs, "make_capturable", lambda optimizer, device: None)
     monkeypatch.setattr(graphs, "GraphedTrainStep", train_step)
     monkeypatch.setattr(graphs, "GraphedDecoder", decoder)

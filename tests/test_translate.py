@@ -88,7 +88,7 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
     """cuda_graphs: auto is off on CPU, true on CPU is a one-line error before loading; with a
     GraphedDecoder (here emulating the captured steps) translate() gives the eager results and
     keeps its slots across calls."""
-    from mt import graphs
+    from mt import graphs, translator
 
     assert tr.graphs is None  # auto, on CPU
     with pytest.raises(MTError, match="cuda_graphs=true needs CUDA"):
@@ -96,7 +96,7 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
     with pytest.raises(MTError, match="unknown cuda_graphs"):
         Translator.from_checkpoint(ckpt, device="cpu", cuda_graphs="sometimes")
     real = graphs.GraphedDecoder
-    monkeypatch.setattr(graphs, "resolve_cuda_graphs", lambda *a, **k: True)
+    monkeypatch.setattr(translator, "resolve_cuda_graphs", lambda *a, **k: True)
     monkeypatch.setattr(graphs, "GraphedDecoder", lambda model: real(model, emulate=True))
     gtr = Translator.from_checkpoint(ckpt, device="cpu")
     lines = GOLDEN + ["", "hund katze haus baum auto mann frau"]

@@ -393,7 +393,7 @@ def test_gpu_side_modules_import_without_hydra_omegaconf_or_datasets():
 
 def test_bench_train_script_runs_on_cpu(tmp_path):
     out = tmp_path / "bench_train.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--quick", "--device", "cpu",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--device", "cpu",
            "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -409,10 +409,10 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
 
 
 def test_profile_train_script_runs_on_cpu(tmp_path):
-    """scripts/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
-    kernel table needs CUDA); its kernel groups on names seen in the H200 profiles."""
+    """benchmarks/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
+    kernel table needs CUDA); its kernel groups on kernel names as GPU profiles show them."""
     out = tmp_path / "profile_train.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_train.py"), "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_train.py"), "--quick", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
@@ -420,11 +420,11 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
                                                    "cudnn"]
     for r in res["results"]:
         assert "error" not in r and r["step_ms"] > 0 and r["stats"] == {"emulated": 4 + 2}, r
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import profile_train
     finally:
-        sys.path.remove(str(REPO / "scripts"))
+        sys.path.remove(str(REPO / "benchmarks"))
     rows = [dict(kernel="_lstm_step_backward_kernel", per_step=40.0, us_per_step=400.0),
             dict(kernel="_cell_forward_kernel", per_step=40.0, us_per_step=100.0),
             dict(kernel="RNN_blockPersist_bp_LSTM<bf16>", per_step=4.0, us_per_step=900.0),

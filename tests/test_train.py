@@ -186,8 +186,8 @@ def test_cli_writes_checkpoints_and_events(tiny_corpus_dir, tmp_path):
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / ".hydra" / "config.yaml").is_file()
-    # scripts/recipe_timing.py reads this log's validation lines, the background report's too
-    timing = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_timing.py"), str(out / "train.log"),
+    # benchmarks/recipe_timing.py reads this log's validation lines, the background report's too
+    timing = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(out / "train.log"),
                              "--json", str(tmp_path / "timing.json")], capture_output=True, text=True, timeout=60)
     assert timing.returncode == 0, timing.stderr
     (valid,) = json.loads((tmp_path / "timing.json").read_text())["validations"]

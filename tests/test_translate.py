@@ -260,7 +260,7 @@ def test_script_interactive_on_a_terminal(script_runs):
 
 
 def test_bench_decode_smoke(ckpt, tmp_path, tiny_run, capsys):
-    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "scripts" / "bench_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     data = tiny_run["corpus"] / "test.jsonl"

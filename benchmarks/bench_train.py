@@ -221,6 +221,7 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
 
 def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
     from mt import graphs
+    from mt.runtime import autocast
     from mt.search import search
 
     model = build_model(args, cell).eval()
@@ -229,7 +230,7 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
     amp = args.amp_dtype
 
     def run():
-        with torch.autocast(args.device, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(args.device, amp):
             out = search(model, src, src_len, BOS, EOS, beam=beam, length_penalty=1.0 if beam > 1 else None,
                          max_len_a=args.max_len_a, max_len_b=args.max_len_b, graphs=runner)
         sync(args.device)

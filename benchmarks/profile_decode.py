@@ -121,7 +121,7 @@ def profile_one(args, cell: str, beam: int, batch, variant: str | None = None) -
 
 
 def _profile_one(args, cell: str, beam: int, batch) -> dict:
-    from mt import graphs
+    from mt import graphs, runtime
     from mt.search import search
 
     device = args.device
@@ -132,7 +132,7 @@ def _profile_one(args, cell: str, beam: int, batch) -> dict:
     lp = 1.0 if beam > 1 else None
 
     def autocast():
-        return torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None)
+        return runtime.autocast(device, amp)
 
     def run():
         with autocast():

@@ -68,7 +68,9 @@ class Hypothesis:
         return [(s, t) for t, s in enumerate(best)]
 
 
-def _resolve_cell(requested: str | None, saved: str, device: torch.device) -> str:
+def resolve_cell(requested: str | None, saved: str, device: torch.device) -> str:
+    """The gate-cell backend to decode with: `requested` if given (checked), else the checkpoint's
+    `saved` one where it can run on `device`, else auto."""
     from . import kernels
 
     if requested is not None:
@@ -133,7 +135,7 @@ class Translator:
             tok = Tokenizer.from_state_dict(state["tokenizer"])
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} has an unusable tokenizer: {first_line(e)}") from None
-        cfg.model.cell = _resolve_cell(cell, cfg.model.cell, dev)
+        cfg.model.cell = resolve_cell(cell, cfg.model.cell, dev)
         try:
             model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
             model.load_state_dict(state["model"])
@@ -234,4 +236,4 @@ def _one_line(text: str) -> str:
 
 
 
-__all__ = ["Translator", "Hypothesis", "resolve_device", "plot_attention"]
+__all__ = ["Translator", "Hypothesis", "resolve_cell", "plot_attention"]

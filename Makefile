@@ -1,5 +1,5 @@
 # The two set-up commands (see README):
-#   make train ARGS="data.path=../shared/data/multi30k"   # venv + pinned deps, then train
+#   make train ARGS="data.path=/path/to/multi30k"         # venv + pinned deps, then train
 #   make test                                              # venv + pinned deps, then the test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Decoding speed: sentences/s and tokens/s of greedy search and beam search on the Multi30k test set.
 
-    python benchmarks/bench_decode.py --checkpoint outputs/DATE/TIME/checkpoints/best.pt
-    python benchmarks/bench_decode.py --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
-    python benchmarks/bench_decode.py --random-init --device cuda    # no checkpoint: untrained default-size model
-    python benchmarks/bench_decode.py --checkpoint CKPT --device cpu --threads 1 --limit 200
+    python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint outputs/DATE/TIME/checkpoints/best.pt
+    python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
+    python benchmarks/bench_decode.py --data DATA/test.jsonl --random-init --device cuda    # no checkpoint: untrained default-size model
+    python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint CKPT --device cpu --threads 1 --limit 200
 
-Reads the test file directly (default: ../shared/data/multi30k/test.jsonl next to the repository,
-one JSON object per line), takes the source field named by the checkpoint's data.src (or --src),
+Reads the test file given by --data directly (a Multi30k-style test.jsonl, one JSON object per
+line), takes the source field named by the checkpoint's data.src (or --src),
 and translates every line with `Translator.translate`, i.e. sorted by length into batches of
 --batch-size sentences, as scripts/translate.py does. For each setting it prints the device,
 batch size, wall time, sentences/s and output tokens/s (tokens = SentencePiece pieces the decoder
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / ".." / "shared" / "data" / "multi30k" / "test.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt)")
     g.add_argument("--random-init", action="store_true", help="untrained default-size model, no checkpoint needed")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSON-lines test file")
+    p.add_argument("--data", required=True, help="JSON-lines test file, e.g. /path/to/multi30k/test.jsonl")
     p.add_argument("--src", default=None, help="source field (default: the checkpoint's data.src; de with --random-init)")
     p.add_argument("--tgt", default="en", help="target field (--random-init only: trains the tokenizer)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
@@ -86,8 +85,9 @@ def random_translator(args: argparse.Namespace):
 
     from mt.config import TokenizerConfig, TrainConfig
     from mt.model import Seq2Seq
+    from mt.runtime import resolve_device
     from mt.tokenizer import train_tokenizer
-    from mt.translator import Translator, _resolve_cell, resolve_device
+    from mt.translator import Translator, resolve_cell
 
     src_field = args.src or "de"
     srcs = read_sources(args.data, src_field, None)
@@ -97,7 +97,7 @@ def random_translator(args: argparse.Namespace):
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(TokenizerConfig(), srcs, tgts, Path(tmp), log=lambda *_: None)
     device = resolve_device(args.device)
-    cfg.model.cell = _resolve_cell(args.cell, cfg.model.cell, device)
+    cfg.model.cell = resolve_cell(args.cell, cfg.model.cell, device)
     torch.manual_seed(0)
     model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
     return Translator(model, tok, cfg, device, cuda_graphs=args.cuda_graphs)

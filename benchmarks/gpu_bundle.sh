@@ -3,8 +3,8 @@
 # datasets (benchmarks/gpu_recipe.sh, the recipe stage of benchmarks/run_gpu.sh), as git-ignored
 # folders in the repository root, to copy to that machine's checkout:
 #
-#     bash benchmarks/gpu_bundle.sh [DATA_DIR]      # DATA_DIR defaults to ../shared/data/multi30k
-#     MAX_MIB=64 bash benchmarks/gpu_bundle.sh      # also fail if checkout + bundle exceed 64 MiB
+#     bash benchmarks/gpu_bundle.sh /path/to/multi30k              # a folder of Multi30k jsonl files
+#     MAX_MIB=64 bash benchmarks/gpu_bundle.sh /path/to/multi30k   # also fail if checkout + bundle exceed 64 MiB
 #
 #   .whl/       wheels of hydra-core, omegaconf, antlr4, datasets and its pure-Python needs, at
 #               the versions constraints.txt pins, for CPython 3.12 on x86-64, from this
@@ -17,7 +17,7 @@
 # MAX_MIB set, a larger total is an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA="${1:-../shared/data/multi30k}"
+DATA="${1:?usage: bash benchmarks/gpu_bundle.sh /path/to/multi30k}"
 PY="${PYTHON:-python3}"
 pin() {  # the version constraints.txt pins for a package
     local v

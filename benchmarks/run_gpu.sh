@@ -10,7 +10,7 @@
 #     pytest          python -m pytest -m gpu       -> pytest_gpu.xml (junit)
 #     bench_train     benchmarks/bench_train.py      -> bench_train.json
 #     bench_decode    benchmarks/bench_decode.py --random-init on the Multi30k test file
-#                     (DATA/test.jsonl, DATA defaults to ../shared/data/multi30k, else the one
+#                     (DATA/test.jsonl with DATA=/path/to/multi30k, else the one
 #                     benchmarks/gpu_bundle.sh packed)  -> bench_decode.json
 #     bench_cell      benchmarks/bench_cell.py --quick  -> bench_cell.json
 #     profile_train   benchmarks/profile_train.py    -> profile_train.json
@@ -41,7 +41,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 }
 
 test_file() {  # the Multi30k test file: DATA's, else gpu_bundle.sh's, unpacked
-    local f="${DATA:-../shared/data/multi30k}/test.jsonl"
+    local f="${DATA:-.gpu_data/none}/test.jsonl"
     if [ ! -f "$f" ] && [ -f .gpu_data/multi30k/test.jsonl.gz ]; then
         f="$(mktemp -d)/test.jsonl"
         gunzip -c .gpu_data/multi30k/test.jsonl.gz >"$f"

@@ -39,7 +39,7 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "validation": ("validation", "valid", "val", "dev", "development"),
     "test": ("test", "testing"),
 }
-LOCAL_HINT = "data.path=../shared/data/multi30k"
+LOCAL_HINT = "data.path=/path/to/multi30k"  # a folder of train/validation/test jsonl files
 # Extensions `datasets` reads itself; anything else after "train." is taken as a language code.
 _DATA_EXTS = {
     "json", "jsonl", "ndjson", "csv", "tsv", "parquet", "arrow", "txt", "zip", "gz", "md",

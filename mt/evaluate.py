@@ -1,7 +1,7 @@
 """Score a checkpoint on a corpus split with sacreBLEU.
 
     python -m mt.evaluate checkpoint=PATH data.path=DIR split=test
-    python -m mt.evaluate checkpoint=PATH data.path=../shared/data/multi30k split=test beam=5 length_penalty=1.0
+    python -m mt.evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
     python -m mt.evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
 
 The checkpoint supplies the model, the SentencePiece models, the data config it was trained

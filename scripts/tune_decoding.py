@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Choose the beam size and length penalty on the validation split (never on test).
 
-    python scripts/tune_decoding.py RUN/checkpoints/best.pt --data ../shared/data/multi30k
+    python scripts/tune_decoding.py RUN/checkpoints/best.pt --data /path/to/multi30k
     python scripts/tune_decoding.py CKPT --beams 1 5 10 --length-penalties none 0.6 1.0 avg --json tune.json
 
 Loads the checkpoint and the split once, decodes it with every (beam, length penalty) pair of the

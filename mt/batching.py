@@ -8,8 +8,8 @@ list and takes every ``num_replicas``-th batch, truncated so all ranks step the 
 times.
 
 `collate` turns examples into a `Batch` (the loader gets the same from `PairDataset.batch`, which
-pads a whole batch with a few numpy operations: 0.19-0.76 ms per Multi30k batch of 8192
-tokens against 6.6-9.2 ms for the per-sentence loop, measured on a 2-core VM)::
+pads a whole batch with a few numpy operations instead of a loop over sentences, so building
+batches stays off the training step's critical path; docs/benchmarks.md, "Host-side costs")::
 
     src     (B, S)  source pieces + [eos], right-padded with pad_id
     src_len (B,)    true source lengths (eos included)

@@ -1,8 +1,8 @@
 """CUDA graphs for training and decoding: fixed shapes, captured once, replayed.
 
 An eager LSTM training step is thousands of small kernel launches (one per LSTM step and layer,
-forward and backward, plus attention, loss, clipping, Adam); on an H100 the launches, not the
-arithmetic, set the pace (DESIGN.md, "Performance notes"). A CUDA graph records the launches
+forward and backward, plus attention, loss, clipping, Adam); on a fast GPU the launches, not the
+arithmetic, set the pace (docs/gpu.md). A CUDA graph records the launches
 once and replays them with one call. A graph has fixed shapes and fixed memory addresses, so:
 
 Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
@@ -59,8 +59,8 @@ Decoding (`GraphedDecoder`, given to mt.search's functions)
     nothing is given (the search functions take `graphs=None`).
 
 On a CPU, or with `emulate=True`, both classes run the same static-shape code without capturing
-(tests check padding and bookkeeping this way; `scripts/gpu_checks.py` checks the captured graphs
-against it on a GPU).
+(tests check padding and bookkeeping this way; tests/test_graphs_gpu.py, marked `gpu`, checks
+the captured graphs against it on a GPU).
 """
 
 from __future__ import annotations
@@ -139,10 +139,9 @@ class ShapeBuckets:
         sentence longer than the budget is a batch of its own); `batch_multiple` > 1 rounds it up
         (not beyond max_sentences).
 
-        The x1.1 grid keeps the padding these shapes add to about 20% of the tokens (measured on
-        Multi30k-like lengths with max_tokens=4096: 1.20x the real tokens, against 1.01x for
-        the batches themselves; 14 shapes used); a x1.2 grid or batch sizes rounded to multiples
-        of 8 cost 1.3-1.5x.
+        The x1.1 grid is the trade-off between few shapes (few graphs to capture) and little
+        padding: a coarser grid, or batch sizes rounded to multiples of 8, pad far more tokens
+        (docs/benchmarks.md, "Padding of the CUDA-graph buckets").
         """
         lens = sorted({int(v) for v in (lengths if lengths is not None else length_grid(max_len))})
         if not lens or lens[0] < 1:

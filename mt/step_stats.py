@@ -25,7 +25,7 @@ hand-back is delayed, so the CPU tests run the same bookkeeping as a GPU run.
 
 `step_values` packs what mt.train reads of a step (loss and NLL sums, tokens, the time-limit
 flag, gradient norm, lr) into one device tensor without waiting for the GPU, so there is one
-copy per step; scripts/bench_train.py times the same per-step work.
+copy per step; benchmarks/bench_train.py times the same per-step work.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: venv train test lint bench-cell clean
+.PHONY: venv train test lint format bench-cell clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mt scripts benchmarks tests
+	$(VENV)/bin/ruff format --check mt scripts benchmarks tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format mt scripts benchmarks tests
 
 bench-cell: $(STAMP)
 	$(PY) benchmarks/bench_cell.py $(ARGS)

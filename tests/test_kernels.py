@@ -113,10 +113,7 @@ def _seq_inputs(dtype, D, B, T, H, lengths, with_state, seed=0):
 
 def _run_seq(impl, inputs, seed=1):
     xproj, w_hh, lens, h0, c0 = inputs
-    leaves = [
-        x.detach().clone().requires_grad_() if x is not None else None
-        for x in (xproj, w_hh, h0, c0)
-    ]
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (xproj, w_hh, h0, c0)]
     xp, w, h, c = leaves
     out, h_n, c_n = impl.lstm_sequence(xp, w, lengths=lens, h0=h, c0=c)
     g = torch.Generator().manual_seed(seed)
@@ -225,8 +222,7 @@ def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
         c0 = c1 = torch.zeros(B, H)
         loss = (W1.float() ** 2).sum() * 1e-3  # another path to the attached weight
         for t in range(T):
-            h0, c0 = kernels.cell_step(torch.cat([h1, h0], 1), c0, W0, pre=leaves[3][t], backend=backend,
-                                       bank=banks[0])
+            h0, c0 = kernels.cell_step(torch.cat([h1, h0], 1), c0, W0, pre=leaves[3][t], backend=backend, bank=banks[0])
             h1, c1 = kernels.cell_step(torch.cat([h0, h1], 1), c1, W1, bias=B1, backend=backend, bank=banks[1])
             loss = loss + (h1.float() * (t + 1)).sum() + c1.sum() * 0.1
         loss.backward()
@@ -293,9 +289,7 @@ def test_gradcheck_reference_cell_step():
         torch.randn(4 * H, generator=g, dtype=torch.float64),
     ]
     args = [a.detach().requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(
-        lambda i, c, w, p, b: reference.cell_step(i, c, w, pre=p, bias=b), args
-    )
+    assert torch.autograd.gradcheck(lambda i, c, w, p, b: reference.cell_step(i, c, w, pre=p, bias=b), args)
 
 
 def test_gradcheck_reference_lstm_sequence():
@@ -402,9 +396,15 @@ def _record_variants(monkeypatch, kernels=None) -> set:
     from triton.backends.compiler import BaseBackend
 
     keys: set = set()
-    for module, name in kernels or [(triton_cell, n) for n in ("_cell_forward_kernel", "_cell_backward_kernel",
-                                                               "_lstm_step_forward_kernel",
-                                                               "_lstm_step_backward_kernel")]:
+    for module, name in kernels or [
+        (triton_cell, n)
+        for n in (
+            "_cell_forward_kernel",
+            "_cell_backward_kernel",
+            "_lstm_step_forward_kernel",
+            "_lstm_step_backward_kernel",
+        )
+    ]:
         kernel = getattr(module, name)
         params = list(inspect.signature(kernel.fn).parameters.values())
         dns = set(kernel.kwargs.get("do_not_specialize") or ())
@@ -446,8 +446,12 @@ def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
         (out.sum() + h_n.sum() + c_n.sum() + h.sum() + c.sum()).backward()
         variants[(B, T)] = frozenset(keys)
     kernels = {k[0] for k in next(iter(variants.values()))}
-    assert kernels == {"_cell_forward_kernel", "_cell_backward_kernel", "_lstm_step_forward_kernel",
-                       "_lstm_step_backward_kernel"}
+    assert kernels == {
+        "_cell_forward_kernel",
+        "_cell_backward_kernel",
+        "_lstm_step_forward_kernel",
+        "_lstm_step_backward_kernel",
+    }
     assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}
     # one variant per kernel here: the backward's first launch (no later step) is not another
     assert len(next(iter(variants.values()))) == 4
@@ -468,13 +472,26 @@ def test_decoding_variants_do_not_depend_on_batch_size_or_source_length(monkeypa
         search_greedy = importlib.reload(search_greedy)
     if type(search_topk._log_softmax_topk_kernel).__name__ != "InterpretedFunction":
         search_topk = importlib.reload(search_topk)
-    decoding = [(decode_attention, "_attention_step_kernel"), (search_topk, "_log_softmax_topk_kernel"),
-                (search_greedy, "_greedy_update_kernel"), (search_beam, "_beam_update_kernel"),
-                (search_beam, "_gather_rows_kernel"), (search_beam, "_beam_backtrack_kernel")]
+    decoding = [
+        (decode_attention, "_attention_step_kernel"),
+        (search_topk, "_log_softmax_topk_kernel"),
+        (search_greedy, "_greedy_update_kernel"),
+        (search_beam, "_beam_update_kernel"),
+        (search_beam, "_gather_rows_kernel"),
+        (search_beam, "_beam_backtrack_kernel"),
+    ]
     keys = _record_variants(monkeypatch, decoding)
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="triton", emb_dim=8, hidden_dim=8, enc_layers=1, dec_layers=2, attention="general",
-                      dropout=0.0, emb_dropout=0.0)
+    cfg = ModelConfig(
+        cell="triton",
+        emb_dim=8,
+        hidden_dim=8,
+        enc_layers=1,
+        dec_layers=2,
+        attention="general",
+        dropout=0.0,
+        emb_dropout=0.0,
+    )
     model = Seq2Seq(cfg, 30, 30, 0).eval()
     variants = {}
     for n, S in [(2, 3), (3, 9), (2, 20)]:
@@ -540,8 +557,14 @@ def _run_without_interpreter(script: str, timeout: int) -> None:
     """Run `script` in a fresh Python with the real Triton compiler (TRITON_INTERPRET unset);
     it must exit 0 and print "ok"."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
 
@@ -674,7 +697,11 @@ def test_attention_step_triton_matches_reference(dtype, tol, B, S, Q, M):
     not powers of two; a query with a column stride is refused."""
     decode_attention = _decode_attention_module()
     g = torch.Generator().manual_seed(B * S + Q)
-    query = (torch.randn(B, 2 * Q, generator=g) * 0.3).to(dtype)[:, ::2] if Q > 8 else torch.randn(B, Q, generator=g).to(dtype)
+    query = (
+        (torch.randn(B, 2 * Q, generator=g) * 0.3).to(dtype)[:, ::2]
+        if Q > 8
+        else torch.randn(B, Q, generator=g).to(dtype)
+    )
     keys = torch.randn(B, S, Q + 5, generator=g).to(dtype)[:, :, :Q]  # rows of a wider tensor
     memory = torch.randn(B, S, M + 3, generator=g).to(dtype)[:, :, :M]
     lengths = torch.randint(1, S + 1, (B,), generator=g)
@@ -719,9 +746,16 @@ def _scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B, S, Q, M, d_weights, shared", [(5, 7, 16, 16, True, False), (3, 13, 48, 40, False, False),
-                                                           (2, 300, 16, 24, True, False), (4, 6, 32, 32, False, True),
-                                                           (3, 70, 512, 512, True, False)])
+@pytest.mark.parametrize(
+    "B, S, Q, M, d_weights, shared",
+    [
+        (5, 7, 16, 16, True, False),
+        (3, 13, 48, 40, False, False),
+        (2, 300, 16, 24, True, False),
+        (4, 6, 32, 32, False, True),
+        (3, 70, 512, 512, True, False),
+    ],
+)
 def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, B, S, Q, M, d_weights, shared):
     """Training's attention: the fused forward + backward kernels (`attention_step_autograd`)
     and autograd through the PyTorch ops, both against the PyTorch ops in fp64: the gradients of
@@ -745,16 +779,20 @@ def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, B
     d_context = torch.randn(B, M, generator=g)
     d_w = torch.randn(B, S, generator=g) if d_weights else None
     grads = []
-    for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
-                   (decode_attention.attention_step_autograd, dtype)):
+    for fn, dt in (
+        (reference.attention_step, torch.float64),
+        (reference.attention_step, dtype),
+        (decode_attention.attention_step_autograd, dtype),
+    ):
         leaves = [query.to(dt).requires_grad_(), memory.to(dt).requires_grad_()]
         if not shared:  # (rows of a wider tensor: the kernels take row strides)
             leaves.append(torch.zeros(B, S, Q + 5, dtype=dt)[:, :, :Q].copy_(keys).requires_grad_())
         q_, m_ = leaves[0], leaves[1]
         k_ = m_ if shared else leaves[2]
         ctx, w = fn(q_, k_, m_, mask)
-        torch.autograd.backward([ctx, w] if d_weights else [ctx],
-                                [d_context.to(dt), d_w] if d_weights else [d_context.to(dt)])
+        torch.autograd.backward(
+            [ctx, w] if d_weights else [ctx], [d_context.to(dt), d_w] if d_weights else [d_context.to(dt)]
+        )
         grads.append([x.grad for x in leaves])
     for name, truth, ref, ours in zip(("query", "memory", "keys"), *grads):
         assert ours.dtype == dtype and ours.shape == truth.shape, name
@@ -802,7 +840,7 @@ def test_attention_step_backward_edge_cases(monkeypatch):
     assert (grads[1][0][1] == 0).all() and (grads[1][1][1] == 0).all() and grads[1][2][1].isnan().all()
     q_ = q.clone().requires_grad_()
     ctx, _ = decode_attention.attention_step_autograd(q_, k, m, mask[[0, 2, 0]])
-    d_q, = torch.autograd.grad(ctx.square().sum(), q_, create_graph=True)  # (d context depends on q)
+    (d_q,) = torch.autograd.grad(ctx.square().sum(), q_, create_graph=True)  # (d context depends on q)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         d_q.sum().backward()
     # (meta tensors: strides without the 8 GB of memory; "runs here" stands in for the device check)
@@ -823,8 +861,20 @@ def _search_topk_module():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33),
-                                     (5, 3000, 10), (4, 1030, 10), (2, 1300, 64), (3, 1100, 1)])
+@pytest.mark.parametrize(
+    "N, V, k",
+    [
+        (7, 50, 10),
+        (12, 1000, 10),
+        (4, 64, 1),
+        (5, 3, 3),
+        (3, 33, 33),
+        (5, 3000, 10),
+        (4, 1030, 10),
+        (2, 1300, 64),
+        (3, 1100, 1),
+    ],
+)
 def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
     """The fused search kernels: the k best of bias + log_softmax, banned columns never picked
     (unless nothing else is left), a row of -inf bias still returns k columns. Rows wider than
@@ -862,8 +912,11 @@ def test_log_softmax_topk_ties_go_to_the_lower_column():
     wide[0, [1200, 3, 700, 701, 9]] = 3.0
     wide[0, [1499, 256]] = 2.0
     vals, cols = search_topk.log_softmax_topk(wide, 8, banned=torch.tensor([9]))
-    assert cols.tolist() == [[3, 700, 701, 1200, 256, 1499, 0, 1]] == reference.log_softmax_topk(
-        wide, 8, banned=torch.tensor([9]))[1].tolist()
+    assert (
+        cols.tolist()
+        == [[3, 700, 701, 1200, 256, 1499, 0, 1]]
+        == reference.log_softmax_topk(wide, 8, banned=torch.tensor([9]))[1].tolist()
+    )
     sparse = torch.full((1, 1030), float("-inf"))  # 3 finite columns: the rest of the 10 are the lowest
     sparse[0, [1029, 500, 4]] = torch.tensor([1.0, 2.0, 3.0])  # -inf ones (the last chunk holds 6 columns)
     vals, cols = search_topk.log_softmax_topk(sparse, 10)
@@ -891,8 +944,9 @@ def test_log_softmax_topk_dispatch():
     assert torch.equal(d[1], reference.log_softmax_topk(wide, k)[1])
 
 
-@pytest.mark.parametrize("graphed, V", [(False, 40), (True, 40), (False, 1100)],
-                         ids=["eager", "emulated-graphs", "eager-chunked-topk"])
+@pytest.mark.parametrize(
+    "graphed, V", [(False, 40), (True, 40), (False, 1100)], ids=["eager", "emulated-graphs", "eager-chunked-topk"]
+)
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     """Greedy and beam search with our Triton gate cell use the fused kernels (the decoder step's
     attention; top-k; the bookkeeping; beam search's output walk back); the same model with
@@ -903,8 +957,16 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     from mt.model import Seq2Seq
 
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="triton", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
-                      attention="general", dropout=0.0, emb_dropout=0.0)
+    cfg = ModelConfig(
+        cell="triton",
+        emb_dim=16,
+        hidden_dim=16,
+        enc_layers=2,
+        dec_layers=2,
+        attention="general",
+        dropout=0.0,
+        emb_dropout=0.0,
+    )
     model = Seq2Seq(cfg, 40, V, 0).eval()
     g = torch.Generator().manual_seed(3)
     lengths = [6, 3, 5] if V <= 1024 else [6, 4]  # (the interpreter is slow: 2 sentences through chunks)
@@ -927,8 +989,11 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
 
     decode_attention = _decode_attention_module()
     # each of our kernels (the decision to take it, or its step), spied on in the "fused" run
-    switches = {"fused": (search, "fused"), "backtrack": (search, "_backtrack_kernel_takes"),
-                "attention": (decode_attention, "supported")}
+    switches = {
+        "fused": (search, "fused"),
+        "backtrack": (search, "_backtrack_kernel_takes"),
+        "attention": (decode_attention, "supported"),
+    }
     logs = {name: [] for name in [*switches, "beam", "greedy"]}
     spy(search._BeamSearch, "advance_fused", logs["beam"])
     spy(search._GreedySearch, "advance_fused", logs["greedy"])
@@ -940,8 +1005,18 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
             monkeypatch.setattr(owner, attr, on[name] if run == "fused" else (lambda *a: False))
         for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
-            outs[run, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
-                                            length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
+            outs[run, beam] = search.search(
+                model,
+                src,
+                src_len,
+                2,
+                3,
+                beam=beam,
+                nbest=min(beam, 2),
+                length_penalty=1.0 if beam > 1 else None,
+                max_len_b=3,
+                graphs=runner,
+            )
     for name in switches:  # the fused path really ran: the top-k, the walk back, the attention...
         assert logs[name] and all(logs[name]), name
     assert logs["beam"]  # ...beam search's bookkeeping kernel...
@@ -979,9 +1054,16 @@ def _candidates(g: torch.Generator, n: int, K: int, V: int, eos: int, step: int,
     return val, col
 
 
-@pytest.mark.parametrize("K, nbest, lp, in_place, n, S", [(1, 1, None, False, 16, 7), (2, 2, 1.0, True, 16, 7),
-                                                          (3, 1, "avg", False, 10, 7), (5, 2, 0.6, True, 6, 7),
-                                                          (8, 8, None, True, 3, 260)])
+@pytest.mark.parametrize(
+    "K, nbest, lp, in_place, n, S",
+    [
+        (1, 1, None, False, 16, 7),
+        (2, 2, 1.0, True, 16, 7),
+        (3, 1, "avg", False, 10, 7),
+        (5, 2, 0.6, True, 6, 7),
+        (8, 8, None, True, 3, 260),
+    ],
+)
 def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     """`advance_fused` (one Triton launch) against `advance` (the PyTorch bookkeeping) fed the
     same candidates in the same order: every state tensor, the history and the decoded
@@ -997,10 +1079,12 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     limit = torch.tensor([12, 3, 7, 1, 12, 5, 12, 10, 12, 11, 12, 9, 12, 6, 12, 12])[:n]
 
     def make():
-        memory = Memory(torch.zeros(n * K, S, H), torch.zeros(n * K, S, H), torch.ones(n * K, S, dtype=torch.bool),
-                        "triton")
-        dec = DecoderState([torch.zeros(n * K, H) for _ in range(2)],
-                           [torch.zeros(n * K, H) for _ in range(2)], torch.zeros(n * K, H))
+        memory = Memory(
+            torch.zeros(n * K, S, H), torch.zeros(n * K, S, H), torch.ones(n * K, S, dtype=torch.bool), "triton"
+        )
+        dec = DecoderState(
+            [torch.zeros(n * K, H) for _ in range(2)], [torch.zeros(n * K, H) for _ in range(2)], torch.zeros(n * K, H)
+        )
         search = _BeamSearch(memory, dec, limit.clone(), T, K, nbest, lp, 2, eos, [0, 2])
         search.in_place = in_place
         return search
@@ -1011,8 +1095,11 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
         s = ref.state
         nw = s.scores.shape[0]
         val, col = _candidates(g, nw, K, V, eos, step, eos_rate=0.6)
-        dec = DecoderState([torch.randn(nw * K, H, generator=g) for _ in range(2)],
-                           [torch.randn(nw * K, H, generator=g) for _ in range(2)], torch.randn(nw * K, H, generator=g))
+        dec = DecoderState(
+            [torch.randn(nw * K, H, generator=g) for _ in range(2)],
+            [torch.randn(nw * K, H, generator=g) for _ in range(2)],
+            torch.randn(nw * K, H, generator=g),
+        )
         attn = torch.rand(nw * K, S, generator=g).to(torch.bfloat16)
         top_s, top_beam, top_tok = best_candidates(val.view(nw, K, -1), col.view(nw, K, -1), 2 * K)  # what step() does
         ref.state = ref.advance(s, top_s, top_beam, top_tok, dec, attn)
@@ -1023,7 +1110,9 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
         assert torch.equal(a.t, b.t) and torch.equal(a.done, b.done), step
         assert torch.equal(a.scores, b.scores) and torch.equal(a.last, b.last), step
         assert all(torch.equal(x, y) for x, y in zip(a.fin, b.fin)), (step, a.fin, b.fin)
-        assert all(torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed])
+        )
         assert b.scores is prev.scores and b.fin[2] is prev.fin[2]  # updated in place, nothing to copy back
         assert (b.dec.c[1] is prev.dec.c[1]) == in_place  # the decoder state too, on static buffers
         for name in ("tok_hist", "bp_hist", "attn_hist"):
@@ -1040,7 +1129,9 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     steps = int(ref.state.t)
     x, y = ref.output(steps, n, [S] * n), fused.output(steps, n, [S] * n)
     assert x.tokens == y.tokens and x.scores == y.scores
-    assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [[(h.tokens, h.log_prob) for h in hs] for hs in y.nbest]
+    assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [
+        [(h.tokens, h.log_prob) for h in hs] for hs in y.nbest
+    ]
 
 
 def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
@@ -1106,8 +1197,9 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
 
     def make():
         memory = Memory(torch.zeros(N, S, H), torch.zeros(N, S, H), torch.ones(N, S, dtype=torch.bool), "triton")
-        dec = DecoderState([torch.zeros(N, H) for _ in range(2)], [torch.zeros(N, H) for _ in range(2)],
-                           torch.zeros(N, H))
+        dec = DecoderState(
+            [torch.zeros(N, H) for _ in range(2)], [torch.zeros(N, H) for _ in range(2)], torch.zeros(N, H)
+        )
         search = _GreedySearch(memory, dec, limit.clone(), T, 2, eos, [0, 2])
         search.in_place = in_place
         search.reset(N - 1)  # the last row is padding: done from the start
@@ -1118,8 +1210,11 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
         best = -torch.rand(N, generator=g) * 3
         tok = torch.randint(4, 50, (N,), generator=g)
         tok[torch.rand(N, generator=g) < 0.2] = eos
-        dec = DecoderState([torch.randn(N, H, generator=g) for _ in range(2)],
-                           [torch.randn(N, H, generator=g) for _ in range(2)], torch.randn(N, H, generator=g))
+        dec = DecoderState(
+            [torch.randn(N, H, generator=g) for _ in range(2)],
+            [torch.randn(N, H, generator=g) for _ in range(2)],
+            torch.randn(N, H, generator=g),
+        )
         attn = torch.rand(N, S, generator=g).to(torch.bfloat16)
         prev = fused.state
         ref.state = ref.advance(ref.state, best, tok, dec, attn)
@@ -1145,8 +1240,9 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
     tok_buf[:T], attn_buf[:T] = fused.tok_hist, fused.attn_hist
     s = fused.state
     s.t.fill_(T)
-    search_greedy.greedy_update(best, tok, attn, fused.limit, s.t, s.done, s.scores, s.last, tok_buf[:T],
-                                attn_buf[:T], eos)
+    search_greedy.greedy_update(
+        best, tok, attn, fused.limit, s.t, s.done, s.scores, s.last, tok_buf[:T], attn_buf[:T], eos
+    )
     assert (tok_buf[T] == -7).all() and (attn_buf[T] == -7).all()
     assert torch.equal(tok_buf[:T], fused.tok_hist) and torch.equal(attn_buf[:T], fused.attn_hist)
 
@@ -1165,8 +1261,9 @@ def test_gather_rows_moves_the_decoder_state_in_one_launch(layers, H):
     srcs = [torch.randn(N, H, generator=g).to(torch.bfloat16) for _ in range(layers)]  # h
     srcs += [torch.randn(N, H, generator=g) for _ in range(layers)]  # c, fp32
     srcs += [torch.randn(N, H, generator=g).to(torch.bfloat16)]  # the feed, into fp32 below
-    dsts = [torch.full((N, H), 7.0, dtype=torch.bfloat16 if i < layers else torch.float32)
-            for i in range(2 * layers + 1)]
+    dsts = [
+        torch.full((N, H), 7.0, dtype=torch.bfloat16 if i < layers else torch.float32) for i in range(2 * layers + 1)
+    ]
     assert len(srcs) <= search_beam.MAX_STATE and search_beam.gather_rows_supported(rows, srcs, dsts)
     search_beam.gather_rows(rows, srcs, dsts)
     for src, dst in zip(srcs, dsts):
@@ -1200,9 +1297,25 @@ def test_beam_update_refuses_what_it_cannot_take():
     assert not search_beam.supported(torch.zeros(2 * K + 2, 2 * K + 2), K + 1, 100, 7)  # more beams: PyTorch's ops
     with pytest.raises(ValueError, match="contiguous"):
         z = torch.zeros
-        search_beam.beam_update(val, val.long(), z(6, 7), z(3).long(), z(3).long(), z(()).long(), z(12).double(),
-                                z(3).bool(), (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()), z(2, 3).t(), z(6).long(),
-                                z(6).long(), z(9, 3, 2).long(), z(9, 3, 2).long(), z(9, 3, 2, 7), 3, 1)
+        search_beam.beam_update(
+            val,
+            val.long(),
+            z(6, 7),
+            z(3).long(),
+            z(3).long(),
+            z(()).long(),
+            z(12).double(),
+            z(3).bool(),
+            (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()),
+            z(2, 3).t(),
+            z(6).long(),
+            z(6).long(),
+            z(9, 3, 2).long(),
+            z(9, 3, 2).long(),
+            z(9, 3, 2, 7),
+            3,
+            1,
+        )
 
 
 def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S: int = 7) -> dict:
@@ -1211,14 +1324,29 @@ def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S:
     g = torch.Generator().manual_seed(5)
     val, col = _candidates(g, n, K, 50, 3, step=1, eos_rate=0.5)
     z = torch.zeros
-    return dict(val=val, col=col, attn=torch.rand(n * K, S, generator=g), limit=torch.full((n,), limit),
-                sent=torch.arange(n), t=torch.tensor(t), lp_table=torch.arange(1, T + 3, dtype=torch.float64),
-                done=z(n, dtype=torch.bool),
-                fin=(torch.full((n, K), float("-inf"), dtype=torch.float64), torch.full((n, K), float("-inf")),
-                     z(n, K, 3, dtype=torch.long)),
-                scores=z(n, K), last=z(n * K, dtype=torch.long), rows=z(n * K, dtype=torch.long),
-                tok_hist=z(T, n, K, dtype=torch.long), bp_hist=z(T, n, K, dtype=torch.long), attn_hist=z(T, n, K, S),
-                eos=3, nbest=1)
+    return dict(
+        val=val,
+        col=col,
+        attn=torch.rand(n * K, S, generator=g),
+        limit=torch.full((n,), limit),
+        sent=torch.arange(n),
+        t=torch.tensor(t),
+        lp_table=torch.arange(1, T + 3, dtype=torch.float64),
+        done=z(n, dtype=torch.bool),
+        fin=(
+            torch.full((n, K), float("-inf"), dtype=torch.float64),
+            torch.full((n, K), float("-inf")),
+            z(n, K, 3, dtype=torch.long),
+        ),
+        scores=z(n, K),
+        last=z(n * K, dtype=torch.long),
+        rows=z(n * K, dtype=torch.long),
+        tok_hist=z(T, n, K, dtype=torch.long),
+        bp_hist=z(T, n, K, dtype=torch.long),
+        attn_hist=z(T, n, K, S),
+        eos=3,
+        nbest=1,
+    )
 
 
 def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
@@ -1226,15 +1354,21 @@ def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
     table (T + 2 entries) is read within its bounds whatever the limit (a limit past the
     history reads the last entry, as a limit of T + 1 does)."""
     search_beam = _search_beam_module()
-    for name, bad in (("attn_hist", torch.zeros(9, 3, 2, 6)), ("val", torch.zeros(6, 3)), ("limit", torch.zeros(2)),
-                      ("lp_table", torch.zeros(10, dtype=torch.float64))):
+    for name, bad in (
+        ("attn_hist", torch.zeros(9, 3, 2, 6)),
+        ("val", torch.zeros(6, 3)),
+        ("limit", torch.zeros(2)),
+        ("lp_table", torch.zeros(10, dtype=torch.float64)),
+    ):
         with pytest.raises(ValueError, match=name):
             search_beam.beam_update(**{**_beam_update_args(5, 2), name: bad})
     outs = []
     for limit in (9 + 1, 10**9):
         args = _beam_update_args(limit, t=8)
         search_beam.beam_update(**args)
-        outs.append([args[k] for k in ("done", "scores", "last", "rows", "tok_hist", "bp_hist", "attn_hist")]
-                    + list(args["fin"]))
+        outs.append(
+            [args[k] for k in ("done", "scores", "last", "rows", "tok_hist", "bp_hist", "attn_hist")]
+            + list(args["fin"])
+        )
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert outs[0][4][8].any()  # the last step's tokens were written

@@ -77,7 +77,7 @@ def lstm_sequence(
     c = xproj.new_zeros(D, B, H, dtype=acc) if c0 is None else c0.to(acc)
     if lengths is not None:
         steps = torch.arange(T, device=xproj.device)
-        valid = (steps[None, :] < lengths.to(xproj.device)[:, None])  # (B, T)
+        valid = steps[None, :] < lengths.to(xproj.device)[:, None]  # (B, T)
     outs: list[list[Tensor]] = [[None] * T for _ in range(D)]  # type: ignore[list-item]
     hs, cs = list(h.unbind(0)), list(c.unbind(0))
     for d in range(D):
@@ -96,8 +96,9 @@ def lstm_sequence(
     return out, torch.stack(hs, 0), torch.stack(cs, 0)
 
 
-def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
-                     banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def log_softmax_topk(
+    logits: Tensor, k: int, row_bias: Tensor | None = None, banned: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A decoding step's candidates: the k largest of row_bias[:, None] + log_softmax(logits.float())
     per row, the `banned` columns at -inf, best first, ties to the lower column (a stable sort).
     logits (N, V), row_bias (N,), banned (NB,) -> values (N, k) fp32, columns (N, k) int64.

@@ -807,7 +807,7 @@ def test_attention_step_backward_edge_cases(monkeypatch):
         d_q.sum().backward()
     # (meta tensors: strides without the 8 GB of memory; "runs here" stands in for the device check)
     far = torch.empty(1, 2, 2**30 + 8, device="meta")[:, :, :8]  # row stride 2**30 + 8: offsets past int32
-    monkeypatch.setattr(decode_attention, "_runs_here", lambda t: True)
+    monkeypatch.setattr(decode_attention.common, "runs_here", lambda t: True)
     qm, mm = torch.empty(1, 8, device="meta"), torch.ones(1, 2, dtype=torch.bool, device="meta")
     assert not decode_attention.supported(qm, far, far, mm)
     assert decode_attention.supported(qm, far[:, :1], far[:, :1], mm[:, :1])  # one position: offset 0

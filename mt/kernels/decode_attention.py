@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_topk import _runs_here
+from . import common
 
 TILE = 4096  # elements of one (BLOCK_S, BLOCK_D) tile of keys or memory in registers
 MAX_DIM = 4096  # query and memory sizes one program holds whole (a row of a tile)
@@ -222,7 +222,7 @@ def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool
     if query.dim() != 2 or keys.dim() != 3 or memory.dim() != 3 or mask.dim() != 2:
         return False
     B, S, Q = keys.shape
-    return (_runs_here(keys) and S >= 1 and query.shape == (B, Q) and memory.shape[:2] == (B, S)
+    return (common.runs_here(keys) and S >= 1 and query.shape == (B, Q) and memory.shape[:2] == (B, S)
             and max(Q, memory.shape[2]) <= MAX_DIM and mask.shape == (B, S) and mask.dtype == torch.bool
             and all(x.dtype in FLOATS for x in (query, keys, memory))
             and query.stride(1) == 1 and keys.stride(2) == 1 and memory.stride(2) == 1 and mask.stride(1) == 1

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_beam import ROW_TILE, _copy_in_tiles
-from .search_topk import _runs_here
+from . import common
+from .common import ROW_TILE, copy_in_tiles
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "stride_attn", "eos"])
@@ -63,13 +63,13 @@ def _greedy_update_kernel(
     tl.store(done_ptr + r, done)
     in_hist = t < T
     tl.store(tok_hist_ptr + t * N + r, tok, mask=in_hist)
-    _copy_in_tiles(attn_ptr + r * stride_attn, attn_hist_ptr + (t * N + r) * S, S, in_hist, BLOCK)
+    copy_in_tiles(attn_ptr + r * stride_attn, attn_hist_ptr + (t * N + r) * S, S, in_hist, BLOCK)
 
 
 def supported(attn: Tensor) -> bool:
     """Whether the kernel takes a step whose attention is `attn` (N, S) (else
     `mt.search._GreedySearch.advance`)."""
-    return _runs_here(attn) and attn.dim() == 2 and attn.shape[1] >= 1
+    return common.runs_here(attn) and attn.dim() == 2 and attn.shape[1] >= 1
 
 
 def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Tensor, done: Tensor, scores: Tensor,

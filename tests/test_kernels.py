@@ -990,7 +990,8 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     of three tiles."""
     _search_beam_module()
     from mt.model import DecoderState, Memory
-    from mt.search import _BeamSearch, best_candidates
+    from mt.kernels.reference import best_candidates
+    from mt.search import _BeamSearch
 
     H, V, T, eos = 4, 50, 12, 3
     g = torch.Generator().manual_seed(K * 100 + nbest)
@@ -1068,7 +1069,7 @@ def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
 def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
     """`search_beam.backtrack` (beam search's output on the device, one launch) against a plain
     per-hypothesis walk on random histories (every token and attention row it defines; the
-    host's `_backtrack_host` has the same test in test_search.py); `steps` below the history's
+    host's `reference.backtrack` has the same test in test_search.py); `steps` below the history's
     length, sentences [0, n)."""
     from conftest import assert_walked_back, random_beam_history
 

@@ -8,7 +8,7 @@ hypotheses after the last step in another (the search half of `mt.kernels`, with
 
 After `search_topk.log_softmax_topk` has given each beam its 2K best continuations (beam score
 plus log-prob, best first, with their tokens), one program per sentence does what
-`mt.search._BeamSearch.advance` does with about 80 small PyTorch ops:
+`reference.beam_update` does with about 80 small PyTorch ops:
 
 1. the sentence's 2K best candidates of its K * 2K (equal values: the lower beam, then the
    better rank within the beam, first);
@@ -35,7 +35,7 @@ bookkeeping at a few microseconds each (scripts/profile_decode.py, H200, 2026-11
 `backtrack`: one program per finished hypothesis follows the back-pointers from the step it
 closed at to the first, gathering its tokens and attention rows into compact (n, m, L) and
 (n, m, L, S) outputs, so the host copies back the m hypotheses' rows instead of the history of
-all K beams and does no walk of its own. Its reference is `mt.search._backtrack_host` (numpy);
+all K beams and does no walk of its own. Its reference is `reference.backtrack` (numpy);
 the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild took 2.4 ms
 of an 18 ms beam-5 batch (the same profile), and the bookkeeping kernel makes the steps shorter.
 """
@@ -303,7 +303,7 @@ def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
 
 def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     """Whether the kernel takes a step of K beams over V tokens and S source positions whose
-    per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
+    per-beam candidates are `val` (else `reference.beam_update`): it needs each beam's
     2K best (V >= 2K)."""
     return common.runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,) and S >= 1
 
@@ -346,7 +346,7 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
 
 
 def backtrack_supported(attn_hist: Tensor) -> bool:
-    """Whether `backtrack` takes this search's history (else `mt.search._backtrack_host`)."""
+    """Whether `backtrack` takes this search's history (else `reference.backtrack`)."""
     return common.runs_here(attn_hist) and attn_hist.dtype == torch.float32
 
 
@@ -357,7 +357,7 @@ def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor
     1): hypothesis (i, k) closed at step e = info[i, k, 0] has its tokens at [0, e) (the token it
     closed with is info[i, k, 2]) and attention rows at [0, e]; the rest is not written.
     info (n0, K, 3) int64; tok_hist, bp_hist (T, n0, K) int64; attn_hist (T, n0, K, S) fp32.
-    What `mt.search._backtrack_host` does on the host, as one launch and a copy back of only the
+    What `reference.backtrack` does on the host, as one launch and a copy back of only the
     rows the hypotheses use (not the K beams' whole history)."""
     T, n0, K, S = attn_hist.shape
     L = max(steps, 1)

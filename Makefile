@@ -24,10 +24,10 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mt scripts tests
+	$(VENV)/bin/ruff check mt scripts benchmarks tests
 
 bench-cell: $(STAMP)
-	$(PY) scripts/bench_cell.py $(ARGS)
+	$(PY) benchmarks/bench_cell.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -73,12 +73,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import MTError
+from .loss import loss_sums
 from .model import DecoderState, Memory, Seq2Seq
 from .modules.lstm import compute_dtype
+from .runtime import autocast
 from .step_stats import pinned_if_possible
 
 Shape = tuple[int, int, int]  # (batch, source length, target length), EOS/BOS included
@@ -327,15 +328,9 @@ class TrainStep:
     def forward_backward(self, batch) -> tuple[Tensor, Tensor]:
         """Forward + backward of a (CPU or device) batch; the label-smoothed loss sum and the NLL sum."""
         batch = to_device(batch, self.device)
-        dev = self.device.type
-        with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits, _ = self.train_model(batch.src, batch.src_len, batch.tgt_in)  # (B, T, V)
-        logits = logits.float().flatten(0, 1)  # (B*T, V)
-        target = batch.tgt_out.flatten()  # (B*T,)
-        loss_sum = self.criterion(logits, target)
+        loss_sum, nll_sum = loss_sums(self.train_model, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out,
+                                      criterion=self.criterion, pad_id=self.pad_id, amp_dtype=self.amp_dtype)
         (loss_sum / max(1, batch.ntokens)).backward()
-        with torch.no_grad():
-            nll_sum = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum")
         return loss_sum, nll_sum
 
     def update(self) -> Tensor:
@@ -412,15 +407,10 @@ class GraphedTrainStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:  # allocated by the first step, zeroed in place ever after
             torch._foreach_zero_(grads)
-        dev = self.device.type
-        with torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits, _ = self.model(src, src_len, tgt_in)  # (B, T, V)
-        logits = logits.float().flatten(0, 1)  # (B*T, V)
-        target = tgt_out.flatten()
-        loss_sum = self.criterion(logits, target)
+        loss_sum, nll_sum = loss_sums(self.model, src, src_len, tgt_in, tgt_out, criterion=self.criterion,
+                                      pad_id=self.pad_id, amp_dtype=self.amp_dtype)
         (loss_sum / ntok).backward()
         with torch.no_grad():
-            nll_sum = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum")
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
             with warnings.catch_warnings():  # capturable=True outside a capture warns once
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
@@ -655,29 +645,11 @@ class GraphedDecoder:
         def run():
             # the autocast weight cache would hand the graph tensors that die with the caller's
             # autocast region: no cache inside (each weight is used once per step anyway)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
+            with autocast(device, amp, cache_enabled=False):
                 fn()
 
         runner.run(holder, run, device, capture=device.type == "cuda" and not self.emulate)
 
 
-def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False, *,
-                        key: str = "trainer.cuda_graphs", task: str = "training") -> bool:
-    """auto | true | false -> on/off: auto = on for single-process CUDA work; true where it
-    cannot work is an MTError. key/task name the setting and the work in the messages."""
-    v = str(value).strip().lower()
-    if v == "auto":
-        return device.type == "cuda" and not distributed
-    if v in ("true", "1", "yes", "on"):
-        if device.type != "cuda":
-            raise MTError(f"{key}=true needs CUDA, but {task} runs on {device}; use {key}=auto or false")
-        if distributed:
-            raise MTError(f"{key}=true is not supported with several processes (DDP) yet; use {key}=false")
-        return True
-    if v in ("false", "0", "no", "off", "none"):
-        return False
-    raise MTError(f"unknown {key}={value!r}; use auto, true or false")
-
-
 __all__ = ["ShapeBuckets", "pad_batch", "length_grid", "bucket_size", "make_capturable", "portable_state",
-           "TrainStep", "GraphedTrainStep", "GraphedDecoder", "resolve_cuda_graphs"]
+           "TrainStep", "GraphedTrainStep", "GraphedDecoder"]

@@ -35,6 +35,7 @@ from .batching import Batch, collate
 from .errors import MTError
 from .kernels import precompile as kp
 from .model import Seq2Seq
+from .runtime import autocast
 
 __all__ = ["resolve_workers", "dry_run", "one_per_tile", "precompile"]
 
@@ -91,7 +92,7 @@ def dry_run(model: Seq2Seq, *, tok, device: torch.device, amp_dtype: torch.dtype
     kernels run inside the model only. Leaves `model` and every random generator as they were."""
     from . import graphs
     from .search import decode_dataset
-    from .train import validation_loss
+    from .validation import validation_loss
 
     shadow = copy.deepcopy(model)
     shadow.train()
@@ -107,7 +108,7 @@ def dry_run(model: Seq2Seq, *, tok, device: torch.device, amp_dtype: torch.dtype
             step.forward_backward(_batch(n, s, t, **make))
             step.update()
         sources = [[tok.unk_id] * 3]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             validation_loss(shadow, [_batch(n, 4, 4, **make) for n in valid_batch_sizes], device, amp_dtype,
                             tok.pad_id)
             decoder = graphs.GraphedDecoder(shadow, emulate=True) if use_graphs else None

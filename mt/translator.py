@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
 from .errors import CheckpointError, MTError, first_line
 from .model import CELLS, Seq2Seq
+from .runtime import resolve_cuda_graphs, resolve_device
 from .search import LengthPenalty, decode_dataset, parse_length_penalty
 from .tokenizer import Tokenizer
 
@@ -65,28 +66,6 @@ class Hypothesis:
             return []
         best = self.attention[:n_out, :n_src].argmax(dim=-1).tolist()
         return [(s, t) for t, s in enumerate(best)]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps ... -> torch.device; anything unusable is an MTError."""
-    name = (name or "auto").strip()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise MTError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MTError(f"device {name!r} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MTError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise MTError(f"device {name!r} asked for, but MPS is not available here")
-    elif device.type != "cpu":
-        raise MTError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def _resolve_cell(requested: str | None, saved: str, device: torch.device) -> str:
@@ -132,7 +111,7 @@ class Translator:
         self.config = config
         self.max_src_len = max_src_len if max_src_len is not None else config.data.max_src_len
         # search steps replayed from CUDA graphs (auto: on CUDA), kept across translate() calls
-        on = graphs.resolve_cuda_graphs(cuda_graphs, self.device, key="cuda_graphs", task="decoding")
+        on = resolve_cuda_graphs(cuda_graphs, self.device, key="cuda_graphs", task="decoding")
         self.graphs = graphs.GraphedDecoder(self.model) if on else None
 
     # ------------------------------------------------------------------ loading
@@ -143,7 +122,7 @@ class Translator:
         A missing, corrupt or mismatched checkpoint is a one-line CheckpointError.
         cuda_graphs: auto (on with CUDA) | true | false: decode with mt.graphs.GraphedDecoder."""
         dev = resolve_device(device)
-        graphs.resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
+        resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
         path = Path(path)
         state = load_checkpoint(path, map_location="cpu")
         try:

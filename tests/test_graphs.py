@@ -2,7 +2,7 @@
 cuDNN encoder, the static-shape training step and decoder step run eagerly (emulated), their
 agreement with the eager code, the optimizer-state conversions, the trainer.cuda_graphs switch,
 and that the GPU-side modules import without Hydra/datasets. The captured graphs themselves are
-checked on a GPU by scripts/gpu_checks.py (run by scripts/gpu_checks.sh).
+checked on a GPU by tests/test_graphs_gpu.py (`pytest -m gpu`).
 
 Imports only torch, numpy and mt (the GPU machine has no hydra-core, omegaconf or datasets).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -35,9 +34,9 @@ from mt.graphs import (
     make_capturable,
     pad_batch,
     portable_state,
-    resolve_cuda_graphs,
 )
 from mt.model import Seq2Seq
+from mt.runtime import resolve_cuda_graphs
 from mt.search import beam_search, greedy_search, search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +47,15 @@ V = 40
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(cell="torch", dtype=torch.float64, seed=0, **kw) -> Seq2Seq:
+def tiny_model(cell="torch", dtype=torch.float64, seed=0, vocab=V, **kw) -> Seq2Seq:
     base = dict(cell=cell, emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2, dropout=0.0, emb_dropout=0.0,
                 attention="general")
     base.update(kw)
     torch.manual_seed(seed)
-    return Seq2Seq(ModelConfig(**base), V, V, PAD).to(dtype)
+    return Seq2Seq(ModelConfig(**base), vocab, vocab, PAD).to(dtype)
 
 
-def make_batch(n: int, max_src: int, max_tgt: int, seed: int):
+def make_batch(n: int, max_src: int, max_tgt: int, seed: int, vocab: int = V):
     """A collated batch of n pairs whose longest source is max_src - 1 pieces (+EOS) and longest
     target max_tgt - 1 pieces (+BOS/EOS)."""
     g = torch.Generator().manual_seed(seed)
@@ -64,8 +63,8 @@ def make_batch(n: int, max_src: int, max_tgt: int, seed: int):
     for i in range(n):
         ls = max_src - 1 if i == 0 else int(torch.randint(1, max_src, (1,), generator=g))
         lt = max_tgt - 1 if i == 0 else int(torch.randint(1, max_tgt, (1,), generator=g))
-        rows.append({"src_ids": torch.randint(4, V, (ls,), generator=g).tolist(),
-                     "tgt_ids": torch.randint(4, V, (lt,), generator=g).tolist(), "idx": i})
+        rows.append({"src_ids": torch.randint(4, vocab, (ls,), generator=g).tolist(),
+                     "tgt_ids": torch.randint(4, vocab, (lt,), generator=g).tolist(), "idx": i})
     return collate(rows, PAD, BOS, EOS)
 
 
@@ -393,7 +392,7 @@ def test_gpu_side_modules_import_without_hydra_omegaconf_or_datasets():
 
 def test_bench_train_script_runs_on_cpu(tmp_path):
     out = tmp_path / "bench_train.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--quick", "--device", "cpu",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--device", "cpu",
            "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -409,10 +408,10 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
 
 
 def test_profile_train_script_runs_on_cpu(tmp_path):
-    """scripts/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
-    kernel table needs CUDA); its kernel groups on names seen in the H200 profiles."""
+    """benchmarks/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
+    kernel table needs CUDA); its kernel groups on kernel names as GPU profiles show them."""
     out = tmp_path / "profile_train.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_train.py"), "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_train.py"), "--quick", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
@@ -420,11 +419,11 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
                                                    "cudnn"]
     for r in res["results"]:
         assert "error" not in r and r["step_ms"] > 0 and r["stats"] == {"emulated": 4 + 2}, r
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import profile_train
     finally:
-        sys.path.remove(str(REPO / "scripts"))
+        sys.path.remove(str(REPO / "benchmarks"))
     rows = [dict(kernel="_lstm_step_backward_kernel", per_step=40.0, us_per_step=400.0),
             dict(kernel="_cell_forward_kernel", per_step=40.0, us_per_step=100.0),
             dict(kernel="RNN_blockPersist_bp_LSTM<bf16>", per_step=4.0, us_per_step=900.0),
@@ -452,7 +451,7 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
     from omegaconf import OmegaConf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mt import graphs
+    from mt import graphs, trainer
     from mt.checkpoint import load_checkpoint
     from mt.config import register_configs
     from mt.train import train
@@ -483,7 +482,7 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
 
     train_step.__wrapped__ = graphs.GraphedTrainStep
     decoder.__wrapped__ = graphs.GraphedDecoder
-    monkeypatch.setattr(graphs, "resolve_cuda_graphs", lambda value, device, distributed=False: True)
+    monkeypatch.setattr(trainer, "resolve_cuda_graphs", lambda value, device, distributed=False: True)
     monkeypatch.setattr(graphs, "make_capturable", lambda optimizer, device: None)
     monkeypatch.setattr(graphs, "GraphedTrainStep", train_step)
     monkeypatch.setattr(graphs, "GraphedDecoder", decoder)
@@ -585,20 +584,3 @@ def test_graphed_search_with_a_limit_that_shrinks_with_the_source():
     outs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, graphs=graphs, **kw),
             beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, graphs=graphs, **kw)]
     _assert_same(outs, refs, exact=False)
-
-
-def test_gpu_checks_script_dry_run_on_cpu(tmp_path):
-    """scripts/gpu_checks.py's training and decoding checks, run on CPU (graphs emulated): the
-    script that a GPU session runs once must not fail on its own logic; its JSON is written
-    after every check."""
-    out = tmp_path / "gpu_checks.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "gpu_checks.py"), "--dry-run-cpu", "--only", "train", "decode",
-           "--cells", "cudnn", "--hidden", "16", "--steps", "4", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["finished"] and all(r["ok"] for r in res["results"])
-    names = {r["name"] for r in res["results"]}
-    assert {"train_graph_vs_emulated[cudnn]", "train_graph_vs_eager[cudnn]",
-            "decode_graph_vs_emulated[cudnn, fp32, beam 5]"} <= names

@@ -89,7 +89,7 @@ _ROUND_TRIP = textwrap.dedent(
     from mt.kernels import precompile as kp
     from mt.model import Seq2Seq
     from mt.search import decode_dataset
-    from mt.train import validation_loss
+    from mt.validation import validation_loss
 
     use_graphs = sys.argv[1] == "graphs"
     PAD, UNK, BOS, EOS, V = 0, 1, 2, 3, 40

@@ -1,4 +1,4 @@
-"""scripts/recipe_timing.py: time to best validation BLEU from a train.log."""
+"""benchmarks/recipe_timing.py: time to best validation BLEU from a train.log."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def run(tmp_path, text, *extra):
     log = tmp_path / "train.log"
     log.write_text(text)
     out = tmp_path / "timing.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_timing.py"), str(log), "--json", str(out),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(log), "--json", str(out),
                            *extra], capture_output=True, text=True, timeout=60)
     return proc, out
 

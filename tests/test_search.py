@@ -154,8 +154,11 @@ def test_beam1_equals_greedy(random_model):
     b = beam_search(random_model, src, src_len, BOS, EOS, beam=1, length_penalty=None)
     assert b.tokens == g.tokens
     assert b.scores == g.scores  # the same float32 sums, bit for bit
+    # Beam search drops finished sentences from the batch and greedy search does not, so their
+    # late steps multiply batches of different sizes; some CPU BLAS kernels round a row
+    # differently with the batch size (seen: 1 ulp of an attention weight on an AMD EPYC).
     for x, y in zip(b.attention, g.attention):
-        assert torch.equal(x, y)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     assert search(random_model, src, src_len, BOS, EOS, beam=1).tokens == g.tokens
 
 

@@ -143,7 +143,7 @@ def test_logged_losses_belong_to_their_steps(tiny_corpus_dir, tmp_path, monkeypa
     target token, although the host reads it during step k+1; train/lr at step k is the lr after
     step k's scheduler step, and every step up to the last is logged once."""
     from mt.config import OptimConfig
-    from mt.train import make_scheduler
+    from mt.optim import make_scheduler
 
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=12", "trainer.eval_every=5",
                    "trainer.log_every=1", "optim.scheduler=cosine", "optim.warmup_steps=4", "optim.lr=1e-3",
@@ -186,8 +186,8 @@ def test_cli_writes_checkpoints_and_events(tiny_corpus_dir, tmp_path):
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / ".hydra" / "config.yaml").is_file()
-    # scripts/recipe_timing.py reads this log's validation lines, the background report's too
-    timing = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_timing.py"), str(out / "train.log"),
+    # benchmarks/recipe_timing.py reads this log's validation lines, the background report's too
+    timing = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(out / "train.log"),
                              "--json", str(tmp_path / "timing.json")], capture_output=True, text=True, timeout=60)
     assert timing.returncode == 0, timing.stderr
     (valid,) = json.loads((tmp_path / "timing.json").read_text())["validations"]
@@ -260,7 +260,7 @@ def test_user_errors_in_trainer_settings(tiny_corpus_dir, tmp_path):
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     from mt.config import OptimConfig
-    from mt.train import make_scheduler
+    from mt.optim import make_scheduler
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1e-3)
@@ -284,7 +284,7 @@ def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, 
     loss, which the host reads a step late; mt/step_stats.py), then validates; or right after a
     validation that used up the time (no further step, no second validation). It writes its
     checkpoints."""
-    import mt.train as mt_train
+    import mt.trainer as mt_trainer
 
     clock = {"t": 1000.0}
 
@@ -292,14 +292,14 @@ def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, 
         clock["t"] += 1.0
         return clock["t"]
 
-    real_validation_loss = mt_train.validation_loss
+    real_validation_loss = mt_trainer.validation_loss
 
     def slow_validation_loss(*args, **kwargs):
         clock["t"] += validation_seconds
         return real_validation_loss(*args, **kwargs)
 
-    monkeypatch.setattr(mt_train, "_now", now)
-    monkeypatch.setattr(mt_train, "validation_loss", slow_validation_loss)
+    monkeypatch.setattr(mt_trainer, "_now", now)
+    monkeypatch.setattr(mt_trainer, "validation_loss", slow_validation_loss)
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=1000", f"trainer.eval_every={eval_every}",
                    "trainer.max_minutes=0.5", "trainer.log_every=1")
     summary = train(cfg, tmp_path / "run")
@@ -316,16 +316,16 @@ def test_validation_report_runs_in_the_background_and_completes_the_checkpoint(t
     before the writer was closed), and in train()'s summary."""
     import threading
 
-    import mt.train as mt_train
+    import mt.trainer as mt_trainer
 
     threads = []
-    real = mt_train.report_validation
+    real = mt_trainer.report_validation
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mt_train, "report_validation", recording)
+    monkeypatch.setattr(mt_trainer, "report_validation", recording)
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=10", "trainer.eval_every=5")
     summary = train(cfg, tmp_path / "run")
     assert threads == ["checkpoint-writer", "checkpoint-writer"]
@@ -347,12 +347,12 @@ def test_a_failing_validation_report_is_a_warning(tiny_corpus_dir, tmp_path, mon
     """The report decides nothing: its failure (here the attention figure) is a one-line warning
     per validation; training goes on, every checkpoint is written with what the report did get
     to (chrF, scored before the figure), and the training thread's BLEU is in TensorBoard."""
-    import mt.train as mt_train
+    import mt.validation as mt_validation
 
     def broken_figure(*args):
         raise RuntimeError("matplotlib has no fonts")
 
-    monkeypatch.setattr(mt_train, "attention_figure", broken_figure)
+    monkeypatch.setattr(mt_validation, "attention_figure", broken_figure)
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=10", "trainer.eval_every=5",
                    "trainer.attention_images=true")
     with caplog.at_level("WARNING", logger="mt.train"):
@@ -373,7 +373,7 @@ def test_train_hands_its_shapes_to_the_precompile_and_stops_the_workers(tiny_cor
     failing dry run is a warning and training goes on."""
     import logging
 
-    import mt.train as mtrain
+    import mt.trainer as mtrain
     from mt.kernels.precompile import CompileWorkers
 
     started, calls = [], []

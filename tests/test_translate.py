@@ -88,7 +88,7 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
     """cuda_graphs: auto is off on CPU, true on CPU is a one-line error before loading; with a
     GraphedDecoder (here emulating the captured steps) translate() gives the eager results and
     keeps its slots across calls."""
-    from mt import graphs
+    from mt import graphs, translator
 
     assert tr.graphs is None  # auto, on CPU
     with pytest.raises(MTError, match="cuda_graphs=true needs CUDA"):
@@ -96,7 +96,7 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
     with pytest.raises(MTError, match="unknown cuda_graphs"):
         Translator.from_checkpoint(ckpt, device="cpu", cuda_graphs="sometimes")
     real = graphs.GraphedDecoder
-    monkeypatch.setattr(graphs, "resolve_cuda_graphs", lambda *a, **k: True)
+    monkeypatch.setattr(translator, "resolve_cuda_graphs", lambda *a, **k: True)
     monkeypatch.setattr(graphs, "GraphedDecoder", lambda model: real(model, emulate=True))
     gtr = Translator.from_checkpoint(ckpt, device="cpu")
     lines = GOLDEN + ["", "hund katze haus baum auto mann frau"]
@@ -105,8 +105,11 @@ def test_translator_decodes_through_graphed_search_steps(ckpt, tr, monkeypatch):
         out = gtr.translate(lines, beam=beam, length_penalty=lp, nbest=nbest, batch_size=3)
         assert [h.text for h in flat(out)] == [h.text for h in flat(ref)]
         for a, b in zip(flat(out), flat(ref)):
-            assert a.score == pytest.approx(b.score, abs=1e-5)
-            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=1e-6)
+            # The slots pad a batch to their own size, so the GEMMs run at other shapes and
+            # the CPU BLAS may block them differently: scores drift by ~1e-5 over a long
+            # sentence (seen on AMD EPYC); the tokens stay exact.
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            torch.testing.assert_close(a.attention, b.attention, rtol=1e-5, atol=1e-5)
     slots = len(gtr.graphs._slots)
     assert gtr.graphs.stats["emulated"] > 10 and slots >= 2
     gtr.translate(lines, beam=4, length_penalty=1.0, nbest=3, batch_size=3)
@@ -257,7 +260,7 @@ def test_script_interactive_on_a_terminal(script_runs):
 
 
 def test_bench_decode_smoke(ckpt, tmp_path, tiny_run, capsys):
-    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "scripts" / "bench_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     data = tiny_run["corpus"] / "test.jsonl"

@@ -3,10 +3,10 @@
 Run from the repository root (no install needed: only torch, triton and numpy; no hydra, no
 datasets; the model is built from mt.config.ModelConfig + mt.model.Seq2Seq directly):
 
-    python scripts/bench_train.py --json bench_train.json     # GPU: Multi30k-sized model, bf16, B=128, T=20
-    python scripts/bench_train.py --batch 64 --steps 30       # other shapes (--hidden, --emb, --vocab, ...)
-    python scripts/bench_train.py --quick                     # CPU: tiny sizes, eager columns only
-    python scripts/bench_train.py --quick --interpret         # CPU: "ours" through the Triton interpreter
+    python benchmarks/bench_train.py --json bench_train.json     # GPU: Multi30k-sized model, bf16, B=128, T=20
+    python benchmarks/bench_train.py --batch 64 --steps 30       # other shapes (--hidden, --emb, --vocab, ...)
+    python benchmarks/bench_train.py --quick                     # CPU: tiny sizes, eager columns only
+    python benchmarks/bench_train.py --quick --interpret         # CPU: "ours" through the Triton interpreter
 
 Model (defaults): 2-layer bidirectional LSTM encoder, 2-layer input-feeding LSTM decoder, Luong
 general attention, E = H = 512, V = 8000 (source and target), dropout 0.3, tied output layer:

@@ -1,10 +1,10 @@
 """Where the time of a graphed training step goes, on a GPU: the kernels one replayed step
 launches, their count and device time, grouped by what they do, for our cell and for cuDNN.
 
-    python scripts/profile_train.py --json profile_train.json    # GPU; about 20 s
-    python scripts/profile_train.py --quick                      # CPU smoke test (emulated steps)
+    python benchmarks/profile_train.py --json profile_train.json    # GPU
+    python benchmarks/profile_train.py --quick                      # CPU smoke test (emulated steps)
 
-The model and batches are scripts/bench_train.py's (Multi30k sizes, bf16, B = 128, T = 20,
+The model and batches are benchmarks/bench_train.py's (Multi30k sizes, bf16, B = 128, T = 20,
 E = H = 512, V = 8000) and the step is its `ours_graphs` / `cudnn_graphs` column:
 mt.graphs.GraphedTrainStep (forward, label-smoothed loss, backward, clip_grad_norm_, capturable
 Adam, in one CUDA graph). For each cell it prints the step's wall time (median over --reps
@@ -12,8 +12,8 @@ passes of --steps replays, synchronized at both ends), then a torch.profiler tab
 device kernels of one replayed step, by group (our gate cell, cuDNN's RNN kernels, matmuls,
 the optimizer, loss and softmax, reductions, copies and concatenations, other elementwise
 work) and the --top kernels. The sum of the kernels' time against the step's wall time shows
-what the gaps between kernels cost. The training target (issue 6: ours >= 1.3x cuDNN under the
-same graphs) is decided by these groups. Needs only torch, triton and numpy.
+what the gaps between kernels cost; the groups show where our step and cuDNN's differ under
+the same graphs. Needs only torch, triton and numpy.
 
 Cells: ours (our Triton gate cell, the decoder's attention as mt/kernels/decode_attention.py's
 forward and backward kernels, the decoder steps' weight gradients as one matmul after the loop:
@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_train as bt  # noqa: E402
 from profile_decode import kernel_table, patched  # noqa: E402

@@ -1,10 +1,10 @@
 """Where the time of a graphed decoding batch goes, on a GPU: the encoder, the captured search
 steps (and the kernels inside one), the host's read-back of the results.
 
-    python scripts/profile_decode.py --json profile_decode.json      # GPU; about 30 s
-    python scripts/profile_decode.py --quick                         # CPU smoke test (emulated steps)
+    python benchmarks/profile_decode.py --json profile_decode.json      # GPU
+    python benchmarks/profile_decode.py --quick                         # CPU smoke test (emulated steps)
 
-The model and batch are scripts/bench_train.py's (Multi30k sizes, bf16, 128 sentences, an
+The model and batch are benchmarks/bench_train.py's (Multi30k sizes, bf16, 128 sentences, an
 untrained model, so most outputs run to the length limit). For each cell (ours, cuDNN) and
 search (greedy, beam 5): the wall time of a whole search (median), of the encoder (its graph
 replayed, and run eagerly as the plain search does), of one
@@ -16,7 +16,7 @@ shows what the gaps between kernels cost. Needs only torch, triton and numpy.
 Cells: ours (our Triton gate cell and the search's fused kernels), cudnn, and variants of
 ours that turn search kernels off, to measure what each gives:
 
-    python scripts/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output \
+    python benchmarks/profile_decode.py --cells ours ours-row-topk ours-topk-only ours-host-output \
         ours-torch-attention ours-torch-search cudnn
 
 ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does the
@@ -27,7 +27,7 @@ mt/kernels/decode_attention.py); ours-host-output rebuilds beam search's hypothe
 host (`reference.backtrack`, numpy, after copying the whole history back) instead of
 `search_beam.backtrack` on the device; ours-torch-search uses PyTorch's ops and the host rebuild for all of the search (what the
 cuDNN cell's search runs; its decoder step keeps the attention kernel, so this is not what a
-cuDNN step runs, nor run 4's code); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
+cuDNN step runs); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
 (the kernel before the chunked one).
 """
 
@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_train as bt  # noqa: E402
 
 BOS, EOS = bt.BOS, bt.EOS

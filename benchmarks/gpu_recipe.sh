@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# The full Multi30k de->en GPU recipe, timed to its best validation BLEU (the "< 60 s" target):
+# The full Multi30k de->en GPU recipe, timed to its best validation BLEU:
 #
-#     OUT=/some/dir bash scripts/gpu_recipe.sh [extra mt.train overrides...]
+#     OUT=/some/dir bash benchmarks/gpu_recipe.sh [extra mt.train overrides...]
 #
-# For the GPU machine, whose image has torch, triton, sentencepiece, sacrebleu and tensorboard
-# but not hydra-core or datasets: run scripts/gpu_bundle.sh on the development machine first,
-# and carry .whl and .gpu_data with the call. The wheels go into /tmp/site (PYTHONPATH), the
-# carried pyarrow too if the image's is older than 24 (datasets needs it). Unpacks the gzipped
-# corpus to /tmp/gpu_data and runs
+# For a GPU machine whose python has torch, triton, sentencepiece, sacrebleu and tensorboard
+# but not hydra-core or datasets: run benchmarks/gpu_bundle.sh where those packages and the data
+# are at hand, and copy .whl and .gpu_data to the GPU machine's checkout. The wheels go into
+# /tmp/site (PYTHONPATH), its pyarrow too if the machine's is older than 24 (datasets needs it).
+# Unpacks the gzipped corpus to /tmp/gpu_data and runs
 #     python3 -m mt.train experiment=multi30k_de_en data.path=/tmp/gpu_data/multi30k ...
-# in /tmp/recipe (its checkpoints are too big to bring back) with an empty Triton cache (a
-# first run's compile time counts) and writes under $OUT:
+# in /tmp/recipe (RECIPE_RUN; its checkpoints stay there) with an empty Triton cache (a first
+# run's compile time counts) and writes under $OUT (default ./gpu_out):
 #     recipe_train.log     the run's train.log
-#     recipe_timing.json   scripts/recipe_timing.py: every validation's BLEU and time, the best,
+#     recipe_timing.json   benchmarks/recipe_timing.py: every validation's BLEU and time, the best,
 #                          and the log's "precompile: ..." and "triton: ..." lines (what compiling
 #                          the Triton kernels cost: mt/precompile.py)
-# scripts/gpu_checks.sh runs this as its stage "recipe" (RECIPE_MINUTES bounds the training).
-# Killed (TERM, e.g. by the stage's timeout), it still copies the log and times what it holds.
+# RECIPE_MINUTES bounds the training (default: no bound); benchmarks/run_gpu.sh runs this as its
+# stage "recipe". Killed (TERM, e.g. by a timeout), it still copies the log and times what it holds.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -24,7 +24,7 @@ PY="${PYTHON:-python3}"
 RUN="${RECIPE_RUN:-/tmp/recipe}"
 mkdir -p "$OUT"
 if [ ! -f .gpu_data/multi30k/train.jsonl.gz ] || ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_recipe: .whl/ or .gpu_data/multi30k/ missing: run scripts/gpu_bundle.sh and carry both" >&2
+    echo "gpu_recipe: .whl/ or .gpu_data/multi30k/ missing: run benchmarks/gpu_bundle.sh and copy both here" >&2
     exit 3
 fi
 DATA="${RECIPE_DATA:-/tmp/gpu_data/multi30k}"
@@ -38,13 +38,13 @@ if ! "$PY" -c "import sys, pyarrow; sys.exit(int(pyarrow.__version__.split('.')[
     if ls .whl/pyarrow/*.whl >/dev/null 2>&1; then
         wheels+=(.whl/pyarrow/*.whl)
     else
-        echo "gpu_recipe: datasets needs pyarrow >= 24, this python has an older one or none, and no .whl/pyarrow/ was carried" >&2
+        echo "gpu_recipe: datasets needs pyarrow >= 24, this python has an older one or none, and .whl/pyarrow/ has no wheel" >&2
         exit 5
     fi
 fi
 if [ ${#wheels[@]} -gt 0 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
-        || { echo "gpu_recipe: installing the carried wheels failed" >&2; exit 4; }
+        || { echo "gpu_recipe: installing the wheels of .whl/ failed" >&2; exit 4; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c "import hydra, datasets, pyarrow, torch; print('gpu_recipe: hydra', hydra.__version__, '| datasets', \
@@ -59,7 +59,7 @@ started=$EPOCHREALTIME
 report() {  # also when a stage timeout kills the training: keep what it logged
     echo "gpu_recipe: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) Triton kernels compiled into $TRITON_CACHE_DIR"
     cp "$RUN/train.log" "$OUT/recipe_train.log" 2>/dev/null
-    "$PY" scripts/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json"
+    "$PY" benchmarks/recipe_timing.py "$RUN/train.log" --started "$started" --json "$OUT/recipe_timing.json"
 }
 trap 'report; exit 143' TERM INT
 "$PY" -m mt.train experiment=multi30k_de_en data.path="$DATA" data.cache_dir=/tmp/mtcache \

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Decoding speed: sentences/s and tokens/s of greedy search and beam search on the Multi30k test set.
 
-    python scripts/bench_decode.py --checkpoint outputs/DATE/TIME/checkpoints/best.pt
-    python scripts/bench_decode.py --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
-    python scripts/bench_decode.py --random-init --device cuda    # no checkpoint: untrained default-size model
-    python scripts/bench_decode.py --checkpoint CKPT --device cpu --threads 1 --limit 200
+    python benchmarks/bench_decode.py --checkpoint outputs/DATE/TIME/checkpoints/best.pt
+    python benchmarks/bench_decode.py --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
+    python benchmarks/bench_decode.py --random-init --device cuda    # no checkpoint: untrained default-size model
+    python benchmarks/bench_decode.py --checkpoint CKPT --device cpu --threads 1 --limit 200
 
 Reads the test file directly (default: ../shared/data/multi30k/test.jsonl next to the repository,
 one JSON object per line), takes the source field named by the checkpoint's data.src (or --src),

@@ -2,10 +2,10 @@
 
 Run from the repository root (no install needed; only torch, triton and the standard library):
 
-    python scripts/bench_cell.py --json bench_cell.json                  # full grid (GPU)
-    python scripts/bench_cell.py --quick                                 # B=64, H=512 (GPU)
-    python scripts/bench_cell.py --batch 64 --hidden 512 --dtype bf16    # one configuration
-    python scripts/bench_cell.py --quick --interpret                     # CPU: tiny, tests the script
+    python benchmarks/bench_cell.py --json bench_cell.json                  # full grid (GPU)
+    python benchmarks/bench_cell.py --quick                                 # B=64, H=512 (GPU)
+    python benchmarks/bench_cell.py --batch 64 --hidden 512 --dtype bf16    # one configuration
+    python benchmarks/bench_cell.py --quick --interpret                     # CPU: tiny, tests the script
 
 Two workloads, each timed forward-only (under no_grad) and forward+backward:
 

@@ -1,6 +1,6 @@
-"""Time to best validation BLEU, read from a training run's train.log (the issue's "< 60 s" figure):
+"""Time to best validation BLEU, read from a training run's train.log:
 
-    python scripts/recipe_timing.py RUN/train.log [--started EPOCH_SECONDS] [--json OUT.json]
+    python benchmarks/recipe_timing.py RUN/train.log [--started EPOCH_SECONDS] [--json OUT.json]
 
 Every `mt.train` log line starts with its wall-clock time; this prints, for each validation, the
 seconds since training started (the "model: ..." line, after data and tokenizer preparation)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root: the GPU tests, then the benchmarks and profilers,
+# each a stage with a timeout; their numbers are what docs/benchmarks.md records.
+#
+#     bash benchmarks/run_gpu.sh                                # every stage, into ./gpu_out
+#     OUT=/some/dir STAGES="pytest bench_train" bash benchmarks/run_gpu.sh
+#
+# Stages, in this order (the default runs all; one failing does not stop the others):
+#     environment     the GPU, driver and versions
+#     pytest          python -m pytest -m gpu       -> pytest_gpu.xml (junit)
+#     bench_train     benchmarks/bench_train.py      -> bench_train.json
+#     bench_decode    benchmarks/bench_decode.py --random-init on the Multi30k test file
+#                     (DATA/test.jsonl, DATA defaults to ../shared/data/multi30k, else the one
+#                     benchmarks/gpu_bundle.sh packed)  -> bench_decode.json
+#     bench_cell      benchmarks/bench_cell.py --quick  -> bench_cell.json
+#     profile_train   benchmarks/profile_train.py    -> profile_train.json
+#     profile_decode  benchmarks/profile_decode.py, every variant  -> profile_decode.json
+#     recipe          benchmarks/gpu_recipe.sh, training bounded by RECIPE_MINUTES (default 1.5)
+#                     -> recipe_train.log, recipe_timing.json (needs gpu_bundle.sh's folders)
+# Each stage's output goes to OUT/STAGE.log; summary.txt gets one line per stage (exit status,
+# seconds). The exit status is the number of failed stages. PYTHON picks the interpreter.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-environment pytest bench_train bench_decode bench_cell profile_train profile_decode recipe}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # the compiled kernels, not the interpreter
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+: >"$OUT/summary.txt"
+failed=0
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name: $* (timeout ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+}
+
+test_file() {  # the Multi30k test file: DATA's, else gpu_bundle.sh's, unpacked
+    local f="${DATA:-../shared/data/multi30k}/test.jsonl"
+    if [ ! -f "$f" ] && [ -f .gpu_data/multi30k/test.jsonl.gz ]; then
+        f="$(mktemp -d)/test.jsonl"
+        gunzip -c .gpu_data/multi30k/test.jsonl.gz >"$f"
+    fi
+    echo "$f"
+}
+
+for name in $STAGES; do
+    case $name in
+    environment) stage "$name" 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'" ;;
+    pytest) stage "$name" 400 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml" tests ;;
+    bench_train) stage "$name" 110 "$PY" benchmarks/bench_train.py --json "$OUT/bench_train.json" ;;
+    bench_decode) stage "$name" 300 "$PY" benchmarks/bench_decode.py --random-init --device cuda --data "$(test_file)" \
+        --json "$OUT/bench_decode.json" ;;
+    bench_cell) stage "$name" 90 "$PY" benchmarks/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
+    profile_train) stage "$name" 90 "$PY" benchmarks/profile_train.py --json "$OUT/profile_train.json" ;;
+    profile_decode) stage "$name" 180 "$PY" benchmarks/profile_decode.py --json "$OUT/profile_decode.json" \
+        --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-attention ours-torch-search cudnn ;;
+    recipe) stage "$name" 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" \
+        bash benchmarks/gpu_recipe.sh ;;
+    *) echo "run_gpu: unknown stage $name" | tee -a "$OUT/summary.txt"; failed=$((failed + 1)) ;;
+    esac
+done
+
+echo "=== $failed failed"
+cat "$OUT/summary.txt"
+exit "$failed"

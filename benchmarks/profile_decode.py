@@ -102,8 +102,15 @@ VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is
 
 @contextlib.contextmanager
 def patched(variants: dict, variant: str | None):
-    """For the with-block, set each (module, attribute) of variants[variant] (None: nothing)."""
-    patches = [(importlib.import_module(name), attr, value) for name, attr, value in variants.get(variant, ())]
+    """For the with-block, set each (module, attribute) of variants[variant] (None: nothing).
+    The attribute may be dotted ("Class.method"): set on what the path before its last name is."""
+    patches = []
+    for name, path, value in variants.get(variant, ()):
+        *outer, attr = path.split(".")
+        owner = importlib.import_module(name)
+        for a in outer:
+            owner = getattr(owner, a)
+        patches.append((owner, attr, value))
     real = [getattr(module, attr) for module, attr, _ in patches]
     for module, attr, value in patches:
         setattr(module, attr, value)

@@ -16,14 +16,12 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_utils import REPO, run_without_interpreter  # noqa: E402
 
 pytest.importorskip("triton")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _graphed_sequence():
@@ -35,9 +33,9 @@ def _graphed_sequence():
 
 
 def test_graphed_sequence_falls_back_to_eager_on_cpu():
-    from test_kernels import _seq_inputs, triton_cell
+    from test_triton_cell import seq_inputs, triton_cell
 
-    inputs = _seq_inputs(torch.float32, 2, 3, 3, 16, [3, 1, 2], True)
+    inputs = seq_inputs(torch.float32, 2, 3, 3, 16, [3, 1, 2], True)
     graphed = _graphed_sequence().GraphedLSTMSequence()
     a = graphed(*inputs)
     b = triton_cell.lstm_sequence(*inputs)
@@ -86,9 +84,7 @@ _GRAPH_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_lstm_sequence_cuda():
-    from test_kernels import _run_without_interpreter
-
-    _run_without_interpreter(_GRAPH_SCRIPT, timeout=600)
+    run_without_interpreter(_GRAPH_SCRIPT, timeout=600)
 
 
 def test_bench_cell_script_runs_under_interpreter(tmp_path):

@@ -103,8 +103,12 @@ def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, B
     grads = []
     for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
                    (decode_attention.attention_step_autograd, dtype)):
-        leaves = [query.to(dt).requires_grad_(), memory.to(dt).requires_grad_()]
-        if not shared:  # (rows of a wider tensor: the kernels take row strides)
+        # copies, also where dt is already the dtype (.to would return the tensor itself, and the
+        # second and third runs would add their gradients into one); rows of wider tensors: the
+        # kernels take row strides
+        leaves = [query.to(dt, copy=True).requires_grad_(),
+                  torch.zeros(B, S, M + 3, dtype=dt)[:, :, :M].copy_(memory).requires_grad_()]
+        if not shared:
             leaves.append(torch.zeros(B, S, Q + 5, dtype=dt)[:, :, :Q].copy_(keys).requires_grad_())
         q_, m_ = leaves[0], leaves[1]
         k_ = m_ if shared else leaves[2]

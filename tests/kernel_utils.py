@@ -1,10 +1,15 @@
 """What the kernel tests share (test_triton_cell.py, test_decode_attention.py, test_search_topk.py,
-test_search_greedy.py, test_search_beam.py, test_kernels.py, test_bench_cell.py): the kernel
-modules as built for the interpreter, a run of a script with the real Triton compiler, and the
-record of the variants Triton's JIT compiles.
+test_search_greedy.py, test_search_beam.py, test_kernels.py, test_bench_cell.py): where a case
+runs, the kernel modules as built for the interpreter, a run of a script with the real Triton
+compiler, and the record of the variants Triton's JIT compiles.
 
-The test modules set TRITON_INTERPRET=1 before anything imports triton, so the kernels run on
-CPU tensors.
+Where the kernels run. Triton builds a kernel for the interpreter or for the compiler when its
+module is imported, after TRITON_INTERPRET, for the whole process. conftest.py sets
+TRITON_INTERPRET=1 where there is no GPU: the kernels run on CPU tensors through the interpreter,
+and the `cpu` cases (`interpreted`) run. On a GPU machine the kernels are compiled: the `cuda`
+cases (marked `gpu`: `pytest -m gpu`) run them on CUDA tensors, and the interpreter's cases skip,
+since a compiled kernel takes no CPU tensor. (A test module that set TRITON_INTERPRET itself
+would turn every later test of the session, the CUDA-graph ones included, to the interpreter.)
 """
 
 from __future__ import annotations
@@ -15,7 +20,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs the Triton kernels on CPU tensors through the "
+                                 "interpreter (TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)")
+compiled = pytest.mark.skipif(INTERPRETING and torch.cuda.is_available(), reason="checks the compiled kernels on "
+                              "CUDA: unset TRITON_INTERPRET")
+
+
+def cpu(*values, id: str | None = None):
+    """A parameter set ("cpu", *values): the kernels through the interpreter."""
+    return pytest.param("cpu", *values, marks=interpreted, id=id)
+
+
+def cuda(*values, id: str | None = None):
+    """A parameter set ("cuda", *values): the compiled kernels on a GPU (marked gpu)."""
+    return pytest.param("cuda", *values, marks=(pytest.mark.gpu, compiled), id=id)
 
 
 def _built_for_interpreter(module) -> bool:
@@ -27,7 +51,7 @@ def kernel_module(name: str):
     TRITON_INTERPRET was set is rebuilt (mt.kernels.common first: its `@triton.jit` functions are
     inlined into the kernels that call them)."""
     module = importlib.import_module(f"mt.kernels.{name}")
-    if os.environ.get("TRITON_INTERPRET") == "1" and not _built_for_interpreter(module):
+    if INTERPRETING and not _built_for_interpreter(module):
         from mt.kernels import common
 
         if not _built_for_interpreter(common):
@@ -80,3 +104,42 @@ def run_without_interpreter(script: str, timeout: int) -> None:
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+def decodes_with_and_without_search_kernels(monkeypatch, device: str, beam: int, amp_dtype) -> dict:
+    """Greedy (beam 1) or beam search with our Triton cell on 37 sentences of an untrained model,
+    with the search's bookkeeping kernels (the step's update, the decoder state's gather, beam
+    search's walk back) and then, under `monkeypatch`, with PyTorch's ops and the host's walk back
+    instead (the top-k and attention kernels run in both) -> {True: kernels, False: PyTorch}, each
+    [the graphed decoder's third search (a replay), an eager search]."""
+    from test_graphs import make_batch
+    from test_graphs_gpu import VOCAB, decode, small_model
+
+    from mt import graphs, search
+
+    search_beam, search_greedy = kernel_module("search_beam"), kernel_module("search_greedy")
+    model = small_model(device, "triton", 0.0).eval()
+    batch = make_batch(37, 19, 2, seed=7, vocab=VOCAB)
+    outs = {}
+    for with_kernels in (True, False):
+        if not with_kernels:
+            for owner, attr in ((search_beam, "supported"), (search_greedy, "supported"),
+                                (search, "_backtrack_kernel_takes"), (search_beam, "gather_rows_supported")):
+                monkeypatch.setattr(owner, attr, lambda *a: False)
+        decoder = graphs.GraphedDecoder(model)  # its own: one that captured the other setting would replay it
+        graphed = [decode(device, model, batch, decoder, beam, amp_dtype) for _ in range(3)][-1]
+        outs[with_kernels] = [graphed, decode(device, model, batch, None, beam, amp_dtype)]
+    return outs
+
+
+def assert_same_decodes(outs: dict) -> None:
+    """`decodes_with_and_without_search_kernels`'s two settings decode the same: the same tokens
+    (ties included: both give a tie to the lower beam, then the better rank), scores within 1e-5
+    relative and attention weights within 1e-5."""
+    from test_graphs_gpu import max_rel
+
+    for a, b in zip(outs[True], outs[False]):
+        assert a.tokens == b.tokens
+        assert max_rel(a.scores, b.scores) <= 1e-5, (a.scores, b.scores)
+        for x, y in zip(a.attention, b.attention):
+            assert x.shape == y.shape and (not x.numel() or (x - y).abs().max().item() <= 1e-5)

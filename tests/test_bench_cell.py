@@ -1,25 +1,22 @@
 """benchmarks/bench_cell.py and its CUDA-graph runner, benchmarks/graphed_sequence.py
 (`GraphedLSTMSequence`: `lstm_sequence` captured as CUDA graphs; only this benchmark uses it).
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
-(On a GPU machine the CUDA-graph test runs in a subprocess without the interpreter.)
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter
+(tests/kernel_utils.py); the CUDA-graph test, marked gpu, runs the compiled kernels in a
+subprocess.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import REPO, run_without_interpreter  # noqa: E402
+import pytest
+import torch
+from kernel_utils import REPO, interpreted, run_without_interpreter
 
 pytest.importorskip("triton")
 
@@ -32,6 +29,7 @@ def _graphed_sequence():
     return module
 
 
+@interpreted
 def test_graphed_sequence_falls_back_to_eager_on_cpu():
     from test_triton_cell import seq_inputs, triton_cell
 
@@ -82,7 +80,7 @@ _GRAPH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 def test_graphed_lstm_sequence_cuda():
     run_without_interpreter(_GRAPH_SCRIPT, timeout=600)
 

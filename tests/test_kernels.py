@@ -3,25 +3,22 @@
 real compiler. Each kernel module's own tests: test_triton_cell.py, test_decode_attention.py,
 test_search_topk.py, test_search_greedy.py, test_search_beam.py.
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter; on a GPU
+machine the cases marked gpu run the compiled kernels on CUDA (tests/kernel_utils.py).
 (The compile check runs in a subprocess without the interpreter.)
 """
 
 from __future__ import annotations
 
-import os
+import textwrap
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+import pytest
+import torch
+from kernel_utils import interpreted, kernel_module, record_variants, run_without_interpreter
 
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import kernel_module, record_variants, run_without_interpreter  # noqa: E402
-
-from mt import kernels  # noqa: E402
-from mt.errors import MTError  # noqa: E402
+from mt import kernels
+from mt.errors import MTError
 
 pytest.importorskip("triton")
 
@@ -29,11 +26,12 @@ pytest.importorskip("triton")
 def test_resolve_backend():
     assert kernels.resolve_backend("auto", "cpu") == "torch"
     assert kernels.resolve_backend("torch", "cpu") == "torch"
-    assert kernels.resolve_backend("triton", "cpu") == "triton"  # TRITON_INTERPRET=1 here
+    assert kernels.resolve_backend("triton", "cpu") == "triton"  # the interpreter here, or a GPU
     with pytest.raises(MTError, match="unknown gate-cell backend"):
         kernels.resolve_backend("cuda-magic", "cpu")
 
 
+@interpreted
 def test_decoding_variants_do_not_depend_on_batch_size_or_source_length(monkeypatch):
     """Greedy and beam search with our Triton cell over batches of other sizes and source lengths
     (3, 9 and 20 positions: three powers of two apart) launch the same kernel variants: a

@@ -3,18 +3,23 @@ bookkeeping against `_BeamSearch.advance` (the PyTorch reference), the walk back
 against a plain per-hypothesis walk, the decoder state's gather against index_select, and what
 each refuses.
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter; on a GPU
+machine the cases marked gpu run the compiled kernels on CUDA (tests/kernel_utils.py).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import kernel_module  # noqa: E402
+import pytest
+import torch
+from kernel_utils import (
+    assert_same_decodes,
+    compiled,
+    cpu,
+    cuda,
+    decodes_with_and_without_search_kernels,
+    interpreted,
+    kernel_module,
+)
 
 pytest.importorskip("triton")
 
@@ -34,6 +39,7 @@ def _candidates(g: torch.Generator, n: int, K: int, V: int, eos: int, step: int,
     return val, col
 
 
+@interpreted
 @pytest.mark.parametrize("K, nbest, lp, in_place, n, S", [(1, 1, None, False, 16, 7), (2, 2, 1.0, True, 16, 7),
                                                           (3, 1, "avg", False, 10, 7), (5, 2, 0.6, True, 6, 7),
                                                           (8, 8, None, True, 3, 260)])
@@ -99,6 +105,7 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [[(h.tokens, h.log_prob) for h in hs] for hs in y.nbest]
 
 
+@interpreted
 def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
     """K = 1: EOS and another token tie at -1.0; EOS (the lower column) closes a hypothesis, the
     other stays open with the same score, which cannot beat it: the sentence is done, in both."""
@@ -120,43 +127,51 @@ def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
         assert s.last.tolist() == [7] and s.scores.tolist() == [[-1.0]]
 
 
-@pytest.mark.parametrize("T, n0, n, K, m, S", [(9, 6, 6, 3, 2, 5), (12, 7, 4, 5, 5, 3), (3, 2, 2, 2, 1, 300)])
-def test_backtrack_kernel_follows_the_back_pointers(T, n0, n, K, m, S):
+@pytest.mark.parametrize("device, T, n0, n, K, m, S", [cpu(9, 6, 6, 3, 2, 5), cpu(12, 7, 4, 5, 5, 3),
+                                                        cpu(3, 2, 2, 2, 1, 300), cuda(40, 128, 128, 5, 1, 20),
+                                                        cuda(41, 64, 50, 5, 5, 33)])
+def test_backtrack_kernel_follows_the_back_pointers(device, T, n0, n, K, m, S):
     """`search_beam.backtrack` (beam search's output on the device, one launch) against a plain
     per-hypothesis walk on random histories (every token and attention row it defines; the
     host's `reference.backtrack` has the same test in test_search.py); `steps` below the history's
-    length, sentences [0, n)."""
+    length, sentences [0, n). On CUDA, the compiled kernel at the beam-5 bench's batch (128
+    sentences, the best hypothesis each) and with all 5 hypotheses of part of a batch."""
     from conftest import assert_walked_back, random_beam_history
 
     search_beam = kernel_module("search_beam")
     tok, bp, attn, info = history = random_beam_history(T * 10 + n, T, n0, K, S)
     steps = T - 1
     info[..., 0].clamp_(max=steps - 1)
+    tok, bp, attn, info = (x.to(device) for x in history)
     tokens, a = search_beam.backtrack(info, tok, bp, attn, n, m, steps)
     assert tokens.shape == (n, m, steps) and a.shape == (n, m, steps, S)
-    assert_walked_back(history, tokens, a, n, m)
+    assert_walked_back(history, tokens.cpu(), a.cpu(), n, m)
     with pytest.raises(ValueError, match="steps"):
         search_beam.backtrack(info, tok, bp, attn, n, m, T + 1)
     assert search_beam.backtrack_supported(attn)
     assert not search_beam.backtrack_supported(attn.double())
-    assert search_beam.backtrack_supported(torch.zeros(1, 1, 1, 5000))  # any source length: the rows go in tiles
+    # any source length: the rows go in tiles
+    assert search_beam.backtrack_supported(torch.zeros(1, 1, 1, 5000, device=device))
 
 
-@pytest.mark.parametrize("layers, H", [(1, 40), (4, 16)])
-def test_gather_rows_moves_the_decoder_state_in_one_launch(layers, H):
+@pytest.mark.parametrize("device, layers, H, N", [cpu(1, 40, 12), cpu(4, 16, 12), cuda(2, 512, 640)])
+def test_gather_rows_moves_the_decoder_state_in_one_launch(device, layers, H, N):
     """`search_beam.gather_rows`: every destination row is its source's row `rows[r]` (repeats
     and all), cast to the destination's dtype (bf16 h, fp32 c, a bf16 feed into fp32), as
     index_select gives; 1 to MAX_STATE tensors. (A widening cast: the interpreter rounds fp32
-    to bf16 differently from PyTorch.)"""
+    to bf16 differently from PyTorch.) On CUDA, the compiled kernel at the beam-5 bench's rows,
+    with an fp32 feed into bf16: the narrowing cast rounds as PyTorch's does."""
     search_beam = kernel_module("search_beam")
     g = torch.Generator().manual_seed(layers)
-    N = 12
-    rows = torch.randint(0, N, (N,), generator=g)
+    narrow = device == "cuda"
+    rows = torch.randint(0, N, (N,), generator=g).to(device)
     rows[:3] = 5  # the same beam continued three times
-    srcs = [torch.randn(N, H, generator=g).to(torch.bfloat16) for _ in range(layers)]  # h
-    srcs += [torch.randn(N, H, generator=g) for _ in range(layers)]  # c, fp32
-    srcs += [torch.randn(N, H, generator=g).to(torch.bfloat16)]  # the feed, into fp32 below
-    dsts = [torch.full((N, H), 7.0, dtype=torch.bfloat16 if i < layers else torch.float32)
+    srcs = [torch.randn(N, H, generator=g).to(device, torch.bfloat16) for _ in range(layers)]  # h
+    srcs += [torch.randn(N, H, generator=g).to(device) for _ in range(layers)]  # c, fp32
+    feed = torch.float32 if narrow else torch.bfloat16
+    srcs += [torch.randn(N, H, generator=g).to(device, feed)]  # the feed, into the other dtype below
+    dsts = [torch.full((N, H), 7.0, device=device,
+                       dtype=torch.bfloat16 if i < layers or (narrow and i == 2 * layers) else torch.float32)
             for i in range(2 * layers + 1)]
     assert len(srcs) <= search_beam.MAX_STATE and search_beam.gather_rows_supported(rows, srcs, dsts)
     search_beam.gather_rows(rows, srcs, dsts)
@@ -164,6 +179,7 @@ def test_gather_rows_moves_the_decoder_state_in_one_launch(layers, H):
         assert torch.equal(dst, src.index_select(0, rows).to(dst.dtype))
 
 
+@interpreted
 def test_gather_rows_refuses_what_it_cannot_take():
     search_beam = kernel_module("search_beam")
     rows, a, b = torch.zeros(4, dtype=torch.long), torch.zeros(4, 8), torch.zeros(4, 8)
@@ -179,6 +195,7 @@ def test_gather_rows_refuses_what_it_cannot_take():
     assert not search_beam.gather_rows_supported(torch.zeros(8, dtype=torch.long)[::2], [a], [b])  # strided rows
 
 
+@interpreted
 def test_beam_update_refuses_what_it_cannot_take():
     search_beam = kernel_module("search_beam")
     val = torch.zeros(6, 4)
@@ -212,6 +229,7 @@ def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S:
                 eos=3, nbest=1)
 
 
+@interpreted
 def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
     """Wrong shapes are a ValueError, not stores to the wrong rows; and the length-penalty
     table (T + 2 entries) is read within its bounds whatever the limit (a limit past the
@@ -229,3 +247,13 @@ def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
                     + list(args["fin"]))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert outs[0][4][8].any()  # the last step's tokens were written
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_beam_search_kernels_on_cuda_decode_as_pytorch(monkeypatch, amp):
+    """Beam search (5) on CUDA with the compiled bookkeeping kernels (`beam_update`, `gather_rows`,
+    `backtrack`) against the same search with PyTorch's ops and the host's walk back, under CUDA
+    graphs and eagerly: the same outputs (an untrained bf16 model's log-probs tie often)."""
+    assert_same_decodes(decodes_with_and_without_search_kernels(monkeypatch, "cuda", 5, amp))

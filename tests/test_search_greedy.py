@@ -1,22 +1,26 @@
 """Greedy search's bookkeeping kernel, mt/kernels/search_greedy.py (under the CPU interpreter),
 against `_GreedySearch.advance` (the PyTorch reference).
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter; on a GPU
+machine the cases marked gpu run the compiled kernels on CUDA (tests/kernel_utils.py).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import kernel_module  # noqa: E402
+import pytest
+import torch
+from kernel_utils import (
+    assert_same_decodes,
+    compiled,
+    decodes_with_and_without_search_kernels,
+    interpreted,
+    kernel_module,
+)
 
 pytest.importorskip("triton")
 
 
+@interpreted
 @pytest.mark.parametrize("in_place, S", [(False, 7), (True, 300)])
 def test_greedy_update_kernel_matches_advance(in_place, S):
     """`_GreedySearch.advance_fused` (one Triton launch, plus the state's gather under graphs)
@@ -76,3 +80,13 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
                                 attn_buf[:T], eos)
     assert (tok_buf[T] == -7).all() and (attn_buf[T] == -7).all()
     assert torch.equal(tok_buf[:T], fused.tok_hist) and torch.equal(attn_buf[:T], fused.attn_hist)
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_greedy_search_kernels_on_cuda_decode_as_pytorch(monkeypatch, amp):
+    """Greedy search on CUDA with the compiled bookkeeping kernel (`greedy_update`, and the state's
+    gather under graphs) against the same search with PyTorch's ops, under CUDA graphs and
+    eagerly: the same outputs."""
+    assert_same_decodes(decodes_with_and_without_search_kernels(monkeypatch, "cuda", 1, amp))

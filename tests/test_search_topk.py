@@ -3,45 +3,45 @@ interpreter), against `reference.log_softmax_topk`: values, columns, ties, banne
 in chunks, the dispatch; and greedy and beam search with all the fused decoding kernels against
 the same search with PyTorch's ops.
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter; on a GPU
+machine the cases marked gpu run the compiled kernels on CUDA (tests/kernel_utils.py).
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from kernel_utils import cpu, cuda, interpreted, kernel_module
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import kernel_module  # noqa: E402
-
-from mt import kernels  # noqa: E402
-from mt.kernels import reference  # noqa: E402
+from mt import kernels
+from mt.kernels import reference
 
 pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N, V, k", [(7, 50, 10), (12, 1000, 10), (4, 64, 1), (5, 3, 3), (3, 33, 33),
-                                     (5, 3000, 10), (4, 1030, 10), (2, 1300, 64), (3, 1100, 1)])
-def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
+@pytest.mark.parametrize("device, N, V, k", [
+    cpu(7, 50, 10), cpu(12, 1000, 10), cpu(4, 64, 1), cpu(5, 3, 3), cpu(3, 33, 33), cpu(5, 3000, 10), cpu(4, 1030, 10),
+    cpu(2, 1300, 64), cpu(3, 1100, 1), cuda(640, 8000, 10), cuda(128, 8000, 1), cuda(37, 50, 10)])
+def test_log_softmax_topk_triton_matches_reference(dtype, device, N, V, k):
     """The fused search kernels: the k best of bias + log_softmax, banned columns never picked
     (unless nothing else is left), a row of -inf bias still returns k columns. Rows wider than
-    ROW_V go through chunks (1030: a last chunk of 6 columns, fewer than k)."""
+    ROW_V go through chunks (1030: a last chunk of 6 columns, fewer than k). On CUDA, the
+    compiled kernels at the beam-5 bench's shape (640 rows of 8000), greedy's (k = 1) and a
+    small one."""
     search_topk = kernel_module("search_topk")
     g = torch.Generator().manual_seed(N * V + k)
-    logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
-    bias = torch.randn(N, generator=g) - 3
+    logits = (torch.randn(N, V, generator=g) * 4).to(device=device, dtype=dtype)
+    bias = (torch.randn(N, generator=g) - 3).to(device)
     bias[1] = float("-inf")  # a beam that does not exist yet
-    banned = torch.tensor([0, 2]) if V > 3 else torch.tensor([1])
+    banned = (torch.tensor([0, 2]) if V > 3 else torch.tensor([1])).to(device)
     vals, cols = search_topk.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
     ref_vals, ref_cols = reference.log_softmax_topk(logits, k, row_bias=bias, banned=banned)
     assert vals.shape == (N, k) and vals.dtype == torch.float32 and cols.dtype == torch.int64
     torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=1e-5)
     # columns: each picked one holds its value (near-ties may swap two columns' order)
     full = reference.log_softmax_topk(logits, V, row_bias=bias, banned=banned)
-    by_col = torch.empty(N, V).scatter_(1, full[1], full[0])  # (N, V) the reference value of every column
+    by_col = torch.empty(N, V, device=device).scatter_(1, full[1], full[0])  # (N, V) the reference value of every column
     finite = torch.isfinite(ref_vals)
     torch.testing.assert_close(by_col.gather(1, cols)[finite], vals[finite], atol=1e-5, rtol=1e-5)
     assert all(len(set(r)) == k for r in cols.tolist())  # no column twice
@@ -51,6 +51,7 @@ def test_log_softmax_topk_triton_matches_reference(dtype, N, V, k):
     assert cols[1].tolist() == list(range(k))  # all -inf: the lowest columns, banned or not
 
 
+@interpreted
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")  # interpreter: -inf - (-inf), masked
 def test_log_softmax_topk_ties_go_to_the_lower_column():
     search_topk = kernel_module("search_topk")
@@ -71,6 +72,7 @@ def test_log_softmax_topk_ties_go_to_the_lower_column():
     assert torch.isfinite(vals).sum() == 3 and not vals.isnan().any()
 
 
+@interpreted
 def test_log_softmax_topk_dispatch():
     logits = torch.randn(3, 20)
     a = kernels.log_softmax_topk(logits, 4, backend="triton")
@@ -91,6 +93,7 @@ def test_log_softmax_topk_dispatch():
     assert torch.equal(d[1], reference.log_softmax_topk(wide, k)[1])
 
 
+@interpreted
 @pytest.mark.parametrize("graphed, V", [(False, 40), (True, 40), (False, 1100)],
                          ids=["eager", "emulated-graphs", "eager-chunked-topk"])
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):

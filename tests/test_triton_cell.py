@@ -2,23 +2,20 @@
 the PyTorch reference at each dtype's tolerance, the reference against nn.LSTM / nn.LSTMCell and
 gradcheck, the backend dispatch, the deferred weight gradients, and the compiled variants.
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels run on CPU tensors.
+Where there is no GPU the kernels run on CPU tensors through the Triton interpreter; on a GPU
+machine the cases marked gpu run the compiled kernels on CUDA (tests/kernel_utils.py).
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from kernel_utils import compiled, interpreted, kernel_module, record_variants
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_utils import kernel_module, record_variants  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
-
-from mt import kernels  # noqa: E402
-from mt.kernels import reference  # noqa: E402
+from mt import kernels
+from mt.kernels import reference
 
 pytest.importorskip("triton")
 triton_cell = kernel_module("triton_cell")
@@ -63,6 +60,7 @@ def run_cell(impl, inputs, seed=1):
     return (h_new, c_new), grads
 
 
+@interpreted
 @pytest.mark.parametrize(
     "dtype,B,H,K,with_pre,with_bias,transposed",
     [
@@ -112,6 +110,7 @@ def run_seq(impl, inputs, seed=1):
     return (out, h_n, c_n), [x.grad if x is not None else None for x in leaves]
 
 
+@interpreted
 @pytest.mark.parametrize(
     "dtype,D,B,T,H,lengths,with_state",
     [
@@ -140,6 +139,62 @@ def test_lstm_sequence_triton_matches_reference(dtype, D, B, T, H, lengths, with
         assert (outs_t[0][:, mask] == 0).all()
 
 
+def _scaled_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """The largest |x - ref| / (1 + max |ref|) over pairs of tensors."""
+    return max(((x - y).abs().max() / (1 + y.abs().max())).item() for x, y in zip(outs, refs))
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_cell_step_on_cuda_matches_reference(dtype, tol):
+    """The compiled kernels (fp32 with IEEE dots, and bf16) against the reference on CUDA, with
+    `pre`, a bias and a transposed weight view, more than one tile of B and K: h', c' and every
+    gradient within `tol` of 1 + the reference's largest value."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    B, K, H = 37, 96, 64
+    inp = torch.randn(B, K, device=dev, dtype=dtype)
+    c = torch.randn(B, H, device=dev, dtype=torch.float32)
+    w = (torch.randn(4 * H, K, device=dev, dtype=dtype) / K**0.5).t()  # a transposed view
+    pre = torch.randn(B, 4 * H, device=dev, dtype=dtype)
+    bias = torch.randn(4 * H, device=dev, dtype=dtype)
+    outs = []
+    for impl in (triton_cell, reference):
+        args = [t.detach().clone().requires_grad_() for t in (inp, c, w, pre, bias)]
+        h2, c2 = impl.cell_step(args[0], args[1], args[2], pre=args[3], bias=args[4])
+        (h2.float().square().sum() + (c2 * 0.5).sum()).backward()
+        outs.append([h2.float(), c2.float()] + [a.grad.float() for a in args])
+    err = _scaled_err(*outs)
+    assert err < tol, err
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_lstm_sequence_on_cuda_matches_reference(dtype, tol):
+    """The compiled kernels against the reference on CUDA: both directions over 9 steps, lengths
+    with an empty sequence, an initial state; out, h_n, c_n and every gradient within `tol` of
+    1 + the reference's largest value."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    D, B, T, H = 2, 8, 9, 64
+    lengths = torch.tensor([9, 4, 1, 7, 9, 2, 5, 0], device=dev)
+    xproj = torch.randn(D, B, T, 4 * H, device=dev, dtype=dtype)
+    w_hh = (torch.randn(D, 4 * H, H, device=dev, dtype=dtype) / H**0.5).transpose(1, 2)
+    h0 = torch.randn(D, B, H, device=dev, dtype=dtype)
+    c0 = torch.randn(D, B, H, device=dev, dtype=torch.float32)
+    outs = []
+    for impl in (triton_cell, reference):
+        args = [t.detach().clone().requires_grad_() for t in (xproj, w_hh, h0, c0)]
+        out, h_n, c_n = impl.lstm_sequence(args[0], args[1], lengths, h0=args[2], c0=args[3])
+        (out.float().square().sum() + 2 * h_n.float().sum() + 3 * c_n.sum()).backward()
+        outs.append([out.float(), h_n.float(), c_n.float()] + [a.grad.float() for a in args])
+    err = _scaled_err(*outs)
+    assert err < tol, err
+
+
+@interpreted
 def test_inference_matches_training_forward():
     """Under no_grad the kernels skip saving activations; the outputs must not change."""
     seq = seq_inputs(torch.float32, 2, 3, 4, 16, [4, 1, 2], True)
@@ -154,6 +209,7 @@ def test_inference_matches_training_forward():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@interpreted
 def test_dispatch_reaches_triton():
     inputs = cell_inputs(torch.float32, 3, 16, 32, True, True, True)
     inp, c, weight, pre, bias = inputs
@@ -183,6 +239,7 @@ def test_float64_falls_back_to_reference():
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+@interpreted
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
     """A decoder-like loop (layer 0 with `pre`, layer 1 with a bias, each step's input depending
@@ -228,6 +285,7 @@ def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"{backend} {name}")
 
 
+@interpreted
 def test_deferred_weight_grad_misuse_is_refused_or_harmless():
     """A bank is attached once; a weight or bias that is not the bank's is refused (its gradient
     would be lost); a backward that does not want the weight's gradient leaves nothing in the
@@ -300,7 +358,7 @@ def test_gradcheck_reference_lstm_sequence():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter's exp(1e4): inf
-@pytest.mark.parametrize("impl", [reference, triton_cell], ids=["torch", "triton"])
+@pytest.mark.parametrize("impl", [reference, pytest.param(triton_cell, marks=interpreted)], ids=["torch", "triton"])
 def test_large_preactivations_stay_finite(impl):
     g = torch.Generator().manual_seed(0)
     B, H = 3, 16
@@ -369,6 +427,7 @@ def test_reference_cell_matches_nn_lstmcell():
     torch.testing.assert_close(c_new, c_ref, atol=1e-12, rtol=1e-12)
 
 
+@interpreted
 def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
     """Batches come in many sizes and lengths: if Triton specialized on B or T (divisible by 16
     or not), every kernel would compile up to 4 times, each compile about a second of the

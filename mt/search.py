@@ -524,8 +524,8 @@ def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_si
 
     was_training = model.training
     model.eval()
-    # one conversion: indexing a datasets Column row by row reads Arrow each time (Multi30k's
-    # 1014 validation rows: 160-240 ms through the Column, 15-18 ms to convert once)
+    # one conversion: indexing a datasets Column row by row reads Arrow each time, many times
+    # slower over a validation split than converting it once
     src_ids = list(ds["src_ids"]) if not isinstance(ds, list) else ds
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     tokens: list = [None] * len(order)

@@ -29,15 +29,17 @@ in place (a search step under CUDA graphs then copies nothing back). `mt.search`
 our Triton gate cell when the fused top-k ran and V >= 2K; `advance` is its reference (the
 tests compare the two on the same candidates, ties included).
 
-Why: a graphed beam-5 step over 128 sentences ran 114 kernels, about 100 of them this
-bookkeeping at a few microseconds each (scripts/profile_decode.py, H200, 2026-11-27).
+Why: under CUDA graphs those ops were most of a beam-5 step's kernels, each a few
+microseconds however little it computes (benchmarks/profile_decode.py; numbers in
+docs/benchmarks.md).
 
 `backtrack`: one program per finished hypothesis follows the back-pointers from the step it
 closed at to the first, gathering its tokens and attention rows into compact (n, m, L) and
 (n, m, L, S) outputs, so the host copies back the m hypotheses' rows instead of the history of
 all K beams and does no walk of its own. Its reference is `reference.backtrack` (numpy);
-the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild took 2.4 ms
-of an 18 ms beam-5 batch (the same profile), and the bookkeeping kernel makes the steps shorter.
+the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild copies the
+whole history back and walks it in Python, a share of a beam-5 batch that grows as the
+bookkeeping kernel makes the steps shorter (profile_decode's variant `ours-host-output`).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ with a runtime bound, so a model compiles one variant for every batch size and s
 `mt.search` calls it with our Triton gate cell after the fused top-k; `reference.greedy_update`
 is its reference (the tests compare the two).
 
-Why: a graphed greedy step of run 4 (scripts/profile_decode.py, H200, 2026-11-27) ran 96 µs,
-most of it small kernels: the bookkeeping ops and the copies of the state into the graph's
-buffers.
+Why: a graphed greedy step is mostly small kernels, each a few microseconds however little it
+computes: the bookkeeping ops and the copies of the state into the graph's buffers. They become
+one launch here (benchmarks/profile_decode.py times the step; numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations

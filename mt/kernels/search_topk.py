@@ -7,9 +7,9 @@ Row r's values are the k largest of  row_bias[r] + log_softmax(logits[r].float()
 values the lower column comes first. `reference.log_softmax_topk` is the same function in plain
 PyTorch (the test oracle).
 
-Why: a beam-5 search step over 128 sentences (V = 8000) spent about 150 of its 430 us of kernel
-time in PyTorch's log_softmax, the add of the beam scores, and `topk` over (n, K * V), whose
-radix select is several launches (scripts/profile_decode.py, H200, 2026-11-27). mt.search calls
+Why: in a beam-5 search step over V = 8000, PyTorch's log_softmax, the add of the beam scores,
+and `topk` over (n, K * V), whose radix select is several launches, took a large share of the
+step's kernel time (benchmarks/profile_decode.py; numbers in docs/benchmarks.md). mt.search calls
 this instead when the model runs our Triton gate cell (model.cell=triton, or auto on CUDA); beam
 search's bookkeeping then takes each beam's 2K best (`search_beam.py`). k above MAX_K, and
 rows so wide that their chunks' candidates exceed MAX_CANDIDATES, take the reference path.
@@ -19,8 +19,8 @@ takes its max and log-sum-exp in fp32, adds the row's bias, sets banned columns 
 times: the best value not taken yet and the lowest column holding it, both from one
 max-reduction over (value, column) packed into an int64.
 
-Wider rows, two launches. The one-program-per-row kernel took 48 us for 640 rows of 8000 on
-the H200 (2026-11-27): 16 warps a row, one SM each, k reductions in a row with barriers. So:
+Wider rows, two launches. One program per row is slow at 8000 columns: 16 warps a row, one SM
+each, k reductions in a row with barriers. So:
 `_chunk_topk_kernel`, one program (one warp) per CHUNK columns of a row: the chunk's max and
 sum of exp (the log-sum-exp's partials) and its k best logits, banned ones -inf (equal logits:
 lower column first; a chunk with fewer than k columns pads with -inf at column V); then
@@ -28,9 +28,10 @@ lower column first; a chunk with fewer than k columns pads with -inf at column V
 best as bias + log-prob, and the row's k best of them by the same packed key. The values are
 the same as the one-row kernel's; the columns may differ in one case: when more than k logits of
 a chunk round to the same log-prob, the chunk kept its k largest logits, so a lower column
-holding an equal log-prob (from a smaller logit) can be left out. On an H100 (2026-11-27) the
-two took 40.5 + 4.9 us at 640 x 8000 (k = 10) against the one-row kernel's 48.1 us: about the
-same at the level of a whole beam-5 batch (docs/benchmarks.md).
+holding an equal log-prob (from a smaller logit) can be left out. The two launches are faster
+than the one-row kernel at a beam-5 batch's 640 rows of 8000, if by little at the level of a
+whole batch (benchmarks/profile_decode.py's variant `ours-row-topk` runs the one-row kernel
+there; numbers in docs/benchmarks.md).
 
 In both, a row whose bias is -inf (a beam that does not exist yet) yields k columns, the
 lowest, with value -inf.

@@ -69,9 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="warm-up iterations per measurement")
     p.add_argument("--iters", type=int, help="timed iterations per measurement (median reported)")
     p.add_argument("--workload", nargs="+", choices=["encoder", "decoder"], default=None)
-    p.add_argument(
-        "--interpret", action="store_true", help="CPU: run Triton via TRITON_INTERPRET=1"
-    )
+    p.add_argument("--interpret", action="store_true", help="CPU: run Triton via TRITON_INTERPRET=1")
     p.add_argument("--json", type=Path, help="write results to this JSON file")
     args = p.parse_args(argv)
 
@@ -164,10 +162,7 @@ def encoder_ours(x, lstm: nn.LSTM, seq_fns):
     for layer, seq in enumerate(seq_fns):
         w_ih = [getattr(lstm, f"weight_ih_l{layer}{s}") for s in ("", "_reverse")]  # (4H, in)
         w_hh = [getattr(lstm, f"weight_hh_l{layer}{s}") for s in ("", "_reverse")]  # (4H, H)
-        bias = [
-            getattr(lstm, f"bias_ih_l{layer}{s}") + getattr(lstm, f"bias_hh_l{layer}{s}")
-            for s in ("", "_reverse")
-        ]
+        bias = [getattr(lstm, f"bias_ih_l{layer}{s}") + getattr(lstm, f"bias_hh_l{layer}{s}") for s in ("", "_reverse")]
         # one matmul projects all steps for both directions: (B*T, in) @ (in, 8H)
         xproj = torch.addmm(torch.cat(bias), inp.reshape(B * T, -1), torch.cat(w_ih).t())
         xproj = xproj.view(B, T, 2, 4 * H).permute(2, 0, 1, 3)  # (2, B, T, 4H) view
@@ -248,9 +243,7 @@ def build_case(workload, B, H, T, dtype, device, backends, seed=0):
             fns["triton"] = lambda x: decoder_ours(x, w_ih, w_hh, bias(), tc.cell_step)
             if "graph" in backends:
                 # the whole loop (incl. the pre matmul) as one graph; params are graph inputs
-                fns["graph_src"] = lambda x, wi, wh, bi, bh: decoder_ours(
-                    x, wi, wh, bi + bh, tc.cell_step
-                )
+                fns["graph_src"] = lambda x, wi, wh, bi, bh: decoder_ours(x, wi, wh, bi + bh, tc.cell_step)
     return fns, params
 
 
@@ -292,9 +285,7 @@ def run_case(workload, B, H, T, dtype, args, backends):
                 T=T,
                 mode=mode,
                 ms=times,
-                ratio_to_cudnn={
-                    k: v / times["cudnn"] for k, v in times.items() if "cudnn" in times
-                },
+                ratio_to_cudnn={k: v / times["cudnn"] for k, v in times.items() if "cudnn" in times},
                 max_abs_diff_vs_cudnn=diffs,
                 errors=errors,
             )
@@ -423,9 +414,7 @@ def main(argv=None) -> int:
         + f"{env['date']}"
     )
     if args.device == "cpu":
-        print(
-            "# the cudnn column is nn.LSTM / nn.LSTMCell: cuDNN on GPU, PyTorch's CPU kernels here"
-        )
+        print("# the cudnn column is nn.LSTM / nn.LSTMCell: cuDNN on GPU, PyTorch's CPU kernels here")
     if "triton" not in backends:
         print("# Triton columns skipped (no CUDA; use --interpret for a tiny interpreter run)")
     rows = []

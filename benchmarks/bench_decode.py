@@ -34,13 +34,17 @@ DEFAULT_DATA = REPO / ".." / "shared" / "data" / "multi30k" / "test.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark greedy and beam-search decoding speed.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Benchmark greedy and beam-search decoding speed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt)")
     g.add_argument("--random-init", action="store_true", help="untrained default-size model, no checkpoint needed")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="JSON-lines test file")
-    p.add_argument("--src", default=None, help="source field (default: the checkpoint's data.src; de with --random-init)")
+    p.add_argument(
+        "--src", default=None, help="source field (default: the checkpoint's data.src; de with --random-init)"
+    )
     p.add_argument("--tgt", default="en", help="target field (--random-init only: trains the tokenizer)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
@@ -49,9 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len-a", type=float, default=1.5)
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
-                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
+    p.add_argument(
+        "--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="replay search steps from CUDA graphs (auto: on with CUDA)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the fastest is reported)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -106,8 +116,9 @@ def random_translator(args: argparse.Namespace):
 def bench(tr, lines: list[str], beam: int, lp, args: argparse.Namespace) -> dict:
     import torch
 
-    kw = dict(beam=beam, length_penalty=lp, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-              batch_size=args.batch_size)
+    kw = dict(
+        beam=beam, length_penalty=lp, max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size
+    )
     tr.translate(lines[: args.batch_size], **kw)  # warm-up (allocator, kernels, lazy weights)
     best = None
     for _ in range(max(1, args.repeats)):
@@ -120,9 +131,15 @@ def bench(tr, lines: list[str], beam: int, lp, args: argparse.Namespace) -> dict
         seconds = time.perf_counter() - t0
         best = seconds if best is None else min(best, seconds)
     tokens = sum(h.attention.shape[0] for h in hyps)
-    return {"beam": beam, "length_penalty": lp, "sentences": len(lines), "output_tokens": tokens,
-            "seconds": round(best, 4), "sentences_per_s": round(len(lines) / best, 2),
-            "tokens_per_s": round(tokens / best, 1)}
+    return {
+        "beam": beam,
+        "length_penalty": lp,
+        "sentences": len(lines),
+        "output_tokens": tokens,
+        "seconds": round(best, 4),
+        "sentences_per_s": round(len(lines) / best, 2),
+        "tokens_per_s": round(tokens / best, 1),
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -142,24 +159,39 @@ def run(args: argparse.Namespace) -> list[dict]:
         tr = random_translator(args)
         what = "random-init model"
     else:
-        tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell,
-                                        cuda_graphs=args.cuda_graphs)
+        tr = Translator.from_checkpoint(
+            args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs
+        )
         what = args.checkpoint
     lines = read_sources(args.data, args.src or tr.src_lang, args.limit)
     device_name = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else platform.processor() or "cpu"
-    print(f"model: {what} ({count_parameters(tr.model):,} parameters, cell {tr.model.cfg.cell} -> "
-          f"{tr.model.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}", file=sys.stderr)
-    print(f"data: {args.data} ({len(lines)} sentences) | device: {tr.device} ({device_name}) | "
-          f"batch size: {args.batch_size} | CUDA graphs: {'on' if tr.graphs else 'off'} | "
-          f"CPU threads: {torch.get_num_threads()} | torch {torch.__version__}", file=sys.stderr)
+    print(
+        f"model: {what} ({count_parameters(tr.model):,} parameters, cell {tr.model.cfg.cell} -> "
+        f"{tr.model.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}",
+        file=sys.stderr,
+    )
+    print(
+        f"data: {args.data} ({len(lines)} sentences) | device: {tr.device} ({device_name}) | "
+        f"batch size: {args.batch_size} | CUDA graphs: {'on' if tr.graphs else 'off'} | "
+        f"CPU threads: {torch.get_num_threads()} | torch {torch.__version__}",
+        file=sys.stderr,
+    )
     results = []
     settings = [("greedy", 1, None), (f"beam {args.beam}", args.beam, lp)]
     for name, beam, pen in settings:
-        r = {"setting": name, "device": str(tr.device), "device_name": device_name, "batch_size": args.batch_size,
-             "cuda_graphs": tr.graphs is not None, **bench(tr, lines, beam, pen, args)}
+        r = {
+            "setting": name,
+            "device": str(tr.device),
+            "device_name": device_name,
+            "batch_size": args.batch_size,
+            "cuda_graphs": tr.graphs is not None,
+            **bench(tr, lines, beam, pen, args),
+        }
         results.append(r)
-        print(f"{name:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
-              f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen})")
+        print(
+            f"{name:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
+            f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results

@@ -69,8 +69,9 @@ TASKS = ("train", "greedy", "beam")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few iterations (CPU smoke test)")
     p.add_argument("--interpret", action="store_true", help="CPU: run ours through TRITON_INTERPRET=1")
@@ -102,10 +103,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.quick and args.device == "cpu"
-    defaults = dict(batch=8 if small else 128, steps=6 if small else 20, emb=32 if small else 512,
-                    hidden=32 if small else 512, vocab=64 if small else 8000, warmup=1 if small else 5,
-                    iters=2 if small else (10 if args.quick else 30), decode_batch=4 if small else 128,
-                    decode_iters=1 if small else 3, max_len_b=2 if small else 10)
+    defaults = dict(
+        batch=8 if small else 128,
+        steps=6 if small else 20,
+        emb=32 if small else 512,
+        hidden=32 if small else 512,
+        vocab=64 if small else 8000,
+        warmup=1 if small else 5,
+        iters=2 if small else (10 if args.quick else 30),
+        decode_batch=4 if small else 128,
+        decode_iters=1 if small else 3,
+        max_len_b=2 if small else 10,
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -124,9 +133,17 @@ def build_model(args, cell: str):
     from mt.config import ModelConfig
     from mt.model import Seq2Seq
 
-    cfg = ModelConfig(cell=cell, emb_dim=args.emb, hidden_dim=args.hidden, enc_layers=args.enc_layers,
-                      dec_layers=args.dec_layers, attention=args.attention, dropout=args.dropout,
-                      emb_dropout=args.dropout, tie_output=args.emb == args.hidden)
+    cfg = ModelConfig(
+        cell=cell,
+        emb_dim=args.emb,
+        hidden_dim=args.hidden,
+        enc_layers=args.enc_layers,
+        dec_layers=args.dec_layers,
+        attention=args.attention,
+        dropout=args.dropout,
+        emb_dropout=args.dropout,
+        tie_output=args.emb == args.hidden,
+    )
     torch.manual_seed(args.seed)  # the same initial weights in every column
     return Seq2Seq(cfg, args.vocab, args.vocab, PAD).to(args.device)
 
@@ -145,9 +162,14 @@ def random_batches(args, count: int, n: int, seed: int) -> list:
     for k in range(count):
         g = torch.Generator().manual_seed(seed + k)
         src_l, tgt_l = random_lengths(g, n, args.steps), random_lengths(g, n, args.steps)
-        rows = [{"src_ids": torch.randint(4, args.vocab, (ls - 1,), generator=g).tolist(),
-                 "tgt_ids": torch.randint(4, args.vocab, (lt - 1,), generator=g).tolist(), "idx": i}
-                for i, (ls, lt) in enumerate(zip(src_l, tgt_l))]
+        rows = [
+            {
+                "src_ids": torch.randint(4, args.vocab, (ls - 1,), generator=g).tolist(),
+                "tgt_ids": torch.randint(4, args.vocab, (lt - 1,), generator=g).tolist(),
+                "idx": i,
+            }
+            for i, (ls, lt) in enumerate(zip(src_l, tgt_l))
+        ]
         out.append(collate(rows, PAD, BOS, EOS))
     return out
 
@@ -178,8 +200,9 @@ def train_step(args, cell: str, graphed: bool, warmup: int = 2):
     if cuda:  # (capturable Adam runs on CUDA only)
         graphs.make_capturable(opt, args.device)
     shape = (args.batch, args.steps, args.steps)
-    return opt, graphs.GraphedTrainStep(model, opt, crit, buckets=graphs.ShapeBuckets([shape]), warmup=warmup,
-                                        emulate=not cuda, **kw)
+    return opt, graphs.GraphedTrainStep(
+        model, opt, crit, buckets=graphs.ShapeBuckets([shape]), warmup=warmup, emulate=not cuda, **kw
+    )
 
 
 def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
@@ -193,8 +216,10 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
     def one(b) -> None:  # mt.train's per-step work: the step, its numbers copied out, the last step's read
         loss_sum, nll_sum = step.forward_backward(b)
         grad_norm = step.update()
-        pending.push(b.ntokens, step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm,
-                                            opt.param_groups[0]["lr"], args.device))
+        pending.push(
+            b.ntokens,
+            step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm, opt.param_groups[0]["lr"], args.device),
+        )
         losses.extend(row[0] / ntok for ntok, row in pending.ready())
 
     t_warm = time.perf_counter()
@@ -212,8 +237,14 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
     losses.extend(row[0] / ntok for ntok, row in pending.drain())
     sync(args.device)
     dt = time.perf_counter() - t0
-    res = dict(per_s=tokens / dt, ms_per_step=dt / args.iters * 1e3, tokens_per_step=tokens / args.iters,
-               first_losses=losses[:4], last_loss=losses[-1], warmup_s=warmup_s)
+    res = dict(
+        per_s=tokens / dt,
+        ms_per_step=dt / args.iters * 1e3,
+        tokens_per_step=tokens / args.iters,
+        first_losses=losses[:4],
+        last_loss=losses[-1],
+        warmup_s=warmup_s,
+    )
     if graphed:
         res["stats"] = dict(step.stats)
     return res
@@ -230,8 +261,18 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
 
     def run():
         with torch.autocast(args.device, dtype=amp or torch.float32, enabled=amp is not None):
-            out = search(model, src, src_len, BOS, EOS, beam=beam, length_penalty=1.0 if beam > 1 else None,
-                         max_len_a=args.max_len_a, max_len_b=args.max_len_b, graphs=runner)
+            out = search(
+                model,
+                src,
+                src_len,
+                BOS,
+                EOS,
+                beam=beam,
+                length_penalty=1.0 if beam > 1 else None,
+                max_len_a=args.max_len_a,
+                max_len_b=args.max_len_b,
+                graphs=runner,
+            )
         sync(args.device)
         return out
 
@@ -245,8 +286,13 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
         out = run()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    res = dict(per_s=src.shape[0] / dt, ms_per_batch=dt * 1e3,
-               output_tokens=sum(len(t) for t in out.tokens), tokens=out.tokens, warmup_s=warmup_s)
+    res = dict(
+        per_s=src.shape[0] / dt,
+        ms_per_batch=dt * 1e3,
+        output_tokens=sum(len(t) for t in out.tokens),
+        tokens=out.tokens,
+        warmup_s=warmup_s,
+    )
     if graphed:
         res["stats"] = dict(runner.stats)
     return res
@@ -258,9 +304,15 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
 
 
 def environment(args, ours: str) -> dict:
-    env = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               command=" ".join([Path(sys.executable).name, *sys.argv]), python=platform.python_version(),
-               torch=torch.__version__, platform=platform.platform(), device=args.device, ours_cell=ours)
+    env = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        platform=platform.platform(),
+        device=args.device,
+        ours_cell=ours,
+    )
     try:
         import triton
 
@@ -320,13 +372,18 @@ def main(argv=None) -> int:
     ours = "triton" if args.device == "cuda" or args.interpret else "torch"
     columns = [c for c in args.columns if args.device == "cuda" or not c.endswith("_graphs")]
     env = environment(args, ours)
-    print(f"# bench_train  device={env.get('gpu') or env.get('cpu')} ({args.device})  torch {env['torch']}  "
-          f"triton {env['triton']}  " + (f"CUDA {env['cuda']} cuDNN {env['cudnn']}  " if args.device == "cuda" else "")
-          + env["date"])
-    print(f"# model: {args.enc_layers}-layer bi-LSTM encoder, {args.dec_layers}-layer input-feeding decoder, "
-          f"{args.attention} attention, E={args.emb} H={args.hidden} V={args.vocab}, dropout {args.dropout}; "
-          f"train B={args.batch} S=T={args.steps}, {args.precision}; decode {args.decode_batch} sentences, "
-          f"beam {args.beam}; ours = model.cell={ours}")
+    print(
+        f"# bench_train  device={env.get('gpu') or env.get('cpu')} ({args.device})  torch {env['torch']}  "
+        f"triton {env['triton']}  "
+        + (f"CUDA {env['cuda']} cuDNN {env['cudnn']}  " if args.device == "cuda" else "")
+        + env["date"]
+    )
+    print(
+        f"# model: {args.enc_layers}-layer bi-LSTM encoder, {args.dec_layers}-layer input-feeding decoder, "
+        f"{args.attention} attention, E={args.emb} H={args.hidden} V={args.vocab}, dropout {args.dropout}; "
+        f"train B={args.batch} S=T={args.steps}, {args.precision}; decode {args.decode_batch} sentences, "
+        f"beam {args.beam}; ours = model.cell={ours}"
+    )
     if args.device != "cuda":
         print("# no CUDA: graph columns skipped; the cudnn columns run PyTorch's CPU LSTM kernels")
     train_batches = random_batches(args, args.batches, args.batch, seed=1000 + args.seed)

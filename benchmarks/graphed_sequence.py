@@ -93,9 +93,7 @@ class GraphedLSTMSequence:
             for a in args
         )
         if train:
-            return torch.cuda.make_graphed_callables(
-                fn, static, num_warmup_iters=self.num_warmup_iters
-            )
+            return torch.cuda.make_graphed_callables(fn, static, num_warmup_iters=self.num_warmup_iters)
         static = tuple(a.detach() for a in static)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -115,4 +113,3 @@ class GraphedLSTMSequence:
             return static_out
 
         return replay
-

@@ -86,8 +86,11 @@ def kernel_table(fn, steps: int, top: int) -> dict:
             a[1] += us
     rows = [dict(kernel=k[:110], per_step=c / steps, us_per_step=us / steps) for k, (c, us) in agg.items()]
     rows.sort(key=lambda r: -r["us_per_step"])
-    return dict(kernels_per_step=sum(r["per_step"] for r in rows), kernel_us_per_step=sum(r["us_per_step"] for r in rows),
-                top=rows[:top])
+    return dict(
+        kernels_per_step=sum(r["per_step"] for r in rows),
+        kernel_us_per_step=sum(r["us_per_step"] for r in rows),
+        top=rows[:top],
+    )
 
 
 _OFF = lambda *a: False  # noqa: E731
@@ -143,20 +146,32 @@ def _profile_one(args, cell: str, beam: int, batch) -> dict:
 
     def run():
         with autocast():
-            return search(model, src, src_len, BOS, EOS, beam=beam, length_penalty=lp,
-                          max_len_a=args.max_len_a, max_len_b=args.max_len_b, graphs=runner)
+            return search(
+                model,
+                src,
+                src_len,
+                BOS,
+                EOS,
+                beam=beam,
+                length_penalty=lp,
+                max_len_a=args.max_len_a,
+                max_len_b=args.max_len_b,
+                graphs=runner,
+            )
 
     run(), run()  # compile, warm up, capture
     res: dict = dict(cell=cell, beam=beam)
     res["search_ms"] = timed(run, device, args.reps) * 1e3
     slot = next(s for s in runner._slots.values() if s.search is not None)
     with torch.no_grad():
+
         def encode_eager():  # what the search did before the encoder was captured too
             with autocast():
                 memory, dec = model.encode(src, src_len)
                 if beam > 1:
                     rows = torch.arange(src.shape[0], device=device).repeat_interleave(beam)
                     memory.index_select(rows), dec.index_select(rows)
+
         res["encode_eager_ms"] = timed(encode_eager, device, args.reps) * 1e3
         if slot.encoder.graph is not None:  # the captured encoder (mt.graphs.GraphedDecoder.slot)
             res["encode_ms"] = timed(slot.encoder.graph.replay, device, args.reps) * 1e3
@@ -172,8 +187,11 @@ def _profile_one(args, cell: str, beam: int, batch) -> dict:
     else:
         lim = bt_limits(src_len, args)
         res["output_ms"] = timed(lambda: search_obj.output(steps, n, lens, lim), device, args.reps) * 1e3
+
     def one_step():  # what mt.search._run does per position: replay the captured step (CPU: emulate it)
-        runner.replay(slot, lambda: search_obj.state.copy_(search_obj.step(model.decoder.step_logits, search_obj.state)))
+        runner.replay(
+            slot, lambda: search_obj.state.copy_(search_obj.step(model.decoder.step_logits, search_obj.state))
+        )
 
     def chunk(synced: bool = False):  # a whole search's steps from a fresh start (the history has T rows;
         # the decoder state is the last search's end, which costs the same fixed-shape step)
@@ -256,8 +274,9 @@ def main(argv=None) -> int:
     for cell in a.cells:
         for beam in (1, args.beam):
             try:
-                r = profile_one(args, "cudnn" if cell == "cudnn" else ours, beam, batch,
-                                variant=cell if cell in VARIANTS else None)
+                r = profile_one(
+                    args, "cudnn" if cell == "cudnn" else ours, beam, batch, variant=cell if cell in VARIANTS else None
+                )
             except Exception as e:
                 import traceback
 
@@ -266,11 +285,13 @@ def main(argv=None) -> int:
             r["name"] = cell
             results.append(r)
             prof = r.get("profile", {})
-            print(f"{cell:6} beam {beam}: search {r.get('search_ms', 0):7.2f} ms = encode {r.get('encode_ms', 0):6.2f} "
-                  f"(eager {r.get('encode_eager_ms', 0):6.2f}) "
-                  f"+ {r.get('steps', 0)} steps x {r.get('step_us', 0):6.1f} us ({r.get('steps_ms', 0):6.2f} ms; "
-                  f"synced {r.get('step_us_synced', 0):6.1f} us) + output {r.get('output_ms', 0):6.2f} ms | "
-                  f"kernels/step {prof.get('kernels_per_step', 0):5.1f} summing {prof.get('kernel_us_per_step', 0):6.1f} us")
+            print(
+                f"{cell:6} beam {beam}: search {r.get('search_ms', 0):7.2f} ms = encode {r.get('encode_ms', 0):6.2f} "
+                f"(eager {r.get('encode_eager_ms', 0):6.2f}) "
+                f"+ {r.get('steps', 0)} steps x {r.get('step_us', 0):6.1f} us ({r.get('steps_ms', 0):6.2f} ms; "
+                f"synced {r.get('step_us_synced', 0):6.1f} us) + output {r.get('output_ms', 0):6.2f} ms | "
+                f"kernels/step {prof.get('kernels_per_step', 0):5.1f} summing {prof.get('kernel_us_per_step', 0):6.1f} us"
+            )
             for k in prof.get("top", [])[:25]:
                 print(f"      {k['per_step']:5.1f} x {k['us_per_step']:7.1f} us  {k['kernel']}")
             if "error" in r or "error" in prof:

@@ -73,8 +73,9 @@ def by_group(rows: list[dict]) -> list[dict]:
         acc = out.setdefault(group_of(r["kernel"]), [0.0, 0.0])
         acc[0] += r["per_step"]
         acc[1] += r["us_per_step"]
-    return sorted((dict(group=g, per_step=c, us_per_step=us) for g, (c, us) in out.items()),
-                  key=lambda r: -r["us_per_step"])
+    return sorted(
+        (dict(group=g, per_step=c, us_per_step=us) for g, (c, us) in out.items()), key=lambda r: -r["us_per_step"]
+    )
 
 
 _OFF = lambda *a: False  # noqa: E731
@@ -141,9 +142,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="replayed steps per timed pass and in the profile")
     p.add_argument("--reps", type=int, default=5, help="timed passes (median)")
     p.add_argument("--top", type=int, default=30, help="kernels listed per cell")
-    p.add_argument("--cells", nargs="+",
-                   default=["ours", "ours-torch-attention", "ours-per-step-weight-grads", "cudnn"],
-                   choices=["ours", "cudnn", *VARIANTS])
+    p.add_argument(
+        "--cells",
+        nargs="+",
+        default=["ours", "ours-torch-attention", "ours-per-step-weight-grads", "cudnn"],
+        choices=["ours", "cudnn", *VARIANTS],
+    )
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     args = bt.parse_args(["--quick"] if a.quick else [])
@@ -151,22 +155,33 @@ def main(argv=None) -> int:
     ours = "triton" if args.device == "cuda" else "torch"
     batches = bt.random_batches(args, args.batches, args.batch, seed=args.seed)
     env = bt.environment(args, ours)
-    print(f"# profile_train on {env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
-          f"B={args.batch} T={args.steps} H={args.hidden} V={args.vocab} {args.precision}")
+    print(
+        f"# profile_train on {env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
+        f"B={args.batch} T={args.steps} H={args.hidden} V={args.vocab} {args.precision}"
+    )
     results = []
     for name in a.cells:
         try:
-            r = profile_cell(args, "cudnn" if name == "cudnn" else ours, batches, steps, reps, a.top,
-                             variant=name if name in VARIANTS else None)
+            r = profile_cell(
+                args,
+                "cudnn" if name == "cudnn" else ours,
+                batches,
+                steps,
+                reps,
+                a.top,
+                variant=name if name in VARIANTS else None,
+            )
         except Exception as e:
             traceback.print_exc()
             r = dict(error=f"{type(e).__name__}: {e}"[:400])
         r["name"] = name
         results.append(r)
         prof = r.get("profile", {})
-        print(f"{name:20} step {r.get('step_ms', 0):7.3f} ms ({r.get('tokens_per_s', 0):9.0f} tok/s) | kernels/step "
-              f"{prof.get('kernels_per_step', 0):6.1f} summing {prof.get('kernel_us_per_step', 0):8.1f} us | "
-              f"warm-up {r.get('warmup_s', 0):.1f} s | {r.get('stats', {})}")
+        print(
+            f"{name:20} step {r.get('step_ms', 0):7.3f} ms ({r.get('tokens_per_s', 0):9.0f} tok/s) | kernels/step "
+            f"{prof.get('kernels_per_step', 0):6.1f} summing {prof.get('kernel_us_per_step', 0):8.1f} us | "
+            f"warm-up {r.get('warmup_s', 0):.1f} s | {r.get('stats', {})}"
+        )
         for g in prof.get("groups", []):
             print(f"   {g['per_step']:7.1f} x {g['us_per_step']:8.1f} us  [{g['group']}]")
         for k in prof.get("top", []):

@@ -46,12 +46,19 @@ def parse(text: str) -> dict:
             model = t
         for tag in NOTES:
             if msg.startswith(tag + ": "):
-                notes[tag] = dict(text=msg[len(tag) + 2:], since_training=None if model is None else t - model)
+                notes[tag] = dict(text=msg[len(tag) + 2 :], since_training=None if model is None else t - model)
         v = VALID.match(msg)
         if v:
-            valids.append(dict(step=int(v.group(1)), valid_loss=float(v.group(2)), bleu=float(v.group(3)),
-                               chrf=float(v.group(4)) if v.group(4) else None,
-                               bleu_lc=float(v.group(5)) if v.group(5) else None, time=t))
+            valids.append(
+                dict(
+                    step=int(v.group(1)),
+                    valid_loss=float(v.group(2)),
+                    bleu=float(v.group(3)),
+                    chrf=float(v.group(4)) if v.group(4) else None,
+                    bleu_lc=float(v.group(5)) if v.group(5) else None,
+                    time=t,
+                )
+            )
         r = REPORT.match(msg)
         if r:
             reported[int(r.group(1))] = float(r.group(2)), float(r.group(3))
@@ -81,18 +88,25 @@ def main(argv=None) -> int:
         row = dict(v, since_training=v["time"] - info["model"], since_start=v["time"] - start)
         rows.append(row)
         lc = "-" if v["bleu_lc"] is None else f"{v['bleu_lc']:.2f}"
-        print(f"{v['step']:>6} {v['bleu']:>6.2f} {lc:>8} {row['since_training']:>22.1f} "
-              f"{row['since_start']:>22.1f}")
+        print(f"{v['step']:>6} {v['bleu']:>6.2f} {lc:>8} {row['since_training']:>22.1f} {row['since_start']:>22.1f}")
     best = max(rows, key=lambda r: r["bleu"]) if rows else None
-    summary = dict(log=str(args.log), preparation_s=info["model"] - start, validations=rows, best=best,
-                   run_s=info["last"] - start, **{tag: info.get(tag) for tag in NOTES})
+    summary = dict(
+        log=str(args.log),
+        preparation_s=info["model"] - start,
+        validations=rows,
+        best=best,
+        run_s=info["last"] - start,
+        **{tag: info.get(tag) for tag in NOTES},
+    )
     for tag in NOTES:
         if info.get(tag):
             print(f"{tag}: {info[tag]['text']}")
     if best:
-        print(f"best BLEU {best['bleu']:.2f} at step {best['step']}: {best['since_training']:.1f} s after training "
-              f"started, {best['since_start']:.1f} s after the process started "
-              f"(data + tokenizer: {summary['preparation_s']:.1f} s)")
+        print(
+            f"best BLEU {best['bleu']:.2f} at step {best['step']}: {best['since_training']:.1f} s after training "
+            f"started, {best['since_start']:.1f} s after the process started "
+            f"(data + tokenizer: {summary['preparation_s']:.1f} s)"
+        )
     else:
         print("no validation in the log")
     if args.json:

@@ -87,9 +87,7 @@ class TokenBucketSampler(Sampler[list[int]]):
         longest = 0
         for i, n in zip(order.tolist(), sizes):
             new_longest = max(longest, n)
-            if cur and (
-                (len(cur) + 1) * new_longest > self.max_tokens or len(cur) >= self.max_sentences
-            ):
+            if cur and ((len(cur) + 1) * new_longest > self.max_tokens or len(cur) >= self.max_sentences):
                 batches.append(cur)
                 cur, new_longest = [], n
             cur.append(i)
@@ -192,9 +190,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, bos_id: int, eos_id: in
 def _flat_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list<int> column: row i is values[offsets[i]:offsets[i + 1]]."""
     if isinstance(column, pa.ChunkedArray):
-        column = (
-            column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.int32()))
-        )
+        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.int32()))
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
     # a writable copy (Arrow buffers are read-only; torch warns about wrapping those)
     values = np.array(pc.list_flatten(column).to_numpy(zero_copy_only=False), dtype=np.int32)

@@ -108,17 +108,24 @@ class CheckpointWriter:
         rebuilt (other leaves, numbers, strings and bytes, are immutable)."""
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
-            key = (src.untyped_storage().data_ptr(), src.storage_offset(), tuple(src.shape), tuple(src.stride()),
-                   src.dtype, src.device)
+            key = (
+                src.untyped_storage().data_ptr(),
+                src.storage_offset(),
+                tuple(src.shape),
+                tuple(src.stride()),
+                src.dtype,
+                src.device,
+            )
             if key in seen:
                 return seen[key]
             k = count[0]
             count[0] += 1
             buf = self._buffers[k] if k < len(self._buffers) else None
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = pinned_if_possible(lambda pin: torch.empty(src.shape, dtype=src.dtype, pin_memory=pin),
-                                         src.is_cuda)
-                self._buffers[k:k + 1] = [buf]
+                buf = pinned_if_possible(
+                    lambda pin: torch.empty(src.shape, dtype=src.dtype, pin_memory=pin), src.is_cuda
+                )
+                self._buffers[k : k + 1] = [buf]
             seen[key] = buf.copy_(src)
             return buf
         if isinstance(obj, dict):
@@ -130,8 +137,13 @@ class CheckpointWriter:
             return type(obj)(self._snapshot(v, seen, count) for v in obj)
         return obj
 
-    def save(self, state: dict[str, Any], path: str | os.PathLike, also: str | os.PathLike | None = None,
-             before_write: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def save(
+        self,
+        state: dict[str, Any],
+        path: str | os.PathLike,
+        also: str | os.PathLike | None = None,
+        before_write: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.wait()  # also frees the buffers the previous write was reading
         snap = self._snapshot(state, {}, [0])
 
@@ -147,8 +159,11 @@ class CheckpointWriter:
                 if also is not None:
                     copy_checkpoint(path, also)
             except BaseException as e:  # handed to the training thread by wait(): a one-line error
-                self._error = (CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
-                               if isinstance(e, Exception) else e)
+                self._error = (
+                    CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")
+                    if isinstance(e, Exception)
+                    else e
+                )
                 if hook_error is not None:  # a missing checkpoint matters more: say this one here
                     log.warning("before the write of %s: %s", path, first_line(hook_error))
                 return

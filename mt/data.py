@@ -60,8 +60,7 @@ def _read_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
-            f"re-encode the file as UTF-8"
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
         ) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -165,9 +164,7 @@ def _read_tsv(path: Path, cfg: DataConfig) -> datasets.Dataset:
             continue
         fields = line.split("\t")
         if len(fields) != ncol:
-            raise DataError(
-                f"{path}: line {lineno} has {len(fields)} tab-separated fields, expected {ncol}"
-            )
+            raise DataError(f"{path}: line {lineno} has {len(fields)} tab-separated fields, expected {ncol}")
         src.append(fields[si])
         tgt.append(fields[ti])
     return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
@@ -206,9 +203,7 @@ def _normalize(ds: datasets.Dataset, cfg: DataConfig, where: str) -> datasets.Da
         return ds
     if "translation" in cols:
         feat = ds.features["translation"]
-        langs = list(
-            getattr(feat, "languages", None) or (feat.keys() if isinstance(feat, dict) else [])
-        )
+        langs = list(getattr(feat, "languages", None) or (feat.keys() if isinstance(feat, dict) else []))
         for lang in (cfg.src, cfg.tgt):
             if langs and lang not in langs:
                 raise DataError(
@@ -220,9 +215,7 @@ def _normalize(ds: datasets.Dataset, cfg: DataConfig, where: str) -> datasets.Da
             batched=True,
             remove_columns=cols,
             fn_kwargs={"src": cfg.src, "tgt": cfg.tgt},
-            features=datasets.Features(
-                {"src": datasets.Value("string"), "tgt": datasets.Value("string")}
-            ),
+            features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
             desc="flattening translation pairs",
         )
     missing = cfg.src if cfg.src not in cols else cfg.tgt
@@ -275,9 +268,7 @@ def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.Dataset
         if local is not None:
             if local.is_file():
                 ext = local.suffix.lstrip(".").lower()
-                builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(
-                    ext
-                )
+                builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
                 if builder is None:
                     raise DataError(
                         f"cannot read {local}: unsupported file type; use .jsonl/.json/.csv/"
@@ -310,15 +301,11 @@ def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.Dataset
         if local is not None:
             raise _wrap_local_error(local, e) from e
         if isinstance(e, ValueError):  # e.g. a wrong or missing configuration name (data.name)
-            raise DataError(
-                f"cannot load '{path}' (data.name={cfg.name!r}): {first_line(e)}"
-            ) from None
+            raise DataError(f"cannot load '{path}' (data.name={cfg.name!r}): {first_line(e)}") from None
         raise
 
 
-def load_splits(
-    cfg: DataConfig, roles: Sequence[str] = ("train", "validation", "test")
-) -> dict[str, datasets.Dataset]:
+def load_splits(cfg: DataConfig, roles: Sequence[str] = ("train", "validation", "test")) -> dict[str, datasets.Dataset]:
     """The corpus as {"train", "validation"?, "test"?} -> Dataset with string columns src, tgt.
 
     Only `roles` are normalized and returned; "train" is required when it is asked for
@@ -385,8 +372,7 @@ def _select_roles(dd: Any, cfg: DataConfig, where: str, roles: Sequence[str]) ->
             out[role] = dd[name]
     if "train" in roles and "train" not in out:
         raise DataError(
-            f"no training split in {where}: it has splits {', '.join(names)} "
-            f"(set data.train_split to one of them)"
+            f"no training split in {where}: it has splits {', '.join(names)} (set data.train_split to one of them)"
         )
     return out
 
@@ -425,9 +411,7 @@ def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, lis
 _REASONS = ("src_len", "tgt_len", "ratio")
 
 
-def _drop_codes(
-    ls: np.ndarray, lt: np.ndarray, max_src: int, max_tgt: int, ratio: float
-) -> np.ndarray:
+def _drop_codes(ls: np.ndarray, lt: np.ndarray, max_src: int, max_tgt: int, ratio: float) -> np.ndarray:
     """0 = keep, k = dropped for _REASONS[k-1]. Lengths are subword tokens without eos."""
     ls, lt = np.asarray(ls, dtype=np.int64), np.asarray(lt, dtype=np.int64)
     code = np.zeros(len(ls), dtype=np.int8)
@@ -441,9 +425,7 @@ def _drop_codes(
     return code
 
 
-def _keep_lengths(
-    src_ids: list, tgt_ids: list, max_src: int, max_tgt: int, ratio: float
-) -> list[bool]:
+def _keep_lengths(src_ids: list, tgt_ids: list, max_src: int, max_tgt: int, ratio: float) -> list[bool]:
     ls = np.fromiter((len(x) for x in src_ids), dtype=np.int64, count=len(src_ids))
     lt = np.fromiter((len(x) for x in tgt_ids), dtype=np.int64, count=len(tgt_ids))
     return (_drop_codes(ls, lt, max_src, max_tgt, ratio) == 0).tolist()
@@ -484,9 +466,7 @@ def prepare_corpus(
         raise DataError(f"the training split of {data_cfg.path} has no non-empty sentence pairs")
 
     if tokenizer is None:
-        tokenizer = train_tokenizer(
-            tok_cfg, _texts(train, "src"), _texts(train, "tgt"), Path(cache_dir), log=log
-        )
+        tokenizer = train_tokenizer(tok_cfg, _texts(train, "src"), _texts(train, "tgt"), Path(cache_dir), log=log)
     else:
         log(f"tokenizer: using the given tokenizer ({tokenizer!r})")
 

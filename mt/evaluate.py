@@ -102,8 +102,13 @@ def load_split(tr, data: EvalDataConfig, split: str):
     overrides = {k: v for k, v in vars(data).items() if v is not None}
     data_cfg = replace(tr.config.data, **overrides, max_train_examples=None, max_valid_examples=None)
     if (data_cfg.src, data_cfg.tgt) != (tr.config.data.src, tr.config.data.tgt):
-        log.warning("the checkpoint was trained on %s->%s, evaluating on %s->%s", tr.config.data.src,
-                    tr.config.data.tgt, data_cfg.src, data_cfg.tgt)
+        log.warning(
+            "the checkpoint was trained on %s->%s, evaluating on %s->%s",
+            tr.config.data.src,
+            tr.config.data.tgt,
+            data_cfg.src,
+            data_cfg.tgt,
+        )
     role, data_cfg = _split_role(split, data_cfg)
     splits = load_splits(data_cfg, roles=(role,))
     if role not in splits:
@@ -115,17 +120,35 @@ def load_split(tr, data: EvalDataConfig, split: str):
     return data_cfg, srcs, refs
 
 
-def decode_and_score(tr, src_ids: list[list[int]], refs: list[str], *, beam: int, length_penalty,
-                     batch_size: int, max_len_a: float, max_len_b: int) -> tuple[list[str], dict, float]:
+def decode_and_score(
+    tr,
+    src_ids: list[list[int]],
+    refs: list[str],
+    *,
+    beam: int,
+    length_penalty,
+    batch_size: int,
+    max_len_a: float,
+    max_len_b: int,
+) -> tuple[list[str], dict, float]:
     """Decode pre-encoded sources, detokenize, score -> (hypotheses, corpus_scores, decode seconds)."""
     import torch
 
     from .search import decode_dataset
 
     t0 = time.perf_counter()
-    decoded = decode_dataset(tr.model, src_ids, tr.tokenizer, tr.device, batch_size=batch_size,
-                             max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=length_penalty,
-                             graphs=tr.graphs)
+    decoded = decode_dataset(
+        tr.model,
+        src_ids,
+        tr.tokenizer,
+        tr.device,
+        batch_size=batch_size,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        beam=beam,
+        length_penalty=length_penalty,
+        graphs=tr.graphs,
+    )
     if tr.device.type == "cuda":
         torch.cuda.synchronize(tr.device)
     seconds = time.perf_counter() - t0
@@ -146,11 +169,28 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)
-    log.info("evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
-             cfg.checkpoint, data_cfg.path, cfg.split, len(srcs), data_cfg.src, data_cfg.tgt, beam, lp, tr.device)
-    hyps, scores, seconds = decode_and_score(tr, src_ids, refs, beam=beam, length_penalty=lp,
-                                             batch_size=cfg.batch_size, max_len_a=cfg.max_len_a,
-                                             max_len_b=cfg.max_len_b)
+    log.info(
+        "evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
+        cfg.checkpoint,
+        data_cfg.path,
+        cfg.split,
+        len(srcs),
+        data_cfg.src,
+        data_cfg.tgt,
+        beam,
+        lp,
+        tr.device,
+    )
+    hyps, scores, seconds = decode_and_score(
+        tr,
+        src_ids,
+        refs,
+        beam=beam,
+        length_penalty=lp,
+        batch_size=cfg.batch_size,
+        max_len_a=cfg.max_len_a,
+        max_len_b=cfg.max_len_b,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     hyp_path = out / f"hypotheses.{cfg.split}.{data_cfg.tgt}"
@@ -178,12 +218,14 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def format_scores(r: dict[str, Any]) -> str:
-    return (f"BLEU = {r['bleu']:.2f}  chrF = {r['chrf']:.2f}  BLEU(lc) = {r['bleu_lc']:.2f}  "
-            f"({r['sentences']} sentences, {r['split']}, {r['src']}->{r['tgt']}, beam {r['beam']})\n"
-            f"  {r['bleu_detail']}\n"
-            f"  BLEU signature:     {r['bleu_signature']}\n"
-            f"  chrF signature:     {r['chrf_signature']}\n"
-            f"  BLEU(lc) signature: {r['bleu_lc_signature']}")
+    return (
+        f"BLEU = {r['bleu']:.2f}  chrF = {r['chrf']:.2f}  BLEU(lc) = {r['bleu_lc']:.2f}  "
+        f"({r['sentences']} sentences, {r['split']}, {r['src']}->{r['tgt']}, beam {r['beam']})\n"
+        f"  {r['bleu_detail']}\n"
+        f"  BLEU signature:     {r['bleu_signature']}\n"
+        f"  chrF signature:     {r['chrf_signature']}\n"
+        f"  BLEU(lc) signature: {r['bleu_lc_signature']}"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -128,9 +128,15 @@ class ShapeBuckets:
         self.shapes: list[Shape] = uniq  # type: ignore[assignment]
 
     @classmethod
-    def from_budget(cls, max_tokens: int, max_sentences: int, max_len: int,
-                    lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
-                    batch_multiple: int = 1) -> ShapeBuckets:
+    def from_budget(
+        cls,
+        max_tokens: int,
+        max_sentences: int,
+        max_len: int,
+        lengths: Sequence[int] | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        batch_multiple: int = 1,
+    ) -> ShapeBuckets:
         """Shapes (B_L, L, L) for bucket lengths L that hold every batch TokenBucketSampler makes.
 
         lengths: None = `length_grid(max_len)`. batch_sizes: one per length, or None = derived:
@@ -149,8 +155,10 @@ class ShapeBuckets:
             raise MTError(f"trainer.graph_lengths must be positive lengths, got {lengths}")
         if batch_sizes is not None:
             if lengths is None or len(batch_sizes) != len(lengths):
-                raise MTError("trainer.graph_batch_sizes needs trainer.graph_lengths, one batch size per length "
-                              f"(got {list(batch_sizes)} for lengths {None if lengths is None else list(lengths)})")
+                raise MTError(
+                    "trainer.graph_batch_sizes needs trainer.graph_lengths, one batch size per length "
+                    f"(got {list(batch_sizes)} for lengths {None if lengths is None else list(lengths)})"
+                )
             pairs = sorted(zip((int(v) for v in lengths), (int(b) for b in batch_sizes)))
             return cls((b, L, L) for L, b in pairs)
         shapes, prev = [], 0
@@ -196,8 +204,10 @@ def pad_batch(batch: Any, shape: Shape, pad_id: int, pin_memory: bool = False) -
         raise ValueError(f"batch ({n}, {s}, {t}) does not fit shape {shape}")
 
     def full(x: Tensor, size: tuple[int, ...], value: int) -> Tensor:
-        return pinned_if_possible(lambda pin: torch.full(size, value, dtype=x.dtype, device=x.device, pin_memory=pin),
-                                  pin_memory and x.device.type == "cpu")
+        return pinned_if_possible(
+            lambda pin: torch.full(size, value, dtype=x.dtype, device=x.device, pin_memory=pin),
+            pin_memory and x.device.type == "cpu",
+        )
 
     def grow(x: Tensor, cols: int) -> Tensor:
         out = full(x, (B, cols), pad_id)
@@ -208,8 +218,14 @@ def pad_batch(batch: Any, shape: Shape, pad_id: int, pin_memory: bool = False) -
     src_len[:n] = batch.src_len
     indices = full(batch.indices, (B,), -1)
     indices[:n] = batch.indices
-    return dataclasses.replace(batch, src=grow(batch.src, S), src_len=src_len, tgt_in=grow(batch.tgt_in, T),
-                               tgt_out=grow(batch.tgt_out, T), indices=indices)
+    return dataclasses.replace(
+        batch,
+        src=grow(batch.src, S),
+        src_len=src_len,
+        tgt_in=grow(batch.tgt_in, T),
+        tgt_out=grow(batch.tgt_out, T),
+        indices=indices,
+    )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -312,14 +328,23 @@ class _SlotRunner:
 class TrainStep:
     """The eager training step (trainer.cuda_graphs off), exactly mt.train's loop body:
 
-        loss_sum, nll_sum = step.forward_backward(batch)   # forward, loss, backward
-        grad_norm = step.update()                          # clip, optimizer step, zero_grad
-        ... queue the numbers; mt.train reads them a step later (mt/step_stats.py) ...
+    loss_sum, nll_sum = step.forward_backward(batch)   # forward, loss, backward
+    grad_norm = step.update()                          # clip, optimizer step, zero_grad
+    ... queue the numbers; mt.train reads them a step later (mt/step_stats.py) ...
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, pad_id: int,
-                 amp_dtype: torch.dtype | None, clip_norm: float, device: torch.device | str,
-                 train_model: nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        *,
+        pad_id: int,
+        amp_dtype: torch.dtype | None,
+        clip_norm: float,
+        device: torch.device | str,
+        train_model: nn.Module | None = None,
+    ):
         self.model, self.train_model = model, train_model if train_model is not None else model
         self.optimizer, self.criterion, self.pad_id = optimizer, criterion, pad_id
         self.amp_dtype, self.device = amp_dtype, torch.device(device)
@@ -328,8 +353,16 @@ class TrainStep:
     def forward_backward(self, batch) -> tuple[Tensor, Tensor]:
         """Forward + backward of a (CPU or device) batch; the label-smoothed loss sum and the NLL sum."""
         batch = to_device(batch, self.device)
-        loss_sum, nll_sum = loss_sums(self.train_model, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out,
-                                      criterion=self.criterion, pad_id=self.pad_id, amp_dtype=self.amp_dtype)
+        loss_sum, nll_sum = loss_sums(
+            self.train_model,
+            batch.src,
+            batch.src_len,
+            batch.tgt_in,
+            batch.tgt_out,
+            criterion=self.criterion,
+            pad_id=self.pad_id,
+            amp_dtype=self.amp_dtype,
+        )
         (loss_sum / max(1, batch.ntokens)).backward()
         return loss_sum, nll_sum
 
@@ -379,14 +412,27 @@ class GraphedTrainStep:
     `emulate=True` (any device; forced on CPU) runs the same padded static-shape steps eagerly.
     """
 
-    def __init__(self, model: Seq2Seq, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, pad_id: int,
-                 amp_dtype: torch.dtype | None, clip_norm: float, buckets: ShapeBuckets | None,
-                 device: torch.device | str, warmup: int = 2, emulate: bool = False):
+    def __init__(
+        self,
+        model: Seq2Seq,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        *,
+        pad_id: int,
+        amp_dtype: torch.dtype | None,
+        clip_norm: float,
+        buckets: ShapeBuckets | None,
+        device: torch.device | str,
+        warmup: int = 2,
+        emulate: bool = False,
+    ):
         self.device = torch.device(device)
         self.capture = self.device.type == "cuda" and not emulate
         if self.device.type != "cuda" and not emulate:
-            raise MTError(f"CUDA graphs need a CUDA device (training runs on {self.device}); "
-                          "use trainer.cuda_graphs=auto or false")
+            raise MTError(
+                f"CUDA graphs need a CUDA device (training runs on {self.device}); "
+                "use trainer.cuda_graphs=auto or false"
+            )
         if self.capture and not all(g.get("capturable") for g in optimizer.param_groups):
             raise MTError("GraphedTrainStep needs a capturable optimizer: call mt.graphs.make_capturable first")
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
@@ -407,8 +453,16 @@ class GraphedTrainStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:  # allocated by the first step, zeroed in place ever after
             torch._foreach_zero_(grads)
-        loss_sum, nll_sum = loss_sums(self.model, src, src_len, tgt_in, tgt_out, criterion=self.criterion,
-                                      pad_id=self.pad_id, amp_dtype=self.amp_dtype)
+        loss_sum, nll_sum = loss_sums(
+            self.model,
+            src,
+            src_len,
+            tgt_in,
+            tgt_out,
+            criterion=self.criterion,
+            pad_id=self.pad_id,
+            amp_dtype=self.amp_dtype,
+        )
         (loss_sum / ntok).backward()
         with torch.no_grad():
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -454,8 +508,10 @@ class GraphedTrainStep:
         return self.out[2]
 
     def summary(self) -> str:
-        return (f"{sum(s.graph is not None for s in self._slots.values())} graphs of {len(self.buckets or [])} "
-                f"shapes; steps: " + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())))
+        return (
+            f"{sum(s.graph is not None for s in self._slots.values())} graphs of {len(self.buckets or [])} "
+            f"shapes; steps: " + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()))
+        )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -485,8 +541,16 @@ class _DecodeSlot(_Graphed):
     repeated K times), the search built on them (by mt.search, on first use), the graph of the
     search step (this object) and the graph of the encoder (`encoder`)."""
 
-    def __init__(self, n: int, K: int, Sb: int, src_dtype: torch.dtype, len_dtype: torch.dtype, device: torch.device,
-                 amp: torch.dtype | None):
+    def __init__(
+        self,
+        n: int,
+        K: int,
+        Sb: int,
+        src_dtype: torch.dtype,
+        len_dtype: torch.dtype,
+        device: torch.device,
+        amp: torch.dtype | None,
+    ):
         super().__init__()
         self.S, self.K, self.amp = Sb, K, amp  # amp: the autocast dtype both graphs run under
         self.src = torch.empty(n, Sb, dtype=src_dtype, device=device)  # (n, Sb) the padded source
@@ -640,8 +704,9 @@ class GraphedDecoder:
         eagerly (emulate, warm-up) or captured once and replayed."""
         self._run_under_autocast(self._runner, slot, step, slot.limit.device, slot.amp)
 
-    def _run_under_autocast(self, runner: _SlotRunner, holder: _Graphed, fn, device: torch.device,
-                            amp: torch.dtype | None) -> None:
+    def _run_under_autocast(
+        self, runner: _SlotRunner, holder: _Graphed, fn, device: torch.device, amp: torch.dtype | None
+    ) -> None:
         def run():
             # the autocast weight cache would hand the graph tensors that die with the caller's
             # autocast region: no cache inside (each weight is used once per step anyway)
@@ -651,5 +716,14 @@ class GraphedDecoder:
         runner.run(holder, run, device, capture=device.type == "cuda" and not self.emulate)
 
 
-__all__ = ["ShapeBuckets", "pad_batch", "length_grid", "bucket_size", "make_capturable", "portable_state",
-           "TrainStep", "GraphedTrainStep", "GraphedDecoder"]
+__all__ = [
+    "ShapeBuckets",
+    "pad_batch",
+    "length_grid",
+    "bucket_size",
+    "make_capturable",
+    "portable_state",
+    "TrainStep",
+    "GraphedTrainStep",
+    "GraphedDecoder",
+]

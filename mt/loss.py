@@ -18,8 +18,17 @@ from torch import Tensor, nn
 from .runtime import autocast
 
 
-def loss_sums(model: nn.Module, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, *,
-              criterion: nn.Module | None, pad_id: int, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor]:
+def loss_sums(
+    model: nn.Module,
+    src: Tensor,
+    src_len: Tensor,
+    tgt_in: Tensor,
+    tgt_out: Tensor,
+    *,
+    criterion: nn.Module | None,
+    pad_id: int,
+    amp_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor]:
     """The forward pass under the run's autocast, then (criterion's sum, NLL sum) in fp32.
 
     criterion: the training loss with reduction="sum" (label smoothing, pad ignored), or None for

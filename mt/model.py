@@ -53,8 +53,11 @@ class DecoderState:
 
     def index_select(self, idx: Tensor) -> DecoderState:
         """Reorder / repeat the batch (beam search)."""
-        return DecoderState([h.index_select(0, idx) for h in self.h],
-                            [c.index_select(0, idx) for c in self.c], self.feed.index_select(0, idx))
+        return DecoderState(
+            [h.index_select(0, idx) for h in self.h],
+            [c.index_select(0, idx) for c in self.c],
+            self.feed.index_select(0, idx),
+        )
 
 
 class Encoder(nn.Module):
@@ -67,7 +70,9 @@ class Encoder(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.rnn = EncoderLSTM(cfg.emb_dim, cfg.hidden_dim // dirs, cfg.enc_layers, cfg.bidirectional, cfg.dropout)
 
-    def forward(self, src: Tensor, src_len: Tensor, backend: str, graph_safe: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, src: Tensor, src_len: Tensor, backend: str, graph_safe: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """src (B, S), src_len (B,) -> out (B, S, H), h_n (L, B, H), c_n (L, B, H)."""
         emb = self.emb_dropout(self.embedding(src))  # (B, S, E)
         return self.rnn(emb, src_len, backend, graph_safe)
@@ -99,7 +104,9 @@ class Decoder(nn.Module):
         """Bridge: encoder final states (L_enc, B, H) -> decoder state. With equal depths layer l
         starts from encoder layer l, otherwise every layer from the top encoder layer."""
         L, (B, H) = self.cfg.dec_layers, h_enc.shape[1:]
-        acc = torch.promote_types(c_enc.dtype, torch.float32)  # the gate cell carries c in fp32 (cudnn: autocast casts it)
+        acc = torch.promote_types(
+            c_enc.dtype, torch.float32
+        )  # the gate cell carries c in fp32 (cudnn: autocast casts it)
         src_layer = [k if h_enc.shape[0] == L else -1 for k in range(L)]
         if self.cfg.bridge == "dense":
             h = [torch.tanh(self.bridge_h(h_enc[k])) for k in src_layer]
@@ -115,7 +122,9 @@ class Decoder(nn.Module):
         top = h[-1]  # (B, H)
         ctx, attn = self.attention(top, memory.keys, memory.out, memory.mask, memory.backend)  # (B, H), (B, S)
         both = torch.cat([ctx.to(top.dtype), top], dim=-1)  # (B, 2H)
-        out = torch.tanh(self.combine(both) if memory.casts is None else F.linear(both, memory.casts["combine"]))  # (B, H)
+        out = torch.tanh(
+            self.combine(both) if memory.casts is None else F.linear(both, memory.casts["combine"])
+        )  # (B, H)
         return out, DecoderState(h, c, out), attn
 
     def _inputs(self, tokens: Tensor, backend: str) -> tuple[Tensor, list | None]:
@@ -156,8 +165,9 @@ class Decoder(nn.Module):
         else:
             if memory.weights is None:
                 memory.weights = self.rnn.step_weights(compute_dtype(emb.device, emb.dtype))
-            x = self.rnn.precompute(emb, memory.weights[0][0].dtype,
-                                    None if casts is None else (casts["emb_w"], casts["emb_b"]))  # (B, 4H)
+            x = self.rnn.precompute(
+                emb, memory.weights[0][0].dtype, None if casts is None else (casts["emb_w"], casts["emb_b"])
+            )  # (B, 4H)
         out, state, attn = self._step(x, state, memory, memory.weights)
         logits = self.generator(out) if casts is None else F.linear(out, casts["gen_w"], casts["gen_b"])
         return logits, state, attn
@@ -167,8 +177,13 @@ class Decoder(nn.Module):
         them once per batch): inside a CUDA graph autocast has no weight cache, so otherwise
         every replayed step would cast the output layer (V x H) and the others again."""
         emb_w, emb_b = self.rnn.input_weights(dtype)
-        return {"emb_w": emb_w, "emb_b": emb_b, "combine": self.combine.weight.to(dtype),
-                "gen_w": self.generator.weight.to(dtype), "gen_b": self.generator.bias.to(dtype)}
+        return {
+            "emb_w": emb_w,
+            "emb_b": emb_b,
+            "combine": self.combine.weight.to(dtype),
+            "gen_w": self.generator.weight.to(dtype),
+            "gen_b": self.generator.bias.to(dtype),
+        }
 
 
 def cell_backend(cell: str, device: torch.device | str) -> str:

@@ -22,8 +22,9 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.name not in kinds:
         raise MTError(f"unknown optim.name={cfg.name!r}; use adam or adamw")
-    return kinds[cfg.name](model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
+    return kinds[cfg.name](
+        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
@@ -42,10 +43,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int)
                 return (s + 1) / warm
             progress = min(1.0, (s + 1 - warm) / span)
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
         return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+        )
     raise MTError(f"unknown optim.scheduler={cfg.scheduler!r}; use inverse_sqrt, cosine, constant or plateau")
 
 

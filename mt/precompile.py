@@ -58,10 +58,14 @@ def resolve_workers(value: int | None, device: torch.device, backend: str) -> in
         n = min(AUTO_MAX_WORKERS, _cpus() - 1)
         return n if n >= 2 else 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MTError(f"trainer.precompile_workers must be null (auto), 0 (off) or a number of processes, got {value!r}")
+        raise MTError(
+            f"trainer.precompile_workers must be null (auto), 0 (off) or a number of processes, got {value!r}"
+        )
     if value and (device.type != "cuda" or backend != "triton"):
-        raise MTError(f"trainer.precompile_workers={value} compiles Triton kernels for CUDA, but this run uses the "
-                      f"{backend} cell on {device}; use trainer.precompile_workers=null (auto) or 0")
+        raise MTError(
+            f"trainer.precompile_workers={value} compiles Triton kernels for CUDA, but this run uses the "
+            f"{backend} cell on {device}; use trainer.precompile_workers=null (auto) or 0"
+        )
     return value
 
 
@@ -81,10 +85,23 @@ def _batch(n: int, src_len: int, tgt_len: int, token: int, pad: int, bos: int, e
     return collate([row] * n, pad, bos, eos)
 
 
-def dry_run(model: Seq2Seq, *, tok, device: torch.device, amp_dtype: torch.dtype | None,
-            criterion: nn.Module, clip_norm: float, train_shapes: Sequence[tuple[int, int, int]],
-            valid_batch_sizes: Sequence[int], decode_sizes: Sequence[int], valid_batch_size: int,
-            max_len_a: float, max_len_b: int, use_graphs: bool, buckets=None) -> None:
+def dry_run(
+    model: Seq2Seq,
+    *,
+    tok,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    criterion: nn.Module,
+    clip_norm: float,
+    train_shapes: Sequence[tuple[int, int, int]],
+    valid_batch_sizes: Sequence[int],
+    decode_sizes: Sequence[int],
+    valid_batch_size: int,
+    max_len_a: float,
+    max_len_b: int,
+    use_graphs: bool,
+    buckets=None,
+) -> None:
     """Run the run's training step on each of `train_shapes` (batch, src_len, tgt_len), its
     validation loss on one batch per size in `valid_batch_sizes`, and its greedy decode of n
     sentences per n in `decode_sizes`, on a copy of `model`, under the run's autocast and CUDA-
@@ -109,19 +126,40 @@ def dry_run(model: Seq2Seq, *, tok, device: torch.device, amp_dtype: torch.dtype
             step.update()
         sources = [[tok.unk_id] * 3]
         with autocast(device, amp_dtype):
-            validation_loss(shadow, [_batch(n, 4, 4, **make) for n in valid_batch_sizes], device, amp_dtype,
-                            tok.pad_id)
+            validation_loss(shadow, [_batch(n, 4, 4, **make) for n in valid_batch_sizes], device, amp_dtype, tok.pad_id)
             decoder = graphs.GraphedDecoder(shadow, emulate=True) if use_graphs else None
             for n in decode_sizes:
-                decode_dataset(shadow, sources * n, tok, device, batch_size=valid_batch_size,
-                               max_len_a=max_len_a, max_len_b=max_len_b, graphs=decoder)
+                decode_dataset(
+                    shadow,
+                    sources * n,
+                    tok,
+                    device,
+                    batch_size=valid_batch_size,
+                    max_len_a=max_len_a,
+                    max_len_b=max_len_b,
+                    graphs=decoder,
+                )
 
 
-def precompile(workers: kp.CompileWorkers, model: Seq2Seq, *, tok, device: torch.device,
-               amp_dtype: torch.dtype | None, criterion: nn.Module, clip_norm: float, use_graphs: bool,
-               buckets, train_batch_sizes: Iterable[int], valid_batch_sizes: Iterable[int], n_valid: int,
-               valid_batch_size: int, max_len_a: float, max_len_b: int,
-               timeout: float = 300.0) -> tuple[list[kp.Variant], kp.CompileReport]:
+def precompile(
+    workers: kp.CompileWorkers,
+    model: Seq2Seq,
+    *,
+    tok,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    criterion: nn.Module,
+    clip_norm: float,
+    use_graphs: bool,
+    buckets,
+    train_batch_sizes: Iterable[int],
+    valid_batch_sizes: Iterable[int],
+    n_valid: int,
+    valid_batch_size: int,
+    max_len_a: float,
+    max_len_b: int,
+    timeout: float = 300.0,
+) -> tuple[list[kp.Variant], kp.CompileReport]:
     """Record the run's kernel variants (`dry_run`, one batch per tile), compile them on
     `workers` and wait. train_batch_sizes: the eager run's batch sizes (unused under graphs,
     whose shapes are `buckets`'); valid_batch_sizes: the validation loader's."""
@@ -136,11 +174,24 @@ def precompile(workers: kp.CompileWorkers, model: Seq2Seq, *, tok, device: torch
         train_shapes = [(n, 4, 4) for n in one_per_tile(train_batch_sizes)]
     full = min(n_valid, valid_batch_size)
     decode_sizes = sorted({n for n in (full, n_valid % valid_batch_size) if n > 0})
-    variants = kp.record_variants(lambda: dry_run(
-        model, tok=tok, device=device, amp_dtype=amp_dtype, criterion=criterion, clip_norm=clip_norm,
-        train_shapes=train_shapes, valid_batch_sizes=one_per_tile(valid_batch_sizes), decode_sizes=decode_sizes,
-        valid_batch_size=valid_batch_size, max_len_a=max_len_a, max_len_b=max_len_b, use_graphs=use_graphs,
-        buckets=buckets))
+    variants = kp.record_variants(
+        lambda: dry_run(
+            model,
+            tok=tok,
+            device=device,
+            amp_dtype=amp_dtype,
+            criterion=criterion,
+            clip_norm=clip_norm,
+            train_shapes=train_shapes,
+            valid_batch_sizes=one_per_tile(valid_batch_sizes),
+            decode_sizes=decode_sizes,
+            valid_batch_size=valid_batch_size,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            use_graphs=use_graphs,
+            buckets=buckets,
+        )
+    )
     workers.compile(variants, kp.current_target())
     kp.warm_keys()  # while the workers compile: this process's first cache lookups get cheaper
     return variants, workers.wait(timeout)

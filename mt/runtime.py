@@ -66,8 +66,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return table[name]
 
 
-def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = False, *,
-                        key: str = "trainer.cuda_graphs", task: str = "training") -> bool:
+def resolve_cuda_graphs(
+    value: Any,
+    device: torch.device,
+    distributed: bool = False,
+    *,
+    key: str = "trainer.cuda_graphs",
+    task: str = "training",
+) -> bool:
     """auto | true | false -> on/off: auto = on for single-process CUDA work; true where it
     cannot work is an MTError. key/task name the setting and the work in the messages."""
     v = str(value).strip().lower()
@@ -84,11 +90,13 @@ def resolve_cuda_graphs(value: Any, device: torch.device, distributed: bool = Fa
     raise MTError(f"unknown {key}={value!r}; use auto, true or false")
 
 
-def autocast(device: torch.device | str, amp_dtype: torch.dtype | None,
-             cache_enabled: bool = True) -> AbstractContextManager:
+def autocast(
+    device: torch.device | str, amp_dtype: torch.dtype | None, cache_enabled: bool = True
+) -> AbstractContextManager:
     """The autocast region for `amp_dtype` (None: fp32, autocast off). cache_enabled=False for
     code captured in a CUDA graph: the weight-cast cache would hand the graph tensors that die
     with the region."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                          cache_enabled=cache_enabled)
+    return torch.autocast(
+        device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=cache_enabled
+    )

@@ -164,8 +164,7 @@ class _GreedySearch:
     """Greedy search over N rows: the most probable token at every step (BOS/padding banned);
     a row is done after EOS or at its length limit, and then only emits EOS at no cost."""
 
-    def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, bos: int, eos: int,
-                 banned: list[int]):
+    def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, bos: int, eos: int, banned: list[int]):
         N, S, device = memory.out.shape[0], memory.out.shape[1], limit.device
         self.memory, self.limit, self.bos, self.eos = memory, limit, bos, eos  # limit (N,)
         self.banned = torch.tensor(banned, device=device)
@@ -173,9 +172,13 @@ class _GreedySearch:
         self.identity = torch.arange(N, device=device)  # (N,) rows: the decoder state's copy, as a gather
         self.tok_hist = torch.zeros(T, N, dtype=torch.long, device=device)  # (T, N) output tokens
         self.attn_hist = torch.zeros(T, N, S, device=device)  # (T, N, S) fp32 attention
-        self.state = SearchState(torch.full((N,), bos, dtype=torch.long, device=device), dec,
-                                 torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device),
-                                 torch.zeros((), dtype=torch.long, device=device))
+        self.state = SearchState(
+            torch.full((N,), bos, dtype=torch.long, device=device),
+            dec,
+            torch.zeros(N, device=device),
+            torch.zeros(N, dtype=torch.bool, device=device),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
 
     def reset(self, n: int) -> None:
         """Start again with rows [0, n) real (in place: CUDA-graph buffers); padded rows are done."""
@@ -187,7 +190,9 @@ class _GreedySearch:
     def step(self, step_fn, s: SearchState) -> SearchState:
         logits, dec, attn = step_fn(s.last, s.dec, self.memory)  # (N, V), (N, S)
         if fused(self.memory, logits, 1):  # our Triton kernels: one launch for log-softmax and top-1...
-            best, tok = (x.squeeze(1) for x in kernels.log_softmax_topk(logits, 1, banned=self.banned, backend="triton"))
+            best, tok = (
+                x.squeeze(1) for x in kernels.log_softmax_topk(logits, 1, banned=self.banned, backend="triton")
+            )
             from .kernels import search_greedy
 
             if search_greedy.supported(attn):  # ...and one for `advance`
@@ -202,8 +207,9 @@ class _GreedySearch:
         """The step's decisions from each row's best log-prob and token, best and tok (N,); dec and
         attn (N, S) what the decoder step gave: `reference.greedy_update` (`advance_fused` is the
         same in one Triton kernel)."""
-        tok, scores, done = reference.greedy_update(best, tok, attn, self.limit, s.t, s.done, s.scores, self.tok_hist,
-                                                    self.attn_hist, self.eos)
+        tok, scores, done = reference.greedy_update(
+            best, tok, attn, self.limit, s.t, s.done, s.scores, self.tok_hist, self.attn_hist, self.eos
+        )
         return SearchState(tok, dec, scores, done, s.t + 1)
 
     def advance_fused(self, s: SearchState, best: Tensor, tok: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
@@ -212,8 +218,9 @@ class _GreedySearch:
         copied into s's by one more (`search_beam.gather_rows` over the identity)."""
         from .kernels import search_greedy
 
-        search_greedy.greedy_update(best, tok, attn, self.limit, s.t, s.done, s.scores, s.last, self.tok_hist,
-                                    self.attn_hist, self.eos)
+        search_greedy.greedy_update(
+            best, tok, attn, self.limit, s.t, s.done, s.scores, s.last, self.tok_hist, self.attn_hist, self.eos
+        )
         if self.in_place:
             dec = _gather_state(dec, self.identity, into=s.dec)
         s.t.add_(1)
@@ -241,16 +248,28 @@ class _BeamSearch:
     so far, best first: ranking score (float64, -inf = empty), raw log-prob (float32), and
     (step, beam, last token), from which `output` rebuilds the tokens through the back-pointers."""
 
-    def __init__(self, memory: Memory, dec: DecoderState, limit: Tensor, T: int, K: int, nbest: int,
-                 length_penalty: LengthPenalty, bos: int, eos: int, banned: list[int]):
+    def __init__(
+        self,
+        memory: Memory,
+        dec: DecoderState,
+        limit: Tensor,
+        T: int,
+        K: int,
+        nbest: int,
+        length_penalty: LengthPenalty,
+        bos: int,
+        eos: int,
+        banned: list[int],
+    ):
         n, S, device = limit.shape[0], memory.out.shape[1], limit.device
         self.memory, self.limit, self.K, self.nbest = memory, limit, K, nbest
         self.bos, self.eos = bos, eos
         self.banned = torch.tensor(banned, device=device)
         self.sent = torch.arange(n, device=device)  # (n,) original index of each working sentence
         # lp(length) for every length a hypothesis can have here (float64; indexed on the device)
-        self.lp_table = torch.tensor([length_penalty_factor(i, length_penalty) for i in range(T + 2)],
-                                     dtype=torch.float64, device=device)
+        self.lp_table = torch.tensor(
+            [length_penalty_factor(i, length_penalty) for i in range(T + 2)], dtype=torch.float64, device=device
+        )
         self.skip_idle_merge = False  # eager on CPU: skip the merge when nothing closes (costs a host sync)
         self.in_place = False  # the state lives in static buffers (CUDA graphs): `advance_fused` writes into them
         # `advance_fused`'s rows (the beam row each open beam continues), rewritten by every step;
@@ -261,13 +280,20 @@ class _BeamSearch:
         self.tok_hist = torch.zeros(T, n, K, dtype=torch.long, device=device)
         self.bp_hist = torch.zeros(T, n, K, dtype=torch.long, device=device)
         self.attn_hist = torch.zeros(T, n, K, S, device=device)
-        fin = (torch.full((n, K), float("-inf"), dtype=torch.float64, device=device),
-               torch.full((n, K), float("-inf"), device=device),
-               torch.zeros(n, K, 3, dtype=torch.long, device=device))
+        fin = (
+            torch.full((n, K), float("-inf"), dtype=torch.float64, device=device),
+            torch.full((n, K), float("-inf"), device=device),
+            torch.zeros(n, K, 3, dtype=torch.long, device=device),
+        )
         self.result = tuple(f.clone() for f in fin)  # the finished lists of sentences that left
-        self.state = SearchState(torch.full((n * K,), bos, dtype=torch.long, device=device), dec,
-                                 torch.zeros(n, K, device=device), torch.zeros(n, dtype=torch.bool, device=device),
-                                 torch.zeros((), dtype=torch.long, device=device), fin)
+        self.state = SearchState(
+            torch.full((n * K,), bos, dtype=torch.long, device=device),
+            dec,
+            torch.zeros(n, K, device=device),
+            torch.zeros(n, dtype=torch.bool, device=device),
+            torch.zeros((), dtype=torch.long, device=device),
+            fin,
+        )
         self.reset(n)
 
     def reset(self, n: int) -> None:
@@ -287,8 +313,9 @@ class _BeamSearch:
         k2 = min(2 * K, K * V)
         kr = min(k2, V)  # a sentence's k2 best candidates are among its beams' kr best each
         if fused(self.memory, logits, kr):  # our Triton kernels: log-softmax, + score, top-k per beam, one launch
-            val, col = kernels.log_softmax_topk(logits, kr, row_bias=s.scores.view(-1), banned=self.banned,
-                                                backend="triton")  # (n*K, kr)
+            val, col = kernels.log_softmax_topk(
+                logits, kr, row_bias=s.scores.view(-1), banned=self.banned, backend="triton"
+            )  # (n*K, kr)
             from .kernels import search_beam
 
             if search_beam.supported(val, K, V, attn.shape[1]):  # ...and `advance` as one more
@@ -302,19 +329,34 @@ class _BeamSearch:
             top_beam, top_tok = top_i // V, top_i % V  # (n, k2)
         return self.advance(s, top_s, top_beam, top_tok, dec, attn)
 
-    def advance(self, s: SearchState, top_s: Tensor, top_beam: Tensor, top_tok: Tensor, dec: DecoderState,
-                attn: Tensor) -> SearchState:
+    def advance(
+        self, s: SearchState, top_s: Tensor, top_beam: Tensor, top_tok: Tensor, dec: DecoderState, attn: Tensor
+    ) -> SearchState:
         """The step's decisions from each sentence's k2 best candidates, best first: top_s (n, k2)
         their scores, top_beam and top_tok (n, k2) the beam each extends and its token; dec and
         attn (n*K, S) what the decoder step gave every beam row: `reference.beam_update`
         (`advance_fused` is the same in one Triton kernel)."""
         tok, rows, score, done, fin = reference.beam_update(
-            top_s, top_beam, top_tok, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, self.tok_hist,
-            self.bp_hist, self.attn_hist, self.eos, self.nbest, skip_idle_merge=self.skip_idle_merge)
+            top_s,
+            top_beam,
+            top_tok,
+            attn,
+            self.limit,
+            self.sent,
+            s.t,
+            self.lp_table,
+            s.done,
+            s.fin,
+            self.tok_hist,
+            self.bp_hist,
+            self.attn_hist,
+            self.eos,
+            self.nbest,
+            skip_idle_merge=self.skip_idle_merge,
+        )
         return SearchState(tok, dec.index_select(rows), score, done, s.t + 1, fin)
 
-    def advance_fused(self, s: SearchState, val: Tensor, col: Tensor, dec: DecoderState,
-                      attn: Tensor) -> SearchState:
+    def advance_fused(self, s: SearchState, val: Tensor, col: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
         """`advance` from each beam's 2K best candidates, val and col (n*K, 2K) of the fused
         top-k, in one launch (kernels/search_beam.py): s's scores, tokens, finished lists and
         done flags are rewritten in place, and with `in_place` (static CUDA-graph buffers) the
@@ -323,8 +365,25 @@ class _BeamSearch:
 
         n, K = s.scores.shape
         rows = self.rows[: n * K]  # (n*K,) the row each open beam continues, written by the kernel
-        search_beam.beam_update(val, col, attn, self.limit, self.sent, s.t, self.lp_table, s.done, s.fin, s.scores,
-                                s.last, rows, self.tok_hist, self.bp_hist, self.attn_hist, self.eos, self.nbest)
+        search_beam.beam_update(
+            val,
+            col,
+            attn,
+            self.limit,
+            self.sent,
+            s.t,
+            self.lp_table,
+            s.done,
+            s.fin,
+            s.scores,
+            s.last,
+            rows,
+            self.tok_hist,
+            self.bp_hist,
+            self.attn_hist,
+            self.eos,
+            self.nbest,
+        )
         dec = _gather_state(dec, rows, into=s.dec if self.in_place else None)  # the state follows its beams
         s.t.add_(1)
         return SearchState(s.last, dec, s.scores, s.done, s.t, s.fin)
@@ -339,8 +398,14 @@ class _BeamSearch:
         rows = (keep_t.unsqueeze(-1) * K + torch.arange(K, device=dev)).view(-1)  # (n'*K,)
         self.memory, self.limit = self.memory.index_select(rows), self.limit.index_select(0, keep_t)
         self.sent = self.sent.index_select(0, keep_t)
-        return SearchState(s.last.index_select(0, rows), s.dec.index_select(rows), s.scores.index_select(0, keep_t),
-                           s.done.index_select(0, keep_t), s.t, tuple(f.index_select(0, keep_t) for f in s.fin))
+        return SearchState(
+            s.last.index_select(0, rows),
+            s.dec.index_select(rows),
+            s.scores.index_select(0, keep_t),
+            s.done.index_select(0, keep_t),
+            s.t,
+            tuple(f.index_select(0, keep_t) for f in s.fin),
+        )
 
     def finish(self) -> None:
         """File the finished lists of the sentences still in the batch."""
@@ -361,9 +426,12 @@ class _BeamSearch:
             tok, attn = search_beam.backtrack(self.result[2], self.tok_hist, self.bp_hist, self.attn_hist, n, m, steps)
             tokens, a_np = tok.cpu().numpy(), attn.cpu().numpy()  # (n, m, L), (n, m, L, S)
         else:
-            tokens, a_np = reference.backtrack(self.tok_hist[:steps, :n].cpu().numpy(),
-                                              self.bp_hist[:steps, :n].cpu().numpy(),
-                                              self.attn_hist[:steps, :n].cpu(), info)
+            tokens, a_np = reference.backtrack(
+                self.tok_hist[:steps, :n].cpu().numpy(),
+                self.bp_hist[:steps, :n].cpu().numpy(),
+                self.attn_hist[:steps, :n].cpu(),
+                info,
+            )
         tok_lists, end_list, last_list = tokens.tolist(), info[..., 0].tolist(), info[..., 2].tolist()
         out = SearchOutput([], [], [], [])
         for i in range(n):
@@ -407,8 +475,7 @@ def _backtrack_kernel_takes(attn_hist: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor,
-         steps_max: int):
+def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor, steps_max: int):
     """Encode src (n, S) with K rows per sentence (beam search: each sentence repeated K times),
     build the search with `make(memory, dec, limit, T)` and step it until every sentence is done
     (at most `steps_max` steps) -> (search, steps taken).
@@ -438,8 +505,9 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor,
             if all(done):
                 break
             if beam and any(done):
-                search.state = search.retire(search.state, [b for b, d in enumerate(done) if d],
-                                             [b for b, d in enumerate(done) if not d])
+                search.state = search.retire(
+                    search.state, [b for b, d in enumerate(done) if d], [b for b, d in enumerate(done) if not d]
+                )
         if graphs is not None:
             graphs.stats["eager"] += steps
         return search, steps
@@ -462,8 +530,16 @@ def _run(make, model: Seq2Seq, graphs, key: tuple, src: Tensor, src_len: Tensor,
 
 # ----------------------------------------------------------------------------- greedy
 @torch.no_grad()
-def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int,
-                  max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
+def greedy_search(
+    model: Seq2Seq,
+    src: Tensor,
+    src_len: Tensor,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    graphs=None,
+) -> SearchOutput:
     """Pick the most probable token at every step. src (B, S), src_len (B,)."""
     B = src.shape[0]
     limit = max_lengths(src_len, max_len_a, max_len_b)  # (B,)
@@ -479,9 +555,19 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos
 
 # ----------------------------------------------------------------------------- beam
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int,
-                beam: int = 5, length_penalty: LengthPenalty = 1.0, nbest: int = 1,
-                max_len_a: float = 1.5, max_len_b: int = 10, graphs=None) -> SearchOutput:
+def beam_search(
+    model: Seq2Seq,
+    src: Tensor,
+    src_len: Tensor,
+    bos_id: int,
+    eos_id: int,
+    beam: int = 5,
+    length_penalty: LengthPenalty = 1.0,
+    nbest: int = 1,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    graphs=None,
+) -> SearchOutput:
     """Batched beam search. src (B, S), src_len (B,) -> per sentence the `nbest` best finished
     hypotheses (ranked by log_prob / lp(len), see the module docstring), best first."""
     if beam < 1:
@@ -502,21 +588,42 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_i
     return search.output(steps, B, src_len.tolist())
 
 
-def search(model: Seq2Seq, src: Tensor, src_len: Tensor, bos_id: int, eos_id: int, beam: int = 1,
-           length_penalty: LengthPenalty = None, nbest: int = 1, max_len_a: float = 1.5,
-           max_len_b: int = 10, graphs=None) -> SearchOutput:
+def search(
+    model: Seq2Seq,
+    src: Tensor,
+    src_len: Tensor,
+    bos_id: int,
+    eos_id: int,
+    beam: int = 1,
+    length_penalty: LengthPenalty = None,
+    nbest: int = 1,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    graphs=None,
+) -> SearchOutput:
     """Greedy search when beam == 1 and there is no length penalty, beam search otherwise."""
     if beam == 1 and nbest == 1 and parse_length_penalty(length_penalty) is None:
         return greedy_search(model, src, src_len, bos_id, eos_id, max_len_a, max_len_b, graphs=graphs)
-    return beam_search(model, src, src_len, bos_id, eos_id, beam, length_penalty, nbest, max_len_a, max_len_b,
-                       graphs=graphs)
+    return beam_search(
+        model, src, src_len, bos_id, eos_id, beam, length_penalty, nbest, max_len_a, max_len_b, graphs=graphs
+    )
 
 
 # ----------------------------------------------------------------------------- whole splits
 @torch.no_grad()
-def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_size: int = 64,
-                   max_len_a: float = 1.5, max_len_b: int = 10, beam: int = 1,
-                   length_penalty: LengthPenalty = None, nbest: int = 1, graphs=None) -> SearchOutput:
+def decode_dataset(
+    model: Seq2Seq,
+    ds,
+    tokenizer,
+    device: torch.device,
+    batch_size: int = 64,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    beam: int = 1,
+    length_penalty: LengthPenalty = None,
+    nbest: int = 1,
+    graphs=None,
+) -> SearchOutput:
     """Decode every row of a tokenized split (column `src_ids`; a dataset or a list of id lists)
     in batches of similar source length: greedy by default, beam search with `beam` > 1 or a
     length penalty. Results come back in the split's order. graphs: a GraphedDecoder, or None."""
@@ -535,10 +642,25 @@ def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_si
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate([{"src_ids": src_ids[i], "tgt_ids": [], "idx": i} for i in idx],
-                            tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
-            out = search(model, batch.src, batch.src_len, tokenizer.bos_id, tokenizer.eos_id, beam,
-                         length_penalty, nbest, max_len_a, max_len_b, graphs=graphs)
+            batch = collate(
+                [{"src_ids": src_ids[i], "tgt_ids": [], "idx": i} for i in idx],
+                tokenizer.pad_id,
+                tokenizer.bos_id,
+                tokenizer.eos_id,
+            ).to(device)
+            out = search(
+                model,
+                batch.src,
+                batch.src_len,
+                tokenizer.bos_id,
+                tokenizer.eos_id,
+                beam,
+                length_penalty,
+                nbest,
+                max_len_a,
+                max_len_b,
+                graphs=graphs,
+            )
             for j, i in enumerate(idx):
                 tokens[i], scores[i], attention[i] = out.tokens[j], out.scores[j], out.attention[j]
                 hyps[i] = out.nbest[j]
@@ -547,5 +669,15 @@ def decode_dataset(model: Seq2Seq, ds, tokenizer, device: torch.device, batch_si
     return SearchOutput(tokens, scores, attention, hyps)
 
 
-__all__ = ["Hyp", "SearchOutput", "greedy_search", "beam_search", "search", "decode_dataset",
-           "parse_length_penalty", "length_penalty_factor", "normalized_score", "max_lengths"]
+__all__ = [
+    "Hyp",
+    "SearchOutput",
+    "greedy_search",
+    "beam_search",
+    "search",
+    "decode_dataset",
+    "parse_length_penalty",
+    "length_penalty_factor",
+    "normalized_score",
+    "max_lengths",
+]

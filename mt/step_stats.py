@@ -106,8 +106,15 @@ class StepStats:
 SUMMED = 4  # the first 4 numbers of step_values are summed over ranks (mt.train)
 
 
-def step_values(loss_sum: Tensor, nll_sum: Tensor, ntokens: int, out_of_time: bool,
-                grad_norm: Tensor, lr: float | Tensor, device: torch.device | str) -> Tensor:
+def step_values(
+    loss_sum: Tensor,
+    nll_sum: Tensor,
+    ntokens: int,
+    out_of_time: bool,
+    grad_norm: Tensor,
+    lr: float | Tensor,
+    device: torch.device | str,
+) -> Tensor:
     """One training step's numbers as a (6,) float64 tensor on `device`, built without waiting
     for the GPU: [loss sum, NLL sum, target tokens, out of time (0/1), gradient norm, lr].
     The host's numbers travel through pinned memory (a blocking copy would wait for the stream);
@@ -115,8 +122,15 @@ def step_values(loss_sum: Tensor, nll_sum: Tensor, ntokens: int, out_of_time: bo
     scheduler.step()."""
     device = torch.device(device)
     numbers = [float(ntokens), float(out_of_time), 0.0 if isinstance(lr, Tensor) else float(lr)]
-    host = pinned_if_possible(lambda pin: torch.tensor(numbers, dtype=torch.float64, pin_memory=pin),
-                              device.type == "cuda").to(device, non_blocking=True)  # (3,)
+    host = pinned_if_possible(
+        lambda pin: torch.tensor(numbers, dtype=torch.float64, pin_memory=pin), device.type == "cuda"
+    ).to(device, non_blocking=True)  # (3,)
     lr_t = lr.detach().to(device, torch.float64).reshape(1) if isinstance(lr, Tensor) else host[2:]  # (1,)
-    return torch.cat([torch.stack([loss_sum.detach().double(), nll_sum.detach().double()]), host[:2],
-                      grad_norm.detach().to(device, torch.float64).reshape(1), lr_t])  # (6,)
+    return torch.cat(
+        [
+            torch.stack([loss_sum.detach().double(), nll_sum.detach().double()]),
+            host[:2],
+            grad_norm.detach().to(device, torch.float64).reshape(1),
+            lr_t,
+        ]
+    )  # (6,)

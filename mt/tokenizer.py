@@ -140,9 +140,7 @@ class Tokenizer:
     @classmethod
     def from_state_dict(cls, d: dict) -> Tokenizer:
         if not isinstance(d, dict) or "src_model" not in d:
-            raise DataError(
-                "not a tokenizer state (missing 'src_model'); is this an mt checkpoint?"
-            )
+            raise DataError("not a tokenizer state (missing 'src_model'); is this an mt checkpoint?")
         return cls(
             d["src_model"],
             None if d.get("joint", False) else d.get("tgt_model"),
@@ -277,10 +275,7 @@ def _train_or_load(
         else:
             log(f"tokenizer: loaded cached {role} model {path}")
             return proto
-    log(
-        f"tokenizer: training {role} {cfg.model_type} model (vocab_size={cfg.vocab_size}) "
-        f"on {len(texts)} sentences"
-    )
+    log(f"tokenizer: training {role} {cfg.model_type} model (vocab_size={cfg.vocab_size}) on {len(texts)} sentences")
     proto = _spm_train(cfg, texts)
     _atomic_write(path, proto)
     log(f"tokenizer: saved {role} model to {path}")

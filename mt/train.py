@@ -44,8 +44,12 @@ def main(dcfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
-        log.info("done: step %d, best validation BLEU %.2f, checkpoints in %s", summary["step"], summary["best_bleu"],
-                 Path(out_dir) / "checkpoints")
+        log.info(
+            "done: step %d, best validation BLEU %.2f, checkpoints in %s",
+            summary["step"],
+            summary["best_bleu"],
+            Path(out_dir) / "checkpoints",
+        )
     return summary["best_bleu"]  # the value a Hydra sweeper would optimise
 
 

@@ -83,22 +83,33 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming needs the same model and vocabulary; other settings (steps, lr...) may change."""
     for group in ("model", "tokenizer"):
         a, b = asdict(getattr(saved, group)), asdict(getattr(cfg, group))
-        diff = [f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k]
-                and k != "cell"]  # the cell backend is free: same parameters on every backend
+        diff = [
+            f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k] and k != "cell"
+        ]  # the cell backend is free: same parameters on every backend
         if diff:
             raise CheckpointError(f"checkpoint {path} does not fit this config ({'; '.join(diff[:3])})")
     if (saved.data.src, saved.data.tgt) != (cfg.data.src, cfg.data.tgt):
-        raise CheckpointError(f"checkpoint {path} translates {saved.data.src}->{saved.data.tgt}, "
-                              f"not {cfg.data.src}->{cfg.data.tgt}")
+        raise CheckpointError(
+            f"checkpoint {path} translates {saved.data.src}->{saved.data.tgt}, not {cfg.data.src}->{cfg.data.tgt}"
+        )
 
 
 class Trainer:
     """One training run on this process (one rank of it under torchrun)."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path, ddp: Distributed, device: torch.device,
-                 amp_dtype: torch.dtype | None, use_graphs: bool, saver: CheckpointWriter,
-                 workers: CompileWorkers | None = None, watch: CompileWatch | None = None,
-                 precompile_barrier: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: Path,
+        ddp: Distributed,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        use_graphs: bool,
+        saver: CheckpointWriter,
+        workers: CompileWorkers | None = None,
+        watch: CompileWatch | None = None,
+        precompile_barrier: bool = False,
+    ):
         self.started = _now()  # trainer.max_minutes counts from here
         self.cfg, self.tc, self.oc = cfg, cfg.trainer, cfg.optim
         self.ddp, self.device, self.amp_dtype, self.use_graphs = ddp, device, amp_dtype, use_graphs
@@ -126,7 +137,9 @@ class Trainer:
         self.progress = self.progress_bar()
         done = s.step >= tc.max_steps
         while not done and s.epoch < tc.max_epochs:
-            self.train_loader.batch_sampler.set_epoch(s.epoch, start=s.batch_in_epoch)  # resuming: skip what was trained on
+            self.train_loader.batch_sampler.set_epoch(
+                s.epoch, start=s.batch_in_epoch
+            )  # resuming: skip what was trained on
             for batch in self.train_loader:
                 self.train_step(batch)
                 if s.step % tc.eval_every == 0 or s.step >= tc.max_steps:
@@ -165,8 +178,9 @@ class Trainer:
         self.model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(self.device)
         self.optimizer = make_optimizer(self.model, self.oc)
         self.scheduler = make_scheduler(self.optimizer, self.oc, tc.max_steps)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing,
-                                             reduction="sum")
+        self.criterion = nn.CrossEntropyLoss(
+            ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing, reduction="sum"
+        )
         return resume_state
 
     def read_resume_checkpoint(self) -> tuple[dict[str, Any], Tokenizer]:
@@ -192,14 +206,17 @@ class Trainer:
         if not ddp.main:
             ddp.barrier()
         try:
-            self.corpus = data.prepare_corpus(cfg.data, cfg.tokenizer, cache_dir,
-                                              log=log.info if ddp.main else (lambda *_: None), tokenizer=tokenizer)
+            self.corpus = data.prepare_corpus(
+                cfg.data, cfg.tokenizer, cache_dir, log=log.info if ddp.main else (lambda *_: None), tokenizer=tokenizer
+            )
         finally:  # release the other ranks even when rank 0 fails: they then meet the same error
             if ddp.main:
                 ddp.barrier()
         self.tok = self.corpus.tokenizer
         if self.corpus.valid is None or len(self.corpus.valid) == 0:
-            raise MTError(f"no validation split in {cfg.data.path} (looked for {cfg.data.valid_split}, valid, val, dev)")
+            raise MTError(
+                f"no validation split in {cfg.data.path} (looked for {cfg.data.valid_split}, valid, val, dev)"
+            )
 
     def resume(self, state: dict[str, Any]) -> None:
         """Weights, optimizer, scheduler, counters and this rank's RNG from the checkpoint."""
@@ -214,8 +231,9 @@ class Trainer:
         set_rng_state(rngs[self.ddp.rank] if self.ddp.rank < len(rngs) else rngs[0])
         if self.ddp.main:
             s = self.state
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, s.step, s.epoch,
-                     s.batch_in_epoch)
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)", self.last_path, s.step, s.epoch, s.batch_in_epoch
+            )
 
     def prepare_steps(self, resumed: bool) -> None:
         """The training step (eager or CUDA graphs), the loaders and TensorBoard."""
@@ -228,43 +246,67 @@ class Trainer:
         # the validation split's columns as lists, once (datasets reads Arrow at every access)
         valid = self.corpus.valid
         self.valid_src_ids, self.valid_srcs, self.valid_refs = (
-            (list(valid[c]) if ddp.main else []) for c in ("src_ids", "src", "tgt"))
+            (list(valid[c]) if ddp.main else []) for c in ("src_ids", "src", "tgt")
+        )
         if not ddp.main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=s.step + 1 if resumed else None)
-        log.info("model: %s parameters, cell=%s (%s), device=%s, precision=%s, world=%d",
-                 f"{count_parameters(self.model):,}", self.cfg.model.cell, self.model.backend(self.device), self.device,
-                 self.amp_dtype or "fp32", ddp.world)
-        log.info("data: %d train / %d valid pairs, vocab %d/%d", len(self.corpus.train), len(valid),
-                 self.tok.src_vocab_size, self.tok.tgt_vocab_size)
+        log.info(
+            "model: %s parameters, cell=%s (%s), device=%s, precision=%s, world=%d",
+            f"{count_parameters(self.model):,}",
+            self.cfg.model.cell,
+            self.model.backend(self.device),
+            self.device,
+            self.amp_dtype or "fp32",
+            ddp.world,
+        )
+        log.info(
+            "data: %d train / %d valid pairs, vocab %d/%d",
+            len(self.corpus.train),
+            len(valid),
+            self.tok.src_vocab_size,
+            self.tok.tgt_vocab_size,
+        )
 
     def progress_bar(self) -> tqdm | None:
         """On rank 0; disable=None: a bar only when stderr is a terminal (trainer.progress decides)."""
         tc = self.tc
         if not self.ddp.main:
             return None
-        return tqdm(total=tc.max_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=None if tc.progress is None else not tc.progress)
+        return tqdm(
+            total=tc.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if tc.progress is None else not tc.progress,
+        )
 
     def make_stepper(self) -> None:
         """One training step: eager (DDP-wrapped under torchrun), or replayed from CUDA graphs
         (mt/graphs.py; docs/gpu.md), one graph per bucket shape."""
         cfg, tc, model = self.cfg, self.tc, self.model
-        kw = dict(pad_id=self.tok.pad_id, amp_dtype=self.amp_dtype, clip_norm=self.oc.clip_grad_norm,
-                  device=self.device)
+        kw = dict(
+            pad_id=self.tok.pad_id, amp_dtype=self.amp_dtype, clip_norm=self.oc.clip_grad_norm, device=self.device
+        )
         if not self.use_graphs:
             train_model: nn.Module = model
             if self.ddp.enabled:
                 train_model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.device] if self.device.type == "cuda" else None)
+                    model, device_ids=[self.device] if self.device.type == "cuda" else None
+                )
             self.stepper = graphs.TrainStep(model, self.optimizer, self.criterion, train_model=train_model, **kw)
             return
         graphs.make_capturable(self.optimizer, self.device)  # after resume's load: lr as a device tensor
         self.buckets = graphs.ShapeBuckets.from_budget(
-            tc.max_tokens, tc.max_sentences, max(cfg.data.max_src_len, cfg.data.max_tgt_len) + 1,
-            lengths=tc.graph_lengths, batch_sizes=tc.graph_batch_sizes)
+            tc.max_tokens,
+            tc.max_sentences,
+            max(cfg.data.max_src_len, cfg.data.max_tgt_len) + 1,
+            lengths=tc.graph_lengths,
+            batch_sizes=tc.graph_batch_sizes,
+        )
         self.stepper = graphs.GraphedTrainStep(model, self.optimizer, self.criterion, buckets=self.buckets, **kw)
         self.decoder_graphs = graphs.GraphedDecoder(model)
         if self.ddp.main:
@@ -274,9 +316,18 @@ class Trainer:
         tc, ddp, s = self.tc, self.ddp, self.state
 
         def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world, pin_memory=False):
-            return batching.make_loader(ds, self.tok, tc.max_tokens, tc.max_sentences, shuffle=shuffle, seed=tc.seed,
-                                        num_replicas=world, rank=rank, num_workers=tc.num_workers,
-                                        pin_memory=pin_memory)
+            return batching.make_loader(
+                ds,
+                self.tok,
+                tc.max_tokens,
+                tc.max_sentences,
+                shuffle=shuffle,
+                seed=tc.seed,
+                num_replicas=world,
+                rank=rank,
+                num_workers=tc.num_workers,
+                pin_memory=pin_memory,
+            )
 
         # eager on CUDA: batches pinned by the loader, copied without waiting (graphs.to_device);
         # under graphs pad_batch makes the pinned copy
@@ -287,8 +338,13 @@ class Trainer:
             raise MTError("the training split is empty after filtering; check data.max_src_len/max_tgt_len")
         self.train_loader.batch_sampler.set_epoch(s.epoch)
         first = next(iter(self.train_loader.batch_sampler))
-        log.info("rank %d/%d: %d batches per epoch, first batch rows %s", ddp.rank, ddp.world, len(self.train_loader),
-                 sorted(first)[:8])
+        log.info(
+            "rank %d/%d: %d batches per epoch, first batch rows %s",
+            ddp.rank,
+            ddp.world,
+            len(self.train_loader),
+            sorted(first)[:8],
+        )
 
     def warm_up(self) -> None:
         """Triton kernels compiled in parallel now, not one by one at first launch (mt/precompile.py)."""
@@ -297,22 +353,36 @@ class Trainer:
             t0 = time.perf_counter()
             try:
                 variants, report = precompile.precompile(
-                    workers, self.model, tok=self.tok, device=self.device, amp_dtype=self.amp_dtype,
-                    criterion=self.criterion, clip_norm=self.oc.clip_grad_norm, use_graphs=self.use_graphs,
+                    workers,
+                    self.model,
+                    tok=self.tok,
+                    device=self.device,
+                    amp_dtype=self.amp_dtype,
+                    criterion=self.criterion,
+                    clip_norm=self.oc.clip_grad_norm,
+                    use_graphs=self.use_graphs,
                     buckets=self.buckets,
                     train_batch_sizes=[] if self.use_graphs else [len(b) for b in self.train_loader.batch_sampler],
                     valid_batch_sizes=[len(b) for b in self.valid_loader.batch_sampler],
-                    n_valid=len(self.valid_src_ids), valid_batch_size=tc.valid_batch_size,
-                    max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b)
+                    n_valid=len(self.valid_src_ids),
+                    valid_batch_size=tc.valid_batch_size,
+                    max_len_a=tc.valid_max_len_a,
+                    max_len_b=tc.valid_max_len_b,
+                )
             except Exception as e:  # only a head start: the first launches compile what is missing
                 workers.close()
-                log.warning("precompile: skipped after %.1f s (%s: %s); kernels compile at first launch",
-                            time.perf_counter() - t0, type(e).__name__, first_line(e))
+                log.warning(
+                    "precompile: skipped after %.1f s (%s: %s); kernels compile at first launch",
+                    time.perf_counter() - t0,
+                    type(e).__name__,
+                    first_line(e),
+                )
             else:
                 if self.watch is not None:
                     self.watch.expect(variants)
                 (log.warning if report.errors else log.info)(
-                    "precompile: %s; %.1f s in all, the dry run included", report.summary(), time.perf_counter() - t0)
+                    "precompile: %s; %.1f s in all, the dry run included", report.summary(), time.perf_counter() - t0
+                )
         if self.precompile_barrier:
             self.ddp.barrier()  # the other ranks then load what rank 0 compiled (on one machine)
 
@@ -331,8 +401,15 @@ class Trainer:
             self.scheduler.step()
         s.step += 1
         s.batch_in_epoch += 1
-        values = step_values(loss_sum, nll_sum, batch.ntokens, self.out_of_time(), grad_norm,
-                             self.optimizer.param_groups[0]["lr"], self.device)  # (6,) on the device
+        values = step_values(
+            loss_sum,
+            nll_sum,
+            batch.ntokens,
+            self.out_of_time(),
+            grad_norm,
+            self.optimizer.param_groups[0]["lr"],
+            self.device,
+        )  # (6,) on the device
         self.ddp.all_sum_(values[:SUMMED])  # every rank sees the same sums, so all stop together
         self.pending.push((s.step, s.epoch), values)
         self.time_up = self.settle(self.pending.ready())  # the previous step's numbers
@@ -350,7 +427,8 @@ class Trainer:
                 self.saver.wait(raise_error=False)  # the last validation's checkpoint is on disk
                 last = self.last_path if self.last_path.exists() else "none yet"
                 raise TrainingDiverged(
-                    f"loss is {loss_tot} at step {at_step}; stopped without saving (last good checkpoint: {last})")
+                    f"loss is {loss_tot} at step {at_step}; stopped without saving (last good checkpoint: {last})"
+                )
             late = late or ranks_out_of_time > 0
             self.win_loss += loss_tot
             self.win_nll += nll_tot
@@ -364,12 +442,25 @@ class Trainer:
         elapsed = time.perf_counter() - self.win_t0
         loss_avg, nll_avg = self.win_loss / max(1, self.win_tok), self.win_nll / max(1, self.win_tok)
         tok_per_s = self.win_tok / max(elapsed, 1e-9)
-        for k, v in (("loss", loss_avg), ("ppl", math.exp(min(nll_avg, 50))), ("lr", lr), ("grad_norm", grad_norm),
-                     ("tokens_per_s", tok_per_s)):
+        for k, v in (
+            ("loss", loss_avg),
+            ("ppl", math.exp(min(nll_avg, 50))),
+            ("lr", lr),
+            ("grad_norm", grad_norm),
+            ("tokens_per_s", tok_per_s),
+        ):
             self.writer.add_scalar(f"train/{k}", v, step)
         self.progress.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}")
-        log.info("step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
-                 step, epoch, loss_avg, math.exp(min(nll_avg, 50)), lr, grad_norm, tok_per_s)
+        log.info(
+            "step %d | epoch %d | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | %.0f tok/s",
+            step,
+            epoch,
+            loss_avg,
+            math.exp(min(nll_avg, 50)),
+            lr,
+            grad_norm,
+            tok_per_s,
+        )
         self.win_loss = self.win_nll = self.win_tok = 0.0
         self.win_t0 = time.perf_counter()
 
@@ -392,15 +483,27 @@ class Trainer:
             else:
                 s.bad_evals += 1
         bleu, stop, timed_out = ddp.broadcast(
-            [metrics.get("bleu", 0.0), float(tc.patience > 0 and s.bad_evals >= tc.patience), float(self.out_of_time())],
-            self.device)
+            [
+                metrics.get("bleu", 0.0),
+                float(tc.patience > 0 and s.bad_evals >= tc.patience),
+                float(self.out_of_time()),
+            ],
+            self.device,
+        )
         if not steps_per_update(self.scheduler):
             self.scheduler.step(bleu)  # before saving, so a resumed run's scheduler has seen this BLEU too
         self.save_checkpoint(metrics, improved, report)
         if ddp.main:
-            log.info("step %d | valid loss %.3f ppl %.2f | BLEU %.2f | best %.2f%s | %.1fs",
-                     s.step, metrics["loss"], metrics["ppl"], metrics["bleu"], s.best_bleu, " *" if improved else "",
-                     time.perf_counter() - t0)
+            log.info(
+                "step %d | valid loss %.3f ppl %.2f | BLEU %.2f | best %.2f%s | %.1fs",
+                s.step,
+                metrics["loss"],
+                metrics["ppl"],
+                metrics["bleu"],
+                s.best_bleu,
+                " *" if improved else "",
+                time.perf_counter() - t0,
+            )
         self.model.train()
         self.last_metrics, self.last_eval_step = metrics, s.step
         self.time_up = self.time_up or bool(timed_out)  # the validation may have used up the time
@@ -412,23 +515,41 @@ class Trainer:
         tc, tok, step = self.tc, self.tok, self.state.step
         vloss = validation_loss(self.model, self.valid_loader, self.device, self.amp_dtype, tok.pad_id)
         with autocast(self.device, self.amp_dtype):
-            decoded = decode_dataset(self.model, self.valid_src_ids, tok, self.device, batch_size=tc.valid_batch_size,
-                                     max_len_a=tc.valid_max_len_a, max_len_b=tc.valid_max_len_b,
-                                     graphs=self.decoder_graphs)
+            decoded = decode_dataset(
+                self.model,
+                self.valid_src_ids,
+                tok,
+                self.device,
+                batch_size=tc.valid_batch_size,
+                max_len_a=tc.valid_max_len_a,
+                max_len_b=tc.valid_max_len_b,
+                graphs=self.decoder_graphs,
+            )
         hyps, refs, srcs = tok.decode_tgt(decoded.tokens), self.valid_refs, self.valid_srcs
         metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, refs, names=("bleu",))}
         for k in ("loss", "ppl", "bleu"):
             self.writer.add_scalar(f"valid/{k}", metrics[k], step)
-        samples = [f"**src:** {srcs[i]}  \n**ref:** {refs[i]}  \n**hyp:** {hyps[i]}"
-                   for i in range(min(tc.num_samples, len(hyps)))]
+        samples = [
+            f"**src:** {srcs[i]}  \n**ref:** {refs[i]}  \n**hyp:** {hyps[i]}"
+            for i in range(min(tc.num_samples, len(hyps)))
+        ]
         attention = None
         if tc.attention_images and len(hyps):
             src_ids = self.valid_src_ids[0] + [tok.eos_id]
             out_ids = decoded.tokens[0] + [tok.eos_id]
             attn = decoded.attention[0][: len(out_ids), : len(src_ids)]  # (T_out, S) CPU
             attention = (attn, tok.src_pieces(src_ids), tok.tgt_pieces(out_ids)[: attn.shape[0]])
-        report = functools.partial(report_validation, writer=self.writer, step=step, metrics=metrics, hyps=hyps,
-                                   refs=refs, samples=samples, attention=attention, first=not self.signature_logged)
+        report = functools.partial(
+            report_validation,
+            writer=self.writer,
+            step=step,
+            metrics=metrics,
+            hyps=hyps,
+            refs=refs,
+            samples=samples,
+            attention=attention,
+            first=not self.signature_logged,
+        )
         self.signature_logged = True
         return metrics, report
 
@@ -442,12 +563,21 @@ class Trainer:
         if self.use_graphs:  # tensor learning rates -> floats: the checkpoint loads without graphs too
             opt_state, sched_state = graphs.portable_state(opt_state), graphs.portable_state(sched_state)
         checkpoint = {
-            "model": self.model.state_dict(), "optimizer": opt_state, "scheduler": sched_state,
-            **self.state.state_dict(), "rng": rngs, "config": to_dict(self.cfg),
-            "tokenizer": self.tok.state_dict(), "metrics": metrics,
+            "model": self.model.state_dict(),
+            "optimizer": opt_state,
+            "scheduler": sched_state,
+            **self.state.state_dict(),
+            "rng": rngs,
+            "config": to_dict(self.cfg),
+            "tokenizer": self.tok.state_dict(),
+            "metrics": metrics,
         }
-        self.saver.save(checkpoint, self.best_path if improved else self.last_path,
-                        also=self.last_path if improved else None, before_write=report)
+        self.saver.save(
+            checkpoint,
+            self.best_path if improved else self.last_path,
+            also=self.last_path if improved else None,
+            before_write=report,
+        )
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
@@ -458,19 +588,32 @@ class Trainer:
             if self.watch is not None:
                 log.info("triton: %s", self.watch.summary())
             if self.use_graphs:
-                log.info("CUDA graphs: %s; decoder steps: %s", self.stepper.summary(),
-                         ", ".join(f"{k} {v}" for k, v in sorted(self.decoder_graphs.stats.items())) or "none")
+                log.info(
+                    "CUDA graphs: %s; decoder steps: %s",
+                    self.stepper.summary(),
+                    ", ".join(f"{k} {v}" for k, v in sorted(self.decoder_graphs.stats.items())) or "none",
+                )
             cfg = self.cfg
-            hparams = {f"{g}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                       for g in ("model", "optim", "tokenizer") for k, v in asdict(getattr(cfg, g)).items()}
-            hparams.update({"trainer.max_tokens": cfg.trainer.max_tokens, "data.src": cfg.data.src,
-                            "data.tgt": cfg.data.tgt})
+            hparams = {
+                f"{g}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for g in ("model", "optim", "tokenizer")
+                for k, v in asdict(getattr(cfg, g)).items()
+            }
+            hparams.update(
+                {"trainer.max_tokens": cfg.trainer.max_tokens, "data.src": cfg.data.src, "data.tgt": cfg.data.tgt}
+            )
             self.writer.add_hparams(hparams, {"hparam/best_bleu": s.best_bleu}, run_name=".")
             self.writer.close()
             log.info("training took %.1f min (%d steps)", (_now() - self.started) / 60, s.step)
-        return {"step": s.step, "epoch": s.epoch, "best_bleu": s.best_bleu, "last": self.last_metrics,
-                "stopped_early": self.stopped_early, "best_path": str(self.best_path),
-                "last_path": str(self.last_path)}
+        return {
+            "step": s.step,
+            "epoch": s.epoch,
+            "best_bleu": s.best_bleu,
+            "last": self.last_metrics,
+            "stopped_early": self.stopped_early,
+            "best_path": str(self.best_path),
+            "last_path": str(self.last_path),
+        }
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -501,12 +644,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
             try:
                 workers = CompileWorkers.start(n_compile)
             except OSError as e:  # only a head start: the first launches compile instead
-                log.warning("precompile: cannot start %d processes (%s); kernels compile at first launch",
-                            n_compile, first_line(e))
+                log.warning(
+                    "precompile: cannot start %d processes (%s); kernels compile at first launch",
+                    n_compile,
+                    first_line(e),
+                )
         if triton_on_cuda:
             watch = CompileWatch()
-        summary = Trainer(cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch,
-                          precompile_barrier).run()
+        summary = Trainer(
+            cfg, out_dir, ddp, device, amp_dtype, use_graphs, saver, workers, watch, precompile_barrier
+        ).run()
     except BaseException:
         saver.wait(raise_error=False)  # the run's own error first; the write in flight completes
         raise

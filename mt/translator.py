@@ -103,8 +103,15 @@ def check_decoding(beam: int | None, length_penalty) -> None:
 class Translator:
     """A model, its tokenizer and its training config, ready to translate lines of text."""
 
-    def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, config: TrainConfig,
-                 device: torch.device | str = "cpu", max_src_len: int | None = None, cuda_graphs: str | bool = "auto"):
+    def __init__(
+        self,
+        model: Seq2Seq,
+        tokenizer: Tokenizer,
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+        max_src_len: int | None = None,
+        cuda_graphs: str | bool = "auto",
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -116,8 +123,14 @@ class Translator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", cell: str | None = None,
-                        max_src_len: int | None = None, cuda_graphs: str | bool = "auto") -> Translator:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        cell: str | None = None,
+        max_src_len: int | None = None,
+        cuda_graphs: str | bool = "auto",
+    ) -> Translator:
         """Build the model described by the checkpoint's config and load its weights.
         A missing, corrupt or mismatched checkpoint is a one-line CheckpointError.
         cuda_graphs: auto (on with CUDA) | true | false: decode with mt.graphs.GraphedDecoder."""
@@ -156,8 +169,7 @@ class Translator:
         return self.config.data.tgt
 
     # ------------------------------------------------------------------ translating
-    def encode(self, lines: list[str], first_line: int = 1,
-               max_src_len: int | None = None) -> list[list[int] | None]:
+    def encode(self, lines: list[str], first_line: int = 1, max_src_len: int | None = None) -> list[list[int] | None]:
         """Source piece ids per line (None for an empty line), truncated to max_src_len."""
         limit = self.max_src_len if max_src_len is None else max_src_len
         keep = [i for i, ln in enumerate(lines) if ln and ln.strip()]
@@ -171,7 +183,9 @@ class Translator:
             ids[i] = list(seq)
         return ids
 
-    def decoding(self, beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT) -> tuple[int, LengthPenalty]:
+    def decoding(
+        self, beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT
+    ) -> tuple[int, LengthPenalty]:
         """(beam, length penalty): the given ones, or the checkpoint's `decoding` settings where
         beam is None / length_penalty is "checkpoint". A beam below 1 is a one-line MTError."""
         if beam is None:
@@ -183,9 +197,18 @@ class Translator:
         return beam, parse_length_penalty(length_penalty)
 
     @torch.no_grad()
-    def translate(self, lines: list[str], beam: int | None = None, length_penalty: LengthPenalty | str = CHECKPOINT,
-                  nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10, batch_size: int = 32,
-                  max_src_len: int | None = None, first_line: int = 1):
+    def translate(
+        self,
+        lines: list[str],
+        beam: int | None = None,
+        length_penalty: LengthPenalty | str = CHECKPOINT,
+        nbest: int = 1,
+        max_len_a: float = 1.5,
+        max_len_b: int = 10,
+        batch_size: int = 32,
+        max_src_len: int | None = None,
+        first_line: int = 1,
+    ):
         """Translate `lines` (in order). Returns one Hypothesis per line, or with nbest > 1 one
         list of up to nbest Hypotheses (best first) per line. `first_line` numbers the lines
         in warnings (1-based). Beam and length penalty default to the checkpoint's `decoding`."""
@@ -199,16 +222,32 @@ class Translator:
         tok = self.tokenizer
         ids = self.encode(lines, first_line, max_src_len)
         todo = [i for i, x in enumerate(ids) if x is not None]  # empty lines are not decoded
-        decoded = decode_dataset(self.model, [ids[i] for i in todo], tok, self.device, batch_size=batch_size,
-                                 max_len_a=max_len_a, max_len_b=max_len_b, beam=beam, length_penalty=lp,
-                                 nbest=nbest, graphs=self.graphs)
+        decoded = decode_dataset(
+            self.model,
+            [ids[i] for i in todo],
+            tok,
+            self.device,
+            batch_size=batch_size,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            beam=beam,
+            length_penalty=lp,
+            nbest=nbest,
+            graphs=self.graphs,
+        )
         results: list[list[Hypothesis]] = [[Hypothesis(text="", score=0.0)] for _ in lines]
         for k, i in enumerate(todo):
             src_pieces = tok.src_pieces(ids[i])
             results[i] = [
-                Hypothesis(text=_one_line(tok.decode_tgt([h.tokens])[0]), score=h.score,
-                           tokens=tok.tgt_pieces(h.tokens), attention=h.attention, src_tokens=src_pieces,
-                           log_prob=h.log_prob, ids=list(h.tokens))
+                Hypothesis(
+                    text=_one_line(tok.decode_tgt([h.tokens])[0]),
+                    score=h.score,
+                    tokens=tok.tgt_pieces(h.tokens),
+                    attention=h.attention,
+                    src_tokens=src_pieces,
+                    log_prob=h.log_prob,
+                    ids=list(h.tokens),
+                )
                 for h in decoded.nbest[k]
             ]
         if nbest == 1:
@@ -230,8 +269,6 @@ def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:
 
 def _one_line(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-
-
 
 
 __all__ = ["Translator", "Hypothesis", "resolve_device", "plot_attention"]

@@ -42,31 +42,60 @@ log = logging.getLogger("translate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Translate text with a trained mt checkpoint (stdin -> stdout).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Translate text with a trained mt checkpoint (stdin -> stdout).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
     p.add_argument("--input", "-i", help="input file, one sentence per line (default: stdin)")
     p.add_argument("--output", "-o", help="output file (default: stdout)")
-    p.add_argument("--beam", "-b", type=int, default=None,
-                   help="beam size (1 with --length-penalty none = greedy); default: the checkpoint's decoding.beam")
-    p.add_argument("--length-penalty", "--lp", default="checkpoint",
-                   help="GNMT alpha: score / ((5+len)/6)^alpha; 'avg': score / len; 'none' or 0: raw log-prob; "
-                        "'checkpoint': the checkpoint's decoding.length_penalty")
-    p.add_argument("--nbest", type=int, default=None,
-                   help="print the N best hypotheses per line, Moses style: i ||| hypothesis ||| score")
+    p.add_argument(
+        "--beam",
+        "-b",
+        type=int,
+        default=None,
+        help="beam size (1 with --length-penalty none = greedy); default: the checkpoint's decoding.beam",
+    )
+    p.add_argument(
+        "--length-penalty",
+        "--lp",
+        default="checkpoint",
+        help="GNMT alpha: score / ((5+len)/6)^alpha; 'avg': score / len; 'none' or 0: raw log-prob; "
+        "'checkpoint': the checkpoint's decoding.length_penalty",
+    )
+    p.add_argument(
+        "--nbest",
+        type=int,
+        default=None,
+        help="print the N best hypotheses per line, Moses style: i ||| hypothesis ||| score",
+    )
     p.add_argument("--print-scores", action="store_true", help="prefix each translation with its score and a TAB")
-    p.add_argument("--align", action="store_true",
-                   help="append a TAB and src-tgt piece alignments (highest attention weight)")
-    p.add_argument("--plot-attention", metavar="FILE.png",
-                   help="write the attention heatmap of the first (non-empty) sentence to this image")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="max source pieces per line, longer lines are truncated (default: the checkpoint's data.max_src_len)")
+    p.add_argument(
+        "--align", action="store_true", help="append a TAB and src-tgt piece alignments (highest attention weight)"
+    )
+    p.add_argument(
+        "--plot-attention",
+        metavar="FILE.png",
+        help="write the attention heatmap of the first (non-empty) sentence to this image",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="max source pieces per line, longer lines are truncated (default: the checkpoint's data.max_src_len)",
+    )
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit a * source length + b: a")
     p.add_argument("--max-len-b", type=int, default=10, help="output length limit a * source length + b: b")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
-                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
+    p.add_argument(
+        "--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="replay search steps from CUDA graphs (auto: on with CUDA)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--chunk-size", type=int, default=1000, help="lines read, translated and flushed at a time")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
@@ -81,8 +110,12 @@ def decode_line(raw: bytes, lineno: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        log.warning("line %d: invalid UTF-8 (byte 0x%02x at column %d); undecodable bytes replaced by U+FFFD",
-                    lineno, raw[e.start], e.start + 1)
+        log.warning(
+            "line %d: invalid UTF-8 (byte 0x%02x at column %d); undecodable bytes replaced by U+FFFD",
+            lineno,
+            raw[e.start],
+            e.start + 1,
+        )
         return raw.decode("utf-8", errors="replace")
 
 
@@ -136,9 +169,17 @@ def format_lines(index: int, is_empty: bool, hyps: list, args: argparse.Namespac
 
 def translate_chunk(tr, lines: list[str], first: int, args: argparse.Namespace, lp) -> list[list]:
     nbest = args.nbest or 1
-    out = tr.translate(lines, beam=args.beam, length_penalty=lp, nbest=nbest, max_len_a=args.max_len_a,
-                       max_len_b=args.max_len_b, batch_size=args.batch_size, max_src_len=args.max_length,
-                       first_line=first)
+    out = tr.translate(
+        lines,
+        beam=args.beam,
+        length_penalty=lp,
+        nbest=nbest,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        batch_size=args.batch_size,
+        max_src_len=args.max_length,
+        first_line=first,
+    )
     return out if nbest > 1 else [[h] for h in out]
 
 
@@ -237,8 +278,15 @@ def run(args: argparse.Namespace) -> None:
     args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")
-    log.info("loaded %s: %s -> %s on %s (beam %d, length penalty %s)", args.checkpoint, tr.src_lang, tr.tgt_lang,
-             tr.device, args.beam, lp)
+    log.info(
+        "loaded %s: %s -> %s on %s (beam %d, length penalty %s)",
+        args.checkpoint,
+        tr.src_lang,
+        tr.tgt_lang,
+        tr.device,
+        args.beam,
+        lp,
+    )
     plotter = Plotter(args.plot_attention)
     out = open_output(args.output)
     try:
@@ -248,8 +296,9 @@ def run(args: argparse.Namespace) -> None:
         total = count_lines(args.input) if args.input and os.path.isfile(args.input) else None  # never eat a pipe
         stream = open(args.input, "rb") if args.input else sys.stdin.buffer
         try:
-            with tqdm(total=total, unit="line", desc="translate", disable=None, file=sys.stderr,
-                      dynamic_ncols=True) as bar:
+            with tqdm(
+                total=total, unit="line", desc="translate", disable=None, file=sys.stderr, dynamic_ncols=True
+            ) as bar:
                 for first, lines in read_chunks(stream, args.chunk_size):
                     hyps = translate_chunk(tr, lines, first, args, lp)
                     for k, (line, hs) in enumerate(zip(lines, hyps)):
@@ -270,8 +319,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr, format="%(levelname)s: %(message)s"
+    )
     try:
         import mt  # noqa: F401
     except ImportError:  # running from a checkout without `pip install -e .`

@@ -36,20 +36,31 @@ TEST_NAMES = ("test", "testing")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Grid-search beam size and length penalty on a validation split.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Grid-search beam size and length penalty on a validation split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("checkpoint", help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
     p.add_argument("--data", default=None, help="data.path override (default: the checkpoint's)")
     p.add_argument("--split", default="validation", help="split to tune on (validation, valid, val, dev)")
     p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5, 8, 12], help="beam sizes")
-    p.add_argument("--length-penalties", "--lps", nargs="+", default=["none", "0.6", "0.8", "1.0", "1.2", "1.5"],
-                   help="GNMT alphas, 'avg' or 'none' (used with beams > 1)")
+    p.add_argument(
+        "--length-penalties",
+        "--lps",
+        nargs="+",
+        default=["none", "0.6", "0.8", "1.0", "1.2", "1.5"],
+        help="GNMT alphas, 'avg' or 'none' (used with beams > 1)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit: a * src_len + b")
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
-                   help="replay search steps from CUDA graphs (auto: on with CUDA)")
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="replay search steps from CUDA graphs (auto: on with CUDA)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", metavar="FILE", help="write the rows and the choice to this JSON file")
     return p.parse_args(argv)
@@ -107,8 +118,10 @@ def tune(args: argparse.Namespace) -> dict:
     from mt.translator import Translator
 
     if args.split.strip().lower() in TEST_NAMES:
-        raise MTError(f"refusing to tune on split {args.split!r}: choose decoding settings on validation, "
-                      "then score test once with python -m mt.evaluate")
+        raise MTError(
+            f"refusing to tune on split {args.split!r}: choose decoding settings on validation, "
+            "then score test once with python -m mt.evaluate"
+        )
     if args.batch_size < 1:
         raise MTError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.threads > 0:
@@ -117,33 +130,70 @@ def tune(args: argparse.Namespace) -> dict:
     tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cuda_graphs=args.cuda_graphs)
     data_cfg, srcs, refs = load_split(tr, EvalDataConfig(path=args.data), args.split)
     src_ids = tr.tokenizer.encode_src(srcs)
-    log.info("tuning on %s split %r: %d sentences, %s->%s, %d settings", data_cfg.path, args.split, len(srcs),
-             data_cfg.src, data_cfg.tgt, len(pairs))
+    log.info(
+        "tuning on %s split %r: %d sentences, %s->%s, %d settings",
+        data_cfg.path,
+        args.split,
+        len(srcs),
+        data_cfg.src,
+        data_cfg.tgt,
+        len(pairs),
+    )
     rows: list[dict] = []
     print(f"{'beam':>4} {'lp':>5} {'BLEU':>6} {'chrF':>6} {'BLEU(lc)':>8} {'len ratio':>9} {'seconds':>7}", flush=True)
     for beam, lp in pairs:
-        hyps, s, seconds = decode_and_score(tr, src_ids, refs, beam=beam, length_penalty=lp,
-                                            batch_size=args.batch_size, max_len_a=args.max_len_a,
-                                            max_len_b=args.max_len_b)
+        hyps, s, seconds = decode_and_score(
+            tr,
+            src_ids,
+            refs,
+            beam=beam,
+            length_penalty=lp,
+            batch_size=args.batch_size,
+            max_len_a=args.max_len_a,
+            max_len_b=args.max_len_b,
+        )
         ratio = sum(len(h.split()) for h in hyps) / max(1, sum(len(r.split()) for r in refs))
-        row = {"beam": beam, "length_penalty": lp, "bleu": s["bleu"], "chrf": s["chrf"], "bleu_lc": s["bleu_lc"],
-               "word_length_ratio": ratio, "decode_seconds": round(seconds, 3)}
+        row = {
+            "beam": beam,
+            "length_penalty": lp,
+            "bleu": s["bleu"],
+            "chrf": s["chrf"],
+            "bleu_lc": s["bleu_lc"],
+            "word_length_ratio": ratio,
+            "decode_seconds": round(seconds, 3),
+        }
         rows.append(row)
-        print(f"{beam:>4} {str(lp):>5} {s['bleu']:6.2f} {s['chrf']:6.2f} {s['bleu_lc']:8.2f} {ratio:9.3f} "
-              f"{seconds:7.1f}", flush=True)
+        print(
+            f"{beam:>4} {str(lp):>5} {s['bleu']:6.2f} {s['chrf']:6.2f} {s['bleu_lc']:8.2f} {ratio:9.3f} {seconds:7.1f}",
+            flush=True,
+        )
     best = best_row(rows)
     command = evaluate_command(args, best)
-    result = {"checkpoint": str(args.checkpoint), "data_path": data_cfg.path, "split": args.split,
-              "src": data_cfg.src, "tgt": data_cfg.tgt, "sentences": len(srcs), "device": str(tr.device),
-              "rows": rows, "best": best, "test_command": command,
-              "bleu_signature": s["bleu_signature"], "chrf_signature": s["chrf_signature"],
-              "bleu_lc_signature": s["bleu_lc_signature"]}
-    print(f"best on {args.split}: beam {best['beam']}, length penalty {best['length_penalty']} "
-          f"(BLEU {best['bleu']:.2f}, chrF {best['chrf']:.2f}, BLEU(lc) {best['bleu_lc']:.2f})")
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "data_path": data_cfg.path,
+        "split": args.split,
+        "src": data_cfg.src,
+        "tgt": data_cfg.tgt,
+        "sentences": len(srcs),
+        "device": str(tr.device),
+        "rows": rows,
+        "best": best,
+        "test_command": command,
+        "bleu_signature": s["bleu_signature"],
+        "chrf_signature": s["chrf_signature"],
+        "bleu_lc_signature": s["bleu_lc_signature"],
+    }
+    print(
+        f"best on {args.split}: beam {best['beam']}, length penalty {best['length_penalty']} "
+        f"(BLEU {best['bleu']:.2f}, chrF {best['chrf']:.2f}, BLEU(lc) {best['bleu_lc']:.2f})"
+    )
     print(f"  {s['bleu_signature']}")
     print(f"test once with: {command}")
-    print(f"for the recipe's YAML (the default of mt.evaluate and translate.py):\n"
-          f"decoding:\n  beam: {best['beam']}\n  length_penalty: {yaml_lp(best['length_penalty'])}")
+    print(
+        f"for the recipe's YAML (the default of mt.evaluate and translate.py):\n"
+        f"decoding:\n  beam: {best['beam']}\n  length_penalty: {yaml_lp(best['length_penalty'])}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result

@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
 # fake-German -> fake-English, one word each (20 pairs).
 TOY_LEXICON: dict[str, str] = {
     "hund": "dog",
@@ -141,18 +142,33 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("tiny_run")
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = OmegaConf.to_object(compose("train", overrides=[
-            "debug=tiny", f"data.path={tiny_corpus_dir}", f"data.cache_dir={root / 'cache'}", "trainer.device=cpu",
-            "trainer.precision=fp32", "trainer.max_steps=300", "trainer.eval_every=150", "trainer.progress=false",
-            "model.cell=torch",
-        ]))
+        cfg = OmegaConf.to_object(
+            compose(
+                "train",
+                overrides=[
+                    "debug=tiny",
+                    f"data.path={tiny_corpus_dir}",
+                    f"data.cache_dir={root / 'cache'}",
+                    "trainer.device=cpu",
+                    "trainer.precision=fp32",
+                    "trainer.max_steps=300",
+                    "trainer.eval_every=150",
+                    "trainer.progress=false",
+                    "model.cell=torch",
+                ],
+            )
+        )
     threads = torch.get_num_threads()
     try:
         summary = train(cfg, root / "run")
     finally:
         torch.set_num_threads(threads)
-    return {"checkpoint": Path(summary["best_path"]), "corpus": tiny_corpus_dir, "run": root / "run",
-            "summary": summary}
+    return {
+        "checkpoint": Path(summary["best_path"]),
+        "corpus": tiny_corpus_dir,
+        "run": root / "run",
+        "summary": summary,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +194,14 @@ def random_beam_history(seed: int, T: int, n0: int, K: int, S: int):
     tok = torch.randint(4, 1000, (T, n0, K), generator=g)
     bp = torch.randint(0, K, (T, n0, K), generator=g)
     attn = torch.rand(T, n0, K, S, generator=g)
-    info = torch.stack([torch.randint(0, T, (n0, K), generator=g), torch.randint(0, K, (n0, K), generator=g),
-                        torch.randint(3, 1000, (n0, K), generator=g)], dim=-1)
+    info = torch.stack(
+        [
+            torch.randint(0, T, (n0, K), generator=g),
+            torch.randint(0, K, (n0, K), generator=g),
+            torch.randint(3, 1000, (n0, K), generator=g),
+        ],
+        dim=-1,
+    )
     info[0, 0, 0] = 0  # closed at the first step: no tokens before it
     info[-1, -1, 0] = T - 1  # at the last
     return tok, bp, attn, info

@@ -26,10 +26,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs the Triton kernels on CPU tensors through the "
-                                 "interpreter (TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)")
-compiled = pytest.mark.skipif(INTERPRETING and torch.cuda.is_available(), reason="checks the compiled kernels on "
-                              "CUDA: unset TRITON_INTERPRET")
+interpreted = pytest.mark.skipif(
+    not INTERPRETING,
+    reason="runs the Triton kernels on CPU tensors through the "
+    "interpreter (TRITON_INTERPRET=1, which conftest.py sets where there is no GPU)",
+)
+compiled = pytest.mark.skipif(
+    INTERPRETING and torch.cuda.is_available(), reason="checks the compiled kernels on CUDA: unset TRITON_INTERPRET"
+)
 
 
 def cpu(*values, id: str | None = None):
@@ -73,9 +77,15 @@ def record_variants(monkeypatch, kernels=None) -> set:
 
     keys: set = set()
     triton_cell = kernel_module("triton_cell")
-    for module, name in kernels or [(triton_cell, n) for n in ("_cell_forward_kernel", "_cell_backward_kernel",
-                                                               "_lstm_step_forward_kernel",
-                                                               "_lstm_step_backward_kernel")]:
+    for module, name in kernels or [
+        (triton_cell, n)
+        for n in (
+            "_cell_forward_kernel",
+            "_cell_backward_kernel",
+            "_lstm_step_forward_kernel",
+            "_lstm_step_backward_kernel",
+        )
+    ]:
         kernel = getattr(module, name)
         params = list(inspect.signature(kernel.fn).parameters.values())
         dns = set(kernel.kwargs.get("do_not_specialize") or ())
@@ -100,8 +110,14 @@ def run_without_interpreter(script: str, timeout: int) -> None:
     """Run `script` in a fresh Python with the real Triton compiler (TRITON_INTERPRET unset);
     it must exit 0 and print "ok"."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
 
@@ -123,8 +139,12 @@ def decodes_with_and_without_search_kernels(monkeypatch, device: str, beam: int,
     outs = {}
     for with_kernels in (True, False):
         if not with_kernels:
-            for owner, attr in ((search_beam, "supported"), (search_greedy, "supported"),
-                                (search, "_backtrack_kernel_takes"), (search_beam, "gather_rows_supported")):
+            for owner, attr in (
+                (search_beam, "supported"),
+                (search_greedy, "supported"),
+                (search, "_backtrack_kernel_takes"),
+                (search_beam, "gather_rows_supported"),
+            ):
                 monkeypatch.setattr(owner, attr, lambda *a: False)
         decoder = graphs.GraphedDecoder(model)  # its own: one that captured the other setting would replay it
         graphed = [decode(device, model, batch, decoder, beam, amp_dtype) for _ in range(3)][-1]

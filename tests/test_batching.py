@@ -90,10 +90,7 @@ def test_no_shuffle_is_sorted_by_length():
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_ranks_are_disjoint_and_equal_length(replicas):
     src, tgt = _lens(997)
-    samplers = [
-        TokenBucketSampler(src, tgt, 300, 64, seed=5, num_replicas=replicas, rank=r)
-        for r in range(replicas)
-    ]
+    samplers = [TokenBucketSampler(src, tgt, 300, 64, seed=5, num_replicas=replicas, rank=r) for r in range(replicas)]
     for epoch in (0, 1):
         per_rank = [_epoch(s, epoch) for s in samplers]
         lengths = {len(b) for b in per_rank}
@@ -206,9 +203,7 @@ def test_loader_covers_the_split_and_indices_point_back():
         loader.batch_sampler.set_epoch(epoch)
         seen = []
         for b in loader:
-            assert (
-                b.src.shape[0] * max(b.src.shape[1], b.tgt_in.shape[1]) <= 120 or b.batch_size == 1
-            )
+            assert b.src.shape[0] * max(b.src.shape[1], b.tgt_in.shape[1]) <= 120 or b.batch_size == 1
             for row, i in enumerate(b.indices.tolist()):
                 ids = ds[i]["tgt_ids"]
                 assert b.tgt_out[row, : len(ids)].tolist() == ids

@@ -62,6 +62,7 @@ def test_copy_checkpoint_survives_the_next_save(tmp_path, monkeypatch, links):
     """best.pt made from last.pt keeps its content when last.pt is saved again, and replaces an
     older best.pt; without hard links it is a copy."""
     if not links:
+
         def no_link(*a, **k):
             raise OSError("hard links not supported")
 
@@ -168,6 +169,7 @@ def test_writer_runs_before_write_on_the_snapshot_first(tmp_path):
 
 def test_writer_raises_the_failed_write_over_a_failed_before_write(tmp_path, caplog):
     """Both failed: the missing checkpoint is the error; the hook's is logged, not lost."""
+
     def broken(snap):
         raise ValueError("no fonts")
 

@@ -250,9 +250,7 @@ def test_empty_rows_and_length_filters_are_counted(tiny_corpus_dir, tmp_path):
     assert kept == {(2, 2), (9, 9), (5, 10), (2, 4)}
     # validation keeps every row, even empty and extreme ones
     assert len(corpus.valid) == 3 and corpus.test is None
-    assert any(
-        "dropped 3 empty, 1 src > 10 tokens, 1 tgt > 10 tokens, 2 length ratio" in m for m in logs
-    )
+    assert any("dropped 3 empty, 1 src > 10 tokens, 1 tgt > 10 tokens, 2 length ratio" in m for m in logs)
 
 
 def test_prepare_corpus_in_parallel_and_cached(tiny_corpus_dir, tmp_path):

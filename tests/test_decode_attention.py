@@ -19,8 +19,17 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("device, B, S, Q, M", [cpu(5, 7, 16, 16), cpu(3, 13, 48, 40), cpu(2, 11, 1024, 512),
-                                                 cpu(4, 1, 8, 24), cuda(640, 20, 512, 512), cuda(640, 200, 512, 512)])
+@pytest.mark.parametrize(
+    "device, B, S, Q, M",
+    [
+        cpu(5, 7, 16, 16),
+        cpu(3, 13, 48, 40),
+        cpu(2, 11, 1024, 512),
+        cpu(4, 1, 8, 24),
+        cuda(640, 20, 512, 512),
+        cuda(640, 200, 512, 512),
+    ],
+)
 def test_attention_step_triton_matches_reference(dtype, tol, device, B, S, Q, M):
     """One decoding step's dot/general attention: the fused kernel against the PyTorch ops, with
     padding (a row of one real token), keys, memory and mask rows taken from wider tensors
@@ -86,11 +95,20 @@ def _scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("device, B, S, Q, M, d_weights, shared", [
-    cpu(5, 7, 16, 16, True, False), cpu(3, 13, 48, 40, False, False), cpu(2, 300, 16, 24, True, False),
-    cpu(4, 6, 32, 32, False, True), cpu(3, 70, 512, 512, True, False),
-    cuda(128, 20, 512, 512, False, False), cuda(128, 20, 512, 512, True, False), cuda(128, 20, 512, 512, False, True),
-    cuda(128, 200, 512, 512, True, False)])
+@pytest.mark.parametrize(
+    "device, B, S, Q, M, d_weights, shared",
+    [
+        cpu(5, 7, 16, 16, True, False),
+        cpu(3, 13, 48, 40, False, False),
+        cpu(2, 300, 16, 24, True, False),
+        cpu(4, 6, 32, 32, False, True),
+        cpu(3, 70, 512, 512, True, False),
+        cuda(128, 20, 512, 512, False, False),
+        cuda(128, 20, 512, 512, True, False),
+        cuda(128, 20, 512, 512, False, True),
+        cuda(128, 200, 512, 512, True, False),
+    ],
+)
 def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, device, B, S, Q, M, d_weights, shared):
     """Training's attention: the fused forward + backward kernels (`attention_step_autograd`)
     and autograd through the PyTorch ops, both against the PyTorch ops in fp64: the gradients of
@@ -116,20 +134,26 @@ def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, d
     d_context = torch.randn(B, M, generator=g).to(device)
     d_w = torch.randn(B, S, generator=g).to(device) if d_weights else None
     grads = []
-    for fn, dt in ((reference.attention_step, torch.float64), (reference.attention_step, dtype),
-                   (decode_attention.attention_step_autograd, dtype)):
+    for fn, dt in (
+        (reference.attention_step, torch.float64),
+        (reference.attention_step, dtype),
+        (decode_attention.attention_step_autograd, dtype),
+    ):
         # copies, also where dt is already the dtype (.to would return the tensor itself, and the
         # second and third runs would add their gradients into one); rows of wider tensors: the
         # kernels take row strides
-        leaves = [query.to(dt, copy=True).requires_grad_(),
-                  torch.zeros(B, S, M + 3, dtype=dt, device=device)[:, :, :M].copy_(memory).requires_grad_()]
+        leaves = [
+            query.to(dt, copy=True).requires_grad_(),
+            torch.zeros(B, S, M + 3, dtype=dt, device=device)[:, :, :M].copy_(memory).requires_grad_(),
+        ]
         if not shared:
             leaves.append(torch.zeros(B, S, Q + 5, dtype=dt, device=device)[:, :, :Q].copy_(keys).requires_grad_())
         q_, m_ = leaves[0], leaves[1]
         k_ = m_ if shared else leaves[2]
         ctx, w = fn(q_, k_, m_, mask)
-        torch.autograd.backward([ctx, w] if d_weights else [ctx],
-                                [d_context.to(dt), d_w] if d_weights else [d_context.to(dt)])
+        torch.autograd.backward(
+            [ctx, w] if d_weights else [ctx], [d_context.to(dt), d_w] if d_weights else [d_context.to(dt)]
+        )
         grads.append([x.grad for x in leaves])
     for name, truth, ref, ours in zip(("query", "memory", "keys"), *grads):
         assert ours.dtype == dtype and ours.shape == truth.shape, name
@@ -141,8 +165,9 @@ def test_attention_step_backward_matches_autograd_of_the_reference(dtype, tol, d
         q_, m_ = query.to(dtype), memory.to(dtype)
         k_ = m_ if shared else keys.to(dtype)
         w = decode_attention.attention_step(q_, k_, m_, mask)[1]
-        runs = [decode_attention.attention_step_backward(q_, k_, m_, mask, w, d_context.to(dtype), d_w)
-                for _ in range(10)]
+        runs = [
+            decode_attention.attention_step_backward(q_, k_, m_, mask, w, d_context.to(dtype), d_w) for _ in range(10)
+        ]
         assert all(torch.equal(x, y) for run in runs[1:] for x, y in zip(run, runs[0]))
 
 
@@ -186,7 +211,7 @@ def test_attention_step_backward_edge_cases(monkeypatch):
     assert (grads[1][0][1] == 0).all() and (grads[1][1][1] == 0).all() and grads[1][2][1].isnan().all()
     q_ = q.clone().requires_grad_()
     ctx, _ = decode_attention.attention_step_autograd(q_, k, m, mask[[0, 2, 0]])
-    d_q, = torch.autograd.grad(ctx.square().sum(), q_, create_graph=True)  # (d context depends on q)
+    (d_q,) = torch.autograd.grad(ctx.square().sum(), q_, create_graph=True)  # (d context depends on q)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         d_q.sum().backward()
     # (meta tensors: strides without the 8 GB of memory; "runs here" stands in for the device check)

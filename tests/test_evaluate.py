@@ -30,8 +30,9 @@ def compose_eval(overrides: list[str]) -> EvaluateConfig:
 
 
 def test_evaluate_writes_scores_and_hypotheses(tiny, tmp_path):
-    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test",
-                        "device=cpu", "batch_size=16"])
+    cfg = compose_eval(
+        [f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test", "device=cpu", "batch_size=16"]
+    )
     assert isinstance(cfg, EvaluateConfig) and cfg.beam is None and cfg.length_penalty == "checkpoint"
     assert cfg.cuda_graphs == "auto"  # off on CPU
     result = evaluate(cfg, tmp_path)
@@ -49,8 +50,16 @@ def test_evaluate_writes_scores_and_hypotheses(tiny, tmp_path):
 
 def test_evaluate_greedy_on_validation_into_output_dir(tiny, tmp_path):
     out = tmp_path / "elsewhere"
-    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", "split=validation", "beam=1", "length_penalty=null",
-                        f"output_dir={out}", "device=cpu"])  # data.path: the checkpoint's own
+    cfg = compose_eval(
+        [
+            f"checkpoint={tiny['checkpoint']}",
+            "split=validation",
+            "beam=1",
+            "length_penalty=null",
+            f"output_dir={out}",
+            "device=cpu",
+        ]
+    )  # data.path: the checkpoint's own
     result = evaluate(cfg, tmp_path / "unused")
     assert (out / "hypotheses.validation.en").is_file() and (out / "scores.validation.json").is_file()
     n_valid = len((tiny["corpus"] / "validation.jsonl").read_text().splitlines())
@@ -63,26 +72,40 @@ def test_evaluate_a_folder_with_only_a_test_split(tiny, tmp_path):
     only = tmp_path / "only_test"
     only.mkdir()
     (only / "test.jsonl").write_bytes((tiny["corpus"] / "test.jsonl").read_bytes())
-    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={only}", "split=test", "beam=1",
-                        "device=cpu"])
+    cfg = compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={only}", "split=test", "beam=1", "device=cpu"])
     result = evaluate(cfg, tmp_path / "out")
     assert result["sentences"] == len((only / "test.jsonl").read_text().splitlines()) and result["bleu"] > 90
 
 
 def test_evaluate_user_errors(tiny, tmp_path):
     base = [f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "device=cpu"]
-    for extra, match in ((["split=nosuch"], "split"), (["length_penalty=long"], "length_penalty"),
-                         (["device=tpu"], "unknown device"), (["data.path=/no/such/dir"], "does not exist"),
-                         (["cuda_graphs=true"], "cuda_graphs=true needs CUDA")):
+    for extra, match in (
+        (["split=nosuch"], "split"),
+        (["length_penalty=long"], "length_penalty"),
+        (["device=tpu"], "unknown device"),
+        (["data.path=/no/such/dir"], "does not exist"),
+        (["cuda_graphs=true"], "cuda_graphs=true needs CUDA"),
+    ):
         with pytest.raises(MTError, match=match):
             evaluate(compose_eval(base + extra), tmp_path)
 
 
 def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "mt.evaluate", f"checkpoint={tmp_path / 'none.pt'}",
-                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mt.evaluate",
+            f"checkpoint={tmp_path / 'none.pt'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert err == [f"error: checkpoint not found: {tmp_path / 'none.pt'}"], r.stderr
@@ -102,8 +125,26 @@ def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
     equal to mt.evaluate's for the same setting, the best row chosen, the test command printed."""
     tuner = load_tuner()
     out = tmp_path / "tune.json"
-    rc = tuner.main([str(tiny["checkpoint"]), "--data", str(tiny["corpus"]), "--beams", "1", "3",
-                     "--lps", "none", "1.0", "0", "--device", "cpu", "--max-len-b", "12", "--json", str(out)])
+    rc = tuner.main(
+        [
+            str(tiny["checkpoint"]),
+            "--data",
+            str(tiny["corpus"]),
+            "--beams",
+            "1",
+            "3",
+            "--lps",
+            "none",
+            "1.0",
+            "0",
+            "--device",
+            "cpu",
+            "--max-len-b",
+            "12",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert [(r["beam"], r["length_penalty"]) for r in result["rows"]] == [(1, None), (3, None), (3, 1.0)]
@@ -113,11 +154,31 @@ def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
     lp = "null" if best["length_penalty"] is None else best["length_penalty"]
     command = result["test_command"].split()
     assert command[:3] == ["python", "-m", "mt.evaluate"] and command[3:] == [
-        f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=test", f"beam={best['beam']}",
-        f"length_penalty={lp}", "max_len_b=12", "device=cpu"]  # every setting that changes the output
-    ev = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", f"data.path={tiny['corpus']}", "split=validation",
-                                "beam=3", "length_penalty=1.0", "device=cpu", "max_len_b=12"]), tmp_path / "ev")
-    assert ev["bleu"] == pytest.approx(result["rows"][2]["bleu"]) and ev["chrf"] == pytest.approx(result["rows"][2]["chrf"])
+        f"checkpoint={tiny['checkpoint']}",
+        f"data.path={tiny['corpus']}",
+        "split=test",
+        f"beam={best['beam']}",
+        f"length_penalty={lp}",
+        "max_len_b=12",
+        "device=cpu",
+    ]  # every setting that changes the output
+    ev = evaluate(
+        compose_eval(
+            [
+                f"checkpoint={tiny['checkpoint']}",
+                f"data.path={tiny['corpus']}",
+                "split=validation",
+                "beam=3",
+                "length_penalty=1.0",
+                "device=cpu",
+                "max_len_b=12",
+            ]
+        ),
+        tmp_path / "ev",
+    )
+    assert ev["bleu"] == pytest.approx(result["rows"][2]["bleu"]) and ev["chrf"] == pytest.approx(
+        result["rows"][2]["chrf"]
+    )
     printed = capsys.readouterr().out
     assert "test once with: python -m mt.evaluate" in printed
     assert f"decoding:\n  beam: {best['beam']}\n  length_penalty: {lp}\n" in printed
@@ -130,10 +191,12 @@ def test_tune_decoding_ties_go_to_the_smaller_beam():
 
 def test_tune_decoding_refuses_test_and_bad_input(tiny, tmp_path, capsys):
     tuner = load_tuner()
-    for argv, match in (([str(tiny["checkpoint"]), "--split", "test"], "refusing to tune on split 'test'"),
-                        ([str(tmp_path / "none.pt")], "checkpoint not found"),
-                        ([str(tiny["checkpoint"]), "--beams", "0"], "beam sizes must be >= 1"),
-                        ([str(tiny["checkpoint"]), "--lps", "long"], "length_penalty")):
+    for argv, match in (
+        ([str(tiny["checkpoint"]), "--split", "test"], "refusing to tune on split 'test'"),
+        ([str(tmp_path / "none.pt")], "checkpoint not found"),
+        ([str(tiny["checkpoint"]), "--beams", "0"], "beam sizes must be >= 1"),
+        ([str(tiny["checkpoint"]), "--lps", "long"], "length_penalty"),
+    ):
         assert tuner.main([*argv, "--device", "cpu"]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
         assert len(err) == 1 and match in err[0], err
@@ -152,12 +215,14 @@ def test_the_checkpoint_decoding_settings_are_the_default(tiny, tmp_path):
     base = [f"data.path={tiny['corpus']}", "split=test", "device=cpu"]
     r = evaluate(compose_eval([f"checkpoint={greedy_ckpt}", *base]), tmp_path / "a")
     assert (r["beam"], r["length_penalty"]) == (1, None)
-    r_explicit = evaluate(compose_eval([f"checkpoint={tiny['checkpoint']}", *base, "beam=1", "length_penalty=null"]),
-                          tmp_path / "b")
+    r_explicit = evaluate(
+        compose_eval([f"checkpoint={tiny['checkpoint']}", *base, "beam=1", "length_penalty=null"]), tmp_path / "b"
+    )
     assert r["bleu"] == r_explicit["bleu"]
     assert (tmp_path / "a" / "hypotheses.test.en").read_text() == (tmp_path / "b" / "hypotheses.test.en").read_text()
-    r_override = evaluate(compose_eval([f"checkpoint={greedy_ckpt}", *base, "beam=3", "length_penalty=avg"]),
-                          tmp_path / "c")
+    r_override = evaluate(
+        compose_eval([f"checkpoint={greedy_ckpt}", *base, "beam=3", "length_penalty=avg"]), tmp_path / "c"
+    )
     assert (r_override["beam"], r_override["length_penalty"]) == (3, "avg")
 
     tr = Translator.from_checkpoint(greedy_ckpt, device="cpu")

@@ -48,8 +48,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(cell="torch", dtype=torch.float64, seed=0, vocab=V, **kw) -> Seq2Seq:
-    base = dict(cell=cell, emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2, dropout=0.0, emb_dropout=0.0,
-                attention="general")
+    base = dict(
+        cell=cell,
+        emb_dim=16,
+        hidden_dim=16,
+        enc_layers=2,
+        dec_layers=2,
+        dropout=0.0,
+        emb_dropout=0.0,
+        attention="general",
+    )
     base.update(kw)
     torch.manual_seed(seed)
     return Seq2Seq(ModelConfig(**base), vocab, vocab, PAD).to(dtype)
@@ -63,8 +71,13 @@ def make_batch(n: int, max_src: int, max_tgt: int, seed: int, vocab: int = V):
     for i in range(n):
         ls = max_src - 1 if i == 0 else int(torch.randint(1, max_src, (1,), generator=g))
         lt = max_tgt - 1 if i == 0 else int(torch.randint(1, max_tgt, (1,), generator=g))
-        rows.append({"src_ids": torch.randint(4, vocab, (ls,), generator=g).tolist(),
-                     "tgt_ids": torch.randint(4, vocab, (lt,), generator=g).tolist(), "idx": i})
+        rows.append(
+            {
+                "src_ids": torch.randint(4, vocab, (ls,), generator=g).tolist(),
+                "tgt_ids": torch.randint(4, vocab, (lt,), generator=g).tolist(),
+                "idx": i,
+            }
+        )
     return collate(rows, PAD, BOS, EOS)
 
 
@@ -167,8 +180,14 @@ def test_padded_cudnn_encoder_matches_packed(bidirectional, layers):
         logits, _ = model.decoder(tgt, state, memory)
         loss = logits.square().sum() + 3 * sum(c.sum() for c in state.c) + memory.out.sum()
         loss.backward()
-        results.append((memory.out.detach(), [c.detach() for c in state.c], [h.detach() for h in state.h],
-                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+        results.append(
+            (
+                memory.out.detach(),
+                [c.detach() for c in state.c],
+                [h.detach() for h in state.h],
+                {n: p.grad.clone() for n, p in model.named_parameters()},
+            )
+        )
     (out0, c0, h0, g0), (out1, c1, h1, g1) = results
     torch.testing.assert_close(out1, out0)
     for a, b in zip(c1 + h1, c0 + h0):
@@ -185,8 +204,12 @@ def test_emulated_graphed_steps_match_eager_training(cell):
     NLL, gradient norms and final weights (fp64 model, dropout off, label smoothing and clipping
     on). The loss is computed on fp32 logits (as in training), where padding changes the
     summation order: equal to fp32 rounding, not bitwise."""
-    batches = [make_batch(n, s, t, seed=10 + i) for i, (n, s, t) in
-               enumerate([(3, 5, 6), (5, 7, 4), (2, 3, 3), (6, 9, 9), (4, 6, 8), (3, 5, 6), (1, 12, 4), (5, 8, 7)])]
+    batches = [
+        make_batch(n, s, t, seed=10 + i)
+        for i, (n, s, t) in enumerate(
+            [(3, 5, 6), (5, 7, 4), (2, 3, 3), (6, 9, 9), (4, 6, 8), (3, 5, 6), (1, 12, 4), (5, 8, 7)]
+        )
+    ]
     buckets = ShapeBuckets([(6, 8, 8), (4, 6, 6), (8, 10, 10)])
     runs = []
     for graphed in (False, True):
@@ -216,8 +239,7 @@ def test_graphed_train_step_needs_cuda_or_emulation():
     model = tiny_model()
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(MTError, match="CUDA graphs need a CUDA device"):
-        GraphedTrainStep(model, opt, criterion(), pad_id=PAD, amp_dtype=None, clip_norm=1.0,
-                         buckets=None, device="cpu")
+        GraphedTrainStep(model, opt, criterion(), pad_id=PAD, amp_dtype=None, clip_norm=1.0, buckets=None, device="cpu")
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -274,9 +296,19 @@ def test_train_with_cuda_graphs_true_on_cpu_is_a_clear_error(tiny_corpus_dir, tm
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = OmegaConf.to_object(compose("train", overrides=[
-            "debug=tiny", f"data.path={tiny_corpus_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-            "trainer.device=cpu", "trainer.cuda_graphs=true", "trainer.graph_lengths=[16,32]"]))
+        cfg = OmegaConf.to_object(
+            compose(
+                "train",
+                overrides=[
+                    "debug=tiny",
+                    f"data.path={tiny_corpus_dir}",
+                    f"data.cache_dir={tmp_path / 'cache'}",
+                    "trainer.device=cpu",
+                    "trainer.cuda_graphs=true",
+                    "trainer.graph_lengths=[16,32]",
+                ],
+            )
+        )
     assert cfg.trainer.graph_lengths == [16, 32]
     with pytest.raises(MTError, match="cuda_graphs=true needs CUDA"):
         train(cfg, tmp_path / "run")
@@ -285,9 +317,11 @@ def test_train_with_cuda_graphs_true_on_cpu_is_a_clear_error(tiny_corpus_dir, tm
 
 # ----------------------------------------------------------------------------- decoding
 def _decode_all(model, src, src_len, graphs):
-    return [greedy_search(model, src, src_len, BOS, EOS, max_len_b=6, graphs=graphs),
-            beam_search(model, src, src_len, BOS, EOS, beam=3, nbest=2, max_len_b=6, graphs=graphs),
-            search(model, src, src_len, BOS, EOS, beam=1, length_penalty="avg", max_len_b=4, graphs=graphs)]
+    return [
+        greedy_search(model, src, src_len, BOS, EOS, max_len_b=6, graphs=graphs),
+        beam_search(model, src, src_len, BOS, EOS, beam=3, nbest=2, max_len_b=6, graphs=graphs),
+        search(model, src, src_len, BOS, EOS, beam=1, length_penalty="avg", max_len_b=4, graphs=graphs),
+    ]
 
 
 def _assert_same(outs, refs, exact: bool):
@@ -311,8 +345,9 @@ def test_graphed_decoder_is_eager_on_cpu():
     assert set(graphs.stats) == {"eager"} and graphs.stats["eager"] > 10
 
 
-@pytest.mark.parametrize("cell, attention, sync_every", [("torch", "general", 4), ("cudnn", "dot", 1),
-                                                       ("torch", "bahdanau", 3)])
+@pytest.mark.parametrize(
+    "cell, attention, sync_every", [("torch", "general", 4), ("cudnn", "dot", 1), ("torch", "bahdanau", 3)]
+)
 def test_emulated_graphed_decoder_matches_eager(cell, attention, sync_every):
     """The static-shape search step (sentences and source length padded to buckets, memory and
     state copied into static buffers, the search's bookkeeping on the device, done sentences
@@ -358,8 +393,10 @@ def test_decoding_with_weights_cast_once_per_batch_matches_autocast(monkeypatch)
 
     cast = GraphedDecoder(model, emulate=True)
     outs = run(cast)
-    assert all(slot.memory.casts is not None and slot.memory.casts["gen_w"].dtype == torch.bfloat16
-               for slot in cast._slots.values())
+    assert all(
+        slot.memory.casts is not None and slot.memory.casts["gen_w"].dtype == torch.bfloat16
+        for slot in cast._slots.values()
+    )
     monkeypatch.setattr(GraphedDecoder, "_static_casts", lambda self, dtype, device: None)
     _assert_same(outs, run(GraphedDecoder(model, emulate=True)), exact=True)
     monkeypatch.undo()
@@ -392,8 +429,15 @@ def test_gpu_side_modules_import_without_hydra_omegaconf_or_datasets():
 
 def test_bench_train_script_runs_on_cpu(tmp_path):
     out = tmp_path / "bench_train.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--device", "cpu",
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_train.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
@@ -411,12 +455,21 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
     """benchmarks/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
     kernel table needs CUDA); its kernel groups on kernel names as GPU profiles show them."""
     out = tmp_path / "profile_train.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_train.py"), "--quick", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_train.py"), "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
-    assert [r["name"] for r in res["results"]] == ["ours", "ours-torch-attention", "ours-per-step-weight-grads",
-                                                   "cudnn"]
+    assert [r["name"] for r in res["results"]] == [
+        "ours",
+        "ours-torch-attention",
+        "ours-per-step-weight-grads",
+        "cudnn",
+    ]
     for r in res["results"]:
         assert "error" not in r and r["step_ms"] > 0 and r["stats"] == {"emulated": 4 + 2}, r
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -424,20 +477,34 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
         import profile_train
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    rows = [dict(kernel="_lstm_step_backward_kernel", per_step=40.0, us_per_step=400.0),
-            dict(kernel="_cell_forward_kernel", per_step=40.0, us_per_step=100.0),
-            dict(kernel="RNN_blockPersist_bp_LSTM<bf16>", per_step=4.0, us_per_step=900.0),
-            dict(kernel="nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", per_step=60.0, us_per_step=800.0),
-            dict(kernel="void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
-                 per_step=2.0, us_per_step=30.0),
-            dict(kernel="void (anonymous namespace)::CatArrayBatchedCopy<>", per_step=80.0, us_per_step=160.0),
-            dict(kernel="void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>", per_step=20.0,
-                 us_per_step=40.0),
-            dict(kernel="mystery", per_step=1.0, us_per_step=1.0)]
+    rows = [
+        dict(kernel="_lstm_step_backward_kernel", per_step=40.0, us_per_step=400.0),
+        dict(kernel="_cell_forward_kernel", per_step=40.0, us_per_step=100.0),
+        dict(kernel="RNN_blockPersist_bp_LSTM<bf16>", per_step=4.0, us_per_step=900.0),
+        dict(kernel="nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", per_step=60.0, us_per_step=800.0),
+        dict(
+            kernel="void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+            per_step=2.0,
+            us_per_step=30.0,
+        ),
+        dict(kernel="void (anonymous namespace)::CatArrayBatchedCopy<>", per_step=80.0, us_per_step=160.0),
+        dict(
+            kernel="void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>",
+            per_step=20.0,
+            us_per_step=40.0,
+        ),
+        dict(kernel="mystery", per_step=1.0, us_per_step=1.0),
+    ]
     groups = {g["group"]: (g["per_step"], g["us_per_step"]) for g in profile_train.by_group(rows)}
-    assert groups == {"gate cell (ours)": (80.0, 500.0), "cuDNN RNN": (4.0, 900.0), "matmul": (60.0, 800.0),
-                      "optimizer": (2.0, 30.0), "copy, cat": (80.0, 160.0), "elementwise": (20.0, 40.0),
-                      "other": (1.0, 1.0)}
+    assert groups == {
+        "gate cell (ours)": (80.0, 500.0),
+        "cuDNN RNN": (4.0, 900.0),
+        "matmul": (60.0, 800.0),
+        "optimizer": (2.0, 30.0),
+        "copy, cat": (80.0, 160.0),
+        "elementwise": (20.0, 40.0),
+        "other": (1.0, 1.0),
+    }
     assert [g["group"] for g in profile_train.by_group(rows)][0] == "cuDNN RNN"  # largest first
 
 
@@ -460,10 +527,25 @@ def test_train_loop_with_emulated_graphs_matches_eager(tiny_corpus_dir, tmp_path
 
     def run(name: str, *extra: str):
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = OmegaConf.to_object(compose("train", overrides=[
-                "debug=tiny", f"data.path={tiny_corpus_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                "trainer.device=cpu", "trainer.precision=fp32", "trainer.max_steps=24", "trainer.eval_every=12",
-                "trainer.log_every=1", "trainer.progress=false", "trainer.max_tokens=512", "model.cell=torch", *extra]))
+            cfg = OmegaConf.to_object(
+                compose(
+                    "train",
+                    overrides=[
+                        "debug=tiny",
+                        f"data.path={tiny_corpus_dir}",
+                        f"data.cache_dir={tmp_path / 'cache'}",
+                        "trainer.device=cpu",
+                        "trainer.precision=fp32",
+                        "trainer.max_steps=24",
+                        "trainer.eval_every=12",
+                        "trainer.log_every=1",
+                        "trainer.progress=false",
+                        "trainer.max_tokens=512",
+                        "model.cell=torch",
+                        *extra,
+                    ],
+                )
+            )
         summary = train(cfg, tmp_path / name)
         acc = EventAccumulator(str(tmp_path / name / "tensorboard"), size_guidance={"scalars": 0})
         acc.Reload()
@@ -513,16 +595,19 @@ class HostReads:
             if self.on:
                 raise AssertionError(f"Tensor.{name} inside a captured step")
             return orig(tensor, *a, **k)
+
         return check
 
     def wrap(self, fn, on: bool):
         """fn, run with the guard on (or off)."""
+
         def run(*a, **k):
             before, self.on = self.on, on
             try:
                 return fn(*a, **k)
             finally:
                 self.on = before
+
         return run
 
 
@@ -548,8 +633,17 @@ def test_graphed_train_step_reads_nothing_back_to_the_host(monkeypatch, cell):
     capturable one keeps it on the device."""
     model = tiny_model(cell, dropout=0.2, emb_dropout=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    step = GraphedTrainStep(model, opt, criterion(), buckets=ShapeBuckets([(6, 8, 8)]), emulate=True, pad_id=PAD,
-                            amp_dtype=None, clip_norm=0.5, device="cpu")
+    step = GraphedTrainStep(
+        model,
+        opt,
+        criterion(),
+        buckets=ShapeBuckets([(6, 8, 8)]),
+        emulate=True,
+        pad_id=PAD,
+        amp_dtype=None,
+        clip_norm=0.5,
+        device="cpu",
+    )
     guard = HostReads(monkeypatch)
     monkeypatch.setattr(step, "_run", guard.wrap(step._run, on=True))
     monkeypatch.setattr(opt, "step", guard.wrap(opt.step, on=False))
@@ -578,9 +672,13 @@ def test_graphed_search_with_a_limit_that_shrinks_with_the_source():
     model = tiny_model("torch").eval()
     batch = make_batch(4, 9, 2, seed=11)
     kw = dict(max_len_a=-1.0, max_len_b=14)
-    refs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, **kw),
-            beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, **kw)]
+    refs = [
+        greedy_search(model, batch.src, batch.src_len, BOS, EOS, **kw),
+        beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, **kw),
+    ]
     graphs = GraphedDecoder(model, emulate=True)
-    outs = [greedy_search(model, batch.src, batch.src_len, BOS, EOS, graphs=graphs, **kw),
-            beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, graphs=graphs, **kw)]
+    outs = [
+        greedy_search(model, batch.src, batch.src_len, BOS, EOS, graphs=graphs, **kw),
+        beam_search(model, batch.src, batch.src_len, BOS, EOS, beam=2, graphs=graphs, **kw),
+    ]
     _assert_same(outs, refs, exact=False)

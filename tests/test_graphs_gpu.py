@@ -51,8 +51,9 @@ STEPS = {"cuda": 20, "cpu": 8}  # the batch that fits no bucket comes at step 7
 def cases(*dtypes):
     """Parameters (device, cell[, dtype]): each cell with each dtype on CUDA, marked gpu; on CPU
     (the tests' logic only) the cuDNN cell (nn.LSTM there) with the first dtype."""
-    cuda = [pytest.param("cuda", cell, *d, marks=pytest.mark.gpu) for cell in ("triton", "cudnn")
-            for d in (dtypes or [()])]
+    cuda = [
+        pytest.param("cuda", cell, *d, marks=pytest.mark.gpu) for cell in ("triton", "cudnn") for d in (dtypes or [()])
+    ]
     return cuda + [pytest.param("cpu", "cudnn", *d) for d in (dtypes[:1] or [()])]
 
 
@@ -71,8 +72,9 @@ def cpu_settings(request):
 
 def small_model(device: str, cell: str, dropout: float):
     hidden = HIDDEN[device]
-    return tiny_model(cell, torch.float32, vocab=VOCAB, emb_dim=hidden, hidden_dim=hidden, dropout=dropout,
-                      emb_dropout=dropout).to(device)
+    return tiny_model(
+        cell, torch.float32, vocab=VOCAB, emb_dim=hidden, hidden_dim=hidden, dropout=dropout, emb_dropout=dropout
+    ).to(device)
 
 
 def max_rel(a: list[float], b: list[float]) -> float:
@@ -87,8 +89,9 @@ def training_batches(n_steps: int) -> list:
     return [make_batch(*shape, seed=100 + k, vocab=VOCAB) for k, shape in enumerate(shapes)]
 
 
-def run_training(device: str, cell: str, mode: str, batches: list, amp_dtype, dropout: float,
-                 lagged: bool = False) -> tuple[list, dict]:
+def run_training(
+    device: str, cell: str, mode: str, batches: list, amp_dtype, dropout: float, lagged: bool = False
+) -> tuple[list, dict]:
     """mode: graph | emulate | eager. Returns per step [loss_sum, nll_sum, grad_norm] and the
     step's stats. lagged: read them a step late as mt.train does, else right after each step."""
     model = small_model(device, cell, dropout).train()
@@ -100,8 +103,14 @@ def run_training(device: str, cell: str, mode: str, batches: list, amp_dtype, dr
     else:
         if device == "cuda":  # (a CPU Adam cannot be capturable)
             graphs.make_capturable(opt, device)
-        step = graphs.GraphedTrainStep(model, opt, criterion(), buckets=graphs.ShapeBuckets([(16, 12, 12), (8, 20, 20)]),
-                                       emulate=mode == "emulate" or device != "cuda", **kw)
+        step = graphs.GraphedTrainStep(
+            model,
+            opt,
+            criterion(),
+            buckets=graphs.ShapeBuckets([(16, 12, 12), (8, 20, 20)]),
+            emulate=mode == "emulate" or device != "cuda",
+            **kw,
+        )
     torch.manual_seed(1234)  # the same dropout masks for every mode
     log = []
     pending = StepStats(device, lag=1)
@@ -114,8 +123,9 @@ def run_training(device: str, cell: str, mode: str, batches: list, amp_dtype, dr
             log[-1].append(float(grad_norm))
         sched.step()
         if lagged:
-            pending.push(None, step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm, opt.param_groups[0]["lr"],
-                                           device))
+            pending.push(
+                None, step_values(loss_sum, nll_sum, b.ntokens, False, grad_norm, opt.param_groups[0]["lr"], device)
+            )
             log += [[row[0], row[1], row[4]] for _, row in pending.ready()]
     log += [[row[0], row[1], row[4]] for _, row in pending.drain()]
     return log, dict(getattr(step, "stats", {}))
@@ -165,10 +175,17 @@ def test_train_capture_large_batch(device, cell):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         if device == "cuda":
             graphs.make_capturable(opt, device)
-        step = graphs.GraphedTrainStep(model, opt, criterion(), pad_id=PAD,
-                                       amp_dtype=torch.bfloat16 if device == "cuda" else None, clip_norm=1.0,
-                                       buckets=graphs.ShapeBuckets([shape]), device=device,
-                                       emulate=emulate or device != "cuda")
+        step = graphs.GraphedTrainStep(
+            model,
+            opt,
+            criterion(),
+            pad_id=PAD,
+            amp_dtype=torch.bfloat16 if device == "cuda" else None,
+            clip_norm=1.0,
+            buckets=graphs.ShapeBuckets([shape]),
+            device=device,
+            emulate=emulate or device != "cuda",
+        )
         torch.manual_seed(99)
         logs.append([step.forward_backward(b)[0].item() for b in batches])
     assert max_rel(*logs) <= 1e-5, logs
@@ -177,8 +194,17 @@ def test_train_capture_large_batch(device, cell):
 # ----------------------------------------------------------------------------- decoding
 def decode(device: str, model, batch, decoder, beam: int, amp_dtype):
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return search(model, batch.src.to(device), batch.src_len.to(device), BOS, EOS, beam=beam,
-                      length_penalty=1.0 if beam > 1 else None, max_len_b=8, graphs=decoder)
+        return search(
+            model,
+            batch.src.to(device),
+            batch.src_len.to(device),
+            BOS,
+            EOS,
+            beam=beam,
+            length_penalty=1.0 if beam > 1 else None,
+            max_len_b=8,
+            graphs=decoder,
+        )
 
 
 def graphed_decodes(device: str, cell: str, beam: int, amp_dtype):
@@ -209,5 +235,7 @@ def test_decode_graph_vs_eager(device, cell, beam):
     eager = decode(device, model, batch, None, beam, None)
     agree = [a == b for a, b in zip(outs[-1].tokens, eager.tokens)]
     assert sum(agree) / len(agree) >= 0.95, agree
-    assert max_rel([s for s, ok in zip(outs[-1].scores, agree) if ok],
-                   [s for s, ok in zip(eager.scores, agree) if ok]) <= 1e-3
+    assert (
+        max_rel([s for s, ok in zip(outs[-1].scores, agree) if ok], [s for s, ok in zip(eager.scores, agree) if ok])
+        <= 1e-3
+    )

@@ -44,13 +44,26 @@ def test_decoding_variants_do_not_depend_on_batch_size_or_source_length(monkeypa
     decode_attention = kernel_module("decode_attention")
     search_greedy = kernel_module("search_greedy")
     search_topk = kernel_module("search_topk")
-    decoding = [(decode_attention, "_attention_step_kernel"), (search_topk, "_log_softmax_topk_kernel"),
-                (search_greedy, "_greedy_update_kernel"), (search_beam, "_beam_update_kernel"),
-                (search_beam, "_gather_rows_kernel"), (search_beam, "_beam_backtrack_kernel")]
+    decoding = [
+        (decode_attention, "_attention_step_kernel"),
+        (search_topk, "_log_softmax_topk_kernel"),
+        (search_greedy, "_greedy_update_kernel"),
+        (search_beam, "_beam_update_kernel"),
+        (search_beam, "_gather_rows_kernel"),
+        (search_beam, "_beam_backtrack_kernel"),
+    ]
     keys = record_variants(monkeypatch, decoding)
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="triton", emb_dim=8, hidden_dim=8, enc_layers=1, dec_layers=2, attention="general",
-                      dropout=0.0, emb_dropout=0.0)
+    cfg = ModelConfig(
+        cell="triton",
+        emb_dim=8,
+        hidden_dim=8,
+        enc_layers=1,
+        dec_layers=2,
+        attention="general",
+        dropout=0.0,
+        emb_dropout=0.0,
+    )
     model = Seq2Seq(cfg, 30, 30, 0).eval()
     variants = {}
     for n, S in [(2, 3), (3, 9), (2, 20)]:

@@ -87,13 +87,16 @@ def test_tying_and_sharing():
     assert untied.decoder.generator.weight is not untied.decoder.embedding.weight
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(attention="cosine"), "unknown model.attention"),
-    (dict(cell="fast"), "unknown model.cell"),
-    (dict(tie_output=True, emb_dim=8), "tie_output needs"),
-    (dict(bridge="magic"), "unknown model.bridge"),
-    (dict(hidden_dim=15, tie_output=False), "must be even"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(attention="cosine"), "unknown model.attention"),
+        (dict(cell="fast"), "unknown model.cell"),
+        (dict(tie_output=True, emb_dim=8), "tie_output needs"),
+        (dict(bridge="magic"), "unknown model.bridge"),
+        (dict(hidden_dim=15, tie_output=False), "must be even"),
+    ],
+)
 def test_bad_model_config_is_a_clear_error(kw, msg):
     with pytest.raises(MTError, match=msg):
         Seq2Seq(tiny_cfg(**kw), 30, 30, 0)

@@ -163,16 +163,31 @@ def triton_cache(tmp_path_factory):
 @pytest.mark.skipif(not _ptxas(), reason="this triton build ships no ptxas")
 @pytest.mark.parametrize("mode", ["eager", "graphs"])
 def test_precompiled_variants_are_every_variant_the_run_launches(mode, triton_cache):
-    proc = subprocess.run([sys.executable, "-c", _ROUND_TRIP, mode], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=_env(TRITON_CACHE_DIR=str(triton_cache)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _ROUND_TRIP, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(TRITON_CACHE_DIR=str(triton_cache)),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["errors"] == [] and r["compiled"] == r["variants"], r
     graphed = ["_gather_rows_kernel"] if mode == "graphs" else []  # greedy's state into the graph's buffers
-    assert r["names"] == sorted(["_attention_step_backward_kernel", "_attention_step_kernel", "_cell_backward_kernel",
-                                 "_cell_forward_kernel",
-                                 "_greedy_update_kernel", "_log_softmax_topk_kernel", "_lstm_step_backward_kernel",
-                                 "_lstm_step_forward_kernel", *graphed]), r
+    assert r["names"] == sorted(
+        [
+            "_attention_step_backward_kernel",
+            "_attention_step_kernel",
+            "_cell_backward_kernel",
+            "_cell_forward_kernel",
+            "_greedy_update_kernel",
+            "_log_softmax_topk_kernel",
+            "_lstm_step_backward_kernel",
+            "_lstm_step_forward_kernel",
+            *graphed,
+        ]
+    ), r
     assert r["untouched"], "the dry run changed the model or the random state"
     assert r["launched"] > 0 and r["missed"] == 0, r  # every variant the run met was precompiled...
     assert r["new_in_cache"] == [], r  # ...and loaded from the cache, not compiled again
@@ -244,10 +259,15 @@ def test_compile_watch_counts_first_launches_and_misses():
     watch = kp.CompileWatch([kp.Variant("m.k", "key1", "{}")])
     info = type("Info", (), {"module": "m", "name": "k"})
     for key in ("key1", "key2"):  # as Triton calls them around a compile
-        assert runtime.jit_cache_hook(key=key, fn=info, compile={}, repr="", is_manual_warmup=False,
-                                      already_compiled=False) is None
-        runtime.jit_post_compile_hook(key=key, fn=info, compile={}, repr="", is_manual_warmup=False,
-                                      already_compiled=False)
+        assert (
+            runtime.jit_cache_hook(
+                key=key, fn=info, compile={}, repr="", is_manual_warmup=False, already_compiled=False
+            )
+            is None
+        )
+        runtime.jit_post_compile_hook(
+            key=key, fn=info, compile={}, repr="", is_manual_warmup=False, already_compiled=False
+        )
     assert (watch.first_launches, watch.missed) == (2, 1)
     watch.expect([kp.Variant("m.k", "key3", "{}")])
     assert ("m.k", "key3") in watch.precompiled
@@ -296,17 +316,42 @@ def test_dry_run_leaves_model_and_random_state_alone(use_graphs):
     from mt.graphs import ShapeBuckets
 
     torch.manual_seed(0)
-    model = Seq2Seq(ModelConfig(cell="torch", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2, dropout=0.3,
-                                emb_dropout=0.1, attention="general"), 30, 30, 0)
+    model = Seq2Seq(
+        ModelConfig(
+            cell="torch",
+            emb_dim=16,
+            hidden_dim=16,
+            enc_layers=2,
+            dec_layers=2,
+            dropout=0.3,
+            emb_dropout=0.1,
+            attention="general",
+        ),
+        30,
+        30,
+        0,
+    )
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     tok = type("Tok", (), {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3})
     crit = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum")
-    precompile.dry_run(model, tok=tok, device=torch.device("cpu"), amp_dtype=None, criterion=crit, clip_norm=1.0,
-                       train_shapes=[(5, 8, 8), (40, 10, 10)], valid_batch_sizes=[3, 20], decode_sizes=[4, 7],
-                       valid_batch_size=7, max_len_a=1.0, max_len_b=2, use_graphs=use_graphs,
-                       buckets=ShapeBuckets([(5, 8, 8), (40, 10, 10)]) if use_graphs else None)
+    precompile.dry_run(
+        model,
+        tok=tok,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        criterion=crit,
+        clip_norm=1.0,
+        train_shapes=[(5, 8, 8), (40, 10, 10)],
+        valid_batch_sizes=[3, 20],
+        decode_sizes=[4, 7],
+        valid_batch_size=7,
+        max_len_a=1.0,
+        max_len_b=2,
+        use_graphs=use_graphs,
+        buckets=ShapeBuckets([(5, 8, 8), (40, 10, 10)]) if use_graphs else None,
+    )
     assert not model.training and not model.graph_safe
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())

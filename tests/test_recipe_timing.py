@@ -26,8 +26,12 @@ def run(tmp_path, text, *extra):
     log = tmp_path / "train.log"
     log.write_text(text)
     out = tmp_path / "timing.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(log), "--json", str(out),
-                           *extra], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(log), "--json", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return proc, out
 
 

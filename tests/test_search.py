@@ -38,8 +38,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def random_model() -> Seq2Seq:
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="torch", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
-                      attention="general", dropout=0.0, emb_dropout=0.0)
+    cfg = ModelConfig(
+        cell="torch",
+        emb_dim=16,
+        hidden_dim=16,
+        enc_layers=2,
+        dec_layers=2,
+        attention="general",
+        dropout=0.0,
+        emb_dropout=0.0,
+    )
     return Seq2Seq(cfg, 30, 30, PAD).eval()
 
 
@@ -139,9 +147,10 @@ def test_max_length_respected_without_eos():
     src, src_len = random_batch([3, 6, 2])
     for a, b in [(1.0, 0), (0.5, 2), (0.0, 1)]:
         limits = max_lengths(src_len, a, b).tolist()
-        for out in (greedy_search(model, src, src_len, BOS, EOS, a, b),
-                    beam_search(model, src, src_len, BOS, EOS, beam=4, length_penalty="avg", nbest=4,
-                                max_len_a=a, max_len_b=b)):
+        for out in (
+            greedy_search(model, src, src_len, BOS, EOS, a, b),
+            beam_search(model, src, src_len, BOS, EOS, beam=4, length_penalty="avg", nbest=4, max_len_a=a, max_len_b=b),
+        ):
             for hyps, limit in zip(out.nbest, limits):
                 for h in hyps:
                     assert len(h.tokens) == limit and EOS not in h.tokens
@@ -194,8 +203,9 @@ def test_batched_beam_search_matches_one_sentence_at_a_time(random_model):
     src, src_len = random_batch(lengths, seed=7)
     batched = beam_search(random_model, src, src_len, BOS, EOS, beam=4, length_penalty=1.0, nbest=2)
     for i, n in enumerate(lengths):
-        alone = beam_search(random_model, src[i : i + 1, :n], src_len[i : i + 1], BOS, EOS, beam=4,
-                            length_penalty=1.0, nbest=2)
+        alone = beam_search(
+            random_model, src[i : i + 1, :n], src_len[i : i + 1], BOS, EOS, beam=4, length_penalty=1.0, nbest=2
+        )
         assert [h.tokens for h in alone.nbest[0]] == [h.tokens for h in batched.nbest[i]]
         assert alone.scores[0] == pytest.approx(batched.scores[i], abs=1e-4)
 
@@ -224,13 +234,15 @@ def test_trained_model_beam_and_greedy_decode_the_toy_task(trained):
     rows = [json.loads(ln) for ln in (info["corpus"] / "test.jsonl").read_text().splitlines()][:20]
     ids = tr.tokenizer.encode_src([r["de"] for r in rows])
     greedy = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8)
-    beam1 = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=1, length_penalty=None,
-                           nbest=1)
-    beam1_forced = [beam_search(tr.model, *_collated(tr, [s]), tr.tokenizer.bos_id, tr.tokenizer.eos_id, beam=1,
-                                length_penalty=None).tokens[0] for s in ids[:5]]
+    beam1 = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=1, length_penalty=None, nbest=1)
+    beam1_forced = [
+        beam_search(
+            tr.model, *_collated(tr, [s]), tr.tokenizer.bos_id, tr.tokenizer.eos_id, beam=1, length_penalty=None
+        ).tokens[0]
+        for s in ids[:5]
+    ]
     assert beam1.tokens == greedy.tokens and beam1_forced == greedy.tokens[:5]
-    beam = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=5, length_penalty=1.0,
-                          nbest=3)
+    beam = decode_dataset(tr.model, ids, tr.tokenizer, tr.device, batch_size=8, beam=5, length_penalty=1.0, nbest=3)
     hyps = tr.tokenizer.decode_tgt(beam.tokens)
     correct = sum(h == toy_translate(r["de"]) for h, r in zip(hyps, rows))
     assert correct >= 18, list(zip(hyps, [r["en"] for r in rows]))
@@ -241,8 +253,9 @@ def test_trained_model_beam_and_greedy_decode_the_toy_task(trained):
 def _collated(tr, ids):
     from mt.batching import collate
 
-    b = collate([{"src_ids": ids[0], "tgt_ids": [], "idx": 0}], tr.tokenizer.pad_id, tr.tokenizer.bos_id,
-                tr.tokenizer.eos_id)
+    b = collate(
+        [{"src_ids": ids[0], "tgt_ids": [], "idx": 0}], tr.tokenizer.pad_id, tr.tokenizer.bos_id, tr.tokenizer.eos_id
+    )
     return b.src, b.src_len
 
 
@@ -258,7 +271,6 @@ def test_backtrack_host_follows_the_back_pointers(T, n0, n, K, m, S):
     tok, bp, attn, info = history = random_beam_history(T * 10 + n, T, n0, K, S)
     steps = T - 1 if T > 1 else T  # fewer steps than the history holds (T = 1: all of it)
     info[..., 0].clamp_(max=steps - 1)
-    tokens, a = backtrack(tok[:steps, :n].numpy(), bp[:steps, :n].numpy(), attn[:steps, :n],
-                          info[:n, :m].numpy())
+    tokens, a = backtrack(tok[:steps, :n].numpy(), bp[:steps, :n].numpy(), attn[:steps, :n], info[:n, :m].numpy())
     assert tokens.shape == (n, m, steps) and a.shape == (n, m, steps, S)
     assert_walked_back(history, tokens, a, n, m)

@@ -40,9 +40,16 @@ def _candidates(g: torch.Generator, n: int, K: int, V: int, eos: int, step: int,
 
 
 @interpreted
-@pytest.mark.parametrize("K, nbest, lp, in_place, n, S", [(1, 1, None, False, 16, 7), (2, 2, 1.0, True, 16, 7),
-                                                          (3, 1, "avg", False, 10, 7), (5, 2, 0.6, True, 6, 7),
-                                                          (8, 8, None, True, 3, 260)])
+@pytest.mark.parametrize(
+    "K, nbest, lp, in_place, n, S",
+    [
+        (1, 1, None, False, 16, 7),
+        (2, 2, 1.0, True, 16, 7),
+        (3, 1, "avg", False, 10, 7),
+        (5, 2, 0.6, True, 6, 7),
+        (8, 8, None, True, 3, 260),
+    ],
+)
 def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     """`advance_fused` (one Triton launch) against `advance` (the PyTorch bookkeeping) fed the
     same candidates in the same order: every state tensor, the history and the decoded
@@ -59,10 +66,12 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     limit = torch.tensor([12, 3, 7, 1, 12, 5, 12, 10, 12, 11, 12, 9, 12, 6, 12, 12])[:n]
 
     def make():
-        memory = Memory(torch.zeros(n * K, S, H), torch.zeros(n * K, S, H), torch.ones(n * K, S, dtype=torch.bool),
-                        "triton")
-        dec = DecoderState([torch.zeros(n * K, H) for _ in range(2)],
-                           [torch.zeros(n * K, H) for _ in range(2)], torch.zeros(n * K, H))
+        memory = Memory(
+            torch.zeros(n * K, S, H), torch.zeros(n * K, S, H), torch.ones(n * K, S, dtype=torch.bool), "triton"
+        )
+        dec = DecoderState(
+            [torch.zeros(n * K, H) for _ in range(2)], [torch.zeros(n * K, H) for _ in range(2)], torch.zeros(n * K, H)
+        )
         search = _BeamSearch(memory, dec, limit.clone(), T, K, nbest, lp, 2, eos, [0, 2])
         search.in_place = in_place
         return search
@@ -73,8 +82,11 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
         s = ref.state
         nw = s.scores.shape[0]
         val, col = _candidates(g, nw, K, V, eos, step, eos_rate=0.6)
-        dec = DecoderState([torch.randn(nw * K, H, generator=g) for _ in range(2)],
-                           [torch.randn(nw * K, H, generator=g) for _ in range(2)], torch.randn(nw * K, H, generator=g))
+        dec = DecoderState(
+            [torch.randn(nw * K, H, generator=g) for _ in range(2)],
+            [torch.randn(nw * K, H, generator=g) for _ in range(2)],
+            torch.randn(nw * K, H, generator=g),
+        )
         attn = torch.rand(nw * K, S, generator=g).to(torch.bfloat16)
         top_s, top_beam, top_tok = best_candidates(val.view(nw, K, -1), col.view(nw, K, -1), 2 * K)  # what step() does
         ref.state = ref.advance(s, top_s, top_beam, top_tok, dec, attn)
@@ -85,7 +97,9 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
         assert torch.equal(a.t, b.t) and torch.equal(a.done, b.done), step
         assert torch.equal(a.scores, b.scores) and torch.equal(a.last, b.last), step
         assert all(torch.equal(x, y) for x, y in zip(a.fin, b.fin)), (step, a.fin, b.fin)
-        assert all(torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed]))
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.dec.h + a.dec.c + [a.dec.feed], b.dec.h + b.dec.c + [b.dec.feed])
+        )
         assert b.scores is prev.scores and b.fin[2] is prev.fin[2]  # updated in place, nothing to copy back
         assert (b.dec.c[1] is prev.dec.c[1]) == in_place  # the decoder state too, on static buffers
         for name in ("tok_hist", "bp_hist", "attn_hist"):
@@ -102,7 +116,9 @@ def test_beam_update_kernel_matches_advance(K, nbest, lp, in_place, n, S):
     steps = int(ref.state.t)
     x, y = ref.output(steps, n, [S] * n), fused.output(steps, n, [S] * n)
     assert x.tokens == y.tokens and x.scores == y.scores
-    assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [[(h.tokens, h.log_prob) for h in hs] for hs in y.nbest]
+    assert [[(h.tokens, h.log_prob) for h in hs] for hs in x.nbest] == [
+        [(h.tokens, h.log_prob) for h in hs] for hs in y.nbest
+    ]
 
 
 @interpreted
@@ -127,9 +143,16 @@ def test_beam_update_stops_when_the_best_open_hypothesis_only_ties():
         assert s.last.tolist() == [7] and s.scores.tolist() == [[-1.0]]
 
 
-@pytest.mark.parametrize("device, T, n0, n, K, m, S", [cpu(9, 6, 6, 3, 2, 5), cpu(12, 7, 4, 5, 5, 3),
-                                                        cpu(3, 2, 2, 2, 1, 300), cuda(40, 128, 128, 5, 1, 20),
-                                                        cuda(41, 64, 50, 5, 5, 33)])
+@pytest.mark.parametrize(
+    "device, T, n0, n, K, m, S",
+    [
+        cpu(9, 6, 6, 3, 2, 5),
+        cpu(12, 7, 4, 5, 5, 3),
+        cpu(3, 2, 2, 2, 1, 300),
+        cuda(40, 128, 128, 5, 1, 20),
+        cuda(41, 64, 50, 5, 5, 33),
+    ],
+)
 def test_backtrack_kernel_follows_the_back_pointers(device, T, n0, n, K, m, S):
     """`search_beam.backtrack` (beam search's output on the device, one launch) against a plain
     per-hypothesis walk on random histories (every token and attention row it defines; the
@@ -170,9 +193,15 @@ def test_gather_rows_moves_the_decoder_state_in_one_launch(device, layers, H, N)
     srcs += [torch.randn(N, H, generator=g).to(device) for _ in range(layers)]  # c, fp32
     feed = torch.float32 if narrow else torch.bfloat16
     srcs += [torch.randn(N, H, generator=g).to(device, feed)]  # the feed, into the other dtype below
-    dsts = [torch.full((N, H), 7.0, device=device,
-                       dtype=torch.bfloat16 if i < layers or (narrow and i == 2 * layers) else torch.float32)
-            for i in range(2 * layers + 1)]
+    dsts = [
+        torch.full(
+            (N, H),
+            7.0,
+            device=device,
+            dtype=torch.bfloat16 if i < layers or (narrow and i == 2 * layers) else torch.float32,
+        )
+        for i in range(2 * layers + 1)
+    ]
     assert len(srcs) <= search_beam.MAX_STATE and search_beam.gather_rows_supported(rows, srcs, dsts)
     search_beam.gather_rows(rows, srcs, dsts)
     for src, dst in zip(srcs, dsts):
@@ -208,9 +237,25 @@ def test_beam_update_refuses_what_it_cannot_take():
     assert not search_beam.supported(torch.zeros(2 * K + 2, 2 * K + 2), K + 1, 100, 7)  # more beams: PyTorch's ops
     with pytest.raises(ValueError, match="contiguous"):
         z = torch.zeros
-        search_beam.beam_update(val, val.long(), z(6, 7), z(3).long(), z(3).long(), z(()).long(), z(12).double(),
-                                z(3).bool(), (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()), z(2, 3).t(), z(6).long(),
-                                z(6).long(), z(9, 3, 2).long(), z(9, 3, 2).long(), z(9, 3, 2, 7), 3, 1)
+        search_beam.beam_update(
+            val,
+            val.long(),
+            z(6, 7),
+            z(3).long(),
+            z(3).long(),
+            z(()).long(),
+            z(12).double(),
+            z(3).bool(),
+            (z(3, 2).double(), z(3, 2), z(3, 2, 3).long()),
+            z(2, 3).t(),
+            z(6).long(),
+            z(6).long(),
+            z(9, 3, 2).long(),
+            z(9, 3, 2).long(),
+            z(9, 3, 2, 7),
+            3,
+            1,
+        )
 
 
 def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S: int = 7) -> dict:
@@ -219,14 +264,29 @@ def _beam_update_args(limit: int, t: int, T: int = 9, n: int = 3, K: int = 2, S:
     g = torch.Generator().manual_seed(5)
     val, col = _candidates(g, n, K, 50, 3, step=1, eos_rate=0.5)
     z = torch.zeros
-    return dict(val=val, col=col, attn=torch.rand(n * K, S, generator=g), limit=torch.full((n,), limit),
-                sent=torch.arange(n), t=torch.tensor(t), lp_table=torch.arange(1, T + 3, dtype=torch.float64),
-                done=z(n, dtype=torch.bool),
-                fin=(torch.full((n, K), float("-inf"), dtype=torch.float64), torch.full((n, K), float("-inf")),
-                     z(n, K, 3, dtype=torch.long)),
-                scores=z(n, K), last=z(n * K, dtype=torch.long), rows=z(n * K, dtype=torch.long),
-                tok_hist=z(T, n, K, dtype=torch.long), bp_hist=z(T, n, K, dtype=torch.long), attn_hist=z(T, n, K, S),
-                eos=3, nbest=1)
+    return dict(
+        val=val,
+        col=col,
+        attn=torch.rand(n * K, S, generator=g),
+        limit=torch.full((n,), limit),
+        sent=torch.arange(n),
+        t=torch.tensor(t),
+        lp_table=torch.arange(1, T + 3, dtype=torch.float64),
+        done=z(n, dtype=torch.bool),
+        fin=(
+            torch.full((n, K), float("-inf"), dtype=torch.float64),
+            torch.full((n, K), float("-inf")),
+            z(n, K, 3, dtype=torch.long),
+        ),
+        scores=z(n, K),
+        last=z(n * K, dtype=torch.long),
+        rows=z(n * K, dtype=torch.long),
+        tok_hist=z(T, n, K, dtype=torch.long),
+        bp_hist=z(T, n, K, dtype=torch.long),
+        attn_hist=z(T, n, K, S),
+        eos=3,
+        nbest=1,
+    )
 
 
 @interpreted
@@ -235,16 +295,22 @@ def test_beam_update_checks_shapes_and_stays_inside_the_length_penalty_table():
     table (T + 2 entries) is read within its bounds whatever the limit (a limit past the
     history reads the last entry, as a limit of T + 1 does)."""
     search_beam = kernel_module("search_beam")
-    for name, bad in (("attn_hist", torch.zeros(9, 3, 2, 6)), ("val", torch.zeros(6, 3)), ("limit", torch.zeros(2)),
-                      ("lp_table", torch.zeros(10, dtype=torch.float64))):
+    for name, bad in (
+        ("attn_hist", torch.zeros(9, 3, 2, 6)),
+        ("val", torch.zeros(6, 3)),
+        ("limit", torch.zeros(2)),
+        ("lp_table", torch.zeros(10, dtype=torch.float64)),
+    ):
         with pytest.raises(ValueError, match=name):
             search_beam.beam_update(**{**_beam_update_args(5, 2), name: bad})
     outs = []
     for limit in (9 + 1, 10**9):
         args = _beam_update_args(limit, t=8)
         search_beam.beam_update(**args)
-        outs.append([args[k] for k in ("done", "scores", "last", "rows", "tok_hist", "bp_hist", "attn_hist")]
-                    + list(args["fin"]))
+        outs.append(
+            [args[k] for k in ("done", "scores", "last", "rows", "tok_hist", "bp_hist", "attn_hist")]
+            + list(args["fin"])
+        )
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert outs[0][4][8].any()  # the last step's tokens were written
 

@@ -37,8 +37,9 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
 
     def make():
         memory = Memory(torch.zeros(N, S, H), torch.zeros(N, S, H), torch.ones(N, S, dtype=torch.bool), "triton")
-        dec = DecoderState([torch.zeros(N, H) for _ in range(2)], [torch.zeros(N, H) for _ in range(2)],
-                           torch.zeros(N, H))
+        dec = DecoderState(
+            [torch.zeros(N, H) for _ in range(2)], [torch.zeros(N, H) for _ in range(2)], torch.zeros(N, H)
+        )
         search = _GreedySearch(memory, dec, limit.clone(), T, 2, eos, [0, 2])
         search.in_place = in_place
         search.reset(N - 1)  # the last row is padding: done from the start
@@ -49,8 +50,11 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
         best = -torch.rand(N, generator=g) * 3
         tok = torch.randint(4, 50, (N,), generator=g)
         tok[torch.rand(N, generator=g) < 0.2] = eos
-        dec = DecoderState([torch.randn(N, H, generator=g) for _ in range(2)],
-                           [torch.randn(N, H, generator=g) for _ in range(2)], torch.randn(N, H, generator=g))
+        dec = DecoderState(
+            [torch.randn(N, H, generator=g) for _ in range(2)],
+            [torch.randn(N, H, generator=g) for _ in range(2)],
+            torch.randn(N, H, generator=g),
+        )
         attn = torch.rand(N, S, generator=g).to(torch.bfloat16)
         prev = fused.state
         ref.state = ref.advance(ref.state, best, tok, dec, attn)
@@ -76,8 +80,9 @@ def test_greedy_update_kernel_matches_advance(in_place, S):
     tok_buf[:T], attn_buf[:T] = fused.tok_hist, fused.attn_hist
     s = fused.state
     s.t.fill_(T)
-    search_greedy.greedy_update(best, tok, attn, fused.limit, s.t, s.done, s.scores, s.last, tok_buf[:T],
-                                attn_buf[:T], eos)
+    search_greedy.greedy_update(
+        best, tok, attn, fused.limit, s.t, s.done, s.scores, s.last, tok_buf[:T], attn_buf[:T], eos
+    )
     assert (tok_buf[T] == -7).all() and (attn_buf[T] == -7).all()
     assert torch.equal(tok_buf[:T], fused.tok_hist) and torch.equal(attn_buf[:T], fused.attn_hist)
 

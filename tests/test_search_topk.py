@@ -20,9 +20,23 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("device, N, V, k", [
-    cpu(7, 50, 10), cpu(12, 1000, 10), cpu(4, 64, 1), cpu(5, 3, 3), cpu(3, 33, 33), cpu(5, 3000, 10), cpu(4, 1030, 10),
-    cpu(2, 1300, 64), cpu(3, 1100, 1), cuda(640, 8000, 10), cuda(128, 8000, 1), cuda(37, 50, 10)])
+@pytest.mark.parametrize(
+    "device, N, V, k",
+    [
+        cpu(7, 50, 10),
+        cpu(12, 1000, 10),
+        cpu(4, 64, 1),
+        cpu(5, 3, 3),
+        cpu(3, 33, 33),
+        cpu(5, 3000, 10),
+        cpu(4, 1030, 10),
+        cpu(2, 1300, 64),
+        cpu(3, 1100, 1),
+        cuda(640, 8000, 10),
+        cuda(128, 8000, 1),
+        cuda(37, 50, 10),
+    ],
+)
 def test_log_softmax_topk_triton_matches_reference(dtype, device, N, V, k):
     """The fused search kernels: the k best of bias + log_softmax, banned columns never picked
     (unless nothing else is left), a row of -inf bias still returns k columns. Rows wider than
@@ -41,7 +55,9 @@ def test_log_softmax_topk_triton_matches_reference(dtype, device, N, V, k):
     torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=1e-5)
     # columns: each picked one holds its value (near-ties may swap two columns' order)
     full = reference.log_softmax_topk(logits, V, row_bias=bias, banned=banned)
-    by_col = torch.empty(N, V, device=device).scatter_(1, full[1], full[0])  # (N, V) the reference value of every column
+    by_col = torch.empty(N, V, device=device).scatter_(
+        1, full[1], full[0]
+    )  # (N, V) the reference value of every column
     finite = torch.isfinite(ref_vals)
     torch.testing.assert_close(by_col.gather(1, cols)[finite], vals[finite], atol=1e-5, rtol=1e-5)
     assert all(len(set(r)) == k for r in cols.tolist())  # no column twice
@@ -63,8 +79,11 @@ def test_log_softmax_topk_ties_go_to_the_lower_column():
     wide[0, [1200, 3, 700, 701, 9]] = 3.0
     wide[0, [1499, 256]] = 2.0
     vals, cols = search_topk.log_softmax_topk(wide, 8, banned=torch.tensor([9]))
-    assert cols.tolist() == [[3, 700, 701, 1200, 256, 1499, 0, 1]] == reference.log_softmax_topk(
-        wide, 8, banned=torch.tensor([9]))[1].tolist()
+    assert (
+        cols.tolist()
+        == [[3, 700, 701, 1200, 256, 1499, 0, 1]]
+        == reference.log_softmax_topk(wide, 8, banned=torch.tensor([9]))[1].tolist()
+    )
     sparse = torch.full((1, 1030), float("-inf"))  # 3 finite columns: the rest of the 10 are the lowest
     sparse[0, [1029, 500, 4]] = torch.tensor([1.0, 2.0, 3.0])  # -inf ones (the last chunk holds 6 columns)
     vals, cols = search_topk.log_softmax_topk(sparse, 10)
@@ -94,8 +113,9 @@ def test_log_softmax_topk_dispatch():
 
 
 @interpreted
-@pytest.mark.parametrize("graphed, V", [(False, 40), (True, 40), (False, 1100)],
-                         ids=["eager", "emulated-graphs", "eager-chunked-topk"])
+@pytest.mark.parametrize(
+    "graphed, V", [(False, 40), (True, 40), (False, 1100)], ids=["eager", "emulated-graphs", "eager-chunked-topk"]
+)
 def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     """Greedy and beam search with our Triton gate cell use the fused kernels (the decoder step's
     attention; top-k; the bookkeeping; beam search's output walk back); the same model with
@@ -106,8 +126,16 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
     from mt.model import Seq2Seq
 
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="triton", emb_dim=16, hidden_dim=16, enc_layers=2, dec_layers=2,
-                      attention="general", dropout=0.0, emb_dropout=0.0)
+    cfg = ModelConfig(
+        cell="triton",
+        emb_dim=16,
+        hidden_dim=16,
+        enc_layers=2,
+        dec_layers=2,
+        attention="general",
+        dropout=0.0,
+        emb_dropout=0.0,
+    )
     model = Seq2Seq(cfg, 40, V, 0).eval()
     g = torch.Generator().manual_seed(3)
     lengths = [6, 3, 5] if V <= 1024 else [6, 4]  # (the interpreter is slow: 2 sentences through chunks)
@@ -130,8 +158,11 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
 
     decode_attention = kernel_module("decode_attention")
     # each of our kernels (the decision to take it, or its step), spied on in the "fused" run
-    switches = {"fused": (search, "fused"), "backtrack": (search, "_backtrack_kernel_takes"),
-                "attention": (decode_attention, "supported")}
+    switches = {
+        "fused": (search, "fused"),
+        "backtrack": (search, "_backtrack_kernel_takes"),
+        "attention": (decode_attention, "supported"),
+    }
     logs = {name: [] for name in [*switches, "beam", "greedy"]}
     spy(search._BeamSearch, "advance_fused", logs["beam"])
     spy(search._GreedySearch, "advance_fused", logs["greedy"])
@@ -143,8 +174,18 @@ def test_search_with_fused_topk_matches_pytorch_topk(monkeypatch, graphed, V):
             monkeypatch.setattr(owner, attr, on[name] if run == "fused" else (lambda *a: False))
         for beam in beams:
             runner = graphs.GraphedDecoder(model, emulate=True) if graphed else None
-            outs[run, beam] = search.search(model, src, src_len, 2, 3, beam=beam, nbest=min(beam, 2),
-                                            length_penalty=1.0 if beam > 1 else None, max_len_b=3, graphs=runner)
+            outs[run, beam] = search.search(
+                model,
+                src,
+                src_len,
+                2,
+                3,
+                beam=beam,
+                nbest=min(beam, 2),
+                length_penalty=1.0 if beam > 1 else None,
+                max_len_b=3,
+                graphs=runner,
+            )
     for name in switches:  # the fused path really ran: the top-k, the walk back, the attention...
         assert logs[name] and all(logs[name]), name
     assert logs["beam"]  # ...beam search's bookkeeping kernel...

@@ -68,8 +68,9 @@ def test_pinned_if_possible_falls_back_to_ordinary_memory():
 def test_step_values_layout(lr):
     """[loss sum, NLL sum, tokens, out of time, grad norm, lr]; the first SUMMED are the ones
     mt.train sums over ranks; a float or a tensor lr (CUDA graphs) gives the same row."""
-    row = step_values(torch.tensor(12.5), torch.tensor(10.0, dtype=torch.float64), 40, True,
-                      torch.tensor(3.0), lr, "cpu")
+    row = step_values(
+        torch.tensor(12.5), torch.tensor(10.0, dtype=torch.float64), 40, True, torch.tensor(3.0), lr, "cpu"
+    )
     assert row.dtype == torch.float64 and row.shape == (6,)
     assert row.tolist() == pytest.approx([12.5, 10.0, 40.0, 1.0, 3.0, 2.5e-4])
     assert row[:SUMMED].tolist() == pytest.approx([12.5, 10.0, 40.0, 1.0])  # what DDP sums: not the norm or lr

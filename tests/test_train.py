@@ -26,8 +26,17 @@ CONF = REPO / "conf"
 def make_cfg(corpus: Path, cache: Path, *overrides: str):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=["debug=tiny", f"data.path={corpus}", f"data.cache_dir={cache}",
-                                          "trainer.device=cpu", "trainer.precision=fp32", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=tiny",
+                f"data.path={corpus}",
+                f"data.cache_dir={cache}",
+                "trainer.device=cpu",
+                "trainer.precision=fp32",
+                *overrides,
+            ],
+        )
     return OmegaConf.to_object(cfg)
 
 
@@ -62,8 +71,18 @@ def test_tensorboard_tags(trained):
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    expected = {"train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf", "valid/bleu_lc"}
+    expected = {
+        "train/loss",
+        "train/ppl",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "valid/loss",
+        "valid/ppl",
+        "valid/bleu",
+        "valid/chrf",
+        "valid/bleu_lc",
+    }
     assert expected <= set(tags["scalars"]), set(tags["scalars"])
     assert "valid/attention" in tags["images"]
     text_tags = set(tags["tensors"])
@@ -77,13 +96,19 @@ def test_tensorboard_tags(trained):
 @pytest.mark.slow
 def test_resume_gives_the_same_losses(tiny_corpus_dir, tmp_path):
     """60 steps straight == 30 steps, stop, resume to 60: identical per-step losses."""
-    common = ["trainer.eval_every=30", "trainer.log_every=1", "model.dropout=0.3", "model.emb_dropout=0.2",
-              "trainer.max_tokens=512"]
+    common = [
+        "trainer.eval_every=30",
+        "trainer.log_every=1",
+        "model.dropout=0.3",
+        "model.emb_dropout=0.2",
+        "trainer.max_tokens=512",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=60", *common), straight)
     train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=30", *common), split)
-    resumed = train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=60", "trainer.resume=true",
-                             *common), split)
+    resumed = train(
+        make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=60", "trainer.resume=true", *common), split
+    )
     assert resumed["step"] == 60
     a, b = scalars(straight)["train/loss"], scalars(split)["train/loss"]
     assert sorted(b) == list(range(1, 61))
@@ -113,8 +138,7 @@ def test_resume_refuses_bad_checkpoints(tiny_corpus_dir, tmp_path, trained):
 
 
 @pytest.mark.parametrize("first_nan,last_saved", [(16, 10), (20, 10), (10, None)])
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, first_nan,
-                                                       last_saved):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, first_nan, last_saved):
     """The loss is read a step late; a NaN on the step that triggers a validation (20, 10) must
     still stop the run before that validation saves anything."""
     cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=40", "trainer.eval_every=10")
@@ -145,9 +169,17 @@ def test_logged_losses_belong_to_their_steps(tiny_corpus_dir, tmp_path, monkeypa
     from mt.config import OptimConfig
     from mt.optim import make_scheduler
 
-    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=12", "trainer.eval_every=5",
-                   "trainer.log_every=1", "optim.scheduler=cosine", "optim.warmup_steps=4", "optim.lr=1e-3",
-                   "optim.min_lr=1e-5")
+    cfg = make_cfg(
+        tiny_corpus_dir,
+        tmp_path / "c",
+        "trainer.max_steps=12",
+        "trainer.eval_every=5",
+        "trainer.log_every=1",
+        "optim.scheduler=cosine",
+        "optim.warmup_steps=4",
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-5",
+    )
     per_step = []
     real = torch.nn.CrossEntropyLoss.forward
 
@@ -173,22 +205,43 @@ def test_logged_losses_belong_to_their_steps(tiny_corpus_dir, tmp_path, monkeypa
 
 def run_cli(args, cwd=REPO, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "mt.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "mt.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 @pytest.mark.slow
 def test_cli_writes_checkpoints_and_events(tiny_corpus_dir, tmp_path):
     out = tmp_path / "out"
-    r = run_cli(["debug=tiny", f"data.path={tiny_corpus_dir}", "data.src=de", "data.tgt=en", "trainer.max_steps=20",
-                 "trainer.eval_every=20", f"data.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={out}"])
+    r = run_cli(
+        [
+            "debug=tiny",
+            f"data.path={tiny_corpus_dir}",
+            "data.src=de",
+            "data.tgt=en",
+            "trainer.max_steps=20",
+            "trainer.eval_every=20",
+            f"data.cache_dir={tmp_path / 'c'}",
+            f"hydra.run.dir={out}",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / ".hydra" / "config.yaml").is_file()
     # benchmarks/recipe_timing.py reads this log's validation lines, the background report's too
-    timing = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_timing.py"), str(out / "train.log"),
-                             "--json", str(tmp_path / "timing.json")], capture_output=True, text=True, timeout=60)
+    timing = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "recipe_timing.py"),
+            str(out / "train.log"),
+            "--json",
+            str(tmp_path / "timing.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert timing.returncode == 0, timing.stderr
     (valid,) = json.loads((tmp_path / "timing.json").read_text())["validations"]
     assert valid["step"] == 20 and valid["chrf"] is not None and valid["bleu_lc"] is not None
@@ -210,10 +263,27 @@ def test_ddp_two_processes(tiny_corpus_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mt.train",
-         "debug=tiny", f"data.path={tiny_corpus_dir}", "trainer.max_steps=20", "trainer.eval_every=20",
-         f"data.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mt.train",
+            "debug=tiny",
+            f"data.path={tiny_corpus_dir}",
+            "trainer.max_steps=20",
+            "trainer.eval_every=20",
+            f"data.cache_dir={tmp_path / 'c'}",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     firsts = [ln.split("first batch rows ")[1] for ln in log.splitlines() if "first batch rows" in ln]
@@ -227,8 +297,18 @@ def test_ddp_two_processes(tiny_corpus_dir, tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_jobs_get_their_own_directories(tiny_corpus_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    r = run_cli(["-m", "debug=tiny", f"data.path={tiny_corpus_dir}", "trainer.max_steps=4", "trainer.eval_every=4",
-                 "model.attention=dot,bahdanau", f"data.cache_dir={tmp_path / 'c'}", f"hydra.sweep.dir={sweep}"])
+    r = run_cli(
+        [
+            "-m",
+            "debug=tiny",
+            f"data.path={tiny_corpus_dir}",
+            "trainer.max_steps=4",
+            "trainer.eval_every=4",
+            "model.attention=dot,bahdanau",
+            f"data.cache_dir={tmp_path / 'c'}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for job, attention in (("0", "dot"), ("1", "bahdanau")):
         ck = load_checkpoint(sweep / job / "checkpoints" / "last.pt")
@@ -248,12 +328,17 @@ def test_plateau_scheduler_state_in_checkpoint_has_seen_the_validation(tiny_corp
 def test_user_errors_in_trainer_settings(tiny_corpus_dir, tmp_path):
     from mt.errors import MTError
 
-    for override, msg in (("trainer.precision=fp16", "loss scaling"), ("trainer.device=tpu", "device"),
-                          ("trainer.device=cuda:3", "CUDA"), ("model.cell=bogus", "unknown model.cell"),
-                          ("optim.scheduler=linear", "unknown optim.scheduler"),
-                          ("decoding.beam=0", "decoding.beam"), ("decoding.length_penalty=long", "length_penalty"),
-                          ("trainer.precompile_workers=2", "precompile_workers=2 compiles Triton kernels for CUDA"),
-                          ("trainer.precompile_workers=-1", "precompile_workers must be null")):
+    for override, msg in (
+        ("trainer.precision=fp16", "loss scaling"),
+        ("trainer.device=tpu", "device"),
+        ("trainer.device=cuda:3", "CUDA"),
+        ("model.cell=bogus", "unknown model.cell"),
+        ("optim.scheduler=linear", "unknown optim.scheduler"),
+        ("decoding.beam=0", "decoding.beam"),
+        ("decoding.length_penalty=long", "length_penalty"),
+        ("trainer.precompile_workers=2", "precompile_workers=2 compiles Triton kernels for CUDA"),
+        ("trainer.precompile_workers=-1", "precompile_workers must be null"),
+    ):
         with pytest.raises(MTError, match=msg):
             train(make_cfg(tiny_corpus_dir, tmp_path / "c", override, "trainer.max_steps=1"), tmp_path / "o")
 
@@ -277,8 +362,9 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
 
 
 @pytest.mark.parametrize("eval_every,validation_seconds,stop_step", [(1000, 0, 31), (5, 100, 5)])
-def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch, eval_every,
-                                                     validation_seconds, stop_step):
+def test_max_minutes_stops_at_a_validated_checkpoint(
+    tiny_corpus_dir, tmp_path, monkeypatch, eval_every, validation_seconds, stop_step
+):
     """trainer.max_minutes=0.5 on a fake clock that reads 1 s later at every look: the run stops
     once 30 s have passed, one step after the step that saw it (the flag travels with that step's
     loss, which the host reads a step late; mt/step_stats.py), then validates; or right after a
@@ -300,8 +386,14 @@ def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, 
 
     monkeypatch.setattr(mt_trainer, "_now", now)
     monkeypatch.setattr(mt_trainer, "validation_loss", slow_validation_loss)
-    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=1000", f"trainer.eval_every={eval_every}",
-                   "trainer.max_minutes=0.5", "trainer.log_every=1")
+    cfg = make_cfg(
+        tiny_corpus_dir,
+        tmp_path / "c",
+        "trainer.max_steps=1000",
+        f"trainer.eval_every={eval_every}",
+        "trainer.max_minutes=0.5",
+        "trainer.log_every=1",
+    )
     summary = train(cfg, tmp_path / "run")
     assert summary["step"] == stop_step
     assert sorted(scalars(tmp_path / "run")["valid/bleu"]) == [stop_step]  # validated once, at the end
@@ -309,8 +401,7 @@ def test_max_minutes_stops_at_a_validated_checkpoint(tiny_corpus_dir, tmp_path, 
     assert ck["step"] == stop_step and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
-def test_validation_report_runs_in_the_background_and_completes_the_checkpoint(tiny_corpus_dir, tmp_path,
-                                                                              monkeypatch):
+def test_validation_report_runs_in_the_background_and_completes_the_checkpoint(tiny_corpus_dir, tmp_path, monkeypatch):
     """chrF and BLEU(lc) are scored on the checkpoint writer's thread, before the write: they are
     in every checkpoint's metrics, in TensorBoard at each validation (in the one events file, so
     before the writer was closed), and in train()'s summary."""
@@ -353,8 +444,9 @@ def test_a_failing_validation_report_is_a_warning(tiny_corpus_dir, tmp_path, mon
         raise RuntimeError("matplotlib has no fonts")
 
     monkeypatch.setattr(mt_validation, "attention_figure", broken_figure)
-    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=10", "trainer.eval_every=5",
-                   "trainer.attention_images=true")
+    cfg = make_cfg(
+        tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=10", "trainer.eval_every=5", "trainer.attention_images=true"
+    )
     with caplog.at_level("WARNING", logger="mt.train"):
         summary = train(cfg, tmp_path / "run")
     assert summary["step"] == 10
@@ -366,8 +458,9 @@ def test_a_failing_validation_report_is_a_warning(tiny_corpus_dir, tmp_path, mon
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_train_hands_its_shapes_to_the_precompile_and_stops_the_workers(tiny_corpus_dir, tmp_path, monkeypatch,
-                                                                          caplog, fails):
+def test_train_hands_its_shapes_to_the_precompile_and_stops_the_workers(
+    tiny_corpus_dir, tmp_path, monkeypatch, caplog, fails
+):
     """mt.train's precompile wiring, on CPU (the compiling itself: tests/test_precompile.py): the
     workers start before the data, get the run's shapes, and are stopped whatever happens; a
     failing dry run is a warning and training goes on."""
@@ -395,8 +488,9 @@ def test_train_hands_its_shapes_to_the_precompile_and_stops_the_workers(tiny_cor
     monkeypatch.setattr(mtrain, "CompileWorkers", Workers)
     monkeypatch.setattr(mtrain.precompile, "precompile", fake_precompile)
     caplog.set_level(logging.INFO, logger="mt.train")
-    summary = train(make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=4", "trainer.eval_every=4"),
-                    tmp_path / "run")
+    summary = train(
+        make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.max_steps=4", "trainer.eval_every=4"), tmp_path / "run"
+    )
     assert summary["step"] == 4
     assert len(started) == 1 and len(started[0].procs) == 2 and len(calls) == 1
     kw = calls[0]

@@ -37,8 +37,14 @@ def tr(ckpt) -> Translator:
 
 def run_script(*args, stdin: bytes = b"", timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], input=stdin, capture_output=True,
-                          env=env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def load_script_module():
@@ -67,8 +73,14 @@ def test_hypothesis_fields_and_alignment(tr):
 
 
 def test_order_restored_empty_lines_and_nbest(tr):
-    lines = ["hund katze haus baum auto mann frau", "", "rot blau gross", "   ",
-             "buch tisch und nicht schnell kind", "hat liest sieht"]
+    lines = [
+        "hund katze haus baum auto mann frau",
+        "",
+        "rot blau gross",
+        "   ",
+        "buch tisch und nicht schnell kind",
+        "hat liest sieht",
+    ]
     hyps = tr.translate(lines, beam=4, batch_size=2)
     for line, h in zip(lines, hyps):
         assert h.text == (toy_translate(line) if line.strip() else "")
@@ -146,8 +158,16 @@ def test_load_errors_are_one_line(ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the script
-FILTER_IN = [b"hund katze haus baum auto", b"", b"rot blau gross", b"klein \xff\xfe hund", b"",
-             b"buch tisch und nicht schnell kind mann", b"hat", b"frau liest"]
+FILTER_IN = [
+    b"hund katze haus baum auto",
+    b"",
+    b"rot blau gross",
+    b"klein \xff\xfe hund",
+    b"",
+    b"buch tisch und nicht schnell kind mann",
+    b"hat",
+    b"frau liest",
+]
 
 
 def _interactive(ckpt) -> tuple[int, bytes, bytes]:
@@ -156,8 +176,14 @@ def _interactive(ckpt) -> tuple[int, bytes, bytes]:
 
     master, slave = pty.openpty()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, str(SCRIPT), "--checkpoint", str(ckpt), "--beam", "2", "-q"],
-                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    p = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(ckpt), "--beam", "2", "-q"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
     os.close(slave)
     try:
         os.write(master, b"hund sieht katze\n")
@@ -180,10 +206,32 @@ def script_runs(ckpt, tmp_path_factory):
     pool = ThreadPoolExecutor(max_workers=4)
     runs = {
         # stdin -> stdout, no final newline; chunks of 3 lines, batches of 2 sentences
-        "filter": pool.submit(run_script, "--checkpoint", ckpt, "--batch-size", 2, "--chunk-size", 3, "--beam", 3,
-                              "--plot-attention", tmp / "attn.png", stdin=b"\n".join(FILTER_IN)),
-        "nbest": pool.submit(run_script, "--checkpoint", ckpt, "--nbest", 3, "--beam", 3, "--align", "-q",
-                             stdin=b"hund sieht katze\n\nrot blau\n"),
+        "filter": pool.submit(
+            run_script,
+            "--checkpoint",
+            ckpt,
+            "--batch-size",
+            2,
+            "--chunk-size",
+            3,
+            "--beam",
+            3,
+            "--plot-attention",
+            tmp / "attn.png",
+            stdin=b"\n".join(FILTER_IN),
+        ),
+        "nbest": pool.submit(
+            run_script,
+            "--checkpoint",
+            ckpt,
+            "--nbest",
+            3,
+            "--beam",
+            3,
+            "--align",
+            "-q",
+            stdin=b"hund sieht katze\n\nrot blau\n",
+        ),
         "corrupt": pool.submit(run_script, "--checkpoint", bad, stdin=b"hund\n"),
     }
     if sys.platform != "win32":
@@ -222,8 +270,26 @@ def test_script_scores_and_align_columns(ckpt, tmp_path, capsys):
     src, out = tmp_path / "in.de", tmp_path / "out.en"
     src.write_text("hund sieht katze\n\nrot blau\n", encoding="utf-8")
     script = load_script_module()  # in-process: same code path, no interpreter start-up
-    assert script.main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "--print-scores",
-                        "--align", "--beam", "1", "--length-penalty", "none", "-q"]) == 0
+    assert (
+        script.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+                "--print-scores",
+                "--align",
+                "--beam",
+                "1",
+                "--length-penalty",
+                "none",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == ""
     lines = out.read_text(encoding="utf-8").split("\n")
     assert lines[1] == "" and lines[3] == "" and len(lines) == 4
@@ -238,13 +304,16 @@ def test_script_errors_are_one_line(script_runs, ckpt, tmp_path, capsys):
     err = r.stderr.decode().strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
     script = load_script_module()  # the other error paths in-process
-    for args in (["--checkpoint", str(tmp_path / "none.pt")], ["--checkpoint", str(ckpt), "--device", "tpu"],
-                 ["--checkpoint", str(ckpt), "--nbest", "6", "--beam", "5"],
-                 ["--checkpoint", str(ckpt), "--length-penalty", "long"],
-                 ["--checkpoint", str(ckpt), "--device", "cpu", "--cuda-graphs", "true"],
-                 ["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.txt")],
-                 ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "no" / "dir" / "a.png")],
-                 ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "a.nosuchformat")]):
+    for args in (
+        ["--checkpoint", str(tmp_path / "none.pt")],
+        ["--checkpoint", str(ckpt), "--device", "tpu"],
+        ["--checkpoint", str(ckpt), "--nbest", "6", "--beam", "5"],
+        ["--checkpoint", str(ckpt), "--length-penalty", "long"],
+        ["--checkpoint", str(ckpt), "--device", "cpu", "--cuda-graphs", "true"],
+        ["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.txt")],
+        ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "no" / "dir" / "a.png")],
+        ["--checkpoint", str(ckpt), "--plot-attention", str(tmp_path / "a.nosuchformat")],
+    ):
         assert script.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("error:") and not any("Traceback" in e for e in err), (args, err)
@@ -265,8 +334,25 @@ def test_bench_decode_smoke(ckpt, tmp_path, tiny_run, capsys):
     spec.loader.exec_module(bench)
     data = tiny_run["corpus"] / "test.jsonl"
     out = tmp_path / "bench.json"
-    assert bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--limit", "8", "--batch-size", "4",
-                       "--beam", "3", "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--limit",
+                "8",
+                "--batch-size",
+                "4",
+                "--beam",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert [r["setting"] for r in results] == ["greedy", "beam 3"]
     for r in results:
@@ -286,7 +372,11 @@ def test_script_reads_a_pipe_as_input(ckpt, tmp_path, capsys, monkeypatch):
     writer.start()
     script = load_script_module()
     out = tmp_path / "out.txt"
-    assert script.main(["--checkpoint", str(ckpt), "--input", str(fifo), "--output", str(out), "--beam", "2",
-                        "--device", "cpu"]) == 0
+    assert (
+        script.main(
+            ["--checkpoint", str(ckpt), "--input", str(fifo), "--output", str(out), "--beam", "2", "--device", "cpu"]
+        )
+        == 0
+    )
     writer.join()
     assert out.read_text(encoding="utf-8").splitlines() == ["dog sees cat", "", "red car"]

@@ -98,10 +98,7 @@ def seq_inputs(dtype, D, B, T, H, lengths, with_state, seed=0):
 
 def run_seq(impl, inputs, seed=1):
     xproj, w_hh, lens, h0, c0 = inputs
-    leaves = [
-        x.detach().clone().requires_grad_() if x is not None else None
-        for x in (xproj, w_hh, h0, c0)
-    ]
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (xproj, w_hh, h0, c0)]
     xp, w, h, c = leaves
     out, h_n, c_n = impl.lstm_sequence(xp, w, lengths=lens, h0=h, c0=c)
     g = torch.Generator().manual_seed(seed)
@@ -269,8 +266,7 @@ def test_deferred_weight_grad_gives_the_per_step_gradients(dtype, tol):
         c0 = c1 = torch.zeros(B, H)
         loss = (W1.float() ** 2).sum() * 1e-3  # another path to the attached weight
         for t in range(T):
-            h0, c0 = kernels.cell_step(torch.cat([h1, h0], 1), c0, W0, pre=leaves[3][t], backend=backend,
-                                       bank=banks[0])
+            h0, c0 = kernels.cell_step(torch.cat([h1, h0], 1), c0, W0, pre=leaves[3][t], backend=backend, bank=banks[0])
             h1, c1 = kernels.cell_step(torch.cat([h0, h1], 1), c1, W1, bias=B1, backend=backend, bank=banks[1])
             loss = loss + (h1.float() * (t + 1)).sum() + c1.sum() * 0.1
         loss.backward()
@@ -338,9 +334,7 @@ def test_gradcheck_reference_cell_step():
         torch.randn(4 * H, generator=g, dtype=torch.float64),
     ]
     args = [a.detach().requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(
-        lambda i, c, w, p, b: reference.cell_step(i, c, w, pre=p, bias=b), args
-    )
+    assert torch.autograd.gradcheck(lambda i, c, w, p, b: reference.cell_step(i, c, w, pre=p, bias=b), args)
 
 
 def test_gradcheck_reference_lstm_sequence():
@@ -449,8 +443,12 @@ def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
         (out.sum() + h_n.sum() + c_n.sum() + h.sum() + c.sum()).backward()
         variants[(B, T)] = frozenset(keys)
     kernels = {k[0] for k in next(iter(variants.values()))}
-    assert kernels == {"_cell_forward_kernel", "_cell_backward_kernel", "_lstm_step_forward_kernel",
-                       "_lstm_step_backward_kernel"}
+    assert kernels == {
+        "_cell_forward_kernel",
+        "_cell_backward_kernel",
+        "_lstm_step_forward_kernel",
+        "_lstm_step_backward_kernel",
+    }
     assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}
     # one variant per kernel here: the backward's first launch (no later step) is not another
     assert len(next(iter(variants.values()))) == 4

@@ -55,9 +55,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         return backend
     if backend == "triton":
         if not triton_available():
-            raise MTError(
-                "model.cell=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)"
-            )
+            raise MTError("model.cell=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         return backend
     raise MTError(f"unknown gate-cell backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

@@ -47,8 +47,9 @@ TILE = 4096  # elements of one (BLOCK_S, BLOCK_D) tile of keys or memory in regi
 MAX_DIM = 4096  # query and memory sizes one program holds whole (a row of a tile)
 
 
-@triton.jit(do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms",
-                               "stride_maskb"])
+@triton.jit(
+    do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms", "stride_maskb"]
+)
 def _attention_step_kernel(
     q_ptr,  # (B, Q) any float: the query (the decoder's top hidden state)
     keys_ptr,  # (B, S, Q) float, last dim contiguous: keys (memory, or W_a memory)
@@ -84,8 +85,11 @@ def _attention_step_kernel(
     s0 = 0
     while s0 < S:
         s = s0 + tl.arange(0, BLOCK_S)
-        k = tl.load(keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq[None, :],
-                    mask=(s < S)[:, None] & (dq < Q)[None, :], other=0.0)
+        k = tl.load(
+            keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq[None, :],
+            mask=(s < S)[:, None] & (dq < Q)[None, :],
+            other=0.0,
+        )
         sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1).to(keys_ptr.dtype.element_ty).to(tl.float32)
         real = (s < S) & (tl.load(mask_ptr + b * stride_maskb + s, mask=s < S, other=0) != 0)
         sc = tl.where(real, sc, float("-inf"))
@@ -116,8 +120,11 @@ def _attention_step_kernel(
         # store its weights: all reads first, or a late warp would read a weight as a score
         tl.debug_barrier()
         tl.store(row + s, w, mask=s < S)
-        m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm[None, :],
-                    mask=(s < S)[:, None] & (dm < M)[None, :], other=0.0)
+        m = tl.load(
+            mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm[None, :],
+            mask=(s < S)[:, None] & (dm < M)[None, :],
+            other=0.0,
+        )
         ctx += tl.sum(m.to(tl.float32) * w.to(mem_ptr.dtype.element_ty).to(tl.float32)[:, None], axis=0)
         s0 += BLOCK_S
     tl.store(ctx_ptr + b * M + dm, ctx.to(ctx_ptr.dtype.element_ty), mask=dm < M)
@@ -127,16 +134,20 @@ def _attention_step_kernel(
 def _g_tile(mem_ptr, dw_ptr, b, s, S, M, stride_mb, stride_ms, dctx, dm_i, HAS_DW: tl.constexpr):
     """g at the tile's source positions s (BLOCK_S,): d context . memory[b, s], rounded to
     memory's dtype (the bmm's output), plus d weights[b, s] if HAS_DW."""
-    m = tl.load(mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
-                mask=(s < S)[:, None] & (dm_i < M)[None, :], other=0.0)  # (BLOCK_S, BLOCK_M)
+    m = tl.load(
+        mem_ptr + b * stride_mb + s[:, None] * stride_ms + dm_i[None, :],
+        mask=(s < S)[:, None] & (dm_i < M)[None, :],
+        other=0.0,
+    )  # (BLOCK_S, BLOCK_M)
     g = tl.sum(m.to(tl.float32) * dctx[None, :], axis=1).to(mem_ptr.dtype.element_ty).to(tl.float32)
     if HAS_DW:
         g += tl.load(dw_ptr + b * S + s, mask=s < S, other=0.0)
     return g
 
 
-@triton.jit(do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms",
-                               "stride_maskb"])
+@triton.jit(
+    do_not_specialize=["S", "Q", "M", "stride_qb", "stride_kb", "stride_ks", "stride_mb", "stride_ms", "stride_maskb"]
+)
 def _attention_step_backward_kernel(
     q_ptr,  # (B, Q) any float: the query, as the forward had it
     keys_ptr,  # (B, S, Q) float, last dim contiguous
@@ -196,15 +207,24 @@ def _attention_step_backward_kernel(
         w = tl.load(w_row + s, mask=in_s, other=0.0)
         real = tl.load(mask_ptr + b * stride_maskb + s, mask=in_s, other=0) != 0
         ds = tl.where(real, (w * (g - wg)).to(keys_ptr.dtype.element_ty).to(tl.float32), 0.0)  # (BLOCK_S,)
-        k = tl.load(keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq_i[None, :],
-                    mask=in_s[:, None] & (dq_i < Q)[None, :], other=0.0)  # (BLOCK_S, BLOCK_Q)
+        k = tl.load(
+            keys_ptr + b * stride_kb + s[:, None] * stride_ks + dq_i[None, :],
+            mask=in_s[:, None] & (dq_i < Q)[None, :],
+            other=0.0,
+        )  # (BLOCK_S, BLOCK_Q)
         dq += tl.sum(k.to(tl.float32) * ds[:, None], axis=0)
         row = b * S + s  # (BLOCK_S,) rows of the (B*S, .) outputs
-        tl.store(dk_ptr + row[:, None] * Q + dq_i[None, :], (ds[:, None] * q[None, :]).to(dk_ptr.dtype.element_ty),
-                 mask=in_s[:, None] & (dq_i < Q)[None, :])
+        tl.store(
+            dk_ptr + row[:, None] * Q + dq_i[None, :],
+            (ds[:, None] * q[None, :]).to(dk_ptr.dtype.element_ty),
+            mask=in_s[:, None] & (dq_i < Q)[None, :],
+        )
         w_m = w.to(mem_ptr.dtype.element_ty).to(tl.float32)  # the forward bmm's input
-        tl.store(dm_ptr + row[:, None] * M + dm_i[None, :], (w_m[:, None] * dctx[None, :]).to(dm_ptr.dtype.element_ty),
-                 mask=in_s[:, None] & (dm_i < M)[None, :])
+        tl.store(
+            dm_ptr + row[:, None] * M + dm_i[None, :],
+            (w_m[:, None] * dctx[None, :]).to(dm_ptr.dtype.element_ty),
+            mask=in_s[:, None] & (dm_i < M)[None, :],
+        )
         s0 += BLOCK_S
     dq = dq.to(keys_ptr.dtype.element_ty)  # the bmm's output, then the query cast's backward
     tl.store(dq_ptr + b * Q + dq_i, dq.to(dq_ptr.dtype.element_ty), mask=dq_i < Q)
@@ -222,11 +242,21 @@ def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool
     if query.dim() != 2 or keys.dim() != 3 or memory.dim() != 3 or mask.dim() != 2:
         return False
     B, S, Q = keys.shape
-    return (common.runs_here(keys) and S >= 1 and query.shape == (B, Q) and memory.shape[:2] == (B, S)
-            and max(Q, memory.shape[2]) <= MAX_DIM and mask.shape == (B, S) and mask.dtype == torch.bool
-            and all(x.dtype in FLOATS for x in (query, keys, memory))
-            and query.stride(1) == 1 and keys.stride(2) == 1 and memory.stride(2) == 1 and mask.stride(1) == 1
-            and S * max(keys.stride(1), memory.stride(1)) < 2**31)
+    return (
+        common.runs_here(keys)
+        and S >= 1
+        and query.shape == (B, Q)
+        and memory.shape[:2] == (B, S)
+        and max(Q, memory.shape[2]) <= MAX_DIM
+        and mask.shape == (B, S)
+        and mask.dtype == torch.bool
+        and all(x.dtype in FLOATS for x in (query, keys, memory))
+        and query.stride(1) == 1
+        and keys.stride(2) == 1
+        and memory.stride(2) == 1
+        and mask.stride(1) == 1
+        and S * max(keys.stride(1), memory.stride(1)) < 2**31
+    )
 
 
 def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,9 +270,25 @@ def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) ->
         return context, weights
     block_q, block_m, block_s = _blocks(Q, M, TILE)
     _attention_step_kernel[(B,)](
-        query, keys, memory, mask, context, weights, S, Q, M,
-        query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1), mask.stride(0),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=block_s, num_warps=4,
+        query,
+        keys,
+        memory,
+        mask,
+        context,
+        weights,
+        S,
+        Q,
+        M,
+        query.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        memory.stride(0),
+        memory.stride(1),
+        mask.stride(0),
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_S=block_s,
+        num_warps=4,
     )
     return context, weights
 
@@ -252,8 +298,15 @@ def _blocks(Q: int, M: int, tile: int) -> tuple[int, int, int]:
     return block_q, block_m, max(1, tile // max(block_q, block_m))
 
 
-def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor, weights: Tensor,
-                            d_context: Tensor, d_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def attention_step_backward(
+    query: Tensor,
+    keys: Tensor,
+    memory: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    d_context: Tensor,
+    d_weights: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of `attention_step`'s inputs: query (B, Q), keys (B, S, Q), memory (B, S, M),
     mask (B, S) as the forward had them, its weights (B, S) fp32, d context (B, M), d weights
     (B, S) or None -> d query, d keys, d memory in their inputs' dtypes (contiguous)."""
@@ -268,9 +321,30 @@ def attention_step_backward(query: Tensor, keys: Tensor, memory: Tensor, mask: T
     d_w = d_weights.float().contiguous() if d_weights is not None else weights  # (a dummy pointer, never read)
     block_q, block_m, block_s = _blocks(Q, M, BACKWARD_TILE)
     _attention_step_backward_kernel[(B,)](
-        query, keys, memory, mask, weights.contiguous(), d_context, d_w, d_query, d_keys, d_memory, S, Q, M,
-        query.stride(0), keys.stride(0), keys.stride(1), memory.stride(0), memory.stride(1), mask.stride(0),
-        HAS_DW=d_weights is not None, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_S=block_s, num_warps=BACKWARD_WARPS,
+        query,
+        keys,
+        memory,
+        mask,
+        weights.contiguous(),
+        d_context,
+        d_w,
+        d_query,
+        d_keys,
+        d_memory,
+        S,
+        Q,
+        M,
+        query.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        memory.stride(0),
+        memory.stride(1),
+        mask.stride(0),
+        HAS_DW=d_weights is not None,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_S=block_s,
+        num_warps=BACKWARD_WARPS,
     )
     return d_query, d_keys, d_memory
 

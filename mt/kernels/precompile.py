@@ -46,8 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KERNEL_MODULES = ("mt.kernels.triton_cell", "mt.kernels.decode_attention", "mt.kernels.search_topk",
-                  "mt.kernels.search_greedy", "mt.kernels.search_beam")
+KERNEL_MODULES = (
+    "mt.kernels.triton_cell",
+    "mt.kernels.decode_attention",
+    "mt.kernels.search_topk",
+    "mt.kernels.search_greedy",
+    "mt.kernels.search_beam",
+)
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,10 @@ class CompileReport:
     workers: int = 0
 
     def summary(self) -> str:
-        text = (f"{self.compiled} of {self.variants} Triton kernel variants precompiled by {self.workers} "
-                f"processes in {self.seconds:.1f} s ({self.work:.1f} s of compiling; waited {self.waited:.1f} s)")
+        text = (
+            f"{self.compiled} of {self.variants} Triton kernel variants precompiled by {self.workers} "
+            f"processes in {self.seconds:.1f} s ({self.work:.1f} s of compiling; waited {self.waited:.1f} s)"
+        )
         if self.errors:
             text += f"; {len(self.errors)} failed, first: {self.errors[0]}"
         return text
@@ -180,9 +187,16 @@ class CompileWorkers:
         try:
             for i in range(n):
                 with open(tmp / f"stderr-{i}.txt", "wb") as err:
-                    procs.append(subprocess.Popen([sys.executable, "-m", "mt.kernels.precompile", *modules],
-                                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                                                  env=env, text=True))
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "mt.kernels.precompile", *modules],
+                            stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL,
+                            stderr=err,
+                            env=env,
+                            text=True,
+                        )
+                    )
         except BaseException:
             cls(procs, tmp).close()
             raise
@@ -198,8 +212,11 @@ class CompileWorkers:
             if mine:
                 job = self.tmp / f"job-{w}.json"
                 results = self.tmp / f"results-{w}.jsonl"
-                job.write_text(json.dumps({"target": list(target), "variants": [variants[i].data for i in mine],
-                                           "results": str(results)}))
+                job.write_text(
+                    json.dumps(
+                        {"target": list(target), "variants": [variants[i].data for i in mine], "results": str(results)}
+                    )
+                )
                 self._jobs.append((proc, results, mine))
                 line = str(job)
             try:
@@ -298,9 +315,11 @@ class CompileWatch:
             self.missed_seconds += dt
 
     def summary(self) -> str:
-        return (f"first launches of {self.first_launches} Triton kernel variants took {self.seconds:.1f} s on the "
-                f"launching thread (loading or compiling); {self.missed} of them were not precompiled "
-                f"({self.missed_seconds:.1f} s)")
+        return (
+            f"first launches of {self.first_launches} Triton kernel variants took {self.seconds:.1f} s on the "
+            f"launching thread (loading or compiling); {self.missed} of them were not precompiled "
+            f"({self.missed_seconds:.1f} s)"
+        )
 
     def close(self) -> None:
         runtime = _triton_knobs()

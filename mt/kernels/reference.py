@@ -90,7 +90,7 @@ def lstm_sequence(
     c = xproj.new_zeros(D, B, H, dtype=acc) if c0 is None else c0.to(acc)
     if lengths is not None:
         steps = torch.arange(T, device=xproj.device)
-        valid = (steps[None, :] < lengths.to(xproj.device)[:, None])  # (B, T)
+        valid = steps[None, :] < lengths.to(xproj.device)[:, None]  # (B, T)
     outs: list[list[Tensor]] = [[None] * T for _ in range(D)]  # type: ignore[list-item]
     hs, cs = list(h.unbind(0)), list(c.unbind(0))
     for d in range(D):
@@ -109,8 +109,9 @@ def lstm_sequence(
     return out, torch.stack(hs, 0), torch.stack(cs, 0)
 
 
-def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
-                     banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def log_softmax_topk(
+    logits: Tensor, k: int, row_bias: Tensor | None = None, banned: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A decoding step's candidates: the k largest of row_bias[:, None] + log_softmax(logits.float())
     per row, the `banned` columns at -inf, best first, ties to the lower column (a stable sort).
     logits (N, V), row_bias (N,), banned (NB,) -> values (N, k) fp32, columns (N, k) int64.
@@ -143,8 +144,18 @@ def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) ->
 
 
 # ----------------------------------------------------------------------------- search bookkeeping
-def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Tensor, done: Tensor, scores: Tensor,
-                  tok_hist: Tensor, attn_hist: Tensor, eos: int) -> tuple[Tensor, Tensor, Tensor]:
+def greedy_update(
+    best: Tensor,
+    tok: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    t: Tensor,
+    done: Tensor,
+    scores: Tensor,
+    tok_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """A greedy-search step's decisions from each row's best log-prob and token:
 
         best (N,) fp32, tok (N,) int64     each row's best continuation this step
@@ -173,10 +184,25 @@ def best_candidates(val: Tensor, col: Tensor, k: int) -> tuple[Tensor, Tensor, T
     j = val.view(n, K * r).sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (n, k)
     return val.view(n, K * r).gather(1, j), j // r, col.reshape(n, K * r).gather(1, j)
 
-def beam_update(top_s: Tensor, top_beam: Tensor, top_tok: Tensor, attn: Tensor, limit: Tensor, sent: Tensor, t: Tensor,
-                lp_table: Tensor, done: Tensor, fin: tuple[Tensor, Tensor, Tensor], tok_hist: Tensor, bp_hist: Tensor,
-                attn_hist: Tensor, eos: int, nbest: int,
-                skip_idle_merge: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+
+def beam_update(
+    top_s: Tensor,
+    top_beam: Tensor,
+    top_tok: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    sent: Tensor,
+    t: Tensor,
+    lp_table: Tensor,
+    done: Tensor,
+    fin: tuple[Tensor, Tensor, Tensor],
+    tok_hist: Tensor,
+    bp_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+    nbest: int,
+    skip_idle_merge: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
     """A beam-search step's decisions for n sentences of K beams (the rules: `mt.search`'s docstring):
 
         top_s (n, k2) fp32                 each sentence's k2 best candidates' scores, best first
@@ -215,8 +241,11 @@ def beam_update(top_s: Tensor, top_beam: Tensor, top_tok: Tensor, attn: Tensor, 
         merged = torch.cat([fin[0], new], dim=1)  # (n, 2K)
         keep = merged.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (n, K)
         info = torch.stack([t.expand(n, K), top_beam[:, :K], top_tok[:, :K]], dim=-1)  # (n, K, 3)
-        fin = (merged.gather(1, keep), torch.cat([fin[1], top_s[:, :K].float()], dim=1).gather(1, keep),
-               torch.cat([fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)))
+        fin = (
+            merged.gather(1, keep),
+            torch.cat([fin[1], top_s[:, :K].float()], dim=1).gather(1, keep),
+            torch.cat([fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)),
+        )
 
     # The K best candidates that do not end in EOS continue (a stable order keeps best first).
     order = is_eos.long() * k2 + torch.arange(k2, device=top_s.device)  # (n, k2)

@@ -237,8 +237,30 @@ def _copy_row(src_ptr, dst_ptr, r, src_row, H, BLOCK_H: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["H"])
-def _gather_rows_kernel(rows_ptr, s0, d0, s1, d1, s2, d2, s3, d3, s4, d4, s5, d5, s6, d6, s7, d7, s8, d8, H,
-                        NT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_rows_kernel(
+    rows_ptr,
+    s0,
+    d0,
+    s1,
+    d1,
+    s2,
+    d2,
+    s3,
+    d3,
+    s4,
+    d4,
+    s5,
+    d5,
+    s6,
+    d6,
+    s7,
+    d7,
+    s8,
+    d8,
+    H,
+    NT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     # program (r, t): row r of destination t = row rows[r] of source t (pairs past NT: unused)
     r = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
@@ -275,8 +297,14 @@ def gather_rows_supported(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) 
     """Whether `gather_rows` takes these (else one index_select each): up to MAX_STATE pairs of
     contiguous (N, H) tensors of one H on rows' device, contiguous int64 rows, every destination a tensor
     of its own, apart from every source."""
-    if not (common.runs_here(rows) and 1 <= len(srcs) == len(dsts) <= MAX_STATE and rows.dim() == 1
-            and rows.dtype == torch.int64 and rows.is_contiguous() and all(x.dim() == 2 for x in (*srcs, *dsts))):
+    if not (
+        common.runs_here(rows)
+        and 1 <= len(srcs) == len(dsts) <= MAX_STATE
+        and rows.dim() == 1
+        and rows.dtype == torch.int64
+        and rows.is_contiguous()
+        and all(x.dim() == 2 for x in (*srcs, *dsts))
+    ):
         return False
     H = dsts[0].shape[1]
     if any(x.shape[1] != H or not x.is_contiguous() or x.device != rows.device for x in (*srcs, *dsts)):
@@ -299,8 +327,14 @@ def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
         return
     pairs = [x for pair in zip(srcs, dsts) for x in pair]
     pairs += pairs[:2] * (MAX_STATE - len(srcs))  # unused slots (never touched: NT)
-    _gather_rows_kernel[(N, len(srcs))](rows, *pairs, H, NT=len(srcs), BLOCK_H=triton.next_power_of_2(H),
-                                        num_warps=4 if H >= 1024 else (2 if H >= 256 else 1))
+    _gather_rows_kernel[(N, len(srcs))](
+        rows,
+        *pairs,
+        H,
+        NT=len(srcs),
+        BLOCK_H=triton.next_power_of_2(H),
+        num_warps=4 if H >= 1024 else (2 if H >= 256 else 1),
+    )
 
 
 def supported(val: Tensor, K: int, V: int, S: int) -> bool:
@@ -310,10 +344,25 @@ def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     return common.runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,) and S >= 1
 
 
-def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Tensor, t: Tensor,
-                lp_table: Tensor, done: Tensor, fin: tuple[Tensor, Tensor, Tensor], scores: Tensor,
-                last: Tensor, rows: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor,
-                eos: int, nbest: int) -> None:
+def beam_update(
+    val: Tensor,
+    col: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    sent: Tensor,
+    t: Tensor,
+    lp_table: Tensor,
+    done: Tensor,
+    fin: tuple[Tensor, Tensor, Tensor],
+    scores: Tensor,
+    last: Tensor,
+    rows: Tensor,
+    tok_hist: Tensor,
+    bp_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+    nbest: int,
+) -> None:
     """See the module docstring. n sentences, K beams: val, col (n*K, 2K); attn (n*K, S); limit,
     sent, done (n,); t (); fin = (score (n, K) fp64, log-prob (n, K) fp32, info (n, K, 3) int64);
     scores (n, K) fp32; last, rows (n*K,) int64; tok_hist, bp_hist (T, n0, K); attn_hist (T, n0, K, S)
@@ -325,24 +374,59 @@ def beam_update(val: Tensor, col: Tensor, attn: Tensor, limit: Tensor, sent: Ten
     state = (done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist)
     if not all(x.is_contiguous() for x in state):
         raise ValueError("beam_update writes its state in place: contiguous tensors only")
-    shapes = dict(val=(val.shape, (n * K, 2 * K)), col=(col.shape, (n * K, 2 * K)), attn=(attn.shape, (n * K, S)),
-                  limit=(limit.shape, (n,)), sent=(sent.shape, (n,)), done=(done.shape, (n,)),
-                  fin_score=(fin[0].shape, (n, K)), fin_logp=(fin[1].shape, (n, K)), fin_info=(fin[2].shape, (n, K, 3)),
-                  last=(last.shape, (n * K,)), rows=(rows.shape, (n * K,)), tok_hist=(tok_hist.shape, (T, n0, K)),
-                  bp_hist=(bp_hist.shape, (T, n0, K)), attn_hist=(attn_hist.shape, (T, n0, K, S)))
+    shapes = dict(
+        val=(val.shape, (n * K, 2 * K)),
+        col=(col.shape, (n * K, 2 * K)),
+        attn=(attn.shape, (n * K, S)),
+        limit=(limit.shape, (n,)),
+        sent=(sent.shape, (n,)),
+        done=(done.shape, (n,)),
+        fin_score=(fin[0].shape, (n, K)),
+        fin_logp=(fin[1].shape, (n, K)),
+        fin_info=(fin[2].shape, (n, K, 3)),
+        last=(last.shape, (n * K,)),
+        rows=(rows.shape, (n * K,)),
+        tok_hist=(tok_hist.shape, (T, n0, K)),
+        bp_hist=(bp_hist.shape, (T, n0, K)),
+        attn_hist=(attn_hist.shape, (T, n0, K, S)),
+    )
     wrong = [f"{k} {tuple(got)} (not {want})" for k, (got, want) in shapes.items() if tuple(got) != want]
     if wrong or t.numel() != 1 or lp_table.dim() != 1 or lp_table.numel() < T + 2 or n > n0:
-        raise ValueError(f"beam_update: {n} sentences x {K} beams, {S} source positions, a ({T}, {n0}) history: "
-                         + ", ".join(wrong or [f"t {tuple(t.shape)}, lp_table {tuple(lp_table.shape)}"]))
+        raise ValueError(
+            f"beam_update: {n} sentences x {K} beams, {S} source positions, a ({T}, {n0}) history: "
+            + ", ".join(wrong or [f"t {tuple(t.shape)}, lp_table {tuple(lp_table.shape)}"])
+        )
     if n == 0:
         return
     val, col, attn = val.contiguous(), col.contiguous(), attn if attn.stride(1) == 1 else attn.contiguous()
     limit, sent, lp_table = limit.contiguous(), sent.contiguous(), lp_table.contiguous()
     _beam_update_kernel[(n,)](
-        val, col, attn, limit, sent, t, lp_table, done, *fin, scores, last, rows, tok_hist, bp_hist, attn_hist,
-        tok_hist.shape[1], tok_hist.shape[0], S, attn.stride(0), eos,
-        K=K, NBEST=nbest, BLOCK_C=triton.next_power_of_2(2 * K * K), BLOCK_2K=triton.next_power_of_2(2 * K),
-        BLOCK_K=triton.next_power_of_2(K), BLOCK_S=ROW_TILE,
+        val,
+        col,
+        attn,
+        limit,
+        sent,
+        t,
+        lp_table,
+        done,
+        *fin,
+        scores,
+        last,
+        rows,
+        tok_hist,
+        bp_hist,
+        attn_hist,
+        tok_hist.shape[1],
+        tok_hist.shape[0],
+        S,
+        attn.stride(0),
+        eos,
+        K=K,
+        NBEST=nbest,
+        BLOCK_C=triton.next_power_of_2(2 * K * K),
+        BLOCK_2K=triton.next_power_of_2(2 * K),
+        BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_S=ROW_TILE,
         num_warps=1,
     )
 
@@ -352,8 +436,9 @@ def backtrack_supported(attn_hist: Tensor) -> bool:
     return common.runs_here(attn_hist) and attn_hist.dtype == torch.float32
 
 
-def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor, n: int, m: int,
-              steps: int) -> tuple[Tensor, Tensor]:
+def backtrack(
+    info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor, n: int, m: int, steps: int
+) -> tuple[Tensor, Tensor]:
     """Sentences [0, n), hypotheses [0, m) of each: follow the back-pointers from where each
     closed, on the device -> tokens (n, m, L) int64 and attention (n, m, L, S) fp32, L = max(steps,
     1): hypothesis (i, k) closed at step e = info[i, k, 0] has its tokens at [0, e) (the token it
@@ -370,10 +455,19 @@ def backtrack(info: Tensor, tok_hist: Tensor, bp_hist: Tensor, attn_hist: Tensor
     tokens = torch.empty(n, m, L, dtype=torch.long, device=attn_hist.device)
     attention = torch.empty(n, m, L, S, dtype=torch.float32, device=attn_hist.device)
     if n * m:
-        _beam_backtrack_kernel[(n * m,)](info, tok_hist, bp_hist, attn_hist, tokens, attention, n0, S, L, K=K, M=m,
-                                         BLOCK_S=ROW_TILE, num_warps=1)
+        _beam_backtrack_kernel[(n * m,)](
+            info, tok_hist, bp_hist, attn_hist, tokens, attention, n0, S, L, K=K, M=m, BLOCK_S=ROW_TILE, num_warps=1
+        )
     return tokens, attention
 
 
-__all__ = ["MAX_BEAM", "MAX_STATE", "supported", "beam_update", "gather_rows_supported", "gather_rows",
-           "backtrack_supported", "backtrack"]
+__all__ = [
+    "MAX_BEAM",
+    "MAX_STATE",
+    "supported",
+    "beam_update",
+    "gather_rows_supported",
+    "gather_rows",
+    "backtrack_supported",
+    "backtrack",
+]

@@ -72,8 +72,19 @@ def supported(attn: Tensor) -> bool:
     return common.runs_here(attn) and attn.dim() == 2 and attn.shape[1] >= 1
 
 
-def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Tensor, done: Tensor, scores: Tensor,
-                  last: Tensor, tok_hist: Tensor, attn_hist: Tensor, eos: int) -> None:
+def greedy_update(
+    best: Tensor,
+    tok: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    t: Tensor,
+    done: Tensor,
+    scores: Tensor,
+    last: Tensor,
+    tok_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+) -> None:
     """See the module docstring. N rows: best (N,) fp32, tok (N,) int64 (the fused top-k's, k = 1);
     attn (N, S); limit (N,); t (); done (N,) bool and scores (N,) fp32, read and rewritten in
     place; last (N,) int64; tok_hist (T, N) int64; attn_hist (T, N, S) fp32, written at step t."""
@@ -82,14 +93,32 @@ def greedy_update(best: Tensor, tok: Tensor, attn: Tensor, limit: Tensor, t: Ten
     if not all(x.is_contiguous() for x in state):
         raise ValueError("greedy_update writes its state in place: contiguous tensors only")
     if tok_hist.shape[1:] != (N,) or attn_hist.shape[1:] != (N, S):
-        raise ValueError(f"greedy_update: histories {tuple(tok_hist.shape)} and {tuple(attn_hist.shape)} "
-                         f"for {N} rows of {S} source positions")
+        raise ValueError(
+            f"greedy_update: histories {tuple(tok_hist.shape)} and {tuple(attn_hist.shape)} "
+            f"for {N} rows of {S} source positions"
+        )
     if N == 0:
         return
     attn = attn if attn.stride(1) == 1 else attn.contiguous()
-    _greedy_update_kernel[(N,)](best.contiguous(), tok.contiguous(), attn, limit.contiguous(), t, done, scores, last,
-                                tok_hist, attn_hist, N, tok_hist.shape[0], S, attn.stride(0), eos, BLOCK=ROW_TILE,
-                                num_warps=1)
+    _greedy_update_kernel[(N,)](
+        best.contiguous(),
+        tok.contiguous(),
+        attn,
+        limit.contiguous(),
+        t,
+        done,
+        scores,
+        last,
+        tok_hist,
+        attn_hist,
+        N,
+        tok_hist.shape[0],
+        S,
+        attn.stride(0),
+        eos,
+        BLOCK=ROW_TILE,
+        num_warps=1,
+    )
 
 
 __all__ = ["supported", "greedy_update"]

@@ -171,12 +171,17 @@ def _merge_topk_kernel(
 def supported(logits: Tensor, k: int) -> bool:
     """Whether the kernels take this call (else use `reference.log_softmax_topk`)."""
     N, V = logits.shape
-    return (common.runs_here(logits) and 1 <= k <= min(V, MAX_K) and (V <= ROW_V or triton.cdiv(V, CHUNK) * k <= MAX_CANDIDATES)
-            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    return (
+        common.runs_here(logits)
+        and 1 <= k <= min(V, MAX_K)
+        and (V <= ROW_V or triton.cdiv(V, CHUNK) * k <= MAX_CANDIDATES)
+        and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
 
 
-def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
-                     banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def log_softmax_topk(
+    logits: Tensor, k: int, row_bias: Tensor | None = None, banned: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """See the module docstring. logits (N, V), row_bias (N,) or None, banned (NB,) int64 or None."""
     N, V = logits.shape
     if logits.stride(1) != 1:
@@ -193,8 +198,18 @@ def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
     if V <= ROW_V:
         block = triton.next_power_of_2(V)
         _log_softmax_topk_kernel[(N,)](
-            logits, bias, ban, vals, idx, N, V, logits.stride(0),
-            NB=nb, K=k, HAS_BIAS=row_bias is not None, BLOCK_V=block,
+            logits,
+            bias,
+            ban,
+            vals,
+            idx,
+            N,
+            V,
+            logits.stride(0),
+            NB=nb,
+            K=k,
+            HAS_BIAS=row_bias is not None,
+            BLOCK_V=block,
             num_warps=4 if block <= 1024 else (8 if block <= 2048 else 16),  # wider: profile_decode's ours-row-topk
         )
         return vals, idx
@@ -203,11 +218,35 @@ def log_softmax_topk(logits: Tensor, k: int, row_bias: Tensor | None = None,
     cval = torch.empty(N, split, k, device=logits.device, dtype=torch.float32)
     ccol = torch.empty(N, split, k, device=logits.device, dtype=torch.int64)
     _chunk_topk_kernel[(N, split)](
-        logits, ban, part, cval, ccol, N, V, logits.stride(0), NB=nb, K=k, SPLIT=split, CHUNK=CHUNK, num_warps=1,
+        logits,
+        ban,
+        part,
+        cval,
+        ccol,
+        N,
+        V,
+        logits.stride(0),
+        NB=nb,
+        K=k,
+        SPLIT=split,
+        CHUNK=CHUNK,
+        num_warps=1,
     )
     block = triton.next_power_of_2(split * k)
     _merge_topk_kernel[(N,)](
-        part, cval, ccol, bias, vals, idx, N, V, K=k, SPLIT=split, HAS_BIAS=row_bias is not None,
-        BLOCK_P=triton.next_power_of_2(split), BLOCK_M=block, num_warps=1 if block <= 512 else (4 if block <= 2048 else 8),
+        part,
+        cval,
+        ccol,
+        bias,
+        vals,
+        idx,
+        N,
+        V,
+        K=k,
+        SPLIT=split,
+        HAS_BIAS=row_bias is not None,
+        BLOCK_P=triton.next_power_of_2(split),
+        BLOCK_M=block,
+        num_warps=1 if block <= 512 else (4 if block <= 2048 else 8),
     )
     return vals, idx

@@ -238,8 +238,23 @@ def _cell_forward_kernel(
 
     # gates = inp @ W, the four H-blocks of this tile in four fp32 accumulators
     acc_i, acc_f, acc_g, acc_o = _gates_dot(
-        inp_ptr, stride_ib, stride_ik, w_ptr, stride_wk, stride_wn, offs_b, offs_h, mask_b, mask_h,
-        K, H, BLOCK_B, BLOCK_H, BLOCK_K, INPUT_PRECISION, UPCAST_DOT,
+        inp_ptr,
+        stride_ib,
+        stride_ik,
+        w_ptr,
+        stride_wk,
+        stride_wn,
+        offs_b,
+        offs_h,
+        mask_b,
+        mask_h,
+        K,
+        H,
+        BLOCK_B,
+        BLOCK_H,
+        BLOCK_K,
+        INPUT_PRECISION,
+        UPCAST_DOT,
     )
 
     if HAS_PRE:  # + pre (B, 4H)
@@ -253,9 +268,9 @@ def _cell_forward_kernel(
     f = _sigmoid(acc_f)
     g = _tanh(acc_g)
     o = _sigmoid(acc_o)
-    c_prev = tl.load(
-        c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask_bh, other=0.0
-    ).to(tl.float32)
+    c_prev = tl.load(c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask_bh, other=0.0).to(
+        tl.float32
+    )
     c_new = f * c_prev + i * g  # the conveyor belt
     h_new = o * _tanh(c_new)
 
@@ -312,9 +327,9 @@ def _cell_backward_kernel(
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     a = act_ptr + offs_b[:, None] * (4 * H) + offs_h[None, :]
     i, f, g, o = _load_gate_blocks(a, mask, H)
-    c_prev = tl.load(
-        c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask, other=0.0
-    ).to(tl.float32)
+    c_prev = tl.load(c_ptr + offs_b[:, None] * stride_cb + offs_h[None, :] * stride_ch, mask=mask, other=0.0).to(
+        tl.float32
+    )
 
     d_i, d_f, d_g, d_o, dc_prev = _gate_backward(dh, dc, i, f, g, o, c_prev)
 
@@ -398,8 +413,23 @@ def _lstm_step_forward_kernel(
 
     # gates = h_{t-1} @ W_hh: four (BLOCK_B, BLOCK_H) fp32 accumulators
     acc_i, acc_f, acc_g, acc_o = _gates_dot(
-        h_base, H, 1, w_base, stride_wk, stride_wn, offs_b, offs_h, mask_b, mask_h,
-        H, H, BLOCK_B, BLOCK_H, BLOCK_K, INPUT_PRECISION, UPCAST_DOT,
+        h_base,
+        H,
+        1,
+        w_base,
+        stride_wk,
+        stride_wn,
+        offs_b,
+        offs_h,
+        mask_b,
+        mask_h,
+        H,
+        H,
+        BLOCK_B,
+        BLOCK_H,
+        BLOCK_K,
+        INPUT_PRECISION,
+        UPCAST_DOT,
     )
 
     # + xproj[d, :, t]  (B, 4H)
@@ -490,9 +520,7 @@ def _lstm_step_backward_kernel(
         for k0 in range(0, 4 * H, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < 4 * H
-            dg = tl.load(
-                dg_base + kk[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0
-            )  # (BLOCK_B, BLOCK_K)
+            dg = tl.load(dg_base + kk[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_B, BLOCK_K)
             wt = tl.load(
                 w_base + kk[:, None] * stride_wn + offs_h[None, :] * stride_wk,
                 mask=mask_k[:, None] & mask_h[None, :],
@@ -510,11 +538,7 @@ def _lstm_step_backward_kernel(
     dh = G
     if HAS_DOUT:
         dh = G + tl.load(
-            dout_ptr
-            + d * stride_od
-            + t * stride_ot
-            + offs_b[:, None] * stride_ob
-            + offs_h[None, :] * stride_oh,
+            dout_ptr + d * stride_od + t * stride_ot + offs_b[:, None] * stride_ob + offs_h[None, :] * stride_oh,
             mask=mask_bh,
             other=0.0,
         ).to(tl.float32)
@@ -733,8 +757,12 @@ class DeferredWeightGrad:
     def check(self, weight: Tensor, bias: Tensor | None) -> None:
         """Raise unless weight and bias are this bank's aliases (bias None if it has none)."""
         w_ref, b_ref = self._aliases or (None, None)
-        if w_ref is None or weight is not w_ref() or (bias is None) != (b_ref is None) or (
-                bias is not None and bias is not b_ref()):
+        if (
+            w_ref is None
+            or weight is not w_ref()
+            or (bias is None) != (b_ref is None)
+            or (bias is not None and bias is not b_ref())
+        ):
             raise ValueError("cell_step(bank=...): weight and bias must be the ones bank.attach returned")
 
     def wanted(self) -> bool:
@@ -986,9 +1014,7 @@ def cell_step(
         raise ValueError(f"bias must be (4H,) = ({4 * H},), got {tuple(bias.shape)}")
     if bank is not None:
         bank.check(weight, bias)
-    return _CellStepFunction.apply(
-        inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias), bank
-    )
+    return _CellStepFunction.apply(inp, c, weight, pre, bias, _grad_needed(inp, c, weight, pre, bias), bank)
 
 
 def lstm_sequence(

@@ -41,8 +41,9 @@ class Attention(nn.Module):
         """The memory side of the score, once per sentence: (B, S, M) -> (B, S, Q) (dot: memory)."""
         return memory if self.kind == "dot" else self.w_m(memory)
 
-    def forward(self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor,
-                backend: str = "torch") -> tuple[Tensor, Tensor]:
+    def forward(
+        self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor, backend: str = "torch"
+    ) -> tuple[Tensor, Tensor]:
         """query (B, Q), keys (B, S, Q), memory (B, S, M), mask (B, S) True at real tokens
         -> context (B, M), weights (B, S) fp32. backend "triton" (the model's gate cell): dot
         and general attention as one fused Triton kernel (`kernels/decode_attention.py`: a

@@ -39,16 +39,31 @@ class EncoderLSTM(nn.Module):
         self.num_dirs = 2 if bidirectional else 1
         self.dropout = dropout
         # Holds the parameters (cuDNN layout); applies dropout between layers like we do.
-        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
-                           bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
+        self.rnn = nn.LSTM(
+            input_size,
+            hidden_size,
+            num_layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
 
     def _layer_params(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         sfx = [f"_l{layer}", f"_l{layer}_reverse"][: self.num_dirs]
         r = self.rnn
-        return [(getattr(r, "weight_ih" + s), getattr(r, "weight_hh" + s),
-                 getattr(r, "bias_ih" + s), getattr(r, "bias_hh" + s)) for s in sfx]
+        return [
+            (
+                getattr(r, "weight_ih" + s),
+                getattr(r, "weight_hh" + s),
+                getattr(r, "bias_ih" + s),
+                getattr(r, "bias_hh" + s),
+            )
+            for s in sfx
+        ]
 
-    def forward(self, x: Tensor, lengths: Tensor, backend: str, graph_safe: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, lengths: Tensor, backend: str, graph_safe: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """graph_safe: with backend "cudnn", run cuDNN on the padded batch (`_cudnn_padded`)
         instead of packing it, which needs the lengths on the host (a sync a CUDA graph cannot
         hold). The other backends never sync."""
@@ -85,7 +100,6 @@ class EncoderLSTM(nn.Module):
         h = h.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
         c = c.permute(0, 2, 1, 3).reshape(self.num_layers, B, -1)
         return out, h, c
-
 
     def _cudnn_padded(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The cuDNN LSTM without packing: no host sync, so a CUDA graph can capture it. Same
@@ -189,7 +203,7 @@ class DecoderLSTM(nn.Module):
             from ..kernels.triton_cell import DeferredWeightGrad
         ws = []
         for layer, cell in enumerate(self.cells):
-            w_in = cell.weight_ih[:, self.emb_size:] if layer == 0 else cell.weight_ih
+            w_in = cell.weight_ih[:, self.emb_size :] if layer == 0 else cell.weight_ih
             w = torch.cat([w_in, cell.weight_hh], dim=1).t().to(dtype)  # (K, 4H)
             b = (cell.bias_ih + cell.bias_hh).to(dtype)
             if defer_grads:

@@ -25,7 +25,7 @@ Columns (milliseconds, and the ratio to the cuDNN column: < 1 is faster than cuD
   reference  mt.kernels.reference (plain PyTorch ops, autograd through the loop)
   triton     mt.kernels.triton_cell launched eagerly from Python (one launch per step)
   graph      the same captured as CUDA graphs and replayed (encoder: one
-             `GraphedLSTMSequence` per layer; decoder: the whole step loop through
+             `GraphedLSTMSequence` (graphed_sequence.py) per layer; decoder: the whole step loop through
              `torch.cuda.make_graphed_callables`, or a hand-captured graph for forward-only)
 
 Timing: CUDA events after warm-up (median of --iters) on GPU; time.perf_counter on CPU.
@@ -224,7 +224,10 @@ def build_case(workload, B, H, T, dtype, device, backends, seed=0):
         fns["reference"] = lambda x: encoder_ours(x, lstm, [reference.lstm_sequence] * 2)
         if tc is not None:
             fns["triton"] = lambda x: encoder_ours(x, lstm, [tc.lstm_sequence] * 2)
-            graphed = [tc.GraphedLSTMSequence(), tc.GraphedLSTMSequence()]  # one per layer
+            # benchmarks/ is on sys.path: Python puts the script's folder first
+            from graphed_sequence import GraphedLSTMSequence
+
+            graphed = [GraphedLSTMSequence(), GraphedLSTMSequence()]  # one per layer
             fns["graph"] = lambda x: encoder_ours(x, lstm, graphed)
     else:
         cell = nn.LSTMCell(2 * H, H).to(device=device, dtype=dtype)

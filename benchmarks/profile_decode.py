@@ -20,11 +20,11 @@ ours that turn search kernels off, to measure what each gives:
         ours-torch-attention ours-torch-search cudnn
 
 ours-topk-only keeps the fused log-softmax + top-k (mt/kernels/search_topk.py) but does the
-search's bookkeeping with PyTorch ops (`_BeamSearch.advance` and `_GreedySearch.advance`, not
+search's bookkeeping with PyTorch ops (`mt.kernels.reference`'s `beam_update` and `greedy_update`, not
 mt/kernels/search_beam.py and search_greedy.py);
 ours-torch-attention runs the decoder step's attention as PyTorch's six ops (not
 mt/kernels/decode_attention.py); ours-host-output rebuilds beam search's hypotheses on the
-host (`_backtrack_host`, numpy, after copying the whole history back) instead of
+host (`reference.backtrack`, numpy, after copying the whole history back) instead of
 `search_beam.backtrack` on the device; ours-torch-search uses PyTorch's ops and the host rebuild for all of the search (what the
 cuDNN cell's search runs; its decoder step keeps the attention kernel, so this is not what a
 cuDNN step runs); ours-row-topk has the top-k take rows up to 8192 wide whole, one program each
@@ -105,8 +105,15 @@ VARIANTS = {  # our cell with search kernels off: (module, attribute, what it is
 
 @contextlib.contextmanager
 def patched(variants: dict, variant: str | None):
-    """For the with-block, set each (module, attribute) of variants[variant] (None: nothing)."""
-    patches = [(importlib.import_module(name), attr, value) for name, attr, value in variants.get(variant, ())]
+    """For the with-block, set each (module, attribute) of variants[variant] (None: nothing).
+    The attribute may be dotted ("Class.method"): set on what the path before its last name is."""
+    patches = []
+    for name, path, value in variants.get(variant, ()):
+        *outer, attr = path.split(".")
+        owner = importlib.import_module(name)
+        for a in outer:
+            owner = getattr(owner, a)
+        patches.append((owner, attr, value))
     real = [getattr(module, attr) for module, attr, _ in patches]
     for module, attr, value in patches:
         setattr(module, attr, value)

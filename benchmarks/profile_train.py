@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_train as bt  # noqa: E402
 from profile_decode import kernel_table, patched  # noqa: E402
 
+from mt.modules.lstm import DecoderLSTM  # noqa: E402
+
 WARMUP = 2  # eager steps before the capture (as bench_train's)
 
 # (group, pattern on the kernel's name), first match wins
@@ -77,9 +79,18 @@ def by_group(rows: list[dict]) -> list[dict]:
 
 
 _OFF = lambda *a: False  # noqa: E731
+_step_weights = DecoderLSTM.step_weights
+
+
+def _step_weights_without_bank(self, dtype, defer_grads: bool = False):
+    """DecoderLSTM.step_weights that never attaches a DeferredWeightGrad bank: autograd then
+    computes the decoder's weight gradients step by step, as it does by itself."""
+    return _step_weights(self, dtype, defer_grads=False)
+
+
 VARIANTS = {  # our cell with a kernel off: (module, attribute, what it is set to), ...
     "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),  # the attention as PyTorch's ops
-    "ours-per-step-weight-grads": (("mt.model", "DEFER_STEP_WEIGHT_GRADS", False),),  # a matmul + add per step
+    "ours-per-step-weight-grads": (("mt.modules.lstm", "DecoderLSTM.step_weights", _step_weights_without_bank),),
 }
 
 

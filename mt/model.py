@@ -26,9 +26,6 @@ from .modules.attention import Attention
 from .modules.lstm import DecoderLSTM, EncoderLSTM, compute_dtype
 
 CELLS = ("auto", "triton", "torch", "cudnn")
-# Training with the Triton cell: the decoder steps' weight gradients as one matmul after the loop
-# (triton_cell.DeferredWeightGrad). A switch only for scripts/profile_train.py's comparison.
-DEFER_STEP_WEIGHT_GRADS = True
 
 
 @dataclass
@@ -135,7 +132,9 @@ class Decoder(nn.Module):
         if backend == "cudnn":
             return emb, None
         dtype = compute_dtype(emb.device, emb.dtype)
-        defer = backend == "triton" and torch.is_grad_enabled() and DEFER_STEP_WEIGHT_GRADS
+        # training with the Triton cell: the T steps' weight gradients as one matmul after the loop
+        # (triton_cell.DeferredWeightGrad), not a matmul and an add per step and layer
+        defer = backend == "triton" and torch.is_grad_enabled()
         return self.rnn.precompute(emb, dtype), self.rnn.step_weights(dtype, defer_grads=defer)
 
     def forward(self, tgt_in: Tensor, state: DecoderState, memory: Memory) -> tuple[Tensor, Tensor]:

@@ -5,16 +5,16 @@ position for the whole batch; the decoder state (h, c, input feed) is carried fo
 beam search, reordered with ``DecoderState.index_select`` — the prefix is never recomputed.
 With our Triton gate cell, a step's log-softmax, beam-score add and top-k are fused kernels
 (`kernels.log_softmax_topk`: each beam's min(2K, V) best), and the search's bookkeeping after it
-one more (`kernels/search_greedy.py`, `kernels/search_beam.py`; references: the searches'
-`advance`); with cuDNN or the PyTorch reference, PyTorch's log_softmax and topk over all K * V
-candidates, and `advance`.
+one more (`kernels/search_greedy.py`, `kernels/search_beam.py`); with cuDNN or the PyTorch
+reference, PyTorch's log_softmax and topk over all K * V candidates, and the kernels' references
+(`kernels/reference.py`: `greedy_update`, `beam_update`), which the searches' `advance` call.
 
 Every decision of a step is made on the device, on tensors of fixed shape (`SearchState`):
 beam search keeps each sentence's finished hypotheses as K (score, log-prob, step, beam, token)
 slots and records per step only the token and back-pointer of every beam (and its attention),
 so a step costs the same at every position and the outputs are rebuilt once at the end by
 following the back-pointers (with our Triton cell on the device, `kernels/search_beam.py`'s
-`backtrack`; else on the host, `_backtrack_host`). Nothing in a step reads a value back to
+`backtrack`; else on the host, `reference.backtrack`). Nothing in a step reads a value back to
 the host; that is what lets `mt.graphs.GraphedDecoder` capture the whole step (decoder and
 bookkeeping) as one CUDA graph. Eagerly, the host looks at the ``done`` flags after every step
 and beam search drops finished sentences from the batch.
@@ -47,12 +47,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import kernels
 from .errors import MTError
+from .kernels import reference
 from .model import DecoderState, Memory, Seq2Seq
 
 LengthPenalty = float | str | None
@@ -134,18 +134,6 @@ def fused(memory: Memory, logits: Tensor, k: int) -> bool:
     return search_topk.supported(logits, k)
 
 
-def best_candidates(val: Tensor, col: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A sentence's k best candidates from its beams' own best (val, col: (n, K, r), each beam's
-    best first), best first, as `search_beam._beam_update_kernel` picks them: equal values go
-    to the lower beam, then the better rank within the beam. Returns their values, beams and
-    tokens, each (n, k). A stable sort, not `topk`, whose order among equal values is
-    unspecified (on CUDA and CPU alike): an untrained bf16 model's log-probs tie often, and the
-    two paths' outputs then differed (gpu_checks on an H100, 2026-11-27)."""
-    n, K, r = val.shape
-    j = val.view(n, K * r).sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (n, k)
-    return val.view(n, K * r).gather(1, j), j // r, col.reshape(n, K * r).gather(1, j)
-
-
 # ----------------------------------------------------------------------------- search state
 @dataclass
 class SearchState:
@@ -217,12 +205,12 @@ class _GreedySearch:
 
     def advance(self, s: SearchState, best: Tensor, tok: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
         """The step's decisions from each row's best log-prob and token, best and tok (N,); dec and
-        attn (N, S) what the decoder step gave. (`advance_fused` is the same in one Triton kernel.)"""
-        tok = tok.masked_fill(s.done, self.eos)
-        self.tok_hist.index_copy_(0, s.t.view(1), tok.unsqueeze(0))
-        self.attn_hist.index_copy_(0, s.t.view(1), attn.float().unsqueeze(0))
-        done = s.done | (tok == self.eos) | (s.t + 1 >= self.limit)
-        return SearchState(tok, dec, s.scores + best.masked_fill(s.done, 0.0), done, s.t + 1)
+        attn (N, S) what the decoder step gave: `reference.greedy_update` (`advance_fused` is the
+        same in one Triton kernel)."""
+        tok, scores, done = reference.greedy_update(
+            best, tok, attn, self.limit, s.t, s.done, s.scores, self.tok_hist, self.attn_hist, self.eos
+        )
+        return SearchState(tok, dec, scores, done, s.t + 1)
 
     def advance_fused(self, s: SearchState, best: Tensor, tok: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
         """`advance` in one launch (kernels/search_greedy.py): s's tokens, scores and done flags are
@@ -275,17 +263,15 @@ class _BeamSearch:
     ):
         n, S, device = limit.shape[0], memory.out.shape[1], limit.device
         self.memory, self.limit, self.K, self.nbest = memory, limit, K, nbest
-        self.bos, self.eos, self.n0 = bos, eos, n
+        self.bos, self.eos = bos, eos
         self.banned = torch.tensor(banned, device=device)
         self.sent = torch.arange(n, device=device)  # (n,) original index of each working sentence
-        self.rank = torch.arange(2 * K, device=device)  # candidate ranks
         # lp(length) for every length a hypothesis can have here (float64; indexed on the device)
         self.lp_table = torch.tensor(
             [length_penalty_factor(i, length_penalty) for i in range(T + 2)], dtype=torch.float64, device=device
         )
         self.skip_idle_merge = False  # eager on CPU: skip the merge when nothing closes (costs a host sync)
         self.in_place = False  # the state lives in static buffers (CUDA graphs): `advance_fused` writes into them
-        self.row0 = torch.arange(n, device=device) * K  # (n,) first beam row of each working sentence
         # `advance_fused`'s rows (the beam row each open beam continues), rewritten by every step;
         # zeros, not empty: a precompile dry run skips the kernel that writes them
         self.rows = torch.zeros(n * K, dtype=torch.long, device=device)
@@ -320,11 +306,6 @@ class _BeamSearch:
         s.done[:n] = False
         s.fin[0].fill_(float("-inf")), s.fin[1].fill_(float("-inf")), s.fin[2].zero_()
 
-    def lp(self, length: Tensor) -> Tensor:
-        """lp(length) for a device tensor of lengths: (1,) for a scalar (index_select, not
-        indexing: indexing with a 0-d tensor would read it back to the host)."""
-        return self.lp_table.index_select(0, length.view(-1))
-
     def step(self, step_fn, s: SearchState) -> SearchState:
         n, K = s.scores.shape
         logits, dec, attn = step_fn(s.last, s.dec, self.memory)  # (n*K, V), (n*K, S)
@@ -339,7 +320,7 @@ class _BeamSearch:
 
             if search_beam.supported(val, K, V, attn.shape[1]):  # ...and `advance` as one more
                 return self.advance_fused(s, val, col, dec, attn)
-            top_s, top_beam, top_tok = best_candidates(val.view(n, K, kr), col.view(n, K, kr), k2)
+            top_s, top_beam, top_tok = reference.best_candidates(val.view(n, K, kr), col.view(n, K, kr), k2)
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             logp.index_fill_(1, self.banned, float("-inf"))
@@ -353,51 +334,27 @@ class _BeamSearch:
     ) -> SearchState:
         """The step's decisions from each sentence's k2 best candidates, best first: top_s (n, k2)
         their scores, top_beam and top_tok (n, k2) the beam each extends and its token; dec and
-        attn (n*K, S) what the decoder step gave every beam row. (`advance_fused` is the same
-        in one Triton kernel.)"""
-        n, K = s.scores.shape
-        k2 = top_s.shape[1]
-        is_eos = top_tok == self.eos
-        length = s.t + 1  # () scored tokens per hypothesis, EOS included
-        at_limit = length >= self.limit  # (n,)
-
-        # Candidates among the best K that close a hypothesis: EOS, or anything at the limit.
-        closing = (is_eos[:, :K] | at_limit.unsqueeze(-1)) & torch.isfinite(top_s[:, :K]) & ~s.done.unsqueeze(-1)
-        if self.skip_idle_merge and not bool(closing.any()):
-            fin = s.fin
-        else:  # the K best of the finished ones and the closing ones; a stable sort keeps earlier ones first on ties
-            new = (top_s[:, :K].double() / self.lp(length)).masked_fill(~closing, float("-inf"))
-            merged = torch.cat([s.fin[0], new], dim=1)  # (n, 2K)
-            keep = merged.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (n, K)
-            info = torch.stack([s.t.expand(n, K), top_beam[:, :K], top_tok[:, :K]], dim=-1)  # (n, K, 3)
-            fin = (
-                merged.gather(1, keep),
-                torch.cat([s.fin[1], top_s[:, :K].float()], dim=1).gather(1, keep),
-                torch.cat([s.fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)),
-            )
-
-        # The K best candidates that do not end in EOS continue (a stable order keeps best first).
-        order = is_eos.long() * k2 + self.rank[:k2]
-        pos = order.argsort(dim=-1)[:, :K]  # (n, K) distinct keys: non-EOS by rank, then EOS by rank
-        if k2 < 2 * K:  # (V = 1) fewer than K non-EOS candidates: keep the rank order
-            pos = pos.sort(dim=-1).values
-        beam, tok, score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)
-
-        # A sentence is done at its limit, with nothing open, or with K finished hypotheses of
-        # which the nbest-th beats the best any open one can still reach.
-        best_open = score[:, 0].double()  # (n,)
-        lp_lo, lp_hi = self.lp(length + 1), self.lp(torch.maximum(self.limit, length + 1))
-        bound = torch.maximum(best_open / lp_lo, best_open / lp_hi)  # lp is monotonic: an end is the best
-        full = torch.isfinite(fin[0]).sum(dim=1) >= K
-        done = s.done | at_limit | ~torch.isfinite(best_open) | (full & (bound <= fin[0][:, self.nbest - 1]))
-
-        # history (by original sentence), then the open beams move on
-        at = s.t * self.n0 + self.sent  # (n,) rows of the flattened (T * n0) history
-        self.tok_hist.view(-1, K).index_copy_(0, at, tok)
-        self.bp_hist.view(-1, K).index_copy_(0, at, beam)
-        self.attn_hist.view(-1, K, self.attn_hist.shape[-1]).index_copy_(0, at, attn.float().view(n, K, -1))
-        rows = (self.row0.unsqueeze(-1) + beam).view(-1)  # (n*K,) the row each open beam continues
-        return SearchState(tok.view(-1), dec.index_select(rows), score, done, length, fin)
+        attn (n*K, S) what the decoder step gave every beam row: `reference.beam_update`
+        (`advance_fused` is the same in one Triton kernel)."""
+        tok, rows, score, done, fin = reference.beam_update(
+            top_s,
+            top_beam,
+            top_tok,
+            attn,
+            self.limit,
+            self.sent,
+            s.t,
+            self.lp_table,
+            s.done,
+            s.fin,
+            self.tok_hist,
+            self.bp_hist,
+            self.attn_hist,
+            self.eos,
+            self.nbest,
+            skip_idle_merge=self.skip_idle_merge,
+        )
+        return SearchState(tok, dec.index_select(rows), score, done, s.t + 1, fin)
 
     def advance_fused(self, s: SearchState, val: Tensor, col: Tensor, dec: DecoderState, attn: Tensor) -> SearchState:
         """`advance` from each beam's 2K best candidates, val and col (n*K, 2K) of the fused
@@ -441,7 +398,6 @@ class _BeamSearch:
         rows = (keep_t.unsqueeze(-1) * K + torch.arange(K, device=dev)).view(-1)  # (n'*K,)
         self.memory, self.limit = self.memory.index_select(rows), self.limit.index_select(0, keep_t)
         self.sent = self.sent.index_select(0, keep_t)
-        self.row0 = self.row0[: len(keep)]
         return SearchState(
             s.last.index_select(0, rows),
             s.dec.index_select(rows),
@@ -460,7 +416,7 @@ class _BeamSearch:
         """Sentences [0, n): their finished hypotheses, rebuilt by following the back-pointers,
         all hypotheses at once: with our Triton gate cell on the device (`kernels/search_beam.py`,
         `backtrack`: one launch, then only the hypotheses' rows come back), else on the host
-        (`_backtrack_host`, numpy)."""
+        (`reference.backtrack`, numpy)."""
         m = self.nbest
         score, logp = self.result[0][:n, :m].tolist(), self.result[1][:n, :m].tolist()  # (n, m)
         info = self.result[2][:n, :m].cpu().numpy()  # (n, m, 3): step it closed, beam, last token
@@ -470,7 +426,7 @@ class _BeamSearch:
             tok, attn = search_beam.backtrack(self.result[2], self.tok_hist, self.bp_hist, self.attn_hist, n, m, steps)
             tokens, a_np = tok.cpu().numpy(), attn.cpu().numpy()  # (n, m, L), (n, m, L, S)
         else:
-            tokens, a_np = _backtrack_host(
+            tokens, a_np = reference.backtrack(
                 self.tok_hist[:steps, :n].cpu().numpy(),
                 self.bp_hist[:steps, :n].cpu().numpy(),
                 self.attn_hist[:steps, :n].cpu(),
@@ -499,7 +455,7 @@ class _BeamSearch:
 def _gather_state(dec: DecoderState, rows: Tensor, into: DecoderState | None = None) -> DecoderState:
     """dec.index_select(rows), written into `into`'s tensors (static CUDA-graph buffers, cast to
     their dtypes) or new ones: with our Triton kernels one launch for h and c of every layer and
-    the feed (`search_beam.gather_rows`), else one index_select each."""
+    the feed (`search_beam.gather_rows`), else `reference.gather_rows`, one index_select each."""
     from .kernels import search_beam
 
     srcs = [*dec.h, *dec.c, dec.feed]
@@ -507,11 +463,7 @@ def _gather_state(dec: DecoderState, rows: Tensor, into: DecoderState | None = N
     if search_beam.gather_rows_supported(rows, srcs, dsts):
         search_beam.gather_rows(rows, srcs, dsts)
     else:
-        for dst, src in zip(dsts, srcs, strict=True):
-            if dst.dtype == src.dtype:
-                torch.index_select(src, 0, rows, out=dst)
-            else:
-                dst.copy_(src.index_select(0, rows))
+        reference.gather_rows(rows, srcs, dsts)
     L = len(dec.h)
     return into if into is not None else DecoderState(dsts[:L], dsts[L : 2 * L], dsts[2 * L])
 
@@ -520,38 +472,6 @@ def _backtrack_kernel_takes(attn_hist: Tensor) -> bool:
     from .kernels import search_beam  # imports Triton: only when the gate cell already runs on it
 
     return search_beam.backtrack_supported(attn_hist)
-
-
-def _backtrack_host(tok: np.ndarray, bp: np.ndarray, attn: Tensor, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Follow the back-pointers of n sentences' m finished hypotheses each, on the host.
-    tok, bp (steps, n, K): the token each beam took at step t and the beam (before step t's
-    reorder) it continues; attn (steps, n, K, S) the attention of every beam row at step t;
-    info (n, m, 3) where each hypothesis closed: (step e, beam, last token). Returns tokens
-    (n, m, L) and attention (n, m, L, S), L = max(steps, 1): hypothesis (i, k) has its tokens at
-    [0, e) and attention rows at [0, e]; the other entries are meaningless.
-    (`kernels.search_beam.backtrack` is the same on the device.)"""
-    steps, n, K = tok.shape
-    m, S, L = info.shape[1], attn.shape[-1], max(steps, 1)
-    end, cur = info[..., 0], info[..., 1].copy()  # (n, m)
-    # Walking back from where it closed: at step t the hypothesis sat in beam cur (after step
-    # t's reorder), took token tok[t, i, cur], and came from row bp[t, i, cur], the row whose
-    # attention step t is. Past its end a hypothesis stands still (its entries there are unused).
-    beams = np.empty((L, n, m), dtype=np.int64)  # (L, n, m) the row that computed each step
-    beams[:] = cur
-    tokens = np.zeros((n, m, L), dtype=np.int64)
-    first = (np.arange(n, dtype=np.int64) * K)[:, None]  # (n, 1) each sentence's first beam
-    tok_f, bp_f = tok.reshape(steps, n * K), bp.reshape(steps, n * K)
-    for t in range(min(steps, int(end.max(initial=0))) - 1, -1, -1):  # later steps: no hypothesis is open
-        at = first + cur
-        tokens[:, :, t] = tok_f[t].take(at)
-        cur = np.where(t < end, bp_f[t].take(at), cur)
-        beams[t] = cur
-    if not steps:
-        return tokens, np.zeros((n, m, L, S), dtype=np.float32)
-    # each hypothesis' attention rows: one gather from the flattened (steps * n * K, S) history
-    rows = (np.arange(steps)[:, None, None] * n + np.arange(n)[None, :, None]) * K + beams[:steps]  # (steps, n, m)
-    a = attn.reshape(steps * n * K, S).numpy()[rows.transpose(1, 2, 0)]  # (n, m, steps, S)
-    return tokens, a
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -711,8 +631,8 @@ def decode_dataset(
 
     was_training = model.training
     model.eval()
-    # one conversion: indexing a datasets Column row by row reads Arrow each time (Multi30k's
-    # 1014 validation rows: 160-240 ms through the Column, 15-18 ms to convert once)
+    # one conversion: indexing a datasets Column row by row reads Arrow each time, many times
+    # slower over a validation split than converting it once
     src_ids = list(ds["src_ids"]) if not isinstance(ds, list) else ds
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     tokens: list = [None] * len(order)

@@ -15,10 +15,10 @@ from conftest import toy_translate
 
 from mt.config import ModelConfig
 from mt.errors import MTError
+from mt.kernels.reference import best_candidates
 from mt.model import DecoderState, Memory, Seq2Seq
 from mt.search import (
     beam_search,
-    best_candidates,
     decode_dataset,
     greedy_search,
     length_penalty_factor,
@@ -262,15 +262,15 @@ def _collated(tr, ids):
 # ----------------------------------------------------------------------------- rebuilding hypotheses
 @pytest.mark.parametrize("T, n0, n, K, m, S", [(9, 6, 6, 3, 2, 5), (12, 7, 4, 5, 5, 3), (1, 2, 2, 2, 1, 4)])
 def test_backtrack_host_follows_the_back_pointers(T, n0, n, K, m, S):
-    """`_backtrack_host` (beam search's output on the host, all hypotheses at once) against a
+    """`reference.backtrack` (beam search's output on the host, all hypotheses at once) against a
     plain per-hypothesis walk, on random histories: every token and attention row it defines."""
     from conftest import assert_walked_back, random_beam_history
 
-    from mt.search import _backtrack_host
+    from mt.kernels.reference import backtrack
 
     tok, bp, attn, info = history = random_beam_history(T * 10 + n, T, n0, K, S)
     steps = T - 1 if T > 1 else T  # fewer steps than the history holds (T = 1: all of it)
     info[..., 0].clamp_(max=steps - 1)
-    tokens, a = _backtrack_host(tok[:steps, :n].numpy(), bp[:steps, :n].numpy(), attn[:steps, :n], info[:n, :m].numpy())
+    tokens, a = backtrack(tok[:steps, :n].numpy(), bp[:steps, :n].numpy(), attn[:steps, :n], info[:n, :m].numpy())
     assert tokens.shape == (n, m, steps) and a.shape == (n, m, steps, S)
     assert_walked_back(history, tokens, a, n, m)

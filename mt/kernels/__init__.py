@@ -14,8 +14,8 @@ candidates (mt.search, `search_topk.py`):
 
 (The search's bookkeeping after it is one more Triton kernel, `search_greedy.py` and
 `search_beam.py`, which also has the decoder state's reorder and the rebuild of beam search's
-hypotheses at the end; their references are the search's own code, `mt.search`'s
-`_GreedySearch.advance`, `_BeamSearch.advance` and `_backtrack_host`.)
+hypotheses at the end; `mt.search` calls them, or their references `reference.greedy_update`,
+`beam_update`, `gather_rows` and `backtrack`. Helpers several kernel modules use: `common.py`.)
 
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)

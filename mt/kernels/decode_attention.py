@@ -27,11 +27,11 @@ PyTorch ops). They compute in their inputs' dtypes and ignore autocast: under au
 hands them bf16 query, keys and memory, as the PyTorch ops would see them after autocast's casts.
 
 Why: a replayed decoding step, or a replayed training step, is a chain of small kernels, each a
-few microseconds however little it computes (a graphed beam-5 step ran 114:
-scripts/profile_decode.py, H200, 2026-11-27; a training step of the Multi30k model runs the
+few microseconds however little it computes (a training step of the Multi30k model runs the
 decoder's attention 20 times forward and backward). Six kernels become one forward, about eight
-become one backward, each reading keys and memory once. Neither gain is measured yet
-(scripts/profile_decode.py and scripts/profile_train.py, variant `ours-torch-attention`).
+become one backward, each reading keys and memory once. benchmarks/profile_decode.py and
+profile_train.py measure the gain against their variant `ours-torch-attention`, which runs the
+PyTorch ops instead (numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_topk import _runs_here
+from . import common
 
 TILE = 4096  # elements of one (BLOCK_S, BLOCK_D) tile of keys or memory in registers
 MAX_DIM = 4096  # query and memory sizes one program holds whole (a row of a tile)
@@ -232,7 +232,7 @@ def _attention_step_backward_kernel(
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 BACKWARD_TILE = 4096  # the backward holds four tiles at once (memory, keys and two products), over 8 warps
-BACKWARD_WARPS = 8  # (ptxas for sm_90a: 92-114 registers at H = 512, 128-156 at 256, no spills)
+BACKWARD_WARPS = 8  # (no register spills for sm_90a: docs/benchmarks.md, "Kernel registers")
 
 
 def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool:
@@ -243,7 +243,7 @@ def supported(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) -> bool
         return False
     B, S, Q = keys.shape
     return (
-        _runs_here(keys)
+        common.runs_here(keys)
         and S >= 1
         and query.shape == (B, Q)
         and memory.shape[:2] == (B, S)

@@ -3,7 +3,7 @@
 Triton compiles a kernel variant (its constexprs, dtypes and argument alignment: triton_cell.py,
 "Compiled variants") the first time a launch needs it, on the launching thread, and keeps it in
 its on-disk cache (TRITON_CACHE_DIR, ~/.triton/cache by default). A first run of the de->en
-recipe meets about a dozen variants (12, 13 with the search's top-k), each about a second of compiling (0.9-1.6 s for sm_90 on a 2-core VM):
+recipe meets about a dozen variants (12, 13 with the search's top-k), each about a second of compiling (docs/benchmarks.md):
 seconds of the recipe's first minute, one after another. mt.train does this instead
 (trainer.precompile_workers; README "GPU speed"):
 
@@ -329,7 +329,7 @@ class CompileWatch:
 
 def warm_keys(modules: Sequence[str] = KERNEL_MODULES) -> None:
     """Compute now what Triton hashes at a process's first compile or cache lookup: the key of
-    the Triton installation (about 0.4 s: it hashes Triton's own files) and each kernel's source
+    the Triton installation (it hashes Triton's own files) and each kernel's source
     hash. Both are cached for the life of the process."""
     try:
         from triton.runtime.cache import triton_key

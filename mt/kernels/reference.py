@@ -1,4 +1,16 @@
-"""The LSTM gate cell in plain PyTorch: the reference every other backend is tested against.
+"""Every kernel's reference in plain PyTorch (numpy for one): the oracle each Triton kernel of
+`mt.kernels` is tested against, and the code that runs wherever a kernel does not (cuDNN, the
+PyTorch cell, shapes a kernel refuses).
+
+    cell_step, lstm_sequence          the gate cell                 (triton_cell.py)
+    attention_step                    a decoder step's attention    (decode_attention.py)
+    log_softmax_topk                  a search step's candidates    (search_topk.py)
+    greedy_update                     greedy search's bookkeeping   (search_greedy.py)
+    best_candidates, beam_update      beam search's bookkeeping     (search_beam.py)
+    gather_rows                       the decoder state's reorder   (search_beam.py)
+    backtrack                         beam search's output rebuild  (search_beam.py)
+
+The LSTM gate cell:
 
 One step (gates stacked in PyTorch's order i, f, g, o, so parameters match nn.LSTM / nn.LSTMCell):
 
@@ -13,6 +25,7 @@ through the Python loop), which makes this path slow but obviously right: the or
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,3 +141,174 @@ def attention_step(query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor) ->
     autocast a bf16 bmm), then fp32. The oracle of `decode_attention.py`'s kernel."""
     scores = torch.bmm(keys, query.unsqueeze(2).to(keys.dtype)).squeeze(2)  # (B, S)
     return attention_context(scores, memory, mask)
+
+
+# ----------------------------------------------------------------------------- search bookkeeping
+def greedy_update(
+    best: Tensor,
+    tok: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    t: Tensor,
+    done: Tensor,
+    scores: Tensor,
+    tok_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A greedy-search step's decisions from each row's best log-prob and token:
+
+        best (N,) fp32, tok (N,) int64     each row's best continuation this step
+        attn (N, S)                        this step's attention, any float dtype
+        limit (N,) int64, t () int64       the length limits, the steps taken before this one
+        done (N,) bool, scores (N,) fp32   rows finished (they then emit EOS at no cost), sums of log-probs
+        tok_hist (T, N) int64, attn_hist (T, N, S) fp32   the history: row t is written in place
+
+    Returns the new tokens (N,), scores (N,) and done flags (N,): a row is done after EOS or at
+    its limit. The oracle of `search_greedy.greedy_update`, which writes them in place."""
+    tok = tok.masked_fill(done, eos)
+    tok_hist.index_copy_(0, t.view(1), tok.unsqueeze(0))
+    attn_hist.index_copy_(0, t.view(1), attn.float().unsqueeze(0))
+    new_done = done | (tok == eos) | (t + 1 >= limit)
+    return tok, scores + best.masked_fill(done, 0.0), new_done
+
+
+def best_candidates(val: Tensor, col: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A sentence's k best candidates from its beams' own best (val, col: (n, K, r), each beam's
+    best first), best first, as `search_beam._beam_update_kernel` picks them: equal values go
+    to the lower beam, then the better rank within the beam. Returns their values, beams and
+    tokens, each (n, k). A stable sort, not `topk`, whose order among equal values is
+    unspecified (on CUDA and CPU alike): an untrained bf16 model's log-probs tie often, and the
+    two paths' outputs would differ on ties. `beam_update` takes what it returns."""
+    n, K, r = val.shape
+    j = val.view(n, K * r).sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (n, k)
+    return val.view(n, K * r).gather(1, j), j // r, col.reshape(n, K * r).gather(1, j)
+
+
+def beam_update(
+    top_s: Tensor,
+    top_beam: Tensor,
+    top_tok: Tensor,
+    attn: Tensor,
+    limit: Tensor,
+    sent: Tensor,
+    t: Tensor,
+    lp_table: Tensor,
+    done: Tensor,
+    fin: tuple[Tensor, Tensor, Tensor],
+    tok_hist: Tensor,
+    bp_hist: Tensor,
+    attn_hist: Tensor,
+    eos: int,
+    nbest: int,
+    skip_idle_merge: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """A beam-search step's decisions for n sentences of K beams (the rules: `mt.search`'s docstring):
+
+        top_s (n, k2) fp32                 each sentence's k2 best candidates' scores, best first
+                                           (`best_candidates`, or a topk over all K * V)
+        top_beam, top_tok (n, k2) int64    the beam each extends, and its token
+        attn (n*K, S)                      this step's attention of every beam row, any float dtype
+        limit (n,) int64, t () int64       the length limits, the steps taken before this one
+        sent (n,) int64                    each sentence's row in the history (its original index)
+        lp_table (T + 2,) fp64             lp(length) for every length
+        done (n,) bool                     sentences finished (frozen)
+        fin                                the K best finished hypotheses, best first: ranking score
+                                           (n, K) fp64 (-inf: empty), log-prob (n, K) fp32,
+                                           (step, beam, last token) (n, K, 3) int64
+        tok_hist, bp_hist (T, n0, K) int64, attn_hist (T, n0, K, S) fp32
+                                           the history: row (t, sent[i]) written in place
+
+    Returns the continuing beams' tokens (n*K,), the row each continues (n*K,: the decoder
+    state's reorder), their scores (n, K), the done flags (n,) and the finished lists.
+    skip_idle_merge: skip the merge when nothing closes (`fin` is then returned as it is); it
+    reads a flag back to the host, which costs nothing on CPU. The oracle of
+    `search_beam.beam_update`, which writes all of it in place."""
+    n, K = fin[0].shape
+    k2 = top_s.shape[1]
+    is_eos = top_tok == eos
+    length = t + 1  # () scored tokens per hypothesis, EOS included
+    at_limit = length >= limit  # (n,)
+
+    def lp(x: Tensor) -> Tensor:  # (1,) for a scalar: index_select, as indexing with a 0-d tensor reads it back
+        return lp_table.index_select(0, x.view(-1))
+
+    # Candidates among the best K that close a hypothesis: EOS, or anything at the limit.
+    closing = (is_eos[:, :K] | at_limit.unsqueeze(-1)) & torch.isfinite(top_s[:, :K]) & ~done.unsqueeze(-1)
+    if not skip_idle_merge or bool(closing.any()):
+        # the K best of the finished ones and the closing ones; a stable sort keeps earlier ones first on ties
+        new = (top_s[:, :K].double() / lp(length)).masked_fill(~closing, float("-inf"))
+        merged = torch.cat([fin[0], new], dim=1)  # (n, 2K)
+        keep = merged.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (n, K)
+        info = torch.stack([t.expand(n, K), top_beam[:, :K], top_tok[:, :K]], dim=-1)  # (n, K, 3)
+        fin = (
+            merged.gather(1, keep),
+            torch.cat([fin[1], top_s[:, :K].float()], dim=1).gather(1, keep),
+            torch.cat([fin[2], info], dim=1).gather(1, keep.unsqueeze(-1).expand(n, K, 3)),
+        )
+
+    # The K best candidates that do not end in EOS continue (a stable order keeps best first).
+    order = is_eos.long() * k2 + torch.arange(k2, device=top_s.device)  # (n, k2)
+    pos = order.argsort(dim=-1)[:, :K]  # (n, K) distinct keys: non-EOS by rank, then EOS by rank
+    if k2 < 2 * K:  # (V = 1) fewer than K non-EOS candidates: keep the rank order
+        pos = pos.sort(dim=-1).values
+    beam, tok, score = top_beam.gather(1, pos), top_tok.gather(1, pos), top_s.gather(1, pos)  # (n, K) each
+
+    # A sentence is done at its limit, with nothing open, or with K finished hypotheses of
+    # which the nbest-th beats the best any open one can still reach.
+    best_open = score[:, 0].double()  # (n,)
+    lp_lo, lp_hi = lp(length + 1), lp(torch.maximum(limit, length + 1))
+    bound = torch.maximum(best_open / lp_lo, best_open / lp_hi)  # lp is monotonic: an end is the best
+    full = torch.isfinite(fin[0]).sum(dim=1) >= K
+    done = done | at_limit | ~torch.isfinite(best_open) | (full & (bound <= fin[0][:, nbest - 1]))
+
+    # history (by original sentence), then the open beams move on
+    at = t * tok_hist.shape[1] + sent  # (n,) rows of the flattened (T * n0) history
+    tok_hist.view(-1, K).index_copy_(0, at, tok)
+    bp_hist.view(-1, K).index_copy_(0, at, beam)
+    attn_hist.view(-1, K, attn_hist.shape[-1]).index_copy_(0, at, attn.float().view(n, K, -1))
+    rows = (torch.arange(n, device=beam.device).unsqueeze(-1) * K + beam).view(-1)  # (n*K,) the row each continues
+    return tok.view(-1), rows, score, done, fin
+
+
+def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
+    """dsts[i][r] = srcs[i][rows[r]] in dsts[i]'s dtype: rows (N,) int64, srcs[i] and dsts[i]
+    (N, H_i) (the decoder state's h and c of every layer, and the input feed). One index_select
+    each. The oracle of `search_beam.gather_rows` (one launch for all)."""
+    for dst, src in zip(dsts, srcs, strict=True):
+        if dst.dtype == src.dtype:
+            torch.index_select(src, 0, rows, out=dst)
+        else:
+            dst.copy_(src.index_select(0, rows))
+
+
+def backtrack(tok: np.ndarray, bp: np.ndarray, attn: Tensor, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Follow the back-pointers of n sentences' m finished hypotheses each, on the host.
+    tok, bp (steps, n, K): the token each beam took at step t and the beam (before step t's
+    reorder) it continues; attn (steps, n, K, S) the attention of every beam row at step t;
+    info (n, m, 3) where each hypothesis closed: (step e, beam, last token). Returns tokens
+    (n, m, L) and attention (n, m, L, S), L = max(steps, 1): hypothesis (i, k) has its tokens at
+    [0, e) and attention rows at [0, e]; the other entries are meaningless.
+    The oracle of `search_beam.backtrack`, the same walk on the device."""
+    steps, n, K = tok.shape
+    m, S, L = info.shape[1], attn.shape[-1], max(steps, 1)
+    end, cur = info[..., 0], info[..., 1].copy()  # (n, m)
+    # Walking back from where it closed: at step t the hypothesis sat in beam cur (after step
+    # t's reorder), took token tok[t, i, cur], and came from row bp[t, i, cur], the row whose
+    # attention step t is. Past its end a hypothesis stands still (its entries there are unused).
+    beams = np.empty((L, n, m), dtype=np.int64)  # (L, n, m) the row that computed each step
+    beams[:] = cur
+    tokens = np.zeros((n, m, L), dtype=np.int64)
+    first = (np.arange(n, dtype=np.int64) * K)[:, None]  # (n, 1) each sentence's first beam
+    tok_f, bp_f = tok.reshape(steps, n * K), bp.reshape(steps, n * K)
+    for t in range(min(steps, int(end.max(initial=0))) - 1, -1, -1):  # later steps: no hypothesis is open
+        at = first + cur
+        tokens[:, :, t] = tok_f[t].take(at)
+        cur = np.where(t < end, bp_f[t].take(at), cur)
+        beams[t] = cur
+    if not steps:
+        return tokens, np.zeros((n, m, L, S), dtype=np.float32)
+    # each hypothesis' attention rows: one gather from the flattened (steps * n * K, S) history
+    rows = (np.arange(steps)[:, None, None] * n + np.arange(n)[None, :, None]) * K + beams[:steps]  # (steps, n, m)
+    a = attn.reshape(steps * n * K, S).numpy()[rows.transpose(1, 2, 0)]  # (n, m, steps, S)
+    return tokens, a

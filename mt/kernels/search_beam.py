@@ -8,7 +8,7 @@ hypotheses after the last step in another (the search half of `mt.kernels`, with
 
 After `search_topk.log_softmax_topk` has given each beam its 2K best continuations (beam score
 plus log-prob, best first, with their tokens), one program per sentence does what
-`mt.search._BeamSearch.advance` does with about 80 small PyTorch ops:
+`reference.beam_update` does with about 80 small PyTorch ops:
 
 1. the sentence's 2K best candidates of its K * 2K (equal values: the lower beam, then the
    better rank within the beam, first);
@@ -29,15 +29,17 @@ in place (a search step under CUDA graphs then copies nothing back). `mt.search`
 our Triton gate cell when the fused top-k ran and V >= 2K; `advance` is its reference (the
 tests compare the two on the same candidates, ties included).
 
-Why: a graphed beam-5 step over 128 sentences ran 114 kernels, about 100 of them this
-bookkeeping at a few microseconds each (scripts/profile_decode.py, H200, 2026-11-27).
+Why: under CUDA graphs those ops were most of a beam-5 step's kernels, each a few
+microseconds however little it computes (benchmarks/profile_decode.py; numbers in
+docs/benchmarks.md).
 
 `backtrack`: one program per finished hypothesis follows the back-pointers from the step it
 closed at to the first, gathering its tokens and attention rows into compact (n, m, L) and
 (n, m, L, S) outputs, so the host copies back the m hypotheses' rows instead of the history of
-all K beams and does no walk of its own. Its reference is `mt.search._backtrack_host` (numpy);
-the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild took 2.4 ms
-of an 18 ms beam-5 batch (the same profile), and the bookkeeping kernel makes the steps shorter.
+all K beams and does no walk of its own. Its reference is `reference.backtrack` (numpy);
+the tests compare both with a plain per-hypothesis walk. Why: the host's rebuild copies the
+whole history back and walks it in Python, a share of a beam-5 batch that grows as the
+bookkeeping kernel makes the steps shorter (profile_decode's variant `ours-host-output`).
 """
 
 from __future__ import annotations
@@ -47,23 +49,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_topk import EMPTY, _runs_here, _sort_key
+from . import common
+from .common import EMPTY, ROW_TILE, copy_in_tiles, sort_key
 
 MAX_BEAM = 16  # 2K picks over K * 2K candidates, unrolled, in one warp: no register spills for sm_90 up to here
-ROW_TILE = 128  # attention entries copied per tile (a runtime loop over S: no variant per source length)
-
-
-@triton.jit
-def _copy_in_tiles(src_ptr, dst_ptr, S, write, BLOCK: tl.constexpr):
-    """dst[0:S] = src[0:S] in dst's dtype, BLOCK entries a tile (an attention row: a runtime loop
-    over S, so no compiled variant per source length; a while loop, as the interpreter cannot
-    run a range() with a runtime bound). Nothing is stored where `write` is False."""
-    s0 = 0
-    while s0 < S:
-        s = s0 + tl.arange(0, BLOCK)
-        x = tl.load(src_ptr + s, mask=s < S, other=0.0)
-        tl.store(dst_ptr + s, x.to(dst_ptr.dtype.element_ty), mask=(s < S) & write)
-        s0 += BLOCK
 
 
 @triton.jit(do_not_specialize=["n0", "T", "S", "stride_attn", "eos"])
@@ -107,10 +96,10 @@ def _beam_update_kernel(
     was_open = tl.load(done_ptr + i) == 0
 
     # 1. the 2K best of K * 2K: one max-reduction per pick over (value, index) packed in an
-    # int64 (`_sort_key`: equal values, the lower index first)
+    # int64 (`sort_key`: equal values, the lower index first)
     c = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + base + c, mask=c < K * R, other=float("-inf"))
-    key = tl.where(c < K * R, _sort_key(v, BLOCK_C - 1 - c), EMPTY)
+    key = tl.where(c < K * R, sort_key(v, BLOCK_C - 1 - c), EMPTY)
     r = tl.arange(0, BLOCK_2K)  # a candidate's rank; in step 2, a merge position
     top_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # rank -> index into the K * 2K candidates
     new_j = tl.zeros([BLOCK_2K], dtype=tl.int64)  # merge position K + p -> the candidate of rank p < K
@@ -203,7 +192,7 @@ def _beam_update_kernel(
     tl.store(tok_hist_ptr + hist + q, o_tok, mask=beams & in_hist)
     tl.store(bp_hist_ptr + hist + q, o_beam, mask=beams & in_hist)
     for b in tl.static_range(K):
-        _copy_in_tiles(attn_ptr + (i * K + b) * stride_attn, attn_hist_ptr + (hist + b) * S, S, in_hist, BLOCK_S)
+        copy_in_tiles(attn_ptr + (i * K + b) * stride_attn, attn_hist_ptr + (hist + b) * S, S, in_hist, BLOCK_S)
 
 
 @triton.jit(do_not_specialize=["n0", "S", "L"])
@@ -227,13 +216,13 @@ def _beam_backtrack_kernel(
     end = tl.minimum(tl.maximum(tl.load(info_ptr + slot), 0), L - 1)  # (clamped: an empty slot reads zeros)
     b = tl.minimum(tl.maximum(tl.load(info_ptr + slot + 1), 0), K - 1)  # the row that computed step `end`
     row = p * L  # the hypothesis' first row of the outputs
-    _copy_in_tiles(attn_hist_ptr + ((end * n0 + i) * K + b) * S, attn_out_ptr + (row + end) * S, S, True, BLOCK_S)
+    copy_in_tiles(attn_hist_ptr + ((end * n0 + i) * K + b) * S, attn_out_ptr + (row + end) * S, S, True, BLOCK_S)
     t = end - 1
     while t >= 0:  # (a while loop: the interpreter cannot run a range() with a runtime bound)
         h = (t * n0 + i) * K + b  # the beam the hypothesis sat in after step t
         tl.store(tok_out_ptr + row + t, tl.load(tok_hist_ptr + h))
         b = tl.load(bp_hist_ptr + h)  # the row that computed step t
-        _copy_in_tiles(attn_hist_ptr + ((t * n0 + i) * K + b) * S, attn_out_ptr + (row + t) * S, S, True, BLOCK_S)
+        copy_in_tiles(attn_hist_ptr + ((t * n0 + i) * K + b) * S, attn_out_ptr + (row + t) * S, S, True, BLOCK_S)
         t -= 1
 
 
@@ -309,7 +298,7 @@ def gather_rows_supported(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) 
     contiguous (N, H) tensors of one H on rows' device, contiguous int64 rows, every destination a tensor
     of its own, apart from every source."""
     if not (
-        _runs_here(rows)
+        common.runs_here(rows)
         and 1 <= len(srcs) == len(dsts) <= MAX_STATE
         and rows.dim() == 1
         and rows.dtype == torch.int64
@@ -350,9 +339,9 @@ def gather_rows(rows: Tensor, srcs: list[Tensor], dsts: list[Tensor]) -> None:
 
 def supported(val: Tensor, K: int, V: int, S: int) -> bool:
     """Whether the kernel takes a step of K beams over V tokens and S source positions whose
-    per-beam candidates are `val` (else `mt.search._BeamSearch.advance`): it needs each beam's
+    per-beam candidates are `val` (else `reference.beam_update`): it needs each beam's
     2K best (V >= 2K)."""
-    return _runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,) and S >= 1
+    return common.runs_here(val) and 1 <= K <= MAX_BEAM and V >= 2 * K and tuple(val.shape[1:]) == (2 * K,) and S >= 1
 
 
 def beam_update(
@@ -443,8 +432,8 @@ def beam_update(
 
 
 def backtrack_supported(attn_hist: Tensor) -> bool:
-    """Whether `backtrack` takes this search's history (else `mt.search._backtrack_host`)."""
-    return _runs_here(attn_hist) and attn_hist.dtype == torch.float32
+    """Whether `backtrack` takes this search's history (else `reference.backtrack`)."""
+    return common.runs_here(attn_hist) and attn_hist.dtype == torch.float32
 
 
 def backtrack(
@@ -455,7 +444,7 @@ def backtrack(
     1): hypothesis (i, k) closed at step e = info[i, k, 0] has its tokens at [0, e) (the token it
     closed with is info[i, k, 2]) and attention rows at [0, e]; the rest is not written.
     info (n0, K, 3) int64; tok_hist, bp_hist (T, n0, K) int64; attn_hist (T, n0, K, S) fp32.
-    What `mt.search._backtrack_host` does on the host, as one launch and a copy back of only the
+    What `reference.backtrack` does on the host, as one launch and a copy back of only the
     rows the hypotheses use (not the K beams' whole history)."""
     T, n0, K, S = attn_hist.shape
     L = max(steps, 1)

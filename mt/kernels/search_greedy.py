@@ -3,7 +3,7 @@ each row's best token, and `search_beam.py`, beam search's counterpart).
 
     greedy_update(best, tok, attn, limit, t, done, scores, last, tok_hist, attn_hist, eos)   # in place
 
-One program per row (sentence) does what `mt.search._GreedySearch.advance` does with about a
+One program per row (sentence) does what `reference.greedy_update` does with about a
 dozen small PyTorch ops:
 
 1. a row already done emits EOS at no cost; the others take their best token;
@@ -15,12 +15,12 @@ It reads the row's done flag and score before it writes them, so they are update
 (under CUDA graphs the step then copies nothing back). The attention row is copied in tiles
 with a runtime bound, so a model compiles one variant for every batch size and source length
 (the de->en recipe's validation decodes greedily, and its precompile records this variant).
-`mt.search` calls it with our Triton gate cell after the fused top-k; `advance` is its
-reference (the tests compare the two).
+`mt.search` calls it with our Triton gate cell after the fused top-k; `reference.greedy_update`
+is its reference (the tests compare the two).
 
-Why: a graphed greedy step of run 4 (scripts/profile_decode.py, H200, 2026-11-27) ran 96 µs,
-most of it small kernels: the bookkeeping ops and the copies of the state into the graph's
-buffers.
+Why: a graphed greedy step is mostly small kernels, each a few microseconds however little it
+computes: the bookkeeping ops and the copies of the state into the graph's buffers. They become
+one launch here (benchmarks/profile_decode.py times the step; numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .search_beam import ROW_TILE, _copy_in_tiles
-from .search_topk import _runs_here
+from . import common
+from .common import ROW_TILE, copy_in_tiles
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "stride_attn", "eos"])
@@ -63,13 +63,13 @@ def _greedy_update_kernel(
     tl.store(done_ptr + r, done)
     in_hist = t < T
     tl.store(tok_hist_ptr + t * N + r, tok, mask=in_hist)
-    _copy_in_tiles(attn_ptr + r * stride_attn, attn_hist_ptr + (t * N + r) * S, S, in_hist, BLOCK)
+    copy_in_tiles(attn_ptr + r * stride_attn, attn_hist_ptr + (t * N + r) * S, S, in_hist, BLOCK)
 
 
 def supported(attn: Tensor) -> bool:
     """Whether the kernel takes a step whose attention is `attn` (N, S) (else
-    `mt.search._GreedySearch.advance`)."""
-    return _runs_here(attn) and attn.dim() == 2 and attn.shape[1] >= 1
+    `reference.greedy_update`)."""
+    return common.runs_here(attn) and attn.dim() == 2 and attn.shape[1] >= 1
 
 
 def greedy_update(

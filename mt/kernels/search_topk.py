@@ -7,9 +7,9 @@ Row r's values are the k largest of  row_bias[r] + log_softmax(logits[r].float()
 values the lower column comes first. `reference.log_softmax_topk` is the same function in plain
 PyTorch (the test oracle).
 
-Why: a beam-5 search step over 128 sentences (V = 8000) spent about 150 of its 430 us of kernel
-time in PyTorch's log_softmax, the add of the beam scores, and `topk` over (n, K * V), whose
-radix select is several launches (scripts/profile_decode.py, H200, 2026-11-27). mt.search calls
+Why: in a beam-5 search step over V = 8000, PyTorch's log_softmax, the add of the beam scores,
+and `topk` over (n, K * V), whose radix select is several launches, took a large share of the
+step's kernel time (benchmarks/profile_decode.py; numbers in docs/benchmarks.md). mt.search calls
 this instead when the model runs our Triton gate cell (model.cell=triton, or auto on CUDA); beam
 search's bookkeeping then takes each beam's 2K best (`search_beam.py`). k above MAX_K, and
 rows so wide that their chunks' candidates exceed MAX_CANDIDATES, take the reference path.
@@ -19,8 +19,8 @@ takes its max and log-sum-exp in fp32, adds the row's bias, sets banned columns 
 times: the best value not taken yet and the lowest column holding it, both from one
 max-reduction over (value, column) packed into an int64.
 
-Wider rows, two launches. The one-program-per-row kernel took 48 us for 640 rows of 8000 on
-the H200 (2026-11-27): 16 warps a row, one SM each, k reductions in a row with barriers. So:
+Wider rows, two launches. One program per row is slow at 8000 columns: 16 warps a row, one SM
+each, k reductions in a row with barriers. So:
 `_chunk_topk_kernel`, one program (one warp) per CHUNK columns of a row: the chunk's max and
 sum of exp (the log-sum-exp's partials) and its k best logits, banned ones -inf (equal logits:
 lower column first; a chunk with fewer than k columns pads with -inf at column V); then
@@ -28,9 +28,10 @@ lower column first; a chunk with fewer than k columns pads with -inf at column V
 best as bias + log-prob, and the row's k best of them by the same packed key. The values are
 the same as the one-row kernel's; the columns may differ in one case: when more than k logits of
 a chunk round to the same log-prob, the chunk kept its k largest logits, so a lower column
-holding an equal log-prob (from a smaller logit) can be left out. On an H100 (2026-11-27) the
-two took 40.5 + 4.9 us at 640 x 8000 (k = 10) against the one-row kernel's 48.1 us: about the
-same at the level of a whole beam-5 batch (docs/benchmarks.md).
+holding an equal log-prob (from a smaller logit) can be left out. The two launches are faster
+than the one-row kernel at a beam-5 batch's 640 rows of 8000, if by little at the level of a
+whole batch (benchmarks/profile_decode.py's variant `ours-row-topk` runs the one-row kernel
+there; numbers in docs/benchmarks.md).
 
 In both, a row whose bias is -inf (a beam that does not exist yet) yields k columns, the
 lowest, with value -inf.
@@ -38,35 +39,18 @@ lowest, with value -inf.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import common
+from .common import EMPTY, key_value, sort_key
+
 MAX_K = 64  # the picks are unrolled (one reduction each): beams up to 32 (2K per row)
 ROW_V = 1024  # rows up to this wide: one program each; wider ones: split in chunks
 CHUNK = 256  # columns of a chunk (one warp, no barriers)
 MAX_CANDIDATES = 4096  # chunks x k, merged by one program: V up to 100k for beam 5, 16k for k = 64
-
-
-EMPTY = tl.constexpr(-9223372036854775808)  # an int64 key below every real one: never picked
-
-
-@triton.jit
-def _sort_key(v, low):
-    """The picks' int64 key: fp32 `v` in the high half as an int32 of the same order (negative
-    floats: all bits but the sign flipped), `low` (a tie-break, larger first) in the low half."""
-    bits = v.to(tl.int32, bitcast=True)
-    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | low.to(tl.int64)
-
-
-@triton.jit
-def _key_value(key):
-    """The fp32 value in `_sort_key`'s high half."""
-    hi = (key >> 32).to(tl.int32)
-    return (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -95,13 +79,13 @@ def _log_softmax_topk_kernel(
         v = v + tl.load(bias_ptr + row)
     for j in tl.static_range(NB):
         v = tl.where(cols == tl.load(banned_ptr + j), float("-inf"), v)
-    # One reduction per pick: value and column packed in one int64 key (`_sort_key`: the value's
+    # One reduction per pick: value and column packed in one int64 key (`sort_key`: the value's
     # order-preserving bits high, BLOCK_V - 1 - column low; equal values: the lower column wins).
-    key = tl.where(valid, _sort_key(v, BLOCK_V - 1 - cols), EMPTY)  # padding columns: never picked
+    key = tl.where(valid, sort_key(v, BLOCK_V - 1 - cols), EMPTY)  # padding columns: never picked
     for j in tl.static_range(K):
         best = tl.max(key, axis=0)
         col = BLOCK_V - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-        tl.store(val_ptr + row * K + j, _key_value(best))
+        tl.store(val_ptr + row * K + j, key_value(best))
         tl.store(idx_ptr + row * K + j, col.to(tl.int64))
         key = tl.where(cols == col, EMPTY, key)
 
@@ -135,12 +119,12 @@ def _chunk_topk_kernel(
     for j in tl.static_range(NB):
         x = tl.where(cols == tl.load(banned_ptr + j), float("-inf"), x)
     # equal logits: the lower column first
-    key = tl.where(valid, _sort_key(x, CHUNK - 1 - local), EMPTY)
+    key = tl.where(valid, sort_key(x, CHUNK - 1 - local), EMPTY)
     for j in tl.static_range(K):
         best = tl.max(key, axis=0)
         real = best != EMPTY
         at = CHUNK - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-        tl.store(cval_ptr + out * K + j, tl.where(real, _key_value(best), float("-inf")))
+        tl.store(cval_ptr + out * K + j, tl.where(real, key_value(best), float("-inf")))
         tl.store(ccol_ptr + out * K + j, tl.where(real, part * CHUNK + at, V).to(tl.int64))
         key = tl.where(local == at, EMPTY, key)
 
@@ -176,23 +160,19 @@ def _merge_topk_kernel(
         b = tl.load(bias_ptr + row)
         v = v + b
         dead = b == float("-inf")
-    key = tl.where(cand, _sort_key(v, 0x7FFFFFFF - col), EMPTY)
+    key = tl.where(cand, sort_key(v, 0x7FFFFFFF - col), EMPTY)
     for j in tl.static_range(K):
         best = tl.max(key, axis=0)
-        tl.store(val_ptr + row * K + j, tl.where(dead, float("-inf"), _key_value(best)))
+        tl.store(val_ptr + row * K + j, tl.where(dead, float("-inf"), key_value(best)))
         tl.store(idx_ptr + row * K + j, tl.where(dead, j, 0x7FFFFFFF - (best & 0xFFFFFFFF)))
         key = tl.where(key == best, EMPTY, key)
-
-
-def _runs_here(t: Tensor) -> bool:
-    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supported(logits: Tensor, k: int) -> bool:
     """Whether the kernels take this call (else use `reference.log_softmax_topk`)."""
     N, V = logits.shape
     return (
-        _runs_here(logits)
+        common.runs_here(logits)
         and 1 <= k <= min(V, MAX_K)
         and (V <= ROW_V or triton.cdiv(V, CHUNK) * k <= MAX_CANDIDATES)
         and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)

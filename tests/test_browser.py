@@ -10,6 +10,7 @@ Skips, with the reason, where the Playwright package or a chromium binary is mis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO
+from conftest import REPO, toy_translate
 
 pytestmark = pytest.mark.browser
 
@@ -78,15 +79,15 @@ def cli_nbest(tiny_run, tmp_path_factory) -> subprocess.Popen:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run, cli_nbest, tmp_path_factory):
+@contextlib.contextmanager
+def serve(checkpoint, log_path, *extra: str, env: dict[str, str] | None = None):
     """`python -m mt.serve` on a free port, up once /health answers: its base URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "mt.serve", "--model", str(tiny_run["checkpoint"]), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--max-lines", str(MAX_LINES), "--max-chars", str(MAX_CHARS)]
+    cmd = [sys.executable, "-m", "mt.serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
+        proc = subprocess.Popen(
+            [*cmd, *extra], stdout=log, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})}, cwd=REPO
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -113,6 +114,15 @@ def server(tiny_run, cli_nbest, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(tiny_run, cli_nbest, tmp_path_factory):
+    """The server the page tests use, with small --max-lines / --max-chars."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    limits = ["--max-lines", str(MAX_LINES), "--max-chars", str(MAX_CHARS)]
+    with serve(tiny_run["checkpoint"], log, *limits) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def browser(playwright_api):
     exe = chromium_path()
     args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
@@ -122,19 +132,31 @@ def browser(playwright_api):
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    """The page, loaded, with the language pair from /info shown; fails the test on a script error."""
+@contextlib.contextmanager
+def open_page(browser, url: str):
+    """A fresh browser context on the page at `url`; fails the test on a script error."""
     ctx = browser.new_context(viewport={"width": 1000, "height": 900})
     pg = ctx.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
     script_errors: list[str] = []
     pg.on("pageerror", lambda e: script_errors.append(str(e)))
-    pg.goto(server + "/")
-    pg.wait_for_function("document.getElementById('pair').textContent.includes('→')")
+    pg.goto(url + "/")
     yield pg
     ctx.close()
     assert not script_errors, script_errors
+
+
+def wait_for_info(pg) -> None:
+    """Until the page has shown the language pair it read from /info."""
+    pg.wait_for_function("document.getElementById('pair').textContent.includes('→')")
+
+
+@pytest.fixture
+def page(browser, server):
+    """The page, loaded, with the language pair from /info shown."""
+    with open_page(browser, server) as pg:
+        wait_for_info(pg)
+        yield pg
 
 
 def server_error(url: str, body: dict) -> tuple[int, str]:
@@ -258,3 +280,31 @@ def test_narrow_window_keeps_the_controls_usable(page, tmp_path):
     assert button["x"] + button["width"] <= 360
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
     page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+
+
+def test_api_key_is_asked_for_and_sent(browser, tiny_run, tmp_path):
+    """With a key required, /info's 401 shows in the alert region and reveals the key field; the
+    entered key is then sent as a Bearer token, so settings and translations come through."""
+    key = "page-test-key"
+    with serve(tiny_run["checkpoint"], tmp_path / "serve.log", env={"MT_API_KEY": key}) as url:
+        with open_page(browser, url) as pg:
+            alert = pg.get_by_role("alert")
+            pg.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert alert.inner_text().startswith("Error 401")
+            key_box = pg.get_by_label("API key")
+            assert key_box.is_visible() and key_box.get_attribute("type") == "password"
+
+            key_box.fill("wrong")
+            key_box.press("Tab")  # a change event: the page retries /info with the key
+            pg.wait_for_function("document.getElementById('error').textContent.startsWith('Error 401')")
+            assert "→" not in pg.locator("#pair").inner_text()
+
+            key_box.fill(key)
+            key_box.press("Tab")
+            wait_for_info(pg)
+            assert pg.locator("[role=alert]").text_content() == ""
+            with pg.expect_request(lambda r: r.url.endswith("/translate")) as sent:
+                translate_in_page(pg, LINES[0], beam=1, nbest=1)
+            assert sent.value.headers["authorization"] == f"Bearer {key}"
+            pg.wait_for_selector(".result")
+            assert pg.locator(".result .translation").inner_text() == toy_translate(LINES[0])

@@ -141,7 +141,8 @@ class Batcher:
         return self._closed
 
     def snapshot(self) -> dict[str, int]:
-        """`stats` plus the requests waiting ("queued") and being decoded ("in_flight") now."""
+        """`stats` plus, now, the requests waiting ("queued") and those the worker holds, in its
+        collection window or its decode call ("in_flight")."""
         with self._cond:
             return {**self.stats, "queued": len(self._pending), "in_flight": self._in_flight}
 

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: venv train test lint format bench-cell clean
+.PHONY: venv browser train test lint format bench-cell clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m mt.train $(ARGS)
 
-test: $(STAMP)
+# tests/test_browser.py drives the system chromium. Where it is missing and we may install it (root
+# with apt-get, as in CI), install it quietly; this never fails the target: without it the test skips.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for tests/test_browser.py (apt-get)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && \
+		    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } || \
+		echo "chromium could not be installed: tests/test_browser.py will skip"; \
+	fi
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)

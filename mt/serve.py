@@ -302,6 +302,59 @@ class APIKeyCheck(HTTPBearer):
             )
 
 
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": _one_line(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return JSONResponse({"error": _one_line("invalid request: " + "; ".join(parts))}, status_code=422)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s", request.method, request.url.path, first_line(exc), exc_info=exc)
+    return JSONResponse({"error": _one_line(f"internal error: {first_line(exc)}")}, status_code=500)
+
+
+def _checked_lines(req: TranslateRequest, translator: Translator, limits: Limits) -> tuple[list[str], Settings]:
+    """The request's lines and decoding settings, or the 413/422 its limits call for."""
+    lines = [req.text] if isinstance(req.text, str) else list(req.text)
+    if len(lines) > limits.max_lines:
+        raise HTTPException(413, f"{len(lines)} lines: the limit is {limits.max_lines} lines per request (--max-lines)")
+    chars = sum(len(line) for line in lines)
+    if chars > limits.max_chars:
+        raise HTTPException(
+            413, f"{chars} characters: the limit is {limits.max_chars} characters per request (--max-chars)"
+        )
+    if req.beam is not None and req.beam > limits.max_beam:
+        raise HTTPException(422, f"beam must be between 1 and {limits.max_beam} (--max-beam); got {req.beam}")
+    beam, lp = translator.decoding(req.beam, req.length_penalty)
+    nbest = req.nbest or 1
+    if nbest > beam:
+        raise HTTPException(422, f"nbest must be between 1 and the beam size {beam}; got {nbest}")
+    # A line is one segment, as in the CLI's input: line breaks inside it are spaces.
+    lines = [line.replace("\r\n", " ").replace("\n", " ").replace("\r", " ") for line in lines]
+    return lines, Settings(beam, lp, nbest)
+
+
+def _about(translator: Translator, limits: Limits, model_name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What /info says of the model, its training and the server's limits (all fixed while serving)."""
+    beam, length_penalty = translator.decoding()
+    return {
+        "model": model_name,
+        "languages": {"src": translator.src_lang, "tgt": translator.tgt_lang},
+        "decoding": {"beam": beam, "length_penalty": length_penalty},
+        "step": metadata.get("step"),
+        "validation": metadata.get("metrics", {}),
+        "parameters": sum(p.numel() for p in translator.model.parameters()),
+        "device": str(translator.device),
+        "cell": translator.config.model.cell,
+        "cuda_graphs": translator.graphs is not None,
+        "max_source_pieces": translator.max_src_len,
+        "limits": asdict(limits),
+    }
+
+
 # ----------------------------------------------------------------------------- the app
 def create_app(
     translator: Translator,
@@ -316,9 +369,7 @@ def create_app(
     lifespan (uvicorn, or `with TestClient(app)`); `app.state.batcher` is the Batcher."""
     limits = limits or Limits()
     limits.check()
-    metadata = metadata or {}
-    parameters = sum(p.numel() for p in translator.model.parameters())
-    default_beam, default_lp = translator.decoding()
+    about = _about(translator, limits, model_name, metadata or {})
 
     def decode(lines: list[str], settings: Settings) -> list[list]:
         # Looked up at each call, so the translator can be swapped or patched while serving.
@@ -360,19 +411,9 @@ def create_app(
 
     auth = [Depends(APIKeyCheck(api_key))] if api_key else []
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": _one_line(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"error": _one_line("invalid request: " + "; ".join(parts))}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s", request.method, request.url.path, first_line(exc), exc_info=exc)
-        return JSONResponse({"error": _one_line(f"internal error: {first_line(exc)}")}, status_code=500)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
 
     @app.get("/health", summary="Liveness: 200 while the server runs (no API key needed)")
     async def health() -> dict[str, str]:
@@ -380,20 +421,7 @@ def create_app(
 
     @app.get("/info", summary="The model, its decoding defaults, training scores, limits", dependencies=auth)
     async def info() -> dict[str, Any]:
-        return {
-            "model": model_name,
-            "languages": {"src": translator.src_lang, "tgt": translator.tgt_lang},
-            "decoding": {"beam": default_beam, "length_penalty": default_lp},
-            "step": metadata.get("step"),
-            "validation": metadata.get("metrics", {}),
-            "parameters": parameters,
-            "device": str(translator.device),
-            "cell": translator.config.model.cell,
-            "cuda_graphs": translator.graphs is not None,
-            "max_source_pieces": translator.max_src_len,
-            "limits": asdict(limits),
-            "batching": batcher.snapshot(),
-        }
+        return {**about, "batching": batcher.snapshot()}
 
     @app.post(
         "/translate",
@@ -413,29 +441,12 @@ def create_app(
     )
     async def translate(request: Request) -> dict[str, Any]:
         req = _parse_request(await _read_body(request, limits.max_body_bytes))
-        lines = [req.text] if isinstance(req.text, str) else list(req.text)
-        if len(lines) > limits.max_lines:
-            raise HTTPException(
-                413, f"{len(lines)} lines: the limit is {limits.max_lines} lines per request (--max-lines)"
-            )
-        chars = sum(len(line) for line in lines)
-        if chars > limits.max_chars:
-            raise HTTPException(
-                413, f"{chars} characters: the limit is {limits.max_chars} characters per request (--max-chars)"
-            )
-        if req.beam is not None and req.beam > limits.max_beam:
-            raise HTTPException(422, f"beam must be between 1 and {limits.max_beam} (--max-beam); got {req.beam}")
-        beam, lp = translator.decoding(req.beam, req.length_penalty)
-        nbest = req.nbest or 1
-        if nbest > beam:
-            raise HTTPException(422, f"nbest must be between 1 and the beam size {beam}; got {nbest}")
+        lines, settings = _checked_lines(req, translator, limits)
         if not lines:
             return {"translations": []}
-        # A line is one segment, as in the CLI's input: line breaks inside it are spaces.
-        lines = [line.replace("\r\n", " ").replace("\n", " ").replace("\r", " ") for line in lines]
         batcher.start()  # normally done by the lifespan; here too for a server run without one
         try:
-            future = batcher.submit(lines, Settings(beam, lp, nbest))
+            future = batcher.submit(lines, settings)
         except QueueFull as e:
             raise HTTPException(503, f"server busy: {e}; retry later", {"Retry-After": "1"}) from None
         except Closed:

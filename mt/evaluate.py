@@ -1,8 +1,8 @@
-"""Score a checkpoint on a corpus split with sacreBLEU.
+"""Score a checkpoint on a corpus split with sacreBLEU (`mt-evaluate`, or `python -m mt.evaluate`).
 
-    python -m mt.evaluate checkpoint=PATH data.path=DIR split=test
-    python -m mt.evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
-    python -m mt.evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
+    mt-evaluate checkpoint=PATH data.path=DIR split=test
+    mt-evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
+    mt-evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
 
 The checkpoint supplies the model, the SentencePiece models, the data config it was trained
 with (`data.path`, `data.name`, `data.src`, `data.tgt` override it) and the recipe's decoding
@@ -33,6 +33,7 @@ import hydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from .config import CONF_DIR
 from .errors import DataError, MTError
 from .metrics import corpus_scores
 
@@ -228,7 +229,7 @@ def format_scores(r: dict[str, Any]) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -236,7 +237,7 @@ def main(dcfg: DictConfig) -> float | None:
         cfg: EvaluateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         result = evaluate(cfg, HydraConfig.get().runtime.output_dir)
     except MissingMandatoryValue as e:
-        print(f"error: {e.full_key}=... is required (python -m mt.evaluate checkpoint=PATH ...)", file=sys.stderr)
+        print(f"error: {e.full_key}=... is required (mt-evaluate checkpoint=PATH ...)", file=sys.stderr)
         sys.exit(2)
     except MTError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,8 +3,10 @@
     mt-evaluate checkpoint=PATH data.path=DIR split=test
     mt-evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
     mt-evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
+    mt-evaluate checkpoint=USER/NAME revision=COMMIT data.path=DIR   # a model folder or Hub id
 
-The checkpoint supplies the model, the SentencePiece models, the data config it was trained
+`checkpoint` is a checkpoint file, a model folder written by mt-export or a Hugging Face model id
+(`Translator.load`). The checkpoint supplies the model, the SentencePiece models, the data config it was trained
 with (`data.path`, `data.name`, `data.src`, `data.tgt` override it) and the recipe's decoding
 settings `decoding.beam` / `decoding.length_penalty`, used unless `beam=` / `length_penalty=` say
 otherwise. The split is decoded
@@ -53,7 +55,8 @@ class EvalDataConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = MISSING
+    checkpoint: str = MISSING  # checkpoint file, model folder (mt-export) or Hugging Face model id USER/NAME
+    revision: str | None = None  # with a Hugging Face model id: branch, tag or commit (null = main)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: str = "test"  # test | validation | train (or an alias: valid, val, dev, ...)
     beam: int | None = None  # null = the checkpoint's decoding.beam
@@ -166,7 +169,9 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     check_decoding(cfg.beam, cfg.length_penalty)  # a bad value fails before the checkpoint loads
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
-    tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs)
+    tr = Translator.load(
+        cfg.checkpoint, revision=cfg.revision, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs
+    )
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)

@@ -27,7 +27,9 @@ the line. Lines are processed in chunks of --chunk-size lines: each chunk is sor
 batches of --batch-size sentences, translated, written back in input order and flushed, so a
 failure part-way keeps everything written before it. Lines with more than --max-length source
 pieces (default: the checkpoint's data.max_src_len) are truncated with a warning.
-A missing or corrupt checkpoint or an unknown device prints one `error: ...` line, exit status 2.
+--checkpoint takes a checkpoint file, a model folder written by mt-export or a Hugging Face model
+id (`Translator.load`). A missing or corrupt checkpoint or model, or an unknown device, prints one
+`error: ...` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Translate text with a trained mt checkpoint (stdin -> stdout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        required=True,
+        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id USER/NAME",
+    )
+    p.add_argument(
+        "--revision", default=None, help="with a Hugging Face model id: branch, tag or commit (default main)"
+    )
     p.add_argument("--input", "-i", help="input file, one sentence per line (default: stdin)")
     p.add_argument("--output", "-o", help="output file (default: stdout)")
     p.add_argument(
@@ -274,7 +284,9 @@ def run(args: argparse.Namespace) -> None:
     if args.plot_attention:
         _check_plot_path(args.plot_attention)
 
-    tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs)
+    tr = Translator.load(
+        args.checkpoint, revision=args.revision, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs
+    )
     args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")

@@ -1,5 +1,6 @@
 """The installed commands (pyproject's [project.scripts]): declared, and, where this interpreter
-has mt pip-installed, runnable: Hydra finds conf/ from a console script."""
+has mt pip-installed, runnable: Hydra finds conf/ from a console script, and mt-export's folder
+goes through mt-translate and mt-evaluate."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ COMMANDS = {
     "mt-train": "mt.train:main",
     "mt-evaluate": "mt.evaluate:main",
     "mt-translate": "mt.translate:main",
+    "mt-export": "mt.export:main",
     "mt-serve": "mt.serve:main",
 }
 
@@ -66,6 +68,7 @@ def test_installed_commands_start(tmp_path):
     working directory, which a relative config_path would have failed to find."""
     cmds = {
         "translate": [installed("mt-translate"), "--help"],
+        "export": [installed("mt-export"), "--help"],
         "train": [installed("mt-train"), "--cfg", "job", "debug=tiny"],
         "evaluate": [installed("mt-evaluate"), "--cfg", "job", "checkpoint=some/model"],
     }
@@ -74,6 +77,30 @@ def test_installed_commands_start(tmp_path):
         r = {k: f.result() for k, f in done.items()}
     for k, p in r.items():
         assert p.returncode == 0, (k, p.stderr.decode()[-2000:])
-    assert b"--checkpoint" in r["translate"].stdout
+    assert b"--checkpoint" in r["translate"].stdout and b"--force" in r["export"].stdout
     assert b"emb_dim: 32" in r["train"].stdout  # conf/debug/tiny.yaml
     assert b"checkpoint: some/model" in r["evaluate"].stdout
+
+
+def test_export_then_translate_and_evaluate_with_the_installed_commands(tiny_run, tmp_path):
+    export, translate, evaluate = installed("mt-export"), installed("mt-translate"), installed("mt-evaluate")
+    model = tmp_path / "model"
+    r = run(export, tiny_run["checkpoint"], model)
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"upload with: hf upload USER/NAME {model}" in r.stdout.decode()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        t = pool.submit(run, translate, "-c", model, "--device", "cpu", "-q", stdin=b"hund sieht katze\n\nrot blau\n")
+        e = pool.submit(
+            run,
+            evaluate,
+            f"checkpoint={model}",
+            f"data.path={tiny_run['corpus']}",
+            "split=test",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        )
+        t, e = t.result(), e.result()
+    assert t.returncode == 0, t.stderr.decode()
+    assert t.stdout.decode().splitlines() == ["dog sees cat", "", "red blue"]
+    assert e.returncode == 0, e.stderr.decode()
+    assert "\nBLEU = " in "\n" + e.stdout.decode() and (tmp_path / "eval" / "scores.test.json").is_file()

@@ -1,8 +1,10 @@
 """mt-export and model folders (mt/export.py, mt/pretrained.py): the folder's files, the model card,
-Translator.from_pretrained / Translator.load from a folder and from an offline Hugging Face cache."""
+Translator.from_pretrained / Translator.load from a folder and from an offline Hugging Face cache,
+and the commands that take a checkpoint given a folder instead."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import shutil
@@ -334,3 +336,63 @@ def test_export_errors_are_one_line_and_leave_nothing(ckpt, tmp_path, capsys):
         assert export_main(args) == 2
         assert words in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "corrupt.pt"]
+
+
+# ----------------------------------------------------------------------------- the commands
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_translate_script_takes_a_folder(exported, ckpt, tmp_path):
+    script = _load(REPO / "scripts" / "translate.py")
+    src = tmp_path / "in.de"
+    src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    outs = {}
+    for name, model in (("ckpt", ckpt), ("folder", exported)):
+        outs[name] = tmp_path / f"{name}.en"
+        args = ["--checkpoint", str(model), "--input", str(src), "--output", str(outs[name]), "--print-scores", "-q"]
+        assert script.main([*args, "--device", "cpu"]) == 0
+    assert outs["folder"].read_text(encoding="utf-8") == outs["ckpt"].read_text(encoding="utf-8")
+    assert outs["folder"].read_text(encoding="utf-8").splitlines()[0].split("\t")[1] == "dog sees cat"
+
+
+def test_translate_with_a_hub_id(offline_hub, tmp_path, capsys):
+    from mt.translate import main
+
+    src = tmp_path / "in.de"
+    src.write_text("hund sieht katze\n", encoding="utf-8")
+    assert main(["-c", "user/name", "--revision", COMMIT, "--input", str(src), "--device", "cpu", "-q"]) == 0
+    assert capsys.readouterr().out == "dog sees cat\n"
+    assert main(["-c", "user/missing", "--input", str(src), "--device", "cpu", "-q"]) == 2
+    assert "not in the cache" in _one_error_line(capsys)
+
+
+def test_evaluate_and_tune_take_a_folder(exported, ckpt, tiny_run, tmp_path):
+    from mt.evaluate import EvalDataConfig, EvaluateConfig, evaluate
+
+    results = {}
+    for name, model in (("ckpt", ckpt), ("folder", exported)):
+        cfg = EvaluateConfig(
+            checkpoint=str(model), data=EvalDataConfig(path=str(tiny_run["corpus"])), split="test", device="cpu"
+        )
+        results[name] = evaluate(cfg, tmp_path / name)
+    for key in ("bleu", "chrf", "bleu_lc", "beam", "length_penalty", "sentences"):
+        assert results["folder"][key] == results["ckpt"][key], key
+    hyps = [(tmp_path / n / "hypotheses.test.en").read_text(encoding="utf-8") for n in ("ckpt", "folder")]
+    assert hyps[0] == hyps[1]
+
+    tuner = _load(REPO / "scripts" / "tune_decoding.py")
+    args = tuner.parse_args([str(exported), "--data", str(tiny_run["corpus"]), "--beams", "1", "--device", "cpu"])
+    assert tuner.tune(args)["best"]["bleu"] > 90
+
+
+def test_bench_decode_takes_a_folder(exported, tiny_run, tmp_path):
+    bench = _load(REPO / "benchmarks" / "bench_decode.py")
+    data = tiny_run["corpus"] / "test.jsonl"
+    out = tmp_path / "bench.json"
+    argv = ["--checkpoint", str(exported), "--data", str(data), "--limit", "4", "--beam", "2", "--json", str(out)]
+    assert bench.main([*argv, "--device", "cpu"]) == 0
+    assert [r["sentences"] for r in json.loads(out.read_text())] == [4, 4]

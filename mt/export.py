@@ -194,7 +194,8 @@ def model_card(
     }
     if dataset:
         front["datasets"] = [dataset]
-    front["metrics"] = sorted({kind for _, _, kind, _ in scores}) or ["bleu"]
+    if scores:
+        front["metrics"] = sorted({kind for _, _, kind, _ in scores})
     if dataset and scores:
         front["model-index"] = [
             {
@@ -267,14 +268,12 @@ def model_card(
     if command:
         lines += ["```sh", " ".join(shlex.quote(w) for w in command), "```"]
     else:
-        import yaml as _yaml
-
         keep = {k: config[k] for k in ("data", "tokenizer", "model", "optim", "trainer", "decoding") if k in config}
         lines += [
             "The training config (`mt-train` with these settings):",
             "",
             "```yaml",
-            _yaml.safe_dump(keep, sort_keys=False, allow_unicode=True).rstrip(),
+            yaml.safe_dump(keep, sort_keys=False, allow_unicode=True).rstrip(),
             "```",
         ]
     lines += [

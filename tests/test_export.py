@@ -126,6 +126,23 @@ def test_the_card_names_a_hub_dataset_with_its_scores(ckpt, tmp_path):
     assert "hf upload USER/NAME " in (out / "README.md").read_text(encoding="utf-8")
 
 
+def test_the_card_without_a_command_or_scores_shows_the_config(ckpt, tmp_path, monkeypatch):
+    """Where no mt-train command composes to the checkpoint's config (here: no conf/ to compose
+    from, as in an installed wheel), the card gives the config itself; a checkpoint without
+    validation scores claims none."""
+    import mt.export
+
+    state = torch.load(ckpt, weights_only=True)
+    state["metrics"] = {}
+    torch.save(state, tmp_path / "no-scores.pt")
+    monkeypatch.setattr(mt.export, "_compose", lambda overrides: None)
+    assert export_main([str(tmp_path / "no-scores.pt"), str(tmp_path / "m")]) == 0
+    card = (tmp_path / "m" / "README.md").read_text(encoding="utf-8")
+    assert "metrics" not in front_matter(card) and "The checkpoint holds no validation scores." in card
+    config = yaml.safe_load(card.split("## Training\n")[1].split("```yaml\n")[1].split("```")[0])
+    assert json.loads(json.dumps(config)) == json.loads(json.dumps(state["config"]))
+
+
 def test_training_command_prefers_the_runs_own_overrides(ckpt, tmp_path):
     """RUN/.hydra/overrides.yaml beside RUN/checkpoints/ is used when it gives the checkpoint's
     config; overrides that do not (the run was resumed with others) fall back to the differences."""

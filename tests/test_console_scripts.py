@@ -35,18 +35,12 @@ def test_pyproject_declares_the_commands():
 
 
 def installed(name: str) -> Path:
-    """The console script `name` beside this interpreter; skips the test where mt is not
-    pip-installed here (its commands are then not on this machine)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        dist = distribution("mt")
-    except PackageNotFoundError:
-        pytest.skip("mt is not pip-installed in this interpreter (pip install -e .): no console scripts")
-    if name not in {ep.name for ep in dist.entry_points if ep.group == "console_scripts"}:
-        pytest.skip(f"the installed mt predates {name}: reinstall it (pip install -e .)")
+    """The console script `name` beside this interpreter; skips the test where mt (this version
+    of it) is not pip-installed here. The script is looked for, not the package metadata: with
+    PYTHONPATH at a checkout, that finds the checkout's mt.egg-info whether installed or not."""
     path = Path(sys.executable).with_name(name)
-    assert path.is_file(), f"{name} is declared by the installed mt but {path} is missing"
+    if not path.is_file():
+        pytest.skip(f"{name} is not installed beside {sys.executable}: pip install -e . installs mt's commands")
     return path
 
 

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt)")
+    g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt), model folder or hub id")
     g.add_argument("--random-init", action="store_true", help="untrained default-size model, no checkpoint needed")
     p.add_argument("--data", required=True, help="JSON-lines test file, e.g. /path/to/multi30k/test.jsonl")
     p.add_argument(
@@ -159,9 +159,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         tr = random_translator(args)
         what = "random-init model"
     else:
-        tr = Translator.from_checkpoint(
-            args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs
-        )
+        tr = Translator.load(args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs)
         what = args.checkpoint
     lines = read_sources(args.data, args.src or tr.src_lang, args.limit)
     device_name = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else platform.processor() or "cpu"

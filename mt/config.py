@@ -10,12 +10,18 @@ Everything below the entry points takes these plain dataclasses, never a DictCon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 try:  # OmegaConf is only needed by the entry points; the model and the scripts run without it
     from omegaconf import MISSING  # noqa: F401  (re-exported for schema users)
 except ImportError:  # pragma: no cover - machines with torch but no hydra-core/omegaconf
     MISSING = "???"
+
+# conf/ of the checkout (an editable install runs from it). The Hydra entry points name it by its
+# absolute path: a relative config_path would be resolved as a Python package ("pkg://conf") when
+# they run as installed console scripts (mt-train, mt-evaluate) rather than with python -m.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass

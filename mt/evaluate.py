@@ -1,10 +1,12 @@
-"""Score a checkpoint on a corpus split with sacreBLEU.
+"""Score a checkpoint on a corpus split with sacreBLEU (`mt-evaluate`, or `python -m mt.evaluate`).
 
-    python -m mt.evaluate checkpoint=PATH data.path=DIR split=test
-    python -m mt.evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
-    python -m mt.evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
+    mt-evaluate checkpoint=PATH data.path=DIR split=test
+    mt-evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
+    mt-evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
+    mt-evaluate checkpoint=USER/NAME revision=COMMIT data.path=DIR   # a model folder or Hub id
 
-The checkpoint supplies the model, the SentencePiece models, the data config it was trained
+`checkpoint` is a checkpoint file, a model folder written by mt-export or a Hugging Face model id
+(`Translator.load`). The checkpoint supplies the model, the SentencePiece models, the data config it was trained
 with (`data.path`, `data.name`, `data.src`, `data.tgt` override it) and the recipe's decoding
 settings `decoding.beam` / `decoding.length_penalty`, used unless `beam=` / `length_penalty=` say
 otherwise. The split is decoded
@@ -33,6 +35,7 @@ import hydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from .config import CONF_DIR
 from .errors import DataError, MTError
 from .metrics import corpus_scores
 
@@ -52,7 +55,8 @@ class EvalDataConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = MISSING
+    checkpoint: str = MISSING  # checkpoint file, model folder (mt-export) or Hugging Face model id USER/NAME
+    revision: str | None = None  # with a Hugging Face model id: branch, tag or commit (null = main)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: str = "test"  # test | validation | train (or an alias: valid, val, dev, ...)
     beam: int | None = None  # null = the checkpoint's decoding.beam
@@ -165,7 +169,9 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     check_decoding(cfg.beam, cfg.length_penalty)  # a bad value fails before the checkpoint loads
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
-    tr = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs)
+    tr = Translator.load(
+        cfg.checkpoint, revision=cfg.revision, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs
+    )
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
     data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
     src_ids = tr.tokenizer.encode_src(srcs)
@@ -228,7 +234,7 @@ def format_scores(r: dict[str, Any]) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -236,7 +242,7 @@ def main(dcfg: DictConfig) -> float | None:
         cfg: EvaluateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         result = evaluate(cfg, HydraConfig.get().runtime.output_dir)
     except MissingMandatoryValue as e:
-        print(f"error: {e.full_key}=... is required (python -m mt.evaluate checkpoint=PATH ...)", file=sys.stderr)
+        print(f"error: {e.full_key}=... is required (mt-evaluate checkpoint=PATH ...)", file=sys.stderr)
         sys.exit(2)
     except MTError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import TrainConfig, register_configs
+from .config import CONF_DIR, TrainConfig, register_configs
 from .errors import MTError
 from .trainer import train
 
@@ -32,7 +32,7 @@ log = logging.getLogger("mt.train")
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

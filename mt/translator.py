@@ -1,13 +1,16 @@
-"""Translate text with a trained checkpoint.
+"""Translate text with a trained checkpoint or model folder.
 
     from mt.translator import Translator
     tr = Translator.from_checkpoint("outputs/.../checkpoints/best.pt", device="cpu")
+    tr = Translator.from_pretrained("my-model")   # a folder written by mt-export, or a Hub id USER/NAME
+    tr = Translator.load(path_or_id)              # either: what the commands' --checkpoint takes
     hyps = tr.translate(["ein hund läuft .", ""])                   # the recipe's beam and length penalty
     hyps = tr.translate(["ein hund läuft ."], beam=1, length_penalty=None)  # greedy
     hyps[0].text, hyps[0].score, hyps[0].tokens, hyps[0].attention  # (out x src) weights
 
 The checkpoint alone is enough: it holds the model weights, the training config (model shape,
-languages, max source length, the recipe's decoding settings) and the SentencePiece models.
+languages, max source length, the recipe's decoding settings) and the SentencePiece models; a
+model folder holds the same as files (mt/pretrained.py).
 
 Lines are sorted by length into batches and the results come back in input order. An empty
 (or whitespace-only) line gives an empty hypothesis without running the model. A line with
@@ -25,11 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import graphs
+from . import graphs, pretrained
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
 from .errors import CheckpointError, MTError, first_line
 from .model import CELLS, Seq2Seq
+from .pretrained import is_hub_id
 from .runtime import resolve_cuda_graphs, resolve_device
 from .search import LengthPenalty, decode_dataset, parse_length_penalty
 from .tokenizer import Tokenizer
@@ -102,6 +106,26 @@ def check_decoding(beam: int | None, length_penalty) -> None:
         parse_length_penalty(length_penalty)
 
 
+def build_model(
+    cfg: TrainConfig, tok: Tokenizer, weights: dict[str, Tensor], where: str, cell: str | None, device: torch.device
+) -> Seq2Seq:
+    """The Seq2Seq `cfg` describes, with `weights` loaded, on the gate cell `resolve_cell` picks
+    for `device` (cfg.model.cell is updated). `where` names the source in one-line errors."""
+    cfg.model.cell = resolve_cell(cell, cfg.model.cell, device)
+    try:
+        model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
+        model.load_state_dict(weights)
+    except MTError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except Exception as e:  # size mismatch, missing keys...
+        raise CheckpointError(f"{where} does not fit its own model config: {first_line(e)}") from None
+    try:
+        model.backend(device)
+    except (RuntimeError, ValueError) as e:
+        raise MTError(f"{first_line(e)}") from None
+    return model
+
+
 class Translator:
     """A model, its tokenizer and its training config, ready to translate lines of text."""
 
@@ -125,6 +149,37 @@ class Translator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def load(
+        cls,
+        path_or_id: str | os.PathLike,
+        revision: str | None = None,
+        device: str = "auto",
+        cell: str | None = None,
+        max_src_len: int | None = None,
+        cuda_graphs: str | bool = "auto",
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Translator:
+        """Whatever a command's --checkpoint names: an existing file is a checkpoint
+        (`from_checkpoint`), an existing folder a model folder, anything else a Hugging Face
+        model id USER/NAME (both `from_pretrained`). Not found: a one-line CheckpointError."""
+        p = Path(path_or_id).expanduser()
+        if p.is_file():
+            if revision is not None:
+                raise CheckpointError(f"revision={revision!r} is for Hugging Face model ids; {p} is a checkpoint file")
+            return cls.from_checkpoint(p, device=device, cell=cell, max_src_len=max_src_len, cuda_graphs=cuda_graphs)
+        if p.is_dir() or is_hub_id(str(path_or_id)):
+            return cls.from_pretrained(
+                path_or_id,
+                revision=revision,
+                device=device,
+                cell=cell,
+                max_src_len=max_src_len,
+                cuda_graphs=cuda_graphs,
+                cache_dir=cache_dir,
+            )
+        raise CheckpointError(f"checkpoint not found: {p}")  # as from_checkpoint says it
+
+    @classmethod
     def from_checkpoint(
         cls,
         path: str | os.PathLike,
@@ -140,26 +195,39 @@ class Translator:
         resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
         path = Path(path)
         state = load_checkpoint(path, map_location="cpu")
+        where = f"checkpoint {path}"
         try:
             cfg = from_dict(state["config"])
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} has an unusable config: {first_line(e)}") from None
+            raise CheckpointError(f"{where} has an unusable config: {first_line(e)}") from None
         try:
             tok = Tokenizer.from_state_dict(state["tokenizer"])
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} has an unusable tokenizer: {first_line(e)}") from None
-        cfg.model.cell = resolve_cell(cell, cfg.model.cell, dev)
-        try:
-            model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id)
-            model.load_state_dict(state["model"])
-        except MTError as e:
-            raise CheckpointError(f"checkpoint {path}: {e}") from None
-        except Exception as e:  # size mismatch, missing keys...
-            raise CheckpointError(f"checkpoint {path} does not fit its own model config: {first_line(e)}") from None
-        try:
-            model.backend(dev)
-        except (RuntimeError, ValueError) as e:
-            raise MTError(f"{first_line(e)}") from None
+            raise CheckpointError(f"{where} has an unusable tokenizer: {first_line(e)}") from None
+        model = build_model(cfg, tok, state["model"], where, cell, dev)
+        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder_or_hub_id: str | os.PathLike,
+        revision: str | None = None,
+        device: str = "auto",
+        cell: str | None = None,
+        max_src_len: int | None = None,
+        cuda_graphs: str | bool = "auto",
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Translator:
+        """Load a model folder written by mt-export (mt/pretrained.py): a local folder, or a
+        Hugging Face model id USER/NAME at `revision` (branch, tag or commit; default main),
+        fetched with huggingface_hub.snapshot_download into its cache (`cache_dir`, default
+        HF_HUB_CACHE; with HF_HUB_OFFLINE=1 only the cache is read). Problems: one-line
+        CheckpointError."""
+        dev = resolve_device(device)
+        resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
+        folder, where = pretrained.resolve(folder_or_hub_id, revision, cache_dir)
+        cfg, tok, weights, _ = pretrained.load_folder(folder, where)
+        model = build_model(cfg, tok, weights, where, cell, dev)
         return cls(model, tok, cfg, dev, max_src_len, cuda_graphs)
 
     @property
@@ -273,4 +341,4 @@ def _one_line(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
-__all__ = ["Translator", "Hypothesis", "resolve_cell", "plot_attention"]
+__all__ = ["Translator", "Hypothesis", "build_model", "resolve_cell", "plot_attention"]

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Grid-search beam size and length penalty on a validation split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoint", help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id",
+    )
+    p.add_argument("--revision", default=None, help="with a Hugging Face model id: branch, tag or commit")
     p.add_argument("--data", default=None, help="data.path override (default: the checkpoint's)")
     p.add_argument("--split", default="validation", help="split to tune on (validation, valid, val, dev)")
     p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5, 8, 12], help="beam sizes")
@@ -98,6 +102,8 @@ def evaluate_command(args: argparse.Namespace, best: dict) -> str:
     """The mt.evaluate command that decodes test exactly as the chosen row decoded validation."""
     lp = yaml_lp(best["length_penalty"])
     words = ["python", "-m", "mt.evaluate", f"checkpoint={args.checkpoint}"]
+    if args.revision:
+        words.append(f"revision={args.revision}")
     if args.data:
         words.append(f"data.path={args.data}")
     words += ["split=test", f"beam={best['beam']}", f"length_penalty={lp}"]
@@ -127,7 +133,7 @@ def tune(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     pairs = grid(args.beams, args.length_penalties)
-    tr = Translator.from_checkpoint(args.checkpoint, device=args.device, cuda_graphs=args.cuda_graphs)
+    tr = Translator.load(args.checkpoint, revision=args.revision, device=args.device, cuda_graphs=args.cuda_graphs)
     data_cfg, srcs, refs = load_split(tr, EvalDataConfig(path=args.data), args.split)
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info(

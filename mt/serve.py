@@ -46,6 +46,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
+from . import pretrained
 from .batcher import Batcher, Closed, QueueFull, Settings
 from .errors import MTError, first_line
 from .search import parse_length_penalty
@@ -58,11 +59,29 @@ EOS_PIECE = "</s>"  # the label of the end-of-sentence row and column in "attent
 
 
 # ----------------------------------------------------------------------------- loading
-def load_model(source: str, device: str = "auto", cuda_graphs: str = "auto") -> tuple[Translator, dict[str, Any]]:
-    """--model -> (the Translator, {"step", "metrics"} of the training run, where known).
-    The one place that knows how a model is stored: today a checkpoint file."""
-    translator = Translator.from_checkpoint(source, device=device, cuda_graphs=cuda_graphs)
-    return translator, checkpoint_metadata(source)
+def load_model(
+    source: str, device: str = "auto", cuda_graphs: str = "auto", revision: str | None = None
+) -> tuple[Translator, dict[str, Any]]:
+    """--model -> (the Translator, {"step", "metrics"} of the training run, where known): a
+    checkpoint file, a model folder written by mt-export, or a Hugging Face model id."""
+    translator = Translator.load(source, revision=revision, device=device, cuda_graphs=cuda_graphs)
+    if Path(source).expanduser().is_file():
+        return translator, checkpoint_metadata(source)
+    folder, _ = pretrained.resolve(source, revision)  # already fetched: the cache answers
+    return translator, folder_metadata(folder)
+
+
+def folder_metadata(folder: Path) -> dict[str, Any]:
+    """The training step and validation scores mt-export wrote into a model folder's config.json."""
+    try:
+        training = json.loads((folder / pretrained.CONFIG).read_text(encoding="utf-8")).get("training") or {}
+    except (OSError, ValueError, AttributeError):  # informational, as for a checkpoint
+        return {}
+    validation = training.get("validation") or {}
+    return {
+        "step": training.get("step"),
+        "metrics": {k: _json_value(v) for k, v in validation.items() if isinstance(v, (int, float, str))},
+    }
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -473,7 +492,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve one mt model over HTTP: POST /translate, GET /info, GET /health, API docs at /docs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", "-m", required=True, help="the model: a checkpoint file (e.g. RUN/checkpoints/best.pt)")
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="the model: a checkpoint file (e.g. RUN/checkpoints/best.pt), a folder written by mt-export, "
+        "or a Hugging Face model id USER/NAME",
+    )
+    p.add_argument("--revision", default=None, help="with a Hugging Face model id: branch, tag or commit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -553,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         sock = bind_socket(args.host, args.port)
         try:
             t0 = time.perf_counter()
-            translator, metadata = load_model(args.model, device=args.device, cuda_graphs=args.cuda_graphs)
+            translator, metadata = load_model(
+                args.model, device=args.device, cuda_graphs=args.cuda_graphs, revision=args.revision
+            )
         except BaseException:
             sock.close()
             raise

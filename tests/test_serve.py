@@ -103,6 +103,26 @@ def test_health_and_info(client, tr, ckpt):
     assert {"requests", "batches", "queued", "in_flight"} <= set(info["batching"])
 
 
+def test_an_exported_model_folder_serves_the_same(ckpt, loaded, tmp_path):
+    """--model also takes an mt-export folder: /info reports the same training step and scores,
+    and /translate the same translations as the checkpoint."""
+    from mt.export import export
+
+    folder = export(ckpt, tmp_path / "model")
+    ftr, fmeta = load_model(str(folder), device="cpu")
+    tr, meta = loaded
+    assert fmeta["step"] == meta["step"] == 300
+    for key in ("bleu", "chrf", "bleu_lc"):
+        assert fmeta["metrics"][key] == pytest.approx(meta["metrics"][key])
+    assert fmeta["metrics"]["bleu_signature"] == meta["metrics"]["bleu_signature"]
+    lines = ["ein hund", "rot blau katze"]
+    with serve(ftr, metadata=fmeta) as c:
+        info = c.get("/info").json()
+        got = c.post("/translate", json={"text": lines, "beam": 2}).json()["translations"]
+    assert info["step"] == 300 and info["validation"]["bleu"] == pytest.approx(meta["metrics"]["bleu"])
+    assert [t["text"] for t in got] == [h.text for h in tr.translate(lines, beam=2)]
+
+
 @pytest.mark.parametrize(
     "settings",
     [{}, {"beam": 1, "length_penalty": None}, {"beam": 4, "length_penalty": "avg"}, {"beam": 3, "length_penalty": 0.6}],

@@ -29,6 +29,7 @@ import functools
 import logging
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from .kernels.precompile import CompileWatch, CompileWorkers
 from .metrics import corpus_scores
 from .model import Seq2Seq, cell_backend, count_parameters
 from .optim import make_optimizer, make_scheduler, steps_per_update
+from .pace import Pace
 from .runtime import autocast, resolve_cuda_graphs, resolve_device, resolve_precision
 from .search import decode_dataset, parse_length_penalty
 from .step_stats import SUMMED, StepStats, step_values
@@ -59,6 +61,15 @@ log = logging.getLogger("mt.train")
 def _now() -> float:
     """The clock trainer.max_minutes reads (tests replace it)."""
     return time.perf_counter()
+
+
+def _pace_clock() -> float:
+    """The clock of the pace and ETA lines (tests replace it; apart from _now, whose every look
+    the time-limit tests count)."""
+    return time.perf_counter()
+
+
+FIRST_PACE_S = 10.0  # the first pace line comes this long after the first step, log_every or not
 
 
 @dataclass
@@ -241,6 +252,7 @@ class Trainer:
         self.pending = StepStats(self.device, lag=1)
         self.win_loss = self.win_nll = self.win_tok = 0.0
         self.win_t0 = time.perf_counter()
+        self.pace, self.pace_told = Pace(self.tc.max_steps, self.tc.eval_every), False
         # the validation split's columns as lists, once (datasets reads Arrow at every access)
         valid = self.corpus.valid
         self.valid_src_ids, self.valid_srcs, self.valid_refs = (
@@ -431,8 +443,13 @@ class Trainer:
             self.win_loss += loss_tot
             self.win_nll += nll_tot
             self.win_tok += ntok_tot
+            now = _pace_clock()
+            self.pace.add(at_step, ntok_tot, now)
             if self.ddp.main and (at_step % self.tc.log_every == 0 or at_step == self.tc.max_steps):
                 self.log_training(at_step, at_epoch, grad_norm, lr_now)
+                self.log_pace(at_step, now)
+            elif self.ddp.main and not self.pace_told and self.pace.elapsed(now) >= FIRST_PACE_S:
+                self.log_pace(at_step, now)  # a first estimate long before the first log_every line
         return late
 
     def log_training(self, step: int, epoch: int, grad_norm: float, lr: float) -> None:
@@ -461,6 +478,13 @@ class Trainer:
         )
         self.win_loss = self.win_nll = self.win_tok = 0.0
         self.win_t0 = time.perf_counter()
+
+    def log_pace(self, step: int, now: float) -> None:
+        """Steps/s, target tokens/s and the time to max_steps and to the next validation."""
+        summary = self.pace.summary(step, now)
+        if summary is not None:
+            log.info("pace: %s", summary)
+            self.pace_told = True
 
     # ------------------------------------------------------------------ validation and checkpoint
     def validate(self) -> bool:
@@ -603,6 +627,7 @@ class Trainer:
             self.writer.add_hparams(hparams, {"hparam/best_bleu": s.best_bleu}, run_name=".")
             self.writer.close()
             log.info("training took %.1f min (%d steps)", (_now() - self.started) / 60, s.step)
+            self.log_next_steps()
         return {
             "step": s.step,
             "epoch": s.epoch,
@@ -612,6 +637,21 @@ class Trainer:
             "best_path": str(self.best_path),
             "last_path": str(self.last_path),
         }
+
+    def log_next_steps(self) -> None:
+        """The commands that use this run, with its real paths."""
+        best = shlex.quote(str(self.best_path if self.best_path.exists() else self.last_path))
+        src, tgt = self.cfg.data.src, self.cfg.data.tgt
+        log.info(
+            "next:\n  evaluate:  mt-evaluate checkpoint=%s split=test\n"
+            "  translate: mt-translate --checkpoint %s < input.%s > output.%s\n"
+            "  watch:     tensorboard --logdir %s",
+            best,
+            best,
+            src,
+            tgt,
+            shlex.quote(str(self.out_dir / "tensorboard")),
+        )
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:

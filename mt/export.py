@@ -18,6 +18,7 @@ refused unless --force (then it is replaced). Errors print one `error: ...` line
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -319,10 +320,14 @@ def export(
     from .translator import build_model
 
     out = Path(out_dir)
+    if out.is_symlink():  # the rename below would replace the link, not the folder it points to
+        raise MTError(f"{out} is a symbolic link; export to the folder itself ({out.resolve()})")
     if out.exists() and not out.is_dir():
         raise MTError(f"{out} exists and is not a folder")
-    if out.is_dir() and not _is_empty_dir(out) and not force:
-        raise MTError(f"{out} is not empty; use --force to replace it")
+    if out.is_dir() and not _is_empty_dir(out):
+        if not force:
+            raise MTError(f"{out} is not empty; use --force to replace it")
+        _check_replaceable(out, Path(checkpoint))
     state = load_checkpoint(checkpoint, map_location="cpu")
     where = f"checkpoint {checkpoint}"
     try:
@@ -376,18 +381,37 @@ def export(
         want = model.state_dict()
         if set(weights) != set(want) or not all(torch.equal(weights[k], want[k]) for k in want):
             raise CheckpointError(f"the exported weights in {tmp} differ from {where}")
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _check_replaceable(out: Path, checkpoint: Path) -> None:
+    """--force replaces an earlier export, never a folder holding the checkpoint, the working
+    directory or anything else (a training run, say)."""
+    from . import pretrained
+
+    target = out.resolve()
+    for inside, what in ((checkpoint.resolve(), "the checkpoint"), (Path.cwd().resolve(), "the working directory")):
+        if inside == target or target in inside.parents:
+            raise MTError(f"{out} holds {what}; export to another folder")
+    try:
+        earlier = json.loads((out / pretrained.CONFIG).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != pretrained.FORMAT:
+        raise MTError(f"{out} is not an earlier mt-export folder; --force only replaces one of those")
+
+
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
     """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only after."""
     if not out.exists() or _is_empty_dir(out):
         os.replace(tmp, out)  # an empty folder is replaced by the rename itself
         return
+    if not force:  # it was empty when the export began: someone is writing there
+        raise MTError(f"{out} was filled during the export; nothing was replaced")
     old = out.parent / f".{out.name}.{os.getpid()}.old"
     os.rename(out, old)
     try:

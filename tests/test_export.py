@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,14 +331,43 @@ def test_export_refuses_a_non_empty_folder_unless_forced(ckpt, tmp_path, capsys)
     line = _one_error_line(capsys)
     assert "not empty" in line and "--force" in line
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
-    assert export_main([str(ckpt), str(out), "--force"]) == 0
-    assert {p.name for p in out.iterdir()} == FILES
-    assert "hf upload USER/NAME" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left
+    # --force replaces only an earlier export, not a folder of the user's
+    assert export_main([str(ckpt), str(out), "--force"]) == 2
+    assert "not an earlier mt-export folder" in _one_error_line(capsys)
+    assert (out / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export_main([str(ckpt), str(empty)]) == 0  # an empty folder is simply filled
     assert {p.name for p in empty.iterdir()} == FILES
+    (empty / "stale.txt").write_text("from an older export")
+    assert export_main([str(ckpt), str(empty), "--force"]) == 0
+    assert {p.name for p in empty.iterdir()} == FILES
+    assert "hf upload USER/NAME" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model"]  # no temporary or old folder left
+
+
+def test_export_never_replaces_the_folder_that_holds_the_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
+    """mt-export RUN/checkpoints/best.pt RUN --force must not delete the run; nor the working
+    directory; and a symbolic link is refused rather than replaced by a folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(Path(ckpt).read_bytes())
+    (run / "pretrained").mkdir()
+    export_main([str(best), str(run / "pretrained")])  # an export inside the run is fine
+    (run / "config.json").write_text('{"format": "mt-pretrained"}')  # even if it looks like an export
+    for target in (run, run / "checkpoints"):
+        assert export_main([str(best), str(target), "--force"]) == 2
+        assert "holds the checkpoint" in _one_error_line(capsys)
+    assert best.read_bytes() == Path(ckpt).read_bytes()
+    monkeypatch.chdir(run / "pretrained")
+    assert export_main([str(best), str(run / "pretrained"), "--force"]) == 2
+    assert "holds the working directory" in _one_error_line(capsys)
+    link = tmp_path / "link"
+    link.symlink_to(run / "pretrained", target_is_directory=True)
+    assert export_main([str(best), str(link), "--force"]) == 2
+    assert "symbolic link" in _one_error_line(capsys)
+    assert link.is_symlink() and (run / "pretrained" / "model.safetensors").is_file()
 
 
 def test_export_errors_are_one_line_and_leave_nothing(ckpt, tmp_path, capsys):

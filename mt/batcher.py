@@ -180,16 +180,32 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
-        while (batch := self._collect()) is not None:
-            try:
-                groups: dict[Settings, list[_Job]] = {}
-                for job in batch:  # dicts keep insertion order: groups go in order of arrival
-                    groups.setdefault(job.settings, []).append(job)
-                for settings, jobs in groups.items():
-                    self._decode_group(settings, jobs)
-            finally:
-                with self._cond:
-                    self._in_flight = 0
+        batch: list[_Job] | None = []
+        try:
+            while (batch := self._collect()) is not None:
+                try:
+                    groups: dict[Settings, list[_Job]] = {}
+                    for job in batch:  # dicts keep insertion order: groups go in order of arrival
+                        groups.setdefault(job.settings, []).append(job)
+                    for settings, jobs in groups.items():
+                        self._decode_group(settings, jobs)
+                finally:
+                    with self._cond:
+                        self._in_flight = 0
+        except BaseException as e:  # KeyboardInterrupt or SystemExit inside decode: this worker is done
+            log.error("the decoding worker stopped: %s", type(e).__name__)
+            self._fail_everything(batch or [], Closed(f"the decoding worker stopped ({type(e).__name__})"))
+
+    def _fail_everything(self, batch: list[_Job], error: Exception) -> None:
+        """No worker is left: refuse new requests and answer every waiting one with `error`, so no
+        client waits for a decode that will never come."""
+        with self._cond:
+            self._closed = True
+            jobs = list(batch) + list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     def _decode_group(self, settings: Settings, jobs: list[_Job]) -> None:
         lines = [line for job in jobs for line in job.lines]

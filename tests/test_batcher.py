@@ -75,6 +75,28 @@ def test_batcher_failure_reaches_its_group_only_and_the_worker_goes_on():
     assert b.stats["failures"] == 1
 
 
+def test_batcher_worker_stopped_by_an_interrupt_answers_everyone_and_refuses_more():
+    """A KeyboardInterrupt inside decode ends the worker; every request of its batch, and every
+    one still queued, gets an error instead of waiting forever, and new ones are refused."""
+
+    class Interrupting(FakeDecode):
+        def __call__(self, lines, settings):
+            if settings == A:
+                raise KeyboardInterrupt
+            return super().__call__(lines, settings)
+
+    b = Batcher(Interrupting(), max_batch_sentences=2, window_ms=0, queue_size=10)
+    a1, b1 = b.submit(["a"], A), b.submit(["b"], B)  # one batch: A's group first
+    later = b.submit(["c", "d"], B)  # the next batch, still queued when the worker stops
+    b.start()
+    for f in (a1, b1, later):
+        with pytest.raises((KeyboardInterrupt, Closed)):
+            f.result(10)
+    with pytest.raises(Closed):
+        b.submit(["e"], B)
+    b.close(10)
+
+
 def test_batcher_refuses_beyond_its_queue_and_after_close():
     b = Batcher(FakeDecode(), queue_size=2, window_ms=60_000)
     waiting = [b.submit([f"{i}"], A) for i in range(2)]

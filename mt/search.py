@@ -93,7 +93,10 @@ def parse_length_penalty(value: LengthPenalty) -> LengthPenalty:
             value = float(v)
         except ValueError:
             raise MTError(f"length_penalty={value!r}: use a number (GNMT alpha), 'avg' or none") from None
-    alpha = float(value)
+    try:
+        alpha = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise MTError(f"length_penalty={value!r} is not a finite number") from None
     if not math.isfinite(alpha):
         raise MTError(f"length_penalty={value!r} is not a finite number")
     return None if alpha == 0.0 else alpha

@@ -345,8 +345,9 @@ def _checked_lines(req: TranslateRequest, translator: Translator, limits: Limits
         raise HTTPException(
             413, f"{chars} characters: the limit is {limits.max_chars} characters per request (--max-chars)"
         )
-    if req.beam is not None and req.beam > limits.max_beam:
-        raise HTTPException(422, f"beam must be between 1 and {limits.max_beam} (--max-beam); got {req.beam}")
+    max_beam = max(limits.max_beam, translator.decoding()[0])  # the model's own default is always allowed
+    if req.beam is not None and req.beam > max_beam:
+        raise HTTPException(422, f"beam must be between 1 and {max_beam} (--max-beam); got {req.beam}")
     beam, lp = translator.decoding(req.beam, req.length_penalty)
     nbest = req.nbest or 1
     if nbest > beam:
@@ -477,10 +478,18 @@ def create_app(
         return {"translations": [_translation(hyps, req) for hyps in results]}
 
     if static_dir is not None and Path(static_dir).is_dir():
+        from fastapi.responses import FileResponse
         from fastapi.staticfiles import StaticFiles
 
-        # Mounted last, so the API's routes come first; html=True serves index.html at /.
-        app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
+        index = Path(static_dir) / "index.html"
+        if index.is_file():
+
+            @app.get("/", include_in_schema=False)
+            async def page() -> FileResponse:
+                return FileResponse(index)
+
+        # under /static, not /: a mount at / would answer GET /translate with 404, not 405
+        app.mount("/static", StaticFiles(directory=static_dir), name="static")
     return app
 
 
@@ -563,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mt").setLevel(level)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MT_API_KEY")
     try:
+        if api_key is not None and not api_key.strip():  # an empty key must not turn the check off
+            raise MTError("the API key (--api-key or MT_API_KEY) is empty; give one or leave both unset")
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+            raise MTError("the API key must be printable ASCII: it travels in an HTTP header")
         limits = Limits(
             max_lines=args.max_lines,
             max_chars=args.max_chars,

@@ -192,6 +192,7 @@ def test_nbest_alignment_and_attention(client, tr):
         (b'{"text": "hund", "beam": "3"}', 422, "beam: Input should be a valid integer"),
         (b'{"text": "hund", "beam": 2.5}', 422, "beam: Input should be a valid integer"),
         (b'{"text": "hund", "beam": 9}', 422, "beam must be between 1 and 8 (--max-beam); got 9"),
+        (b'{"text": "hund", "length_penalty": 1' + b"0" * 400 + b"}", 422, "is not a finite number"),
         (b'{"text": "hund", "nbest": 6}', 422, "nbest must be between 1 and the beam size 5; got 6"),
         (b'{"text": "hund", "beam": 2, "nbest": 3}', 422, "nbest must be between 1 and the beam size 2; got 3"),
         (b'{"text": "hund", "nbest": 0}', 422, "nbest: Input should be greater than or equal to 1"),
@@ -235,6 +236,16 @@ def test_unknown_paths_and_methods_are_json_errors(client):
     assert client.get("/nowhere").json() == {"error": "Not Found"}
     r = client.get("/translate")
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+
+
+def test_the_models_own_beam_is_allowed_above_max_beam(tr):
+    """--max-beam below the model's default beam: the page sends that default explicitly, and it
+    must still be served; one more is refused."""
+    default = tr.decoding()[0]
+    with serve(tr, max_beam=default - 1) as c:
+        assert c.post("/translate", json={"text": "hund", "beam": default}).status_code == 200
+        r = c.post("/translate", json={"text": "hund", "beam": default + 1})
+        assert r.status_code == 422 and f"between 1 and {default} (--max-beam)" in r.json()["error"]
 
 
 def test_api_key(tr):
@@ -341,8 +352,12 @@ def test_static_files_are_served_from_root_when_present(tr, tmp_path, client):
     with serve(tr, static_dir=tmp_path) as c:
         r = c.get("/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "mt" in r.text
+        assert c.get("/static/index.html").text == r.text
         assert c.get("/health").json() == {"status": "ok"}  # the API's routes come first
         assert c.post("/translate", json={"text": "hund"}).status_code == 200
+        r = c.get("/translate")  # the page's files do not hide the API's method errors
+        assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+        assert c.get("/static/../../etc/passwd").status_code == 404
     assert client.get("/").status_code == 404  # no folder, no page
 
 
@@ -433,6 +448,8 @@ def test_corrupt_model_port_in_use_and_bad_limits_are_one_line_and_status_2(ckpt
             (["--model", str(ckpt), "--port", "70000"], "error: --port must be between 0 and 65535"),
             (["--model", str(ckpt), "--max-lines", "0"], "error: --max-lines must be >= 1"),
             (["--model", str(ckpt), "--batch-window-ms", "-1"], "error: --batch-window-ms must be between"),
+            (["--model", str(ckpt), "--api-key", ""], "error: the API key (--api-key or MT_API_KEY) is empty"),
+            (["--model", str(ckpt), "--api-key", "schl\u00fcssel"], "error: the API key must be printable ASCII"),
         ):
             assert main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()

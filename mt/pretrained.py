@@ -161,6 +161,9 @@ def load_folder(
     except Exception as e:
         raise CheckpointError(f"{where} has an unusable config: {first_line(e)}") from None
 
+    for key in ("sentencepiece", "tied_weights", "training"):  # a Hub repository is untrusted input
+        if not isinstance(meta.get(key) or {}, dict):
+            raise CheckpointError(f"{where}: {CONFIG} field {key!r} must be an object")
     spm = meta.get("sentencepiece") or {}
     names = [SPM_JOINT] if spm.get("joint", True) else [SPM_SRC, SPM_TGT]
     missing = [n for n in (*names, WEIGHTS) if not (folder / n).is_file()]

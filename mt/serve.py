@@ -75,13 +75,13 @@ def folder_metadata(folder: Path) -> dict[str, Any]:
     """The training step and validation scores mt-export wrote into a model folder's config.json."""
     try:
         training = json.loads((folder / pretrained.CONFIG).read_text(encoding="utf-8")).get("training") or {}
-    except (OSError, ValueError, AttributeError):  # informational, as for a checkpoint
+        validation = training.get("validation") or {}
+        return {
+            "step": training.get("step"),
+            "metrics": {k: _json_value(v) for k, v in validation.items() if isinstance(v, (int, float, str))},
+        }
+    except (OSError, ValueError, AttributeError):  # informational, as for a checkpoint: go without
         return {}
-    validation = training.get("validation") or {}
-    return {
-        "step": training.get("step"),
-        "metrics": {k: _json_value(v) for k, v in validation.items() if isinstance(v, (int, float, str))},
-    }
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -283,6 +283,15 @@ def test_broken_folders_are_one_line_errors(exported, tmp_path):
 
     assert "does not fit its own model config" in broken("mismatch", wrong_shape)
 
+    for key, value in (("sentencepiece", "joint"), ("tied_weights", ["a", "b"]), ("training", [1])):
+
+        def wrong_type(d, key=key, value=value):
+            c = json.loads((d / "config.json").read_text())
+            c[key] = value
+            (d / "config.json").write_text(json.dumps(c))
+
+        assert f"field {key!r} must be an object" in broken(f"type-{key}", wrong_type)
+
 
 def test_separate_vocabularies_and_shared_embeddings_round_trip(ckpt, tmp_path):
     """Two SentencePiece files for separate vocabularies; three names on one tensor (shared

@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mt.translate import add_device_args
+
     p = argparse.ArgumentParser(
         description="Benchmark greedy and beam-search decoding speed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -51,16 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length-penalty", default="1.0", help="length penalty of the beam-search run")
     p.add_argument("--max-len-a", type=float, default=1.5)
     p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="replay search steps from CUDA graphs (auto: on with CUDA)",
-    )
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the fastest is reported)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -196,12 +189,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
     try:
         import mt  # noqa: F401
     except ImportError:  # running from a checkout without `pip install -e .`
         sys.path.insert(0, str(REPO))
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
     from mt.errors import MTError
 
     try:

@@ -50,6 +50,7 @@ from . import pretrained
 from .batcher import Batcher, Closed, QueueFull, Settings
 from .errors import MTError, first_line
 from .search import parse_length_penalty
+from .translate import add_device_args
 from .translator import CHECKPOINT, Translator, is_checkpoint_default
 
 log = logging.getLogger("mt.serve")
@@ -511,13 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--revision", default=None, help="with a Hugging Face model id: branch, tag or commit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="replay search steps from CUDA graphs (auto: on with CUDA)",
-    )
+    add_device_args(p, cell=False)
     p.add_argument(
         "--api-key",
         default=None,

@@ -43,6 +43,22 @@ from typing import BinaryIO, TextIO
 log = logging.getLogger("mt.translate")
 
 
+def add_device_args(p: argparse.ArgumentParser, cell: bool = True) -> None:
+    """--device, --cell and --cuda-graphs: where and how a loaded model decodes. Every command that
+    loads a model for decoding takes them (mt-translate, mt-serve, tune_decoding, bench_decode)."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    if cell:
+        p.add_argument(
+            "--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)"
+        )
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="replay search steps from CUDA graphs (auto: on with CUDA)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Translate text with a trained mt checkpoint (stdin -> stdout).",
@@ -96,16 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit a * source length + b: a")
     p.add_argument("--max-len-b", type=int, default=10, help="output length limit a * source length + b: b")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--cell", default=None, help="gate-cell backend: auto, torch, triton, cudnn (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="replay search steps from CUDA graphs (auto: on with CUDA)",
-    )
+    add_device_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--chunk-size", type=int, default=1000, help="lines read, translated and flushed at a time")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")

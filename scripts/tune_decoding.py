@@ -36,6 +36,8 @@ TEST_NAMES = ("test", "testing")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mt.translate import add_device_args
+
     p = argparse.ArgumentParser(
         description="Grid-search beam size and length penalty on a validation split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -58,13 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit: a * src_len + b")
     p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--cuda-graphs",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="replay search steps from CUDA graphs (auto: on with CUDA)",
-    )
+    add_device_args(p, cell=False)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", metavar="FILE", help="write the rows and the choice to this JSON file")
     return p.parse_args(argv)

@@ -46,7 +46,6 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
-from . import pretrained
 from .batcher import Batcher, Closed, QueueFull, Settings
 from .errors import MTError, first_line
 from .search import parse_length_penalty
@@ -66,39 +65,9 @@ def load_model(
     """--model -> (the Translator, {"step", "metrics"} of the training run, where known): a
     checkpoint file, a model folder written by mt-export, or a Hugging Face model id."""
     translator = Translator.load(source, revision=revision, device=device, cuda_graphs=cuda_graphs)
-    if Path(source).expanduser().is_file():
-        return translator, checkpoint_metadata(source)
-    folder, _ = pretrained.resolve(source, revision)  # already fetched: the cache answers
-    return translator, folder_metadata(folder)
-
-
-def folder_metadata(folder: Path) -> dict[str, Any]:
-    """The training step and validation scores mt-export wrote into a model folder's config.json."""
-    try:
-        training = json.loads((folder / pretrained.CONFIG).read_text(encoding="utf-8")).get("training") or {}
-        validation = training.get("validation") or {}
-        return {
-            "step": training.get("step"),
-            "metrics": {k: _json_value(v) for k, v in validation.items() if isinstance(v, (int, float, str))},
-        }
-    except (OSError, ValueError, AttributeError):  # informational, as for a checkpoint: go without
-        return {}
-
-
-def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The training step and validation scores a checkpoint file holds ({} when it holds none).
-    The file is memory-mapped, so reading it a second time costs the small dict, not the weights."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a file, or not a zip-format torch file: informational, so go without
-        return {}
-    if not isinstance(state, dict):
-        return {}
-    metrics = state.get("metrics") or {}
-    return {
-        "step": state.get("step"),
+    metrics = translator.training.get("metrics") or {}
+    return translator, {
+        "step": translator.training.get("step"),
         "metrics": {k: _json_value(v) for k, v in metrics.items() if isinstance(v, (int, float, str))},
     }
 

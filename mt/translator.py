@@ -24,6 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,12 +138,15 @@ class Translator:
         device: torch.device | str = "cpu",
         max_src_len: int | None = None,
         cuda_graphs: str | bool = "auto",
+        training: dict[str, Any] | None = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = config
         self.max_src_len = max_src_len if max_src_len is not None else config.data.max_src_len
+        # what the training run left with the model: {"step": int, "metrics": validation scores}
+        self.training = training or {}
         # search steps replayed from CUDA graphs (auto: on CUDA), kept across translate() calls
         on = resolve_cuda_graphs(cuda_graphs, self.device, key="cuda_graphs", task="decoding")
         self.graphs = graphs.GraphedDecoder(self.model) if on else None
@@ -205,7 +209,8 @@ class Translator:
         except Exception as e:
             raise CheckpointError(f"{where} has an unusable tokenizer: {first_line(e)}") from None
         model = build_model(cfg, tok, state["model"], where, cell, dev)
-        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs)
+        training = {"step": state.get("step"), "metrics": dict(state.get("metrics") or {})}
+        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs, training)
 
     @classmethod
     def from_pretrained(
@@ -226,9 +231,11 @@ class Translator:
         dev = resolve_device(device)
         resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
         folder, where = pretrained.resolve(folder_or_hub_id, revision, cache_dir)
-        cfg, tok, weights, _ = pretrained.load_folder(folder, where)
+        cfg, tok, weights, meta = pretrained.load_folder(folder, where)
         model = build_model(cfg, tok, weights, where, cell, dev)
-        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs)
+        saved = meta.get("training") or {}  # load_folder checked it is an object
+        training = {"step": saved.get("step"), "metrics": dict(saved.get("validation") or {})}
+        return cls(model, tok, cfg, dev, max_src_len, cuda_graphs, training)
 
     @property
     def src_lang(self) -> str:

@@ -187,9 +187,16 @@ class Decoder(nn.Module):
 
 
 def cell_backend(cell: str, device: torch.device | str) -> str:
-    """What model.cell runs as on `device`: "cudnn", "triton" or "torch" (an MTError if unusable)."""
+    """What model.cell runs as on `device`: "cudnn", "triton" or "torch" (an MTError if unusable).
+
+    auto is the fastest for the device: the Triton cell on CUDA; elsewhere ATen's LSTM on the same
+    parameters ("cudnn": nn.LSTM / nn.LSTMCell), faster on CPU than the reference cell's separate
+    matmul and elementwise ops (measured in docs/experiments.md, "CPU throughput of the cell
+    backends"). "torch" still picks the reference cell anywhere."""
     if cell not in CELLS:
         raise MTError(f"unknown model.cell={cell!r}; choose one of {', '.join(CELLS)}")
+    if cell == "auto":
+        return "triton" if torch.device(device).type == "cuda" and kernels.triton_available() else "cudnn"
     return "cudnn" if cell == "cudnn" else kernels.resolve_backend(cell, device)
 
 

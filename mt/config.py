@@ -99,6 +99,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 20000
     max_epochs: int = 100
+    # A bare mt-train (no experiment=, debug= or model= chosen) runs the measured Multi30k recipe
+    # for the device it trains on (mt/recipes.py); false trains conf/train.yaml's model as is.
+    auto_recipe: bool = True
     # Wall-clock limit in minutes (0 = none), counted from the start of mt.train in this process
     # (a resumed run starts a fresh count). Checked at every step and after every validation: once
     # it has passed, the run stops (validating first if it has not just validated) and writes its

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONF_DIR, TrainConfig, register_configs
 from .errors import MTError
+from .recipes import choose_recipe, recipe_note, with_recipe
 from .trainer import train
 
 log = logging.getLogger("mt.train")
@@ -39,6 +40,7 @@ def main(dcfg: DictConfig) -> float | None:
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     out_dir = HydraConfig.get().runtime.output_dir
     try:
+        cfg = apply_auto_recipe(cfg)
         summary = train(cfg, out_dir)
     except MTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,7 +55,31 @@ def main(dcfg: DictConfig) -> float | None:
     return summary["best_bleu"]  # the value a Hydra sweeper would optimise
 
 
-__all__ = ["main", "train"]
+def apply_auto_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The device's recipe under the user's overrides when they chose none (mt/recipes.py), else
+    `cfg` as composed. The run's .hydra/config.yaml and overrides.yaml are rewritten to what it
+    trains, so the run (and `mt-export`'s training command) can be reproduced on any device."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    name = choose_recipe(cfg, overrides)
+    if name is None:
+        return cfg
+    overrides = with_recipe(overrides, name)
+    dcfg = compose(config_name="train", overrides=overrides)
+    cfg = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info(recipe_note(name, cfg, hc.overrides.task))
+        if hc.output_subdir is not None:
+            saved = Path(hc.runtime.output_dir) / hc.output_subdir
+            OmegaConf.save(dcfg, saved / "config.yaml")
+            OmegaConf.save(OmegaConf.create(overrides), saved / "overrides.yaml")
+    return cfg
+
+
+__all__ = ["main", "train", "apply_auto_recipe"]
 
 if __name__ == "__main__":
     main()

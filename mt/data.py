@@ -2,7 +2,8 @@
 
 `load_splits` accepts what `datasets.load_dataset` accepts (a hub id, a local folder of
 train/validation/test jsonl/json/csv/parquet files), plus local folders of parallel text files
-(``train.de`` + ``train.en``, one sentence per line) and tab-separated files (``train.tsv``).
+(``train.de`` + ``train.en``, one sentence per line) and tab-separated files (``train.tsv``),
+read a chunk at a time into memory-mapped Arrow files (`mt/corpus_files.py`).
 Rows may be flat (``{"de": .., "en": ..}``) or nested (``{"translation": {"de": .., "en": ..}}``);
 every split comes back with exactly two string columns, ``src`` and ``tgt``.
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mt import corpus_files
+from mt.batching import iter_columns
 from mt.config import DataConfig, TokenizerConfig
 from mt.errors import DataError, first_line
 from mt.tokenizer import Tokenizer, train_tokenizer
@@ -46,28 +51,9 @@ _DATA_EXTS = {
     "py", "lock", "yaml", "yml", "xml", "model", "vocab",
 }  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_LANG_LIKE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")
 
 
 # ======================================================================== reading local files
-def _read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file, split on "\\n" only (so U+2028 etc. stay inside a line)."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
-        ) from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-
-
 def _split_candidates(role: str, cfg: DataConfig) -> list[str]:
     first = {"train": cfg.train_split, "validation": cfg.valid_split, "test": cfg.test_split}[role]
     out = [first] if first else []
@@ -104,14 +90,12 @@ def _load_parallel_text(folder: Path, cfg: DataConfig) -> dict[str, datasets.Dat
                     f"{', '.join(sorted(have))}"
                 )
         src_file, tgt_file = folder / f"{stem}.{cfg.src}", folder / f"{stem}.{cfg.tgt}"
-        src, tgt = _read_lines(src_file), _read_lines(tgt_file)
-        if len(src) != len(tgt):
-            raise DataError(
-                f"parallel files differ in length: {src_file} has {len(src)} lines but "
-                f"{tgt_file} has {len(tgt)}; they must be line-aligned (one sentence per line)"
-            )
-        out[role] = datasets.Dataset.from_dict({"src": src, "tgt": tgt})
+        out[role] = corpus_files.read_parallel_text(src_file, tgt_file, default_cache_dir(cfg))
     return out
+
+
+def _read_tsv(path: Path, cfg: DataConfig) -> datasets.Dataset:
+    return corpus_files.read_tsv(path, cfg.src, cfg.tgt, default_cache_dir(cfg))
 
 
 def _tsv_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
@@ -123,51 +107,6 @@ def _tsv_files(folder: Path, cfg: DataConfig) -> dict[str, Path]:
                 out[role] = p
                 break
     return out
-
-
-def _read_tsv(path: Path, cfg: DataConfig) -> datasets.Dataset:
-    """Two columns src<TAB>tgt, or a header row naming the languages (any number of columns)."""
-    lines = _read_lines(path)
-    if not lines:
-        return datasets.Dataset.from_dict({"src": [], "tgt": []})
-    head = lines[0].split("\t")
-    lowered = [h.strip().lower() for h in head]
-    si = ti = None
-    if cfg.src in head and cfg.tgt in head:
-        si, ti = head.index(cfg.src), head.index(cfg.tgt)
-    elif cfg.src.lower() in lowered and cfg.tgt.lower() in lowered:
-        si, ti = lowered.index(cfg.src.lower()), lowered.index(cfg.tgt.lower())
-    elif {"src", "tgt"} <= set(lowered) or {"source", "target"} <= set(lowered):
-        s_name = "src" if "src" in lowered else "source"
-        t_name = "tgt" if "tgt" in lowered else "target"
-        si, ti = lowered.index(s_name), lowered.index(t_name)
-    elif len(head) > 1 and all(_LANG_LIKE.match(h.strip()) for h in head):
-        missing = cfg.src if cfg.src not in head else cfg.tgt
-        raise DataError(
-            f"{path}: language column '{missing}' not found; the header names columns "
-            f"{', '.join(head)}: set data.src/data.tgt to one of them"
-        )
-    if si is not None:
-        ncol, rows, first = len(head), lines[1:], 2
-    else:
-        if len(head) != 2:
-            raise DataError(
-                f"{path}: line 1 has {len(head)} tab-separated fields; a TSV without a header "
-                f"row must have exactly two (src<TAB>tgt), or add a header naming the languages"
-            )
-        ncol, rows, first, si, ti = 2, lines, 1, 0, 1
-    src, tgt = [], []
-    for lineno, line in enumerate(rows, start=first):
-        if line == "":
-            src.append("")
-            tgt.append("")
-            continue
-        fields = line.split("\t")
-        if len(fields) != ncol:
-            raise DataError(f"{path}: line {lineno} has {len(fields)} tab-separated fields, expected {ncol}")
-        src.append(fields[si])
-        tgt.append(fields[ti])
-    return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
 
 
 # ============================================================================= normalizing
@@ -238,7 +177,7 @@ def _bad_utf8_error(local: Path, detail: str) -> DataError:
     files = [local] if local.is_file() else sorted(local.rglob("*"))
     for f in files:
         if f.is_file() and f.suffix.lower() in _TEXT_EXTS:
-            _read_lines(f)  # raises DataError("<file>: line N is not valid UTF-8 ...")
+            corpus_files.find_bad_utf8(f)  # raises DataError("<file>: line N is not valid UTF-8 ...")
     return DataError(f"{local}: invalid UTF-8 in the data ({detail}); re-encode it as UTF-8")
 
 
@@ -432,12 +371,54 @@ def _keep_lengths(src_ids: list, tgt_ids: list, max_src: int, max_tgt: int, rati
 
 
 def _list_lengths(ds: datasets.Dataset, column: str) -> np.ndarray:
-    arr = ds.with_format("arrow")[column]
-    return np.asarray(pc.list_value_length(arr).to_numpy(zero_copy_only=False), dtype=np.int64)
+    """(N,) lengths of a list column, read a chunk of rows at a time."""
+    parts = [pc.list_value_length(t[column]).to_numpy(zero_copy_only=False) for t in iter_columns(ds, [column])]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _texts(ds: datasets.Dataset, column: str) -> list[str]:
     return ds.with_format("arrow")[column].to_pylist()
+
+
+def _tokenizer_sample(train: datasets.Dataset, tok_cfg: TokenizerConfig) -> datasets.Dataset:
+    """The training pairs SentencePiece learns from: all of them, or a seeded random sample when
+    their sentences exceed tokenizer.input_sentence_size. SentencePiece would sample as many
+    itself, but only after every sentence had been copied into Python and into its own memory."""
+    size, per_pair = tok_cfg.input_sentence_size, 2 if tok_cfg.joint else 1
+    if size <= 0 or len(train) * per_pair <= size:
+        return train
+    rows = np.random.default_rng(tok_cfg.seed).choice(len(train), size=size // per_pair, replace=False)
+    return train.select(np.sort(rows))
+
+
+def _num_proc(data_cfg: DataConfig, n_pairs: int) -> int | None:
+    """data.num_proc, or by default one process per CPU (up to 8) for corpora of 200k pairs and
+    more: below that, starting the processes costs more than it saves."""
+    n = data_cfg.num_proc
+    if n is None:
+        n = min(8, os.cpu_count() or 1) if n_pairs >= 200_000 else 1
+    return n if n > 1 else None
+
+
+class _Stages:
+    """One log line per preparation stage, with its time; tqdm bars only where asked (default: a TTY)."""
+
+    def __init__(self, log: Callable[[str], Any], progress: bool | None) -> None:
+        self.log, self.start = log, time.perf_counter()
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+    def __enter__(self) -> _Stages:
+        self.bars_were_on = datasets.is_progress_bar_enabled()
+        (datasets.enable_progress_bars if self.progress else datasets.disable_progress_bars)()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        (datasets.enable_progress_bars if self.bars_were_on else datasets.disable_progress_bars)()
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        self.log(f"data: {what} in {now - self.start:.1f}s")
+        self.start = now
 
 
 def prepare_corpus(
@@ -446,14 +427,27 @@ def prepare_corpus(
     cache_dir: Path,
     log: Callable[[str], Any] = print,
     tokenizer: Tokenizer | None = None,
+    progress: bool | None = None,
 ) -> Corpus:
     """Load, clean, tokenize and filter the corpus (see the module docstring)."""
-    splits = load_splits(data_cfg)
-    nproc = data_cfg.num_proc if data_cfg.num_proc and data_cfg.num_proc > 1 else None
-    stats: dict[str, Any] = {}
+    with _Stages(log, progress) as stages:
+        return _prepare(data_cfg, tok_cfg, cache_dir, log, tokenizer, stages)
 
+
+def _prepare(
+    data_cfg: DataConfig,
+    tok_cfg: TokenizerConfig,
+    cache_dir: Path,
+    log: Callable[[str], Any],
+    tokenizer: Tokenizer | None,
+    stages: _Stages,
+) -> Corpus:
+    splits = load_splits(data_cfg)
+    stats: dict[str, Any] = {}
     train = splits["train"]
     stats["train_raw"] = len(train)
+    nproc = _num_proc(data_cfg, len(train))
+    stages.done(f"read {len(train)} training pairs")
     train = train.filter(
         _nonempty,
         batched=True,
@@ -464,9 +458,13 @@ def prepare_corpus(
     stats["dropped_empty"] = stats["train_raw"] - len(train)
     if len(train) == 0:
         raise DataError(f"the training split of {data_cfg.path} has no non-empty sentence pairs")
+    stages.done(f"dropped {stats['dropped_empty']} empty pairs")
 
     if tokenizer is None:
-        tokenizer = train_tokenizer(tok_cfg, _texts(train, "src"), _texts(train, "tgt"), Path(cache_dir), log=log)
+        sample = _tokenizer_sample(train, tok_cfg)
+        tokenizer = train_tokenizer(tok_cfg, _texts(sample, "src"), _texts(sample, "tgt"), Path(cache_dir), log=log)
+        del sample
+        stages.done("tokenizer ready")
     else:
         log(f"tokenizer: using the given tokenizer ({tokenizer!r})")
 
@@ -477,7 +475,7 @@ def prepare_corpus(
         return ds.map(
             _encode_batch,
             batched=True,
-            num_proc=nproc,
+            num_proc=nproc if role == "train" else None,
             fn_kwargs={"tokenizer": tokenizer},
             features=features,
             desc=f"tokenizing {role}",
@@ -486,6 +484,7 @@ def prepare_corpus(
     train = tokenize(train, "train")
     valid = tokenize(splits["validation"], "validation") if "validation" in splits else None
     test = tokenize(splits["test"], "test") if "test" in splits else None
+    stages.done(f"tokenized with {nproc or 1} process(es)")
 
     limits = (data_cfg.max_src_len, data_cfg.max_tgt_len, data_cfg.max_len_ratio)
     codes = _drop_codes(_list_lengths(train, "src_ids"), _list_lengths(train, "tgt_ids"), *limits)
@@ -507,6 +506,7 @@ def prepare_corpus(
             "data.max_tgt_len / data.max_len_ratio"
         )
 
+    stages.done("length filters applied")
     stats["train"] = len(train)
     stats["validation"] = len(valid) if valid is not None else 0
     stats["test"] = len(test) if test is not None else 0

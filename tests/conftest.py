@@ -29,6 +29,8 @@ if not os.path.exists("/dev/nvidia0"):
 _HF_TMP = tempfile.mkdtemp(prefix="mt-tests-hf-")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_TMP, "datasets")
 os.environ.setdefault("HF_HOME", os.path.join(_HF_TMP, "home"))
+# mt's own cache (SentencePiece models, corpora read into Arrow) too: tests never fill ~/.cache.
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HF_TMP, "xdg")
 _OWNER_PID = os.getpid()
 
 

@@ -19,8 +19,11 @@ batches stays off the training step's critical path; docs/benchmarks.md, "Host-s
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["TokenBucketSampler", "Batch", "collate", "PairDataset", "make_loader"]
+__all__ = ["TokenBucketSampler", "Batch", "collate", "PairDataset", "make_loader", "iter_columns"]
 
 
 class TokenBucketSampler(Sampler[list[int]]):
@@ -70,7 +73,7 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.start = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's shuffle; `start` skips this rank's first batches (resuming mid-epoch)."""
@@ -80,46 +83,53 @@ class TokenBucketSampler(Sampler[list[int]]):
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
 
-    def _pack(self, order: np.ndarray) -> list[list[int]]:
-        sizes = np.maximum(self.src_lens, self.tgt_lens)[order].tolist()
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        longest = 0
-        for i, n in zip(order.tolist(), sizes):
-            new_longest = max(longest, n)
-            if cur and ((len(cur) + 1) * new_longest > self.max_tokens or len(cur) >= self.max_sentences):
-                batches.append(cur)
-                cur, new_longest = [], n
-            cur.append(i)
+    def _pack(self, order: np.ndarray) -> np.ndarray:
+        """Batch boundaries over `order`: batch j is order[bounds[j] : bounds[j + 1]]. Bounds,
+        not lists of indices, so a corpus of millions of pairs costs one array per epoch."""
+        sizes = np.maximum(self.src_lens, self.tgt_lens)[order].tolist()  # small ints: no allocation each
+        bounds = [0]
+        n = longest = 0
+        for k, size in enumerate(sizes):
+            new_longest = max(longest, size)
+            if n and ((n + 1) * new_longest > self.max_tokens or n >= self.max_sentences):
+                bounds.append(k)
+                n, new_longest = 0, size
+            n += 1
             longest = new_longest
-        if cur:
-            batches.append(cur)
-        return batches
+        if sizes:
+            bounds.append(len(sizes))
+        return np.asarray(bounds, dtype=np.int64)
 
-    def _all_batches(self) -> list[list[int]]:
-        """The epoch's batch list (all ranks), in the order it will be consumed."""
+    def _all_batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's batches (all ranks), in the order they will be consumed, as (order, starts,
+        ends): batch j is order[starts[j] : ends[j]]."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
         n = len(self.src_lens)
         rng = self._rng()
         tiebreak = rng.permutation(n) if self.shuffle else np.arange(n)
         order = np.lexsort((tiebreak, self.src_lens, self.tgt_lens))  # by tgt, then src
-        batches = self._pack(order)
-        if self.drop_last and len(batches) > 1:
-            batches = batches[:-1]
+        bounds = self._pack(order)
+        starts, ends = bounds[:-1], bounds[1:]
+        if self.drop_last and len(starts) > 1:
+            starts, ends = starts[:-1], ends[:-1]
         if self.shuffle:
-            batches = [batches[j] for j in rng.permutation(len(batches))]
+            perm = rng.permutation(len(starts))
+            starts, ends = starts[perm], ends[perm]
         if self.num_replicas > 1:
-            usable = len(batches) // self.num_replicas * self.num_replicas
-            batches = batches[:usable]
-        self._cache = (self.epoch, batches)
-        return batches
+            usable = len(starts) // self.num_replicas * self.num_replicas
+            starts, ends = starts[:usable], ends[:usable]
+        self._cache = (self.epoch, (order, starts, ends))
+        return order, starts, ends
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.num_replicas][self.start :]
+        order, starts, ends = self._all_batches()
+        mine = slice(self.rank, None, self.num_replicas)
+        for s, e in list(zip(starts[mine].tolist(), ends[mine].tolist()))[self.start :]:
+            yield order[s:e].tolist()
 
     def __len__(self) -> int:
-        return len(self._all_batches()) // self.num_replicas
+        return len(self._all_batches()[1]) // self.num_replicas
 
 
 @dataclass
@@ -210,17 +220,84 @@ def _padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: in
     return out
 
 
+def iter_columns(ds: Any, columns: Sequence[str], rows: int = 100_000) -> Iterator[pa.Table]:
+    """The split's list columns, `rows` rows at a time (an index mapping left by a filter is applied
+    per chunk, never to the whole column at once)."""
+    for start in range(0, len(ds), rows):
+        yield ds.with_format("arrow")[start : start + rows].select(list(columns))
+
+
+def _token_dtype(max_id: int | None) -> np.dtype:
+    return np.dtype(np.uint16) if max_id is not None and max_id < 2**16 else np.dtype(np.int32)
+
+
+def _write_token_files(ds: Any, folder: Path, dtype: np.dtype) -> None:
+    """folder/{src,tgt}.npy (every row's ids, concatenated) and {src,tgt}_off.npy (row i is
+    values[off[i] : off[i + 1]]), written chunk by chunk into a temporary folder, then renamed."""
+    lens = {c: [] for c in ("src", "tgt")}
+    for t in iter_columns(ds, ["src_ids", "tgt_ids"]):
+        for c in lens:
+            lens[c].append(pc.fill_null(pc.list_value_length(t[f"{c}_ids"]), 0).to_numpy(zero_copy_only=False))
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        values = {}
+        for c, parts in lens.items():
+            off = np.zeros(len(ds) + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(parts) if parts else [], out=off[1:])
+            np.save(tmp / f"{c}_off.npy", off)
+            values[c] = np.lib.format.open_memmap(tmp / f"{c}.npy", mode="w+", dtype=dtype, shape=(int(off[-1]),))
+        at = dict.fromkeys(values, 0)
+        for t in iter_columns(ds, ["src_ids", "tgt_ids"]):
+            for c, out in values.items():
+                flat = pc.list_flatten(t[f"{c}_ids"]).to_numpy(zero_copy_only=False)
+                out[at[c] : at[c] + len(flat)] = flat
+                at[c] += len(flat)
+        for out in values.values():
+            out.flush()
+        del values
+        try:
+            os.rename(tmp, folder)  # complete or absent; another process may have won the race
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _token_files(ds: Any, max_id: int | None) -> dict[str, np.ndarray] | None:
+    """Memory-mapped flat token arrays of a split that lives in Arrow cache files (written once,
+    beside those files, keyed by the split's fingerprint); None for a split held in memory."""
+    files = getattr(ds, "cache_files", None)
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if not files or not fingerprint:
+        return None
+    dtype = _token_dtype(max_id)
+    folder = Path(files[0]["filename"]).parent / f"mt-tokens-{fingerprint}-{dtype.name}"
+    if not folder.is_dir():
+        _write_token_files(ds, folder, dtype)
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("src", "src_off", "tgt", "tgt_off")}
+
+
 class PairDataset(Dataset):
     """Fast random access to a tokenized split (columns src_ids, tgt_ids).
 
-    Reads the columns once into flat int32 arrays; item i is
-    ``{"src_ids": int32 array, "tgt_ids": int32 array, "idx": i}``, and `batch(rows, ...)` is
-    `collate` of those items done with a few numpy operations for the whole batch.
+    The split's ids as flat arrays and row offsets: memory-mapped files beside the split's Arrow
+    cache (uint16 when `max_id` fits, so a WMT-size corpus costs the page cache, not the process's
+    own memory), or, for a split held in memory, arrays read from it once. Item i is
+    ``{"src_ids": ids, "tgt_ids": ids, "idx": i}``, and `batch(rows, ...)` is `collate` of those
+    items done with a few numpy operations for the whole batch.
     """
 
-    def __init__(self, ds: Any) -> None:
-        self._src, self._src_off = _flat_lists(ds.with_format("arrow")["src_ids"])
-        self._tgt, self._tgt_off = _flat_lists(ds.with_format("arrow")["tgt_ids"])
+    def __init__(self, ds: Any, max_id: int | None = None) -> None:
+        flat = _token_files(ds, max_id)
+        if flat is not None:
+            self._src, self._src_off, self._tgt, self._tgt_off = (
+                flat["src"], flat["src_off"], flat["tgt"], flat["tgt_off"]
+            )  # fmt: skip
+        else:
+            self._src, self._src_off = _flat_lists(ds.with_format("arrow")["src_ids"])
+            self._tgt, self._tgt_off = _flat_lists(ds.with_format("arrow")["tgt_ids"])
         self.src_lens = np.diff(self._src_off)  # (N,)
         self.tgt_lens = np.diff(self._tgt_off)  # (N,)
 
@@ -300,7 +377,8 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader of `Batch`es over a tokenized split; ``loader.batch_sampler.set_epoch(e)``
     reshuffles (call it every epoch)."""
-    data = PairDataset(ds)
+    vocab = [getattr(tokenizer, f"{side}_vocab_size", None) for side in ("src", "tgt")]
+    data = PairDataset(ds, None if None in vocab else max(vocab) - 1)
     sampler = TokenBucketSampler(
         data.src_lens,
         data.tgt_lens,

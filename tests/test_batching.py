@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -221,3 +223,39 @@ def test_set_epoch_start_skips_this_ranks_first_batches():
     resumed = TokenBucketSampler(lens, lens, max_tokens=200, max_sentences=16, seed=3, num_replicas=2, rank=1)
     resumed.set_epoch(4, start=5)
     assert list(resumed) == list(full)[5:] and len(list(full)) > 5
+
+
+def test_pair_dataset_memory_maps_a_split_in_arrow_files(tmp_path, monkeypatch):
+    """A split in Arrow cache files is read through flat token files written beside it (uint16 where
+    the ids fit), memory-mapped, giving the rows and batches the in-memory path gives; a write that
+    dies midway leaves nothing to reuse."""
+    import mt.batching as batching
+
+    base = _tokenized(300)
+    base.save_to_disk(tmp_path / "split")
+    on_disk = datasets.load_from_disk(str(tmp_path / "split")).filter(lambda r: len(r["tgt_ids"]) % 2 == 0)
+    in_memory = base.filter(lambda r: len(r["tgt_ids"]) % 2 == 0, keep_in_memory=True)
+    assert on_disk.cache_files and not in_memory.cache_files
+
+    real = batching.iter_columns
+    monkeypatch.setattr(batching, "iter_columns", lambda ds, cols, rows=100_000: real(ds, cols, rows=64))
+
+    def dies(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batching.np.lib.format, "open_memmap", dies)
+    with pytest.raises(KeyboardInterrupt):
+        PairDataset(on_disk, max_id=1000)
+    assert not list(Path(on_disk.cache_files[0]["filename"]).parent.glob("mt-tokens-*"))
+    monkeypatch.undo()
+    monkeypatch.setattr(batching, "iter_columns", lambda ds, cols, rows=100_000: real(ds, cols, rows=64))
+
+    mapped, held = PairDataset(on_disk, max_id=1000), PairDataset(in_memory, max_id=1000)
+    (folder,) = Path(on_disk.cache_files[0]["filename"]).parent.glob("mt-tokens-*")
+    assert folder.name.endswith("uint16") and isinstance(mapped._src, np.memmap) and mapped._src.dtype == np.uint16
+    assert np.array_equal(mapped.src_lens, held.src_lens) and np.array_equal(mapped.tgt_lens, held.tgt_lens)
+    rows = np.random.default_rng(1).permutation(len(held))[:50]
+    got, want = mapped.batch(rows, PAD, BOS, EOS), held.batch(rows, PAD, BOS, EOS)
+    for name in ("src", "src_len", "tgt_in", "tgt_out"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert PairDataset(on_disk, max_id=70_000)._src.dtype == np.int32  # ids past uint16

@@ -121,6 +121,7 @@ class Trainer:
         precompile_barrier: bool = False,
     ):
         self.started = _now()  # trainer.max_minutes counts from here
+        self.set_up_began = time.perf_counter()  # for the "first step" line (benchmarks/bench_data.py reads it)
         self.cfg, self.tc, self.oc = cfg, cfg.trainer, cfg.optim
         self.ddp, self.device, self.amp_dtype, self.use_graphs = ddp, device, amp_dtype, use_graphs
         self.saver, self.workers, self.watch, self.precompile_barrier = saver, workers, watch, precompile_barrier
@@ -216,7 +217,12 @@ class Trainer:
             ddp.barrier()
         try:
             self.corpus = data.prepare_corpus(
-                cfg.data, cfg.tokenizer, cache_dir, log=log.info if ddp.main else (lambda *_: None), tokenizer=tokenizer
+                cfg.data,
+                cfg.tokenizer,
+                cache_dir,
+                log=log.info if ddp.main else (lambda *_: None),
+                tokenizer=tokenizer,
+                progress=cfg.trainer.progress,
             )
         finally:  # release the other ranks even when rank 0 fails: they then meet the same error
             if ddp.main:
@@ -253,6 +259,7 @@ class Trainer:
         self.win_loss = self.win_nll = self.win_tok = 0.0
         self.win_t0 = time.perf_counter()
         self.pace, self.pace_told = Pace(self.tc.max_steps, self.tc.eval_every), False
+        self.first_step_told = False
         # the validation split's columns as lists, once (datasets reads Arrow at every access)
         valid = self.corpus.valid
         self.valid_src_ids, self.valid_srcs, self.valid_refs = (
@@ -445,6 +452,9 @@ class Trainer:
             self.win_tok += ntok_tot
             now = _pace_clock()
             self.pace.add(at_step, ntok_tot, now)
+            if self.ddp.main and not self.first_step_told:
+                self.first_step_told = True
+                log.info("first step: %.1f s after set-up began", time.perf_counter() - self.set_up_began)
             if self.ddp.main and (at_step % self.tc.log_every == 0 or at_step == self.tc.max_steps):
                 self.log_training(at_step, at_epoch, grad_norm, lr_now)
                 self.log_pace(at_step, now)

@@ -224,3 +224,19 @@ def test_cli_offline_with_and_without_the_set(tiny_run, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
     assert f"test set wmt14 (de-en) is not in sacreBLEU's cache {empty} " in errors[0]
+
+
+def test_scores_take_every_reference_stream():
+    """A test set with several references is scored against all of them at once (nrefs:N)."""
+    from sacrebleu.metrics import BLEU
+
+    from mt.metrics import corpus_scores
+
+    hyps = ["the dog sees the cat", "a man reads"]
+    r1 = ["the dog sees a cat", "a man reads a book"]
+    r2 = ["a dog sees the cat", "the man reads"]
+    got = corpus_scores(hyps, r1, more_refs=[r2])
+    assert got["bleu"] == BLEU().corpus_score(hyps, [r1, r2]).score and "nrefs:2" in got["bleu_signature"]
+    assert got["bleu"] > corpus_scores(hyps, r1)["bleu"]
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        corpus_scores(hyps, r1, more_refs=[r2[:1]])

@@ -1,9 +1,12 @@
-"""Score a checkpoint on a corpus split with sacreBLEU (`mt-evaluate`, or `python -m mt.evaluate`).
+"""Score a checkpoint on a corpus split, or on a sacreBLEU test set, with sacreBLEU (`mt-evaluate`,
+or `python -m mt.evaluate`).
 
     mt-evaluate checkpoint=PATH data.path=DIR split=test
     mt-evaluate checkpoint=PATH data.path=/path/to/multi30k split=test beam=5 length_penalty=1.0
     mt-evaluate checkpoint=PATH split=validation beam=1 length_penalty=null output_dir=OUT
     mt-evaluate checkpoint=USER/NAME revision=COMMIT data.path=DIR   # a model folder or Hub id
+    mt-evaluate checkpoint=PATH testset=wmt14                   # newstest2014, the checkpoint's direction
+    mt-evaluate checkpoint=PATH testset=wmt14 langpair=en-de
 
 `checkpoint` is a checkpoint file, a model folder written by mt-export or a Hugging Face model id
 (`Translator.load`). The checkpoint supplies the model, the SentencePiece models, the data config it was trained
@@ -16,6 +19,12 @@ sacreBLEU signature. Writes, under the Hydra run directory (or `output_dir`):
 
     hypotheses.<split>.<tgt>   one detokenized translation per row of the split
     scores.<split>.json        scores, signatures and decoding settings
+
+`testset=NAME` (instead of `split`) takes the sources and references from sacreBLEU's own copy of
+a test set (`sacrebleu -t NAME`; wmt14 is newstest2014), in the direction `langpair=SRC-TGT`
+(default: the checkpoint's data.src-data.tgt). sacreBLEU keeps test sets under $SACREBLEU
+(default ~/.sacrebleu) and downloads a missing one there; offline, that folder must already hold
+it. The outputs are named after the test set: hypotheses.<testset>.<tgt>, scores.<testset>.json.
 
 `main` is a thin Hydra wrapper; `evaluate(config, out_dir)` is a plain function tests call.
 """
@@ -36,7 +45,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .config import CONF_DIR
-from .errors import DataError, MTError
+from .errors import DataError, MTError, first_line
 from .metrics import corpus_scores
 
 log = logging.getLogger("mt.evaluate")
@@ -58,7 +67,10 @@ class EvaluateConfig:
     checkpoint: str = MISSING  # checkpoint file, model folder (mt-export) or Hugging Face model id USER/NAME
     revision: str | None = None  # with a Hugging Face model id: branch, tag or commit (null = main)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    split: str = "test"  # test | validation | train (or an alias: valid, val, dev, ...)
+    split: str | None = None  # test | validation | train (or an alias: valid, val, dev, ...); null = test
+    # A sacreBLEU test set (wmt14 = newstest2014, ...) decoded and scored instead of a split of data.path
+    testset: str | None = None
+    langpair: str | None = None  # with testset: SRC-TGT; null = the checkpoint's data.src-data.tgt
     beam: int | None = None  # null = the checkpoint's decoding.beam
     # GNMT alpha, "avg" (mean log-prob), null / 0 (none), or "checkpoint": the checkpoint's decoding.length_penalty
     length_penalty: Any = "checkpoint"
@@ -124,6 +136,86 @@ def load_split(tr, data: EvalDataConfig, split: str):
     return data_cfg, srcs, refs
 
 
+@dataclass
+class SacreBLEUTestSet:
+    """A sacreBLEU test set in one direction: its files and their lines."""
+
+    name: str  # sacreBLEU's name, e.g. "wmt14"
+    langpair: str  # "en-de"
+    source_file: str
+    reference_files: list[str]
+    sources: list[str]
+    references: list[list[str]]  # one stream per reference file
+
+    @property
+    def src(self) -> str:
+        return self.langpair.split("-", 1)[0]
+
+    @property
+    def tgt(self) -> str:
+        return self.langpair.split("-", 1)[1]
+
+
+def sacrebleu_langpairs(name: str) -> list[str]:
+    """The language pairs sacreBLEU has for test set `name`; a one-line MTError listing the test
+    sets it knows when it has no such set."""
+    from sacrebleu.dataset import DATASETS
+    from sacrebleu.version import __version__
+
+    if name not in DATASETS:
+        raise MTError(
+            f"sacreBLEU {__version__} has no test set testset={name!r}; it has: {', '.join(sorted(DATASETS))}"
+        )
+    return list(DATASETS[name].langpairs)
+
+
+def check_langpair(name: str, langpair: str) -> None:
+    """One-line MTError unless `langpair` is SRC-TGT and test set `name` has it."""
+    src, _, tgt = langpair.partition("-")
+    if not src or not tgt:
+        raise MTError(f"langpair={langpair!r}: write it as SRC-TGT, e.g. en-de")
+    pairs = sacrebleu_langpairs(name)
+    if langpair not in pairs:
+        raise MTError(f"test set {name} has no language pair {langpair}; it has: {', '.join(pairs)}")
+
+
+def load_testset(name: str, langpair: str) -> SacreBLEUTestSet:
+    """Sources and references of sacreBLEU's test set `name` in direction `langpair`, read from the
+    files sacreBLEU keeps in its cache folder ($SACREBLEU, default ~/.sacrebleu), as `sacrebleu -t`
+    reads them (it downloads the set there first when missing). One-line MTError when the set is
+    not in the cache and cannot be downloaded, or is unknown."""
+    import sacrebleu.utils
+    from sacrebleu.utils import get_reference_files, get_source_file, smart_open
+
+    check_langpair(name, langpair)
+    try:  # sacreBLEU downloads a missing set: offline that fails (an OSError, or sys.exit on some errors)
+        source_file = get_source_file(name, langpair)
+        reference_files = get_reference_files(name, langpair)
+    except (Exception, SystemExit) as e:
+        cache = sacrebleu.utils.SACREBLEU_DIR
+        raise MTError(
+            f"test set {name} ({langpair}) is not in sacreBLEU's cache {cache} (SACREBLEU_DIR: $SACREBLEU, "
+            f"default ~/.sacrebleu) and could not be downloaded ({first_line(e)}); fetch it where the network "
+            f"is reachable (sacrebleu -t {name} -l {langpair} --echo src > /dev/null), then copy that "
+            f"machine's ~/.sacrebleu/{name} into {cache} or point SACREBLEU at a copy"
+        ) from e
+    with smart_open(source_file) as f:
+        sources = [line.strip() for line in f]  # as sacreBLEU's Dataset.source()
+    references = []
+    for path in reference_files:
+        with smart_open(path) as f:
+            references.append([line.rstrip() for line in f])  # as the sacrebleu command reads them
+    if not sources:
+        raise DataError(f"test set {name} ({langpair}) is empty: {source_file}")
+    for path, refs in zip(reference_files, references):
+        if len(refs) != len(sources):
+            raise DataError(
+                f"test set {name} ({langpair}): {len(sources)} source lines in {source_file} but "
+                f"{len(refs)} reference lines in {path}"
+            )
+    return SacreBLEUTestSet(name, langpair, source_file, list(reference_files), sources, references)
+
+
 def decode_and_score(
     tr,
     src_ids: list[list[int]],
@@ -134,8 +226,10 @@ def decode_and_score(
     batch_size: int,
     max_len_a: float,
     max_len_b: int,
+    more_refs: list[list[str]] | None = None,
 ) -> tuple[list[str], dict, float]:
-    """Decode pre-encoded sources, detokenize, score -> (hypotheses, corpus_scores, decode seconds)."""
+    """Decode pre-encoded sources, detokenize, score against `refs` (and the further reference
+    streams `more_refs`) -> (hypotheses, corpus_scores, decode seconds)."""
     import torch
 
     from .search import decode_dataset
@@ -157,32 +251,75 @@ def decode_and_score(
         torch.cuda.synchronize(tr.device)
     seconds = time.perf_counter() - t0
     hyps = [h.replace("\r", " ").replace("\n", " ") for h in tr.tokenizer.decode_tgt(decoded.tokens)]
-    return hyps, corpus_scores(hyps, refs), seconds
+    return hyps, corpus_scores(hyps, refs, more_refs=more_refs or ()), seconds
+
+
+def _check_testset_args(cfg: EvaluateConfig) -> None:
+    """testset= replaces split= and data.path: one-line MTError when they are given together, or
+    when the test set (or an explicit langpair) does not exist. Runs before the checkpoint loads."""
+    if cfg.testset is None:
+        if cfg.langpair is not None:
+            raise MTError(f"langpair={cfg.langpair} goes with testset=NAME (a sacreBLEU test set)")
+        return
+    if cfg.split is not None:
+        raise MTError(f"give split={cfg.split} or testset={cfg.testset}, not both")
+    given = [f"data.{k}" for k in ("path", "name", "revision") if getattr(cfg.data, k) is not None]
+    if given:
+        raise MTError(f"testset={cfg.testset} reads sacreBLEU's files: {', '.join(given)} do not apply")
+    sacrebleu_langpairs(cfg.testset)
+    if cfg.langpair is not None:
+        check_langpair(cfg.testset, cfg.langpair)
 
 
 def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Decode `cfg.split` with the checkpoint, score it, write hypotheses and scores to
-    `cfg.output_dir` or `out_dir`. Returns the scores dict (also written as JSON)."""
+    """Decode `cfg.split` (or the sacreBLEU test set `cfg.testset`) with the checkpoint, score it,
+    write hypotheses and scores to `cfg.output_dir` or `out_dir`. Returns the scores dict (also
+    written as JSON)."""
     from .translator import Translator, check_decoding
 
     out = Path(cfg.output_dir or out_dir)
     check_decoding(cfg.beam, cfg.length_penalty)  # a bad value fails before the checkpoint loads
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    _check_testset_args(cfg)
     tr = Translator.load(
         cfg.checkpoint, revision=cfg.revision, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs
     )
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
-    data_cfg, srcs, refs = load_split(tr, cfg.data, cfg.split)
+    more_refs: list[list[str]] = []
+    if cfg.testset is None:
+        split = cfg.split or "test"
+        data_cfg, srcs, refs = load_split(tr, cfg.data, split)
+        name, src, tgt = split, data_cfg.src, data_cfg.tgt
+        where: dict[str, Any] = {"data_path": data_cfg.path, "split": split}
+        what = f"{data_cfg.path} split {split!r}"
+    else:
+        trained = tr.config.data
+        langpair = cfg.langpair or f"{cfg.data.src or trained.src}-{cfg.data.tgt or trained.tgt}"
+        ts = load_testset(cfg.testset, langpair)
+        if (ts.src, ts.tgt) != (trained.src, trained.tgt):
+            log.warning(
+                "the checkpoint was trained on %s->%s, evaluating on %s->%s", trained.src, trained.tgt, ts.src, ts.tgt
+            )
+        srcs, refs, more_refs = ts.sources, ts.references[0], ts.references[1:]
+        name, src, tgt = cfg.testset.replace("/", "_"), ts.src, ts.tgt
+        where = {
+            "data_path": None,
+            "split": None,
+            "testset": ts.name,
+            "langpair": ts.langpair,
+            "source_file": ts.source_file,
+            "reference_files": ts.reference_files,
+        }
+        what = f"sacreBLEU test set {ts.name} ({len(ts.references)} reference(s))"
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info(
-        "evaluating %s on %s split %r: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
+        "evaluating %s on %s: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
         cfg.checkpoint,
-        data_cfg.path,
-        cfg.split,
+        what,
         len(srcs),
-        data_cfg.src,
-        data_cfg.tgt,
+        src,
+        tgt,
         beam,
         lp,
         tr.device,
@@ -196,18 +333,18 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         max_len_a=cfg.max_len_a,
         max_len_b=cfg.max_len_b,
+        more_refs=more_refs,
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    hyp_path = out / f"hypotheses.{cfg.split}.{data_cfg.tgt}"
+    hyp_path = out / f"hypotheses.{name}.{tgt}"
     hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result: dict[str, Any] = {
         **scores,
         "checkpoint": str(cfg.checkpoint),
-        "data_path": data_cfg.path,
-        "split": cfg.split,
-        "src": data_cfg.src,
-        "tgt": data_cfg.tgt,
+        **where,
+        "src": src,
+        "tgt": tgt,
         "sentences": len(hyps),
         "beam": beam,
         "length_penalty": lp,
@@ -217,7 +354,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         "decode_seconds": round(seconds, 3),
         "hypotheses": str(hyp_path),
     }
-    score_path = out / f"scores.{cfg.split}.json"
+    score_path = out / f"scores.{name}.json"
     score_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     result["scores_path"] = str(score_path)
     return result
@@ -226,7 +363,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 def format_scores(r: dict[str, Any]) -> str:
     return (
         f"BLEU = {r['bleu']:.2f}  chrF = {r['chrf']:.2f}  BLEU(lc) = {r['bleu_lc']:.2f}  "
-        f"({r['sentences']} sentences, {r['split']}, {r['src']}->{r['tgt']}, beam {r['beam']})\n"
+        f"({r['sentences']} sentences, {r.get('testset') or r['split']}, {r['src']}->{r['tgt']}, beam {r['beam']})\n"
         f"  {r['bleu_detail']}\n"
         f"  BLEU signature:     {r['bleu_signature']}\n"
         f"  chrF signature:     {r['chrf_signature']}\n"

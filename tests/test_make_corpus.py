@@ -275,3 +275,30 @@ def test_mt_loads_the_clean_corpus(source, tmp_path, fmt):
     assert {k: len(v) for k, v in splits.items()} == {"train": 300, "validation": 20, "test": 20}
     for split, ds in splits.items():
         assert list(zip(ds["src"], ds["tgt"])) == read_pairs(tmp_path, fmt, split), split
+
+
+@pytest.mark.parametrize(
+    "kind,fmt,message",
+    [
+        ("utf8", "text", r"train\.de: line {line} is not valid UTF-8 \(byte 0xff\)"),
+        ("utf8", "tsv", r"train\.tsv: line {line} is not valid UTF-8 \(byte 0xff\)"),
+        ("utf8", "jsonl", r"train\.jsonl: line {line} is not valid UTF-8 \(byte 0xff\)"),
+        ("columns", "tsv", r"train\.tsv: line {line} has 1 tab-separated fields, expected 2"),
+        ("counts", "text", r"train\.de has {line} lines but .*train\.en has {short}"),
+    ],
+)
+def test_mt_names_the_corrupt_line_and_caches_nothing(source, tmp_path, kind, fmt, message):
+    """Each corrupt variant is one DataError line naming the file and line make_corpus printed;
+    no Arrow file of the bad split is left in mt's cache to be reused."""
+    from mt.config import DataConfig
+    from mt.data import load_splits
+    from mt.errors import DataError
+
+    out, cache = tmp_path / "corpus", tmp_path / "cache"
+    stdout = generate(source, out, fmt, "--corrupt", kind, pairs=400, eval_pairs=20)
+    line = int(re.fullmatch(r"corrupt: \S+ .+ line (\d+)", stdout.splitlines()[0])[1])
+    with pytest.raises(DataError, match=message.format(line=line, short=line - 1)) as e:
+        load_splits(DataConfig(path=str(out), src="de", tgt="en", cache_dir=str(cache)))
+    assert "\n" not in str(e.value)
+    left = list((cache / "corpora").glob("train.*")) if (cache / "corpora").is_dir() else []
+    assert left == []

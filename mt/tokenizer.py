@@ -215,8 +215,61 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
+# Above this many sentences SentencePiece trains in a child process: what it allocates (several GB
+# for a 2M-sentence sample) goes back to the system when the child exits, instead of staying in
+# the training process's heap for the whole run.
+CHILD_PROCESS_SENTENCES = 200_000
+
+
+def _spm_options(cfg: TokenizerConfig) -> dict[str, Any]:
+    return dict(
+        model_type=cfg.model_type,
+        vocab_size=int(cfg.vocab_size),
+        character_coverage=float(cfg.character_coverage),
+        input_sentence_size=int(cfg.input_sentence_size),
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,
+        pad_id=cfg.pad_id,
+        unk_id=cfg.unk_id,
+        bos_id=cfg.bos_id,
+        eos_id=cfg.eos_id,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        num_threads=max(1, min(8, os.cpu_count() or 1)),
+        minloglevel=2,
+    )
+
+
+def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterable[str]) -> bytes:
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=writer, **options)
+    return writer.getvalue()
+
+
+def _train_from_file(options: dict[str, Any], seed: int, path: str) -> bytes:
+    """The child process's work: the sentences of `path`, one a line."""
+    with open(path, encoding="utf-8") as f:
+        return _train_in_this_process(options, seed, (line.rstrip("\n") for line in f))
+
+
+def _train_in_a_child(options: dict[str, Any], seed: int, sentences: list[str]) -> bytes:
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory(prefix="mt-spm-") as tmp:
+        path = os.path.join(tmp, "sentences.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            for s in sentences:
+                f.write(s.replace("\n", " ") + "\n")
+        # spawn, not fork: the training process has torch's thread pools, which a fork would copy
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_train_from_file, (options, seed, path))
+
+
 def _spm_train(cfg: TokenizerConfig, texts: Sequence[str]) -> bytes:
-    """Train one SentencePiece model on `texts` (in memory) and return its serialized proto."""
+    """Train one SentencePiece model on `texts` and return its serialized proto."""
     nonempty = [t for t in texts if t and not t.isspace()]
     if not nonempty:
         raise DataError("cannot train a tokenizer: the training text is empty")
@@ -225,36 +278,17 @@ def _spm_train(cfg: TokenizerConfig, texts: Sequence[str]) -> bytes:
             f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
             f"(all sentences) or a value above 100"
         )
-    writer = io.BytesIO()
-    spm.set_random_generator_seed(int(cfg.seed))
+    options = _spm_options(cfg)
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(nonempty),
-            model_writer=writer,
-            model_type=cfg.model_type,
-            vocab_size=int(cfg.vocab_size),
-            character_coverage=float(cfg.character_coverage),
-            input_sentence_size=int(cfg.input_sentence_size),
-            shuffle_input_sentence=True,
-            hard_vocab_limit=False,
-            pad_id=cfg.pad_id,
-            unk_id=cfg.unk_id,
-            bos_id=cfg.bos_id,
-            eos_id=cfg.eos_id,
-            pad_piece="<pad>",
-            unk_piece="<unk>",
-            bos_piece="<s>",
-            eos_piece="</s>",
-            num_threads=max(1, min(8, os.cpu_count() or 1)),
-            minloglevel=2,
-        )
+        if len(nonempty) > CHILD_PROCESS_SENTENCES:
+            return _train_in_a_child(options, int(cfg.seed), nonempty)
+        return _train_in_this_process(options, int(cfg.seed), nonempty)
     except (RuntimeError, ValueError) as e:
         msg = " ".join(str(e).split())
         raise DataError(
             f"SentencePiece training failed ({msg}); check tokenizer.vocab_size / "
             f"tokenizer.model_type / tokenizer.character_coverage"
         ) from None
-    return writer.getvalue()
 
 
 def _train_or_load(

@@ -142,3 +142,27 @@ def test_model_with_other_special_ids_is_rejected(joint_tok):
     proto = joint_tok.state_dict()["src_model"]
     with pytest.raises(DataError, match="special ids"):
         Tokenizer(proto, None, pad_id=1, unk_id=0, bos_id=2, eos_id=3)
+
+
+def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch):
+    """Above CHILD_PROCESS_SENTENCES SentencePiece runs in a spawned child (its memory then goes
+    back to the system): the model is byte-identical, and its errors are still one-line DataErrors."""
+    import random
+
+    import mt.tokenizer as tokenizer_mod
+    from mt.config import TokenizerConfig
+    from mt.errors import DataError
+
+    rng = random.Random(0)
+    words = ["hund", "katze", "baum", "haus", "auto", "rot", "blau", "gross", "klein", "und"]
+    texts = [" ".join(rng.choice(words) for _ in range(6)) for _ in range(3000)]
+    cfg = TokenizerConfig(vocab_size=40, input_sentence_size=0)
+    here = tokenizer_mod._spm_train(cfg, texts)
+    children = []
+    real = tokenizer_mod._train_in_a_child
+    monkeypatch.setattr(tokenizer_mod, "_train_in_a_child", lambda *a: children.append(1) or real(*a))
+    monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
+    assert tokenizer_mod._spm_train(cfg, texts) == here and children == [1]
+    with pytest.raises(DataError, match="SentencePiece training failed .*Vocabulary size is smaller") as e:
+        tokenizer_mod._spm_train(TokenizerConfig(vocab_size=5, input_sentence_size=0), texts)
+    assert "\n" not in str(e.value) and children == [1, 1]

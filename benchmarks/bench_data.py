@@ -147,6 +147,7 @@ def run_once(corpus: Path, caches: Path, out: Path, args: argparse.Namespace) ->
         if m:
             stages[m["what"]] = float(m["s"])
     first = next((ts for ts, msg in lines if msg.startswith("first step")), t_end)
+    vocab = next((m[1] for _, msg in lines if (m := re.search(r"training tokens; vocab (\d+)", msg))), None)
     row = {
         "stages_s": stages,
         "prepare_s": round(sum(stages.values()), 1),
@@ -154,6 +155,7 @@ def run_once(corpus: Path, caches: Path, out: Path, args: argparse.Namespace) ->
         "prepare": sampler.peak(t0, first),
         "training": sampler.peak(first, t_end),
         "wall_s": round(t_end - t0, 1),
+        "vocab": int(vocab) if vocab else None,
     }
     return row
 

@@ -277,3 +277,32 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir(DataConfig()) == tmp_path / "xdg" / "mt"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir(replace(DataConfig(), cache_dir=None)) == Path.home() / ".cache" / "mt"
+
+
+def test_sentencepiece_learns_from_a_seeded_sample_of_large_corpora(tiny_corpus_dir, tmp_path, monkeypatch):
+    """Above tokenizer.input_sentence_size sentences, SentencePiece gets a seeded sample of pairs
+    (both sides for a joint model), so it is the same on every run; below it, every pair; and each
+    stage of the preparation logs its time."""
+    import mt.data as data_mod
+
+    seen: list[tuple[list[str], list[str]]] = []
+    real = data_mod.train_tokenizer
+
+    def recording(cfg, src, tgt, *args, **kw):
+        seen.append((src, tgt))
+        return real(cfg, src, tgt, *args, **kw)
+
+    monkeypatch.setattr(data_mod, "train_tokenizer", recording)
+    sampled = replace(TOK, input_sentence_size=1000)  # 2000 pairs = 4000 sentences: 500 pairs sampled
+    logs: list[str] = []
+    for _ in range(2):
+        prepare_corpus(DataConfig(path=str(tiny_corpus_dir)), sampled, tmp_path / "c", log=logs.append)
+    (src_a, tgt_a), (src_b, tgt_b) = seen
+    rows = [json.loads(line) for line in open(tiny_corpus_dir / "train.jsonl", encoding="utf-8")]
+    pairs = {(r["de"], r["en"]) for r in rows}
+    assert len(src_a) == len(tgt_a) == 500 and set(zip(src_a, tgt_a)) <= pairs
+    assert (src_a, tgt_a) == (src_b, tgt_b)
+    prepare_corpus(DataConfig(path=str(tiny_corpus_dir)), TOK, tmp_path / "c", **QUIET)
+    assert len(seen[-1][0]) == 2000  # TOK samples nothing: every pair
+    for stage in ("read 2000 training pairs", "dropped 0 empty pairs", "tokenizer ready", "tokenized with 1 process"):
+        assert any(m.startswith(f"data: {stage}") and m.endswith("s") for m in logs), stage

@@ -364,12 +364,6 @@ def _drop_codes(ls: np.ndarray, lt: np.ndarray, max_src: int, max_tgt: int, rati
     return code
 
 
-def _keep_lengths(src_ids: list, tgt_ids: list, max_src: int, max_tgt: int, ratio: float) -> list[bool]:
-    ls = np.fromiter((len(x) for x in src_ids), dtype=np.int64, count=len(src_ids))
-    lt = np.fromiter((len(x) for x in tgt_ids), dtype=np.int64, count=len(tgt_ids))
-    return (_drop_codes(ls, lt, max_src, max_tgt, ratio) == 0).tolist()
-
-
 def _list_lengths(ds: datasets.Dataset, column: str) -> np.ndarray:
     """(N,) lengths of a list column, read a chunk of rows at a time."""
     parts = [pc.list_value_length(t[column]).to_numpy(zero_copy_only=False) for t in iter_columns(ds, [column])]
@@ -487,19 +481,13 @@ def _prepare(
     stages.done(f"tokenized with {nproc or 1} process(es)")
 
     limits = (data_cfg.max_src_len, data_cfg.max_tgt_len, data_cfg.max_len_ratio)
-    codes = _drop_codes(_list_lengths(train, "src_ids"), _list_lengths(train, "tgt_ids"), *limits)
+    src_lens, tgt_lens = _list_lengths(train, "src_ids"), _list_lengths(train, "tgt_ids")
+    codes = _drop_codes(src_lens, tgt_lens, *limits)
     counts = np.bincount(codes, minlength=len(_REASONS) + 1)
     for k, reason in enumerate(_REASONS, start=1):
         stats[f"dropped_{reason}"] = int(counts[k])
-    if counts[1:].sum():
-        train = train.filter(
-            _keep_lengths,
-            batched=True,
-            input_columns=["src_ids", "tgt_ids"],
-            fn_kwargs=dict(zip(("max_src", "max_tgt", "ratio"), limits)),
-            num_proc=nproc,
-            desc="dropping long pairs",
-        )
+    if counts[1:].sum():  # the rows _drop_codes keeps, selected from the lengths already read
+        train = train.select(np.flatnonzero(codes == 0))
     if len(train) == 0:
         raise DataError(
             "every training pair was dropped by the length filters; raise data.max_src_len / "
@@ -512,8 +500,9 @@ def _prepare(
     stats["test"] = len(test) if test is not None else 0
     stats["src_vocab_size"] = tokenizer.src_vocab_size
     stats["tgt_vocab_size"] = tokenizer.tgt_vocab_size
-    stats["train_src_tokens"] = int(_list_lengths(train, "src_ids").sum())
-    stats["train_tgt_tokens"] = int(_list_lengths(train, "tgt_ids").sum())
+    kept = codes == 0  # exactly the rows the length filter keeps: no second pass over the split
+    stats["train_src_tokens"] = int(src_lens[kept].sum())
+    stats["train_tgt_tokens"] = int(tgt_lens[kept].sum())
 
     log(
         f"data: {data_cfg.src}->{data_cfg.tgt} from {data_cfg.path}: train {stats['train']} pairs "

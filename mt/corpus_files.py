@@ -25,11 +25,14 @@ import re
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import pyarrow as pa
 
 from .errors import DataError
+
+if TYPE_CHECKING:  # imported where used: mt-translate counts lines here without loading datasets
+    import datasets
 
 CHUNK_LINES = 100_000  # lines decoded and written per Arrow record batch
 FORMAT = 1  # bump when the files written here change
@@ -175,6 +178,8 @@ def _cached(cache_dir: Path, parts: list, batches: Callable[[], Iterator[pa.Reco
             os.replace(tmp, path)  # complete or absent: a crash mid-read leaves only the .tmp
         finally:
             tmp.unlink(missing_ok=True)
+    import datasets
+
     return datasets.Dataset.from_file(str(path))
 
 

@@ -149,15 +149,6 @@ def read_chunks(stream: BinaryIO, size: int):
         yield first, chunk
 
 
-def count_lines(path: str) -> int:
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
-
-
 # ------------------------------------------------------------------------------- writing
 def alignment_str(hyp) -> str:
     return " ".join(f"{s}-{t}" for s, t in hyp.alignment())
@@ -312,6 +303,8 @@ def run(args: argparse.Namespace) -> None:
         if not args.input and sys.stdin.isatty():
             interactive(tr, args, lp, out, plotter)
             return
+        from .corpus_files import count_lines
+
         total = count_lines(args.input) if args.input and os.path.isfile(args.input) else None  # never eat a pipe
         stream = open(args.input, "rb") if args.input else sys.stdin.buffer
         try:

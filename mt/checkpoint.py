@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,10 @@ class CheckpointWriter:
     Its error does not stop the write; it is raised by the next `save` or `wait`, as it is,
     unless the write failed too: then the write's CheckpointError is raised and the other logged.
 
+    `also` may name several paths (each a hard link to `path`: best.pt -> last.pt, step_<k>.pt);
+    `derived` are (path, make) pairs: `make(snapshot)` is written as a checkpoint of its own
+    (ema.pt); `after_write` runs last (pruning old step_<k>.pt).
+
     `save` copies the state's tensors to the CPU (the parameters keep changing) and returns; the
     thread then does `save_checkpoint` (temp file, fsync, rename: atomic as ever) and, with
     `also`, `copy_checkpoint(path, also)`. One write at a time: `save` first waits for the
@@ -141,11 +145,14 @@ class CheckpointWriter:
         self,
         state: dict[str, Any],
         path: str | os.PathLike,
-        also: str | os.PathLike | None = None,
+        also: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         before_write: Callable[[dict[str, Any]], None] | None = None,
+        derived: Sequence[tuple[str | os.PathLike, Callable[[dict[str, Any]], dict[str, Any]]]] = (),
+        after_write: Callable[[], None] | None = None,
     ) -> None:
         self.wait()  # also frees the buffers the previous write was reading
         snap = self._snapshot(state, {}, [0])
+        links = [] if also is None else [also] if isinstance(also, (str, os.PathLike)) else list(also)
 
         def write() -> None:
             hook_error: BaseException | None = None
@@ -156,8 +163,12 @@ class CheckpointWriter:
                     hook_error = e
             try:
                 save_checkpoint(snap, path)
-                if also is not None:
-                    copy_checkpoint(path, also)
+                for link in links:
+                    copy_checkpoint(path, link)
+                for other, make in derived:  # e.g. ema.pt: a checkpoint of its own, from the same snapshot
+                    save_checkpoint(make(snap), other)
+                if after_write is not None:
+                    after_write()
             except BaseException as e:  # handed to the training thread by wait(): a one-line error
                 self._error = (
                     CheckpointError(f"could not write checkpoint {path}: {first_line(e)}")

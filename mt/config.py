@@ -112,6 +112,14 @@ class TrainerConfig:
     max_sentences: int = 256  # cap on sentences per batch
     eval_every: int = 1000  # validate every N steps (and at the end)
     patience: int = 10  # early stopping: validations without BLEU improvement (0 = never stop)
+    # Weights to combine (mt/averaging.py, docs/training.md "Checkpoint averaging and EMA"):
+    keep_last: int = 0  # keep the checkpoints of the last N validations as step_<k>.pt (0 = none)
+    # At the end: average the last N step_<k>.pt (kept whatever keep_last says), validate the mean
+    # and write it as averaged.pt (0 = off)
+    average_last: int = 0
+    # > 0: keep an exponential moving average of the weights (updated after every step, inside the
+    # CUDA graph too), validated at every validation and written as ema.pt (0 = off)
+    ema_decay: float = 0.0
     log_every: int = 50
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:N

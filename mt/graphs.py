@@ -343,8 +343,10 @@ class TrainStep:
         clip_norm: float,
         device: torch.device | str,
         train_model: nn.Module | None = None,
+        ema=None,
     ):
         self.model, self.train_model = model, train_model if train_model is not None else model
+        self.ema = ema  # an mt.averaging.EMA updated after every optimizer step, or None
         self.optimizer, self.criterion, self.pad_id = optimizer, criterion, pad_id
         self.amp_dtype, self.device = amp_dtype, torch.device(device)
         self.max_norm = clip_norm if clip_norm > 0 else float("inf")
@@ -366,9 +368,11 @@ class TrainStep:
         return loss_sum, nll_sum
 
     def update(self) -> Tensor:
-        """Clip (the norm before clipping is returned), step, zero the gradients."""
+        """Clip (the norm before clipping is returned), step, zero the gradients (and update the EMA)."""
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -424,8 +428,10 @@ class GraphedTrainStep:
         device: torch.device | str,
         warmup: int = 2,
         emulate: bool = False,
+        ema=None,
     ):
         self.device = torch.device(device)
+        self.ema = ema  # an mt.averaging.EMA: its update is part of the captured step
         self.capture = self.device.type == "cuda" and not emulate
         if self.device.type != "cuda" and not emulate:
             raise MTError(
@@ -468,6 +474,8 @@ class GraphedTrainStep:
             with warnings.catch_warnings():  # capturable=True outside a capture warns once
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self.optimizer.step()
+            if self.ema is not None:  # device tensors only (the count too): captured like the rest
+                self.ema.update()
             self.out[0].copy_(loss_sum.detach())
             self.out[1].copy_(nll_sum)
             self.out[2].copy_(grad_norm)

@@ -40,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import batching, data, graphs, precompile
-from .checkpoint import CheckpointWriter, load_checkpoint
+from .averaging import EMA, average_checkpoints, choose_for_average, prune_step_checkpoints, step_checkpoint_name
+from .checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .distributed import Distributed, rng_state, seed_everything, set_rng_state
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
@@ -127,6 +128,12 @@ class Trainer:
         self.saver, self.workers, self.watch, self.precompile_barrier = saver, workers, watch, precompile_barrier
         ckpt_dir = out_dir / "checkpoints"
         self.out_dir, self.last_path, self.best_path = out_dir, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+        self.ckpt_dir, self.ema_path, self.averaged_path = ckpt_dir, ckpt_dir / "ema.pt", ckpt_dir / "averaged.pt"
+        # step_<k>.pt of the last validations: trainer.keep_last, at least what average_last needs
+        self.keep = max(cfg.trainer.keep_last, cfg.trainer.average_last)
+        self.ema: EMA | None = None
+        self.ema_metrics: dict[str, Any] = {}  # the EMA weights' scores at the last validation
+        self.averaged_metrics: dict[str, Any] = {}
         self.state = TrainState()
         self.last_metrics: dict[str, Any] = {}
         self.stopped_early = self.time_up = False
@@ -187,6 +194,8 @@ class Trainer:
         seed_everything(tc.seed)
         self.model = Seq2Seq(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id).to(self.device)
         self.optimizer = make_optimizer(self.model, self.oc)
+        if tc.ema_decay > 0:
+            self.ema = EMA(self.model, tc.ema_decay)
         self.scheduler = make_scheduler(self.optimizer, self.oc, tc.max_steps)
         self.criterion = nn.CrossEntropyLoss(
             ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing, reduction="sum"
@@ -242,6 +251,13 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {self.last_path} does not fit this model: {first_line(e)}") from None
         self.state.load_state_dict(state)
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # trainer.ema_decay switched on for the rest of a run
+                self.ema = EMA(self.model, self.tc.ema_decay)
+                if self.ddp.main:
+                    log.warning("%s has no EMA weights: the EMA starts from its weights now", self.last_path)
         rngs = state["rng"]
         set_rng_state(rngs[self.ddp.rank] if self.ddp.rank < len(rngs) else rngs[0])
         if self.ddp.main:
@@ -314,7 +330,9 @@ class Trainer:
                 train_model = nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.device] if self.device.type == "cuda" else None
                 )
-            self.stepper = graphs.TrainStep(model, self.optimizer, self.criterion, train_model=train_model, **kw)
+            self.stepper = graphs.TrainStep(
+                model, self.optimizer, self.criterion, train_model=train_model, ema=self.ema, **kw
+            )
             return
         graphs.make_capturable(self.optimizer, self.device)  # after resume's load: lr as a device tensor
         self.buckets = graphs.ShapeBuckets.from_budget(
@@ -324,7 +342,9 @@ class Trainer:
             lengths=tc.graph_lengths,
             batch_sizes=tc.graph_batch_sizes,
         )
-        self.stepper = graphs.GraphedTrainStep(model, self.optimizer, self.criterion, buckets=self.buckets, **kw)
+        self.stepper = graphs.GraphedTrainStep(
+            model, self.optimizer, self.criterion, buckets=self.buckets, ema=self.ema, **kw
+        )
         self.decoder_graphs = graphs.GraphedDecoder(model)
         if self.ddp.main:
             log.info("CUDA graphs on: %d batch shapes (batch, src, tgt) %s", len(self.buckets), self.buckets.shapes)
@@ -509,6 +529,9 @@ class Trainer:
         improved = False
         if ddp.main:
             metrics, report = self.score_validation()
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    self.ema_metrics = self.score_weights("valid_ema")
             improved = metrics["bleu"] > s.best_bleu
             if improved:
                 s.best_bleu, s.bad_evals = metrics["bleu"], 0
@@ -536,6 +559,9 @@ class Trainer:
                 " *" if improved else "",
                 time.perf_counter() - t0,
             )
+            if self.ema is not None:
+                m = self.ema_metrics
+                log.info("step %d | EMA weights: valid loss %.3f | BLEU %.2f", s.step, m["loss"], m["bleu"])
         self.model.train()
         self.last_metrics, self.last_eval_step = metrics, s.step
         self.time_up = self.time_up or bool(timed_out)  # the validation may have used up the time
@@ -585,6 +611,29 @@ class Trainer:
         self.signature_logged = True
         return metrics, report
 
+    def score_weights(self, tag: str) -> dict[str, Any]:
+        """Loss and the three scores of the validation split for the weights the model holds now
+        (the EMA's, an average's), on TensorBoard under `tag`/: what best.pt's weights are
+        compared with."""
+        tc, tok, step = self.tc, self.tok, self.state.step
+        vloss = validation_loss(self.model, self.valid_loader, self.device, self.amp_dtype, tok.pad_id)
+        with autocast(self.device, self.amp_dtype):
+            decoded = decode_dataset(
+                self.model,
+                self.valid_src_ids,
+                tok,
+                self.device,
+                batch_size=tc.valid_batch_size,
+                max_len_a=tc.valid_max_len_a,
+                max_len_b=tc.valid_max_len_b,
+                graphs=self.decoder_graphs,
+            )
+        hyps = tok.decode_tgt(decoded.tokens)
+        metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, self.valid_refs)}
+        for k in ("loss", "bleu", "chrf", "bleu_lc"):
+            self.writer.add_scalar(f"{tag}/{k}", metrics[k], step)
+        return metrics
+
     def save_checkpoint(self, metrics: dict[str, Any], improved: bool, report) -> None:
         """In the background: the report, then the checkpoint (improved: best.pt, then last.pt as
         the same file; mt/checkpoint.py). The next save waits for both. Every rank's RNG is in it."""
@@ -604,11 +653,21 @@ class Trainer:
             "tokenizer": self.tok.state_dict(),
             "metrics": metrics,
         }
+        derived = []
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()  # resumed exactly from last.pt
+            ema_metrics, decay = dict(self.ema_metrics), self.ema.decay
+            derived.append((self.ema_path, lambda snap: ema_checkpoint(snap, ema_metrics, decay)))
+        links = [self.last_path] if improved else []
+        if self.keep > 0:
+            links.append(self.ckpt_dir / step_checkpoint_name(self.state.step))
         self.saver.save(
             checkpoint,
             self.best_path if improved else self.last_path,
-            also=self.last_path if improved else None,
+            also=links,
             before_write=report,
+            derived=derived,
+            after_write=(lambda: prune_step_checkpoints(self.ckpt_dir, self.keep)) if self.keep > 0 else None,
         )
 
     # ------------------------------------------------------------------ finish
@@ -617,6 +676,8 @@ class Trainer:
         if self.ddp.main:
             self.progress.close()
             self.saver.wait()  # the last validation's report (TensorBoard, log) and checkpoint are done
+            if self.tc.average_last > 0:
+                self.average_last()
             if self.watch is not None:
                 log.info("triton: %s", self.watch.summary())
             if self.use_graphs:
@@ -646,11 +707,55 @@ class Trainer:
             "stopped_early": self.stopped_early,
             "best_path": str(self.best_path),
             "last_path": str(self.last_path),
+            "ema_bleu": self.ema_metrics.get("bleu"),
+            "averaged_bleu": self.averaged_metrics.get("bleu"),
+            "chosen_path": str(self.chosen()[0]),
         }
 
+    def average_last(self) -> None:
+        """averaged.pt: the mean of the last trainer.average_last step_<k>.pt, validated (rank 0)."""
+        n = self.tc.average_last
+        paths = choose_for_average(self.ckpt_dir, min(n, len(list(self.ckpt_dir.glob("step_*.pt")))))
+        t0 = time.perf_counter()
+        state = average_checkpoints(paths)
+        live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(state["model"])  # in place: the decoder's CUDA graphs read it too
+            self.averaged_metrics = self.score_weights("valid_averaged")
+        finally:
+            self.model.load_state_dict(live)
+        state["metrics"] = self.averaged_metrics
+        save_checkpoint(state, self.averaged_path)
+        log.info(
+            "averaged the last %d checkpoints (steps %s): valid loss %.3f | BLEU %.2f | %.1fs -> %s",
+            len(paths),
+            ", ".join(str(k) for k in state["averaged"]["steps"]),
+            self.averaged_metrics["loss"],
+            self.averaged_metrics["bleu"],
+            time.perf_counter() - t0,
+            self.averaged_path,
+        )
+
+    def chosen(self) -> tuple[Path, str]:
+        """The checkpoint of this run with the best validation BLEU (greedy, as every validation
+        decodes): best.pt, ema.pt (its last validation) or averaged.pt; and why, in words."""
+        best = self.best_path if self.best_path.exists() else self.last_path
+        candidates = [(self.state.best_bleu, best)]
+        if self.ema_metrics and self.ema_path.exists():
+            candidates.append((self.ema_metrics["bleu"], self.ema_path))
+        if self.averaged_metrics and self.averaged_path.exists():
+            candidates.append((self.averaged_metrics["bleu"], self.averaged_path))
+        bleu, path = max(candidates, key=lambda c: c[0])  # ties: the first (best.pt)
+        why = ", ".join(f"{p.name} {b:.2f}" for b, p in candidates)
+        return path, why
+
     def log_next_steps(self) -> None:
-        """The commands that use this run, with its real paths."""
-        best = shlex.quote(str(self.best_path if self.best_path.exists() else self.last_path))
+        """The commands that use this run, with its real paths: for its checkpoint with the best
+        validation BLEU."""
+        path, why = self.chosen()
+        if len(why.split(",")) > 1:
+            log.info("validation BLEU (greedy): %s -> %s", why, path.name)
+        best = shlex.quote(str(path))
         src, tgt = self.cfg.data.src, self.cfg.data.tgt
         log.info(
             "next:\n  evaluate:  mt-evaluate checkpoint=%s split=test\n"
@@ -662,6 +767,19 @@ class Trainer:
             tgt,
             shlex.quote(str(self.out_dir / "tensorboard")),
         )
+
+
+def ema_checkpoint(snap: dict[str, Any], metrics: dict[str, Any], decay: float) -> dict[str, Any]:
+    """ema.pt from a validation's checkpoint snapshot: the EMA weights as the model, loadable by
+    every command (no optimizer: runs resume from last.pt, which holds the EMA too)."""
+    return {
+        "model": snap["ema"]["model"],
+        "config": snap["config"],
+        "tokenizer": snap["tokenizer"],
+        "step": snap["step"],
+        "metrics": metrics,
+        "averaged": {"kind": "ema", "decay": decay, "step": snap["step"]},
+    }
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:

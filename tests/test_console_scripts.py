@@ -20,6 +20,7 @@ COMMANDS = {
     "mt-translate": "mt.translate:main",
     "mt-export": "mt.export:main",
     "mt-serve": "mt.serve:main",
+    "mt-average": "mt.average:main",
 }
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from mt.averaging import EMA
 from mt.batching import TokenBucketSampler, collate
 from mt.config import ModelConfig
 from mt.errors import MTError
@@ -217,22 +218,27 @@ def test_emulated_graphed_steps_match_eager_training(cell):
         opt = torch.optim.Adam(model.parameters(), lr=3e-2, betas=(0.9, 0.98), eps=1e-9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 3, 1.0))
         kw = dict(pad_id=PAD, amp_dtype=None, clip_norm=0.5, device="cpu")
+        ema = EMA(model, decay=0.9)  # updated inside the (emulated) graph
         if graphed:
-            step = GraphedTrainStep(model, opt, criterion(), buckets=buckets, emulate=True, **kw)
+            step = GraphedTrainStep(model, opt, criterion(), buckets=buckets, emulate=True, ema=ema, **kw)
         else:
-            step = TrainStep(model, opt, criterion(), **kw)
+            step = TrainStep(model, opt, criterion(), ema=ema, **kw)
         log = []
         for b in batches:
             loss_sum, nll_sum = step.forward_backward(b)
             loss_v, nll_v = loss_sum.item(), nll_sum.item()
             log.append((loss_v, nll_v, float(step.update())))
             sched.step()
-        runs.append((log, [p.detach().clone() for p in model.parameters()], step))
-    (eager_log, eager_w, _), (graph_log, graph_w, gstep) = runs
+        runs.append((log, [p.detach().clone() for p in model.parameters()], step, ema))
+    (eager_log, eager_w, _, eager_ema), (graph_log, graph_w, gstep, graph_ema) = runs
     assert gstep.stats == {"emulated": 7, "eager": 1}
     np.testing.assert_allclose(graph_log, eager_log, rtol=2e-6, atol=1e-9)
     for a, b in zip(graph_w, eager_w):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert graph_ema.updates.item() == eager_ema.updates.item() == len(batches)
+    for a, b, w in zip(graph_ema.shadow, eager_ema.shadow, graph_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(a, w)  # an average, not the weights
 
 
 def test_graphed_train_step_needs_cuda_or_emulation():

@@ -14,6 +14,8 @@ about graphs.
                             on the same data: losses, NLL sums and gradient norms agree to 1e-5
                             (expected: exactly). The graphed run reads them a step late, as mt.train
                             does (mt.step_stats), so its host runs a step ahead of the GPU.
+  train_graph_updates_the_ema  the EMA of the weights (mt.averaging) updated inside the captured
+                            step: its weights after the run against the emulated run's.
   train_graph_vs_eager      20 steps, fp32 with TF32 off, dropout 0: GraphedTrainStep against
                             TrainStep on the unpadded batches (trainer.cuda_graphs=false: plain
                             Adam, cuDNN packed). Padding and the optimizer implementation change
@@ -40,6 +42,7 @@ import torch
 from test_graphs import BOS, EOS, PAD, criterion, make_batch, tiny_model
 
 from mt import graphs
+from mt.averaging import EMA
 from mt.search import search
 from mt.step_stats import StepStats, step_values
 
@@ -90,16 +93,19 @@ def training_batches(n_steps: int) -> list:
 
 
 def run_training(
-    device: str, cell: str, mode: str, batches: list, amp_dtype, dropout: float, lagged: bool = False
+    device: str, cell: str, mode: str, batches: list, amp_dtype, dropout: float, lagged: bool = False, ema=None
 ) -> tuple[list, dict]:
     """mode: graph | emulate | eager. Returns per step [loss_sum, nll_sum, grad_norm] and the
-    step's stats. lagged: read them a step late as mt.train does, else right after each step."""
+    step's stats. lagged: read them a step late as mt.train does, else right after each step.
+    ema: a decay: an EMA of the weights is updated by the step, and its weights are returned
+    as stats["ema"]."""
     model = small_model(device, cell, dropout).train()
+    average = EMA(model, ema) if ema else None
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 5, 1.0))
     kw = dict(pad_id=PAD, amp_dtype=amp_dtype, clip_norm=1.0, device=device)
     if mode == "eager":
-        step = graphs.TrainStep(model, opt, criterion(), **kw)
+        step = graphs.TrainStep(model, opt, criterion(), ema=average, **kw)
     else:
         if device == "cuda":  # (a CPU Adam cannot be capturable)
             graphs.make_capturable(opt, device)
@@ -109,6 +115,7 @@ def run_training(
             criterion(),
             buckets=graphs.ShapeBuckets([(16, 12, 12), (8, 20, 20)]),
             emulate=mode == "emulate" or device != "cuda",
+            ema=average,
             **kw,
         )
     torch.manual_seed(1234)  # the same dropout masks for every mode
@@ -128,7 +135,10 @@ def run_training(
             )
             log += [[row[0], row[1], row[4]] for _, row in pending.ready()]
     log += [[row[0], row[1], row[4]] for _, row in pending.drain()]
-    return log, dict(getattr(step, "stats", {}))
+    stats = dict(getattr(step, "stats", {}))
+    if average is not None:
+        stats["ema"] = [s.detach().float().cpu() for s in average.shadow]
+    return log, stats
 
 
 @pytest.mark.parametrize("device, cell", cases())
@@ -143,6 +153,19 @@ def test_train_graph_vs_emulated(device, cell):
     assert gstats.get("eager", 0) == int(steps > 7), gstats  # the batch that fits no bucket
     if device == "cuda":
         assert gstats.get("captured") == 2 and gstats.get("replayed", 0) >= steps - 10, gstats
+
+
+@pytest.mark.parametrize("device, cell", cases())
+def test_train_graph_updates_the_ema(device, cell):
+    """The EMA update is part of the captured step: its weights after the replays equal the
+    emulated run's (same steps, same dropout masks)."""
+    batches = training_batches(STEPS[device])
+    _, g = run_training(device, cell, "graph", batches, torch.bfloat16, 0.3, ema=0.9)
+    _, e = run_training(device, cell, "emulate", batches, torch.bfloat16, 0.3, ema=0.9)
+    if device == "cuda":
+        assert g.get("captured") == 2, g
+    for a, b in zip(g["ema"], e["ema"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture

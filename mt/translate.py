@@ -10,6 +10,8 @@ Installed as the `mt-translate` command; also `python -m mt.translate` and `pyth
     mt-translate --checkpoint CKPT --align < in.de              # hypothesis<TAB>0-0 1-2 ...
     mt-translate --checkpoint CKPT --plot-attention attn.png --input in.de
     mt-translate --checkpoint CKPT                              # on a terminal: interactive
+    mt-translate --checkpoint CKPT --input in.de --score-targets hyp.en   # score given translations
+    mt-translate --checkpoint CKPT --input in.de --rescore in.nbest       # rescore an n-best list
 
 Output (stdout or --output; logs, warnings and the progress bar go to stderr):
   plain        the detokenized translation; an empty input line gives an empty output line
@@ -21,6 +23,10 @@ Output (stdout or --output; logs, warnings and the progress bar go to stderr):
   --nbest N    Moses style, N lines per input line, best first: `i ||| translation ||| score`
                (i = 0-based input line index), with --align `i ||| translation ||| score ||| alignment`;
                an empty input line gives the single line `i |||  ||| 0.0000`.
+  --score-targets FILE   no translating: one line per input line scoring FILE's line,
+               `score<TAB>log_prob<TAB>ntokens<TAB>token log-probs` (--score-format json: JSON lines)
+  --rescore NBEST  no translating: the n-best list (--nbest format) with this model's scores, best
+               first per input line (mt/scoring.py; docs/decoding.md, "Scoring given translations")
 
 Input is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD with a warning naming
 the line. Lines are processed in chunks of --chunk-size lines: each chunk is sorted by length into
@@ -116,19 +122,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--chunk-size", type=int, default=1000, help="lines read, translated and flushed at a time")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
+    from mt import scoring
+
+    scoring.add_args(p)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------- reading
-def decode_line(raw: bytes, lineno: int) -> str:
-    """Bytes of one line (newline removed) -> text; invalid UTF-8 is replaced, with a warning."""
+def decode_line(raw: bytes, lineno: int, where: str | None = None) -> str:
+    """Bytes of one line (newline removed) -> text; invalid UTF-8 is replaced, with a warning
+    (naming the file `where` too, when given)."""
     if raw.endswith(b"\r"):
         raw = raw[:-1]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         log.warning(
-            "line %d: invalid UTF-8 (byte 0x%02x at column %d); undecodable bytes replaced by U+FFFD",
+            "%sline %d: invalid UTF-8 (byte 0x%02x at column %d); undecodable bytes replaced by U+FFFD",
+            f"{where} " if where else "",
             lineno,
             raw[e.start],
             e.start + 1,
@@ -263,6 +274,7 @@ def interactive(tr, args: argparse.Namespace, lp, out: TextIO, plotter: Plotter)
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from mt import scoring
     from mt.errors import MTError
     from mt.search import parse_length_penalty
     from mt.translator import Translator, is_checkpoint_default
@@ -279,7 +291,10 @@ def run(args: argparse.Namespace) -> None:
         parse_length_penalty(args.length_penalty)  # a bad value fails before the checkpoint loads
     if args.input and not (os.path.exists(args.input) and os.access(args.input, os.R_OK)):
         raise MTError(f"input file not found or not readable: {args.input}")  # pipes and /dev/stdin are fine
-    if args.plot_attention:
+    nbest_entries = None
+    if scoring.wanted(args):
+        nbest_entries = scoring.check_args(args)  # before the model loads
+    elif args.plot_attention:
         _check_plot_path(args.plot_attention)
 
     tr = Translator.load(
@@ -297,6 +312,9 @@ def run(args: argparse.Namespace) -> None:
         args.beam,
         lp,
     )
+    if scoring.wanted(args):
+        scoring.run_cli(tr, args, lp, nbest_entries)
+        return
     plotter = Plotter(args.plot_attention)
     out = open_output(args.output)
     try:

@@ -7,6 +7,7 @@
     hyps = tr.translate(["ein hund läuft .", ""])                   # the recipe's beam and length penalty
     hyps = tr.translate(["ein hund läuft ."], beam=1, length_penalty=None)  # greedy
     hyps[0].text, hyps[0].score, hyps[0].tokens, hyps[0].attention  # (out x src) weights
+    scored = tr.score(["ein hund läuft ."], ["a dog runs ."])   # forced scoring (mt/scoring.py)
 
 The checkpoint alone is enough: it holds the model weights, the training config (model shape,
 languages, max source length, the recipe's decoding settings) and the SentencePiece models; a
@@ -330,6 +331,27 @@ class Translator:
         if nbest == 1:
             return [r[0] for r in results]
         return results
+
+    @torch.no_grad()
+    def score(
+        self,
+        sources: list[str],
+        targets: list,
+        length_penalty: LengthPenalty | str = CHECKPOINT,
+        batch_size: int = 32,
+        max_src_len: int | None = None,
+        first_line: int = 1,
+    ):
+        """Force-score given translations: targets[i] (text, or a list of target piece ids such
+        as `Hypothesis.ids`) as a translation of sources[i]. Returns one
+        `mt.scoring.ScoredTranslation` per pair, in order: log_prob (EOS included),
+        token_log_probs, ntokens, score = log_prob / lp(ntokens) (length penalty: the
+        checkpoint's unless given) and the pieces. Different counts: a one-line MTError.
+        Conventions (empty lines, truncation): mt/scoring.py."""
+        from .scoring import score_pairs
+
+        _, lp = self.decoding(None, length_penalty)
+        return score_pairs(self, sources, targets, lp, batch_size, max_src_len, first_line)
 
 
 def plot_attention(hyp: Hypothesis, path: str | os.PathLike) -> Path:

@@ -279,7 +279,9 @@ def _check_testset_args(cfg: EvaluateConfig) -> None:
 def _checkpoints(value: Any) -> list[str]:
     """checkpoint=PATH or checkpoint=[A,B,...] -> the list of sources (one-line MTError otherwise)."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items or not all(isinstance(x, (str, os.PathLike)) and str(x).strip() for x in items):
+    # Hydra types an override's value: a path that reads as a number is one (checkpoint: Any)
+    ok = (str, os.PathLike, int, float)
+    if not items or not all(isinstance(x, ok) and not isinstance(x, bool) and str(x).strip() for x in items):
         raise MTError(f"checkpoint={value!r}: give a checkpoint, model folder or Hub id, or a list of them [A,B]")
     return [str(x) for x in items]
 

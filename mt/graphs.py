@@ -607,7 +607,9 @@ class GraphedDecoder:
     stream, the next one is captured; the encoder's warm-up is always the shape's first batch,
     run eagerly on the caller's stream under the caller's autocast (it sizes the buffers), and
     the second batch captures it. `stats` counts the search steps, `encoder_stats` the
-    encoder's runs.
+    encoder's runs. `model` may be an `mt.ensemble.Ensemble`: its slots then hold every member's
+    memory and state, and each member's step weights and casts are refreshed with the encoder, so
+    the whole ensemble step (every member's decoder, the combination, the bookkeeping) is one graph.
     """
 
     def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):

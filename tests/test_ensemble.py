@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import REPO, toy_translate
 
+from mt import kernels
 from mt.config import ModelConfig
 from mt.ensemble import Ensemble, combine_logits, tokenizer_mismatch
 from mt.errors import MTError
@@ -474,3 +475,35 @@ def test_bench_decode_times_ensembles_against_one_model(ckpt, tiny_run, tmp_path
     assert all(r["sentences"] == 6 and r["vs_one_model"] > 0 for r in results)
     printed = capsys.readouterr().out
     assert "greedy x3" in printed and "x one model's speed" in printed
+
+
+@pytest.mark.skipif(not kernels.triton_available(), reason="needs Triton")
+def test_triton_members_take_the_fused_search_kernels_on_the_combined_log_probs(monkeypatch):
+    """Every member on the Triton cell (here the interpreter): the ensemble's backend is "triton",
+    so the fused log-softmax/top-k, the bookkeeping kernels and the per-member state gather run
+    on the combined values, under the static-shape search; the results are those of the same
+    models on the PyTorch cell."""
+    import copy
+
+    from mt.kernels import search_beam
+
+    models = [tiny_model(dtype=torch.float32), other_model(dtype=torch.float32)]
+    twins = [copy.deepcopy(m) for m in models]
+    for m in twins:
+        m.cfg.cell = "triton"
+    ens = Ensemble(twins)
+    assert ens.backend(torch.device("cpu")) == "triton"
+    gathered = []
+    real = search_beam.gather_rows
+    monkeypatch.setattr(
+        search_beam, "gather_rows", lambda rows, srcs, dsts: (gathered.append(len(srcs)), real(rows, srcs, dsts))
+    )
+    src, src_len = batch(2, max_src=5, seed=2)
+    graphs = GraphedDecoder(ens, emulate=True)
+    for beam in (1, 3):
+        kw = dict(beam=beam, length_penalty=1.0 if beam > 1 else None, max_len_b=2)
+        out = search(ens, src, src_len, BOS, EOS, graphs=graphs, **kw)
+        ref = search(Ensemble(models), src, src_len, BOS, EOS, **kw)
+        assert out.tokens == ref.tokens
+        assert out.scores == pytest.approx(ref.scores, rel=1e-5)
+    assert set(gathered) == {2 * 2 + 1, 2 * 1 + 1}  # each member's h, c and feed: one launch per member

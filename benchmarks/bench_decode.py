@@ -5,6 +5,8 @@
     python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint CKPT --device cuda --batch-size 128 --beam 5 --json bench.json
     python benchmarks/bench_decode.py --data DATA/test.jsonl --random-init --device cuda    # no checkpoint: untrained default-size model
     python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint CKPT --device cpu --threads 1 --limit 200
+    python benchmarks/bench_decode.py --data DATA/test.jsonl --checkpoint CKPT --device cuda --ensemble 1 2 4
+    python benchmarks/bench_decode.py --data DATA/test.jsonl -c CKPT_A -c CKPT_B --ensemble 1 2   # two real models
 
 Reads the test file given by --data directly (a Multi30k-style test.jsonl, one JSON object per
 line), takes the source field named by the checkpoint's data.src (or --src),
@@ -12,6 +14,12 @@ and translates every line with `Translator.translate`, i.e. sorted by length int
 --batch-size sentences, as scripts/translate.py does. For each setting it prints the device,
 batch size, wall time, sentences/s and output tokens/s (tokens = SentencePiece pieces the decoder
 scored, EOS included). A warm-up batch runs first and is not timed.
+
+--ensemble N [N ...] times ensembles of N models (mt/ensemble.py) against one model: the first N
+models given with --checkpoint, filled up with copies of them (the same weights, but a model's
+whole decoding cost each: what an ensemble of N different models of that size costs); each line
+then also says its speed as a fraction of one model's. Without --ensemble, several --checkpoint
+are timed as one ensemble of them.
 
 --random-init builds an untrained model of the default ModelConfig size (2x512 LSTMs, Luong
 attention) with a SentencePiece model trained on the test sentences themselves. An untrained
@@ -40,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", "-c", help="checkpoint file (RUN/checkpoints/best.pt), model folder or hub id")
+    g.add_argument(
+        "--checkpoint",
+        "-c",
+        action="append",
+        help="checkpoint file (RUN/checkpoints/best.pt), model folder or hub id; again: more models for an ensemble",
+    )
     g.add_argument("--random-init", action="store_true", help="untrained default-size model, no checkpoint needed")
     p.add_argument("--data", required=True, help="JSON-lines test file, e.g. /path/to/multi30k/test.jsonl")
     p.add_argument(
@@ -56,6 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the fastest is reported)")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="ensemble sizes to time, e.g. 1 2 4 (copies of the given models fill up an ensemble)",
+    )
+    p.add_argument(
+        "--ensemble-combine", default="logprob", choices=["logprob", "prob"], help="how an ensemble averages"
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -106,6 +130,22 @@ def random_translator(args: argparse.Namespace):
     return Translator(model, tok, cfg, device, cuda_graphs=args.cuda_graphs)
 
 
+def sized(base: list, n: int, args: argparse.Namespace):
+    """A Translator decoding with n models: base[0] itself for n == 1, else an ensemble of base's
+    first n models, copies of them (deep: weights of their own) where base has fewer."""
+    import copy
+
+    from mt.ensemble import Ensemble
+    from mt.translator import Translator
+
+    first = base[0]
+    if n == 1:
+        return Translator(first.model, first.tokenizer, first.config, first.device, cuda_graphs=args.cuda_graphs)
+    models = [base[i].model if i < len(base) else copy.deepcopy(base[i % len(base)].model) for i in range(n)]
+    ens = Ensemble(models, args.ensemble_combine)
+    return Translator(ens, first.tokenizer, first.config, first.device, cuda_graphs=args.cuda_graphs)
+
+
 def bench(tr, lines: list[str], beam: int, lp, args: argparse.Namespace) -> dict:
     import torch
 
@@ -145,20 +185,31 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     if args.beam < 1 or args.batch_size < 1:
         raise MTError("--beam and --batch-size must be >= 1")
+    if args.ensemble is not None and min(args.ensemble) < 1:
+        raise MTError(f"--ensemble sizes must be >= 1 (got {args.ensemble})")
     lp = parse_length_penalty(args.length_penalty)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.random_init:
-        tr = random_translator(args)
+        base = [random_translator(args)]
         what = "random-init model"
     else:
-        tr = Translator.load(args.checkpoint, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs)
-        what = args.checkpoint
+        kw = dict(device=args.device, cell=args.cell, cuda_graphs=False, combine=args.ensemble_combine)
+        base = [Translator.load(c, **kw) for c in args.checkpoint]
+        if len(base) > 1:  # the same checks as an ensemble loaded for translating
+            Translator.ensemble(base, args.checkpoint, args.ensemble_combine, cuda_graphs=False)
+        what = ", ".join(args.checkpoint)
+    sizes = sorted(set(args.ensemble or [len(base)]))
+    # one Translator (and CUDA-graph cache) per size; one model's is the baseline every size is compared with
+    translators = {n: sized(base, n, args) for n in sorted({*sizes, 1} if args.ensemble else sizes)}
+    tr = translators[sizes[0]]
     lines = read_sources(args.data, args.src or tr.src_lang, args.limit)
     device_name = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else platform.processor() or "cpu"
+    one = base[0].model
     print(
-        f"model: {what} ({count_parameters(tr.model):,} parameters, cell {tr.model.cfg.cell} -> "
-        f"{tr.model.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}",
+        f"model: {what} ({count_parameters(one):,} parameters, cell {one.cfg.cell} -> "
+        f"{one.backend(tr.device)}), {tr.src_lang}->{tr.tgt_lang}"
+        + (f" | ensembles of {', '.join(map(str, sizes))} ({args.ensemble_combine})" if sizes != [1] else ""),
         file=sys.stderr,
     )
     print(
@@ -170,19 +221,28 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     settings = [("greedy", 1, None), (f"beam {args.beam}", args.beam, lp)]
     for name, beam, pen in settings:
-        r = {
-            "setting": name,
-            "device": str(tr.device),
-            "device_name": device_name,
-            "batch_size": args.batch_size,
-            "cuda_graphs": tr.graphs is not None,
-            **bench(tr, lines, beam, pen, args),
-        }
-        results.append(r)
-        print(
-            f"{name:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
-            f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen})"
-        )
+        single = None  # one model's sentences/s in this setting
+        for n, t in translators.items():
+            r = {
+                "setting": name,
+                "ensemble": n,
+                "device": str(t.device),
+                "device_name": device_name,
+                "batch_size": args.batch_size,
+                "cuda_graphs": t.graphs is not None,
+                **bench(t, lines, beam, pen, args),
+            }
+            single = r["sentences_per_s"] if n == 1 else single
+            r["vs_one_model"] = round(r["sentences_per_s"] / single, 3) if single else None
+            if n not in sizes:  # timed only as the baseline
+                continue
+            results.append(r)
+            label = name if args.ensemble is None else f"{name} x{n}"
+            vs = f", {r['vs_one_model']:.2f}x one model's speed" if n > 1 and single else ""
+            print(
+                f"{label:>8}: {r['seconds']:8.3f} s  {r['sentences_per_s']:9.1f} sent/s  {r['tokens_per_s']:10.1f} tok/s"
+                f"  (device {r['device']}, batch size {r['batch_size']}, length penalty {pen}{vs})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results

@@ -7,9 +7,12 @@ or `python -m mt.evaluate`).
     mt-evaluate checkpoint=USER/NAME revision=COMMIT data.path=DIR   # a model folder or Hub id
     mt-evaluate checkpoint=PATH testset=wmt14                   # newstest2014, the checkpoint's direction
     mt-evaluate checkpoint=PATH testset=wmt14 langpair=en-de
+    mt-evaluate 'checkpoint=[CKPT_A,CKPT_B]' data.path=DIR       # an ensemble (mt/ensemble.py)
 
 `checkpoint` is a checkpoint file, a model folder written by mt-export or a Hugging Face model id
-(`Translator.load`). The checkpoint supplies the model, the SentencePiece models, the data config it was trained
+(`Translator.load`); a list of them decodes as one ensemble (same tokenizer; `ensemble_combine=prob`
+averages probabilities instead of log-probabilities; the first model supplies the settings below).
+The checkpoint supplies the model, the SentencePiece models, the data config it was trained
 with (`data.path`, `data.name`, `data.src`, `data.tgt` override it) and the recipe's decoding
 settings `decoding.beam` / `decoding.length_penalty`, used unless `beam=` / `length_penalty=` say
 otherwise. The split is decoded
@@ -64,7 +67,9 @@ class EvalDataConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = MISSING  # checkpoint file, model folder (mt-export) or Hugging Face model id USER/NAME
+    # checkpoint file, model folder (mt-export) or Hugging Face model id USER/NAME; a list: an ensemble
+    checkpoint: Any = MISSING
+    ensemble_combine: str = "logprob"  # with a list: average the log-probabilities (logprob) or probabilities (prob)
     revision: str | None = None  # with a Hugging Face model id: branch, tag or commit (null = main)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: str | None = None  # test | validation | train (or an alias: valid, val, dev, ...); null = test
@@ -271,6 +276,16 @@ def _check_testset_args(cfg: EvaluateConfig) -> None:
         check_langpair(cfg.testset, cfg.langpair)
 
 
+def _checkpoints(value: Any) -> list[str]:
+    """checkpoint=PATH or checkpoint=[A,B,...] -> the list of sources (one-line MTError otherwise)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    # Hydra types an override's value: a path that reads as a number is one (checkpoint: Any)
+    ok = (str, os.PathLike, int, float)
+    if not items or not all(isinstance(x, ok) and not isinstance(x, bool) and str(x).strip() for x in items):
+        raise MTError(f"checkpoint={value!r}: give a checkpoint, model folder or Hub id, or a list of them [A,B]")
+    return [str(x) for x in items]
+
+
 def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Decode `cfg.split` (or the sacreBLEU test set `cfg.testset`) with the checkpoint, score it,
     write hypotheses and scores to `cfg.output_dir` or `out_dir`. Returns the scores dict (also
@@ -282,8 +297,14 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     if cfg.batch_size < 1:
         raise MTError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     _check_testset_args(cfg)
+    checkpoints = _checkpoints(cfg.checkpoint)
     tr = Translator.load(
-        cfg.checkpoint, revision=cfg.revision, device=cfg.device, cell=cfg.cell, cuda_graphs=cfg.cuda_graphs
+        checkpoints,
+        revision=cfg.revision,
+        device=cfg.device,
+        cell=cfg.cell,
+        cuda_graphs=cfg.cuda_graphs,
+        combine=cfg.ensemble_combine,
     )
     beam, lp = tr.decoding(cfg.beam, cfg.length_penalty)
     more_refs: list[list[str]] = []
@@ -315,7 +336,7 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info(
         "evaluating %s on %s: %d sentences, %s->%s, beam %d, length penalty %s, device %s",
-        cfg.checkpoint,
+        checkpoints[0] if len(checkpoints) == 1 else f"an ensemble of {checkpoints} ({cfg.ensemble_combine})",
         what,
         len(srcs),
         src,
@@ -341,7 +362,8 @@ def evaluate(cfg: EvaluateConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result: dict[str, Any] = {
         **scores,
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
+        **({"ensemble_combine": cfg.ensemble_combine} if len(checkpoints) > 1 else {}),
         **where,
         "src": src,
         "tgt": tgt,

@@ -75,6 +75,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import ensemble
 from .errors import MTError
 from .loss import loss_sums
 from .model import DecoderState, Memory, Seq2Seq
@@ -572,9 +573,8 @@ class _DecodeSlot(_Graphed):
 
     def keep(self, memory: Memory, dec: DecoderState) -> None:
         """The first batch's encoder results become the static buffers (`store` refills them)."""
-        self.memory = Memory(memory.out.clone(), None, memory.mask.clone(), memory.backend)
-        self.memory.keys = self.memory.out if memory.keys is memory.out else memory.keys.clone()
-        self.dec = DecoderState([h.clone() for h in dec.h], [c.clone() for c in dec.c], dec.feed.clone())
+        self.memory = memory.static_copy()
+        self.dec = dec.with_tensors([t.clone() for t in dec.tensors()])
 
     def load(self, src: Tensor, src_len: Tensor, limit: Tensor, pad_id: int) -> None:
         """One batch: n real sentences of S source positions (padded rows: one PAD, length 1)."""
@@ -588,11 +588,8 @@ class _DecodeSlot(_Graphed):
 
     def store(self, memory: Memory, dec: DecoderState) -> None:
         """The encoder's results (already n*K rows of Sb positions) into the static buffers."""
-        self.memory.out.copy_(memory.out)
-        if self.memory.keys is not self.memory.out:
-            self.memory.keys.copy_(memory.keys)
-        self.memory.mask.copy_(memory.mask)
-        for dst, src in zip([*self.dec.h, *self.dec.c, self.dec.feed], [*dec.h, *dec.c, dec.feed]):
+        self.memory.copy_(memory)
+        for dst, src in zip(self.dec.tensors(), dec.tensors(), strict=True):
             dst.copy_(src)
 
 
@@ -618,11 +615,17 @@ class GraphedDecoder:
     stream, the next one is captured; the encoder's warm-up is always the shape's first batch,
     run eagerly on the caller's stream under the caller's autocast (it sizes the buffers), and
     the second batch captures it. `stats` counts the search steps, `encoder_stats` the
-    encoder's runs.
+    encoder's runs. `model` may be an `mt.ensemble.Ensemble`: its slots then hold every member's
+    memory and state, and each member's step weights and casts are refreshed with the encoder, so
+    the whole ensemble step (every member's decoder, the combination, the bookkeeping) is one graph.
     """
 
     def __init__(self, model: Seq2Seq, warmup: int = 1, emulate: bool = False, sync_every: int = 4):
-        self.model, self.decoder = model, model.decoder
+        self.model = model
+        # the models whose decoders step: an mt.ensemble.Ensemble's members (each with its own
+        # step weights and casts, in the matching part of the ensemble's memory), or the model
+        self.members = ensemble.members(model)
+        self.decoder = self.members[0].decoder
         self.emulate, self.sync_every = emulate, max(1, sync_every)
         self.stats: Counter = Counter()
         self._slots: dict[tuple, _DecodeSlot] = {}
@@ -644,13 +647,13 @@ class GraphedDecoder:
         """Whether searches on `device` run on the static buffers (else: the plain search)."""
         return not torch.is_grad_enabled() and (device.type == "cuda" or self.emulate)
 
-    def _static_weights(self, memory: Memory, dtype: torch.dtype, device: torch.device):
-        """The gate cell's step weights (recomputed from the parameters for every batch, so
-        training between validations is seen) in buffers shared by all shapes."""
+    def _static_weights(self, memory: Memory, dtype: torch.dtype, device: torch.device, member: int = 0):
+        """The gate cell's step weights of model `member` (recomputed from the parameters for
+        every batch, so training between validations is seen) in buffers shared by all shapes."""
         if memory.backend == "cudnn":
             return None
-        fresh = [t for wb in self.decoder.rnn.step_weights(dtype) for t in wb]
-        static = _kept(self._weights, (dtype, device), fresh)
+        fresh = [t for wb in self.members[member].decoder.rnn.step_weights(dtype) for t in wb]
+        static = _kept(self._weights, (member, dtype, device), fresh)
         return list(zip(static[::2], static[1::2]))
 
     def _encode(self, src: Tensor, src_len: Tensor, rows: Tensor | None) -> tuple[Memory, DecoderState]:
@@ -666,13 +669,22 @@ class GraphedDecoder:
             memory, dec = memory.index_select(rows), dec.index_select(rows)
         return memory, dec
 
-    def _static_casts(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor] | None:
-        """`Decoder.step_casts` in buffers shared by all shapes, refreshed like the step weights;
-        None when the parameters already have the compute dtype (nothing to cast)."""
-        if dtype == self.decoder.embedding.weight.dtype:
+    def _static_casts(self, dtype: torch.dtype, device: torch.device, member: int = 0) -> dict[str, Tensor] | None:
+        """`Decoder.step_casts` of model `member` in buffers shared by all shapes, refreshed like
+        the step weights; None when the parameters already have the compute dtype (nothing to cast)."""
+        decoder = self.members[member].decoder
+        if dtype == decoder.embedding.weight.dtype:
             return None
-        fresh = self.decoder.step_casts(dtype)
-        return dict(zip(fresh, _kept(self._casts, (dtype, device), list(fresh.values()))))
+        fresh = decoder.step_casts(dtype)
+        return dict(zip(fresh, _kept(self._casts, (member, dtype, device), list(fresh.values()))))
+
+    def _refresh(self, memory, device: torch.device) -> None:
+        """Every model's step weights and casts, refreshed into the static buffers and set on its
+        part of the slot's memory (an ensemble's: one per member)."""
+        for i, (model, part) in enumerate(zip(self.members, ensemble.memory_parts(memory), strict=True)):
+            wdtype = compute_dtype(device, model.decoder.embedding.weight.dtype)
+            part.weights = self._static_weights(part, wdtype, device, i)
+            part.casts = self._static_casts(wdtype, device, i)
 
     def slot(self, key: tuple, src: Tensor, src_len: Tensor, K: int, limit: Tensor) -> _DecodeSlot:
         """The static buffers for a search `key` (mt.search's settings) over the sentences of
@@ -683,8 +695,8 @@ class GraphedDecoder:
         nb, Sb = self.rows_bucket(n), self.length_bucket(S)
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         backend = self.model.backend(device)
-        full = (*key, nb, Sb, K, amp, backend, self.model.training, device, self.decoder.embedding.weight.dtype)
-        wdtype = compute_dtype(device, self.decoder.embedding.weight.dtype)
+        dtypes = tuple(m.decoder.embedding.weight.dtype for m in self.members)
+        full = (*key, nb, Sb, K, amp, backend, self.model.training, device, dtypes)
         slot = self._slots.get(full)
         if slot is None:  # the first batch of this shape runs the encoder eagerly and sizes the buffers
             slot = _DecodeSlot(nb, K, Sb, src.dtype, src_len.dtype, device, amp)
@@ -692,16 +704,14 @@ class GraphedDecoder:
             slot.keep(*self._encode(slot.src, slot.src_len, slot.rows))
             slot.encoder.runs = self._enc_runner.warmup  # that was its warm-up: the next batch is captured
             self.encoder_stats["warmup"] += 1
-            slot.memory.weights = self._static_weights(slot.memory, wdtype, device)
-            slot.memory.casts = self._static_casts(wdtype, device)
+            self._refresh(slot.memory, device)
             self._slots[full] = slot
             return slot
         slot.load(src, src_len, limit, self.model.pad_id)
 
         def encode():
             slot.store(*self._encode(slot.src, slot.src_len, slot.rows))
-            self._static_weights(slot.memory, wdtype, device)
-            self._static_casts(wdtype, device)
+            self._refresh(slot.memory, device)
 
         self._run_under_autocast(self._enc_runner, slot.encoder, encode, device, amp)
         return slot

@@ -44,6 +44,20 @@ class Memory:
         keys = out if self.keys is self.out else self.keys.index_select(0, idx)  # dot: keys are out
         return Memory(out, keys, self.mask.index_select(0, idx), self.backend, self.weights, self.casts)
 
+    def static_copy(self) -> Memory:
+        """Copies of the tensors (mt.graphs' static buffers; `copy_` refills them), without the
+        step weights and casts, which the caller sets."""
+        out = self.out.clone()
+        keys = out if self.keys is self.out else self.keys.clone()
+        return Memory(out, keys, self.mask.clone(), self.backend)
+
+    def copy_(self, other: Memory) -> None:
+        """`other`'s tensors (same shapes) into this memory's."""
+        self.out.copy_(other.out)
+        if self.keys is not self.out:
+            self.keys.copy_(other.keys)
+        self.mask.copy_(other.mask)
+
 
 @dataclass
 class DecoderState:
@@ -58,6 +72,15 @@ class DecoderState:
             [c.index_select(0, idx) for c in self.c],
             self.feed.index_select(0, idx),
         )
+
+    def tensors(self) -> list[Tensor]:
+        """h of every layer, c of every layer, the feed: what a search step carries forward."""
+        return [*self.h, *self.c, self.feed]
+
+    def with_tensors(self, tensors: list[Tensor]) -> DecoderState:
+        """A state of this one's structure holding `tensors` (in `tensors()`'s order)."""
+        L = len(self.h)
+        return DecoderState(list(tensors[:L]), list(tensors[L : 2 * L]), tensors[2 * L])
 
 
 class Encoder(nn.Module):

@@ -155,7 +155,7 @@ class SearchState:
     fin: tuple[Tensor, ...] = ()  # beam: finished hypotheses, best first (see _BeamSearch)
 
     def tensors(self) -> list[Tensor]:
-        return [self.last, *self.dec.h, *self.dec.c, self.dec.feed, self.scores, self.done, self.t, *self.fin]
+        return [self.last, *self.dec.tensors(), self.scores, self.done, self.t, *self.fin]
 
     def copy_(self, new: SearchState) -> None:
         for dst, src in zip(self.tensors(), new.tensors(), strict=True):
@@ -458,17 +458,22 @@ class _BeamSearch:
 def _gather_state(dec: DecoderState, rows: Tensor, into: DecoderState | None = None) -> DecoderState:
     """dec.index_select(rows), written into `into`'s tensors (static CUDA-graph buffers, cast to
     their dtypes) or new ones: with our Triton kernels one launch for h and c of every layer and
-    the feed (`search_beam.gather_rows`), else `reference.gather_rows`, one index_select each."""
+    the feed (`search_beam.gather_rows`), else `reference.gather_rows`, one index_select each.
+    An ensemble's state (mt.ensemble.EnsembleState): each member's so, its sizes its own."""
     from .kernels import search_beam
 
-    srcs = [*dec.h, *dec.c, dec.feed]
-    dsts = [*into.h, *into.c, into.feed] if into is not None else [x.new_empty(len(rows), x.shape[1]) for x in srcs]
+    parts = getattr(dec, "parts", None)
+    if parts is not None:
+        into_parts = into.parts if into is not None else [None] * len(parts)
+        gathered = [_gather_state(d, rows, i) for d, i in zip(parts, into_parts, strict=True)]
+        return into if into is not None else type(dec)(gathered)
+    srcs = dec.tensors()
+    dsts = into.tensors() if into is not None else [x.new_empty(len(rows), x.shape[1]) for x in srcs]
     if search_beam.gather_rows_supported(rows, srcs, dsts):
         search_beam.gather_rows(rows, srcs, dsts)
     else:
         reference.gather_rows(rows, srcs, dsts)
-    L = len(dec.h)
-    return into if into is not None else DecoderState(dsts[:L], dsts[L : 2 * L], dsts[2 * L])
+    return into if into is not None else dec.with_tensors(dsts)
 
 
 def _backtrack_kernel_takes(attn_hist: Tensor) -> bool:

@@ -1,6 +1,7 @@
-"""mt-serve: a translation server for one model (FastAPI + uvicorn).
+"""mt-serve: a translation server for one model, or one ensemble of models (FastAPI + uvicorn).
 
     mt-serve --model RUN/checkpoints/best.pt                    # http://127.0.0.1:8000, API docs at /docs
+    mt-serve --model CKPT_A --model CKPT_B                      # an ensemble (mt/ensemble.py)
     python -m mt.serve --model CKPT --host 0.0.0.0 --port 8080 --api-key SECRET
     curl -s localhost:8000/translate -d '{"text": ["Ein Hund rennt.", ""], "beam": 5}'
 
@@ -49,7 +50,7 @@ from starlette.exceptions import HTTPException
 from .batcher import Batcher, Closed, QueueFull, Settings
 from .errors import MTError, first_line
 from .search import parse_length_penalty
-from .translate import add_device_args
+from .translate import add_combine_arg, add_device_args, describe_models
 from .translator import CHECKPOINT, Translator, is_checkpoint_default
 
 log = logging.getLogger("mt.serve")
@@ -60,11 +61,16 @@ EOS_PIECE = "</s>"  # the label of the end-of-sentence row and column in "attent
 
 # ----------------------------------------------------------------------------- loading
 def load_model(
-    source: str, device: str = "auto", cuda_graphs: str = "auto", revision: str | None = None
+    source: str | list[str],
+    device: str = "auto",
+    cuda_graphs: str = "auto",
+    revision: str | None = None,
+    combine: str = "logprob",
 ) -> tuple[Translator, dict[str, Any]]:
     """--model -> (the Translator, {"step", "metrics"} of the training run, where known): a
-    checkpoint file, a model folder written by mt-export, or a Hugging Face model id."""
-    translator = Translator.load(source, revision=revision, device=device, cuda_graphs=cuda_graphs)
+    checkpoint file, a model folder written by mt-export, or a Hugging Face model id; a list of
+    several: an ensemble of them (its step and metrics: the first model's)."""
+    translator = Translator.load(source, revision=revision, device=device, cuda_graphs=cuda_graphs, combine=combine)
     metrics = translator.training.get("metrics") or {}
     return translator, {
         "step": translator.training.get("step"),
@@ -340,6 +346,24 @@ def _about(translator: Translator, limits: Limits, model_name: str, metadata: di
         "device": str(translator.device),
         "cell": translator.config.model.cell,
         "cuda_graphs": translator.graphs is not None,
+        # an ensemble: how it combines its models and each model's source, step, size and cell
+        "ensemble": None
+        if translator.members is None
+        else {
+            "combine": translator.model.combine,
+            "models": [
+                {
+                    "model": m["model"],
+                    "step": m["step"],
+                    "parameters": m["parameters"],
+                    "cell": m["cell"],
+                    "validation": {
+                        k: _json_value(v) for k, v in m["metrics"].items() if isinstance(v, (int, float, str))
+                    },
+                }
+                for m in translator.members
+            ],
+        },
         "max_source_pieces": translator.max_src_len,
         "limits": asdict(limits),
     }
@@ -475,9 +499,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         "-m",
         required=True,
+        action="append",
         help="the model: a checkpoint file (e.g. RUN/checkpoints/best.pt), a folder written by mt-export, "
-        "or a Hugging Face model id USER/NAME",
+        "or a Hugging Face model id USER/NAME; give it again to serve an ensemble of the models (same tokenizer)",
     )
+    add_combine_arg(p)
     p.add_argument("--revision", default=None, help="with a Hugging Face model id: branch, tag or commit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -557,7 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t0 = time.perf_counter()
             translator, metadata = load_model(
-                args.model, device=args.device, cuda_graphs=args.cuda_graphs, revision=args.revision
+                args.model,
+                device=args.device,
+                cuda_graphs=args.cuda_graphs,
+                revision=args.revision,
+                combine=args.ensemble_combine,
             )
         except BaseException:
             sock.close()
@@ -572,12 +602,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    app = create_app(translator, limits=limits, api_key=api_key or None, model_name=args.model, metadata=metadata)
+    name = args.model[0] if len(args.model) == 1 else " + ".join(args.model)
+    app = create_app(translator, limits=limits, api_key=api_key or None, model_name=name, metadata=metadata)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     log.info(
         "%s: %s -> %s on %s, loaded in %.1f s; beam %d, length penalty %s",
-        args.model,
+        describe_models(args.model, args.ensemble_combine),
         translator.src_lang,
         translator.tgt_lang,
         translator.device,

@@ -10,6 +10,7 @@ Installed as the `mt-translate` command; also `python -m mt.translate` and `pyth
     mt-translate --checkpoint CKPT --align < in.de              # hypothesis<TAB>0-0 1-2 ...
     mt-translate --checkpoint CKPT --plot-attention attn.png --input in.de
     mt-translate --checkpoint CKPT                              # on a terminal: interactive
+    mt-translate -c CKPT_A -c CKPT_B < in.de                    # an ensemble (mt/ensemble.py)
     mt-translate --checkpoint CKPT --input in.de --score-targets hyp.en   # score given translations
     mt-translate --checkpoint CKPT --input in.de --rescore in.nbest       # rescore an n-best list
 
@@ -34,8 +35,10 @@ batches of --batch-size sentences, translated, written back in input order and f
 failure part-way keeps everything written before it. Lines with more than --max-length source
 pieces (default: the checkpoint's data.max_src_len) are truncated with a warning.
 --checkpoint takes a checkpoint file, a model folder written by mt-export or a Hugging Face model
-id (`Translator.load`). A missing or corrupt checkpoint or model, or an unknown device, prints one
-`error: ...` line, exit status 2.
+id (`Translator.load`); given more than once, the models decode as one ensemble, averaging
+their log-probabilities (or, with --ensemble-combine prob, their probabilities) at every step;
+they must share the tokenizer. A missing or corrupt checkpoint or model, models that cannot form
+an ensemble, or an unknown device, prints one `error: ...` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ def add_device_args(p: argparse.ArgumentParser, cell: bool = True) -> None:
     )
 
 
+def add_combine_arg(p: argparse.ArgumentParser) -> None:
+    """--ensemble-combine: how an ensemble (a model option given several times) averages its models."""
+    p.add_argument(
+        "--ensemble-combine",
+        default="logprob",
+        choices=["logprob", "prob"],
+        help="with several models: average their log-probabilities (logprob) or probabilities (prob) at each step",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Translate text with a trained mt checkpoint (stdin -> stdout).",
@@ -74,8 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint",
         "-c",
         required=True,
-        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id USER/NAME",
+        action="append",
+        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id "
+        "USER/NAME; give it again for an ensemble of the models (same tokenizer)",
     )
+    add_combine_arg(p)
     p.add_argument(
         "--revision", default=None, help="with a Hugging Face model id: branch, tag or commit (default main)"
     )
@@ -245,6 +261,13 @@ def _check_plot_path(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------- main
+def describe_models(sources: list[str], combine: str) -> str:
+    """The model(s) for a log line: the one source, or "an ensemble of N (combine): a, b"."""
+    if len(sources) == 1:
+        return str(sources[0])
+    return f"an ensemble of {len(sources)} ({combine}): {', '.join(map(str, sources))}"
+
+
 def open_output(path: str | None) -> TextIO:
     if path:
         return open(path, "w", encoding="utf-8", newline="\n")
@@ -298,14 +321,19 @@ def run(args: argparse.Namespace) -> None:
         _check_plot_path(args.plot_attention)
 
     tr = Translator.load(
-        args.checkpoint, revision=args.revision, device=args.device, cell=args.cell, cuda_graphs=args.cuda_graphs
+        args.checkpoint,
+        revision=args.revision,
+        device=args.device,
+        cell=args.cell,
+        cuda_graphs=args.cuda_graphs,
+        combine=args.ensemble_combine,
     )
     args.beam, lp = tr.decoding(args.beam, args.length_penalty)  # the checkpoint's unless given
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         raise MTError(f"--nbest must be between 1 and the beam size {args.beam}; got {args.nbest}")
     log.info(
         "loaded %s: %s -> %s on %s (beam %d, length penalty %s)",
-        args.checkpoint,
+        describe_models(args.checkpoint, args.ensemble_combine),
         tr.src_lang,
         tr.tgt_lang,
         tr.device,

@@ -4,6 +4,7 @@
     tr = Translator.from_checkpoint("outputs/.../checkpoints/best.pt", device="cpu")
     tr = Translator.from_pretrained("my-model")   # a folder written by mt-export, or a Hub id USER/NAME
     tr = Translator.load(path_or_id)              # either: what the commands' --checkpoint takes
+    tr = Translator.load([ckpt_a, ckpt_b])        # an ensemble (mt/ensemble.py): same tokenizer
     hyps = tr.translate(["ein hund läuft .", ""])                   # the recipe's beam and length penalty
     hyps = tr.translate(["ein hund läuft ."], beam=1, length_penalty=None)  # greedy
     hyps[0].text, hyps[0].score, hyps[0].tokens, hyps[0].attention  # (out x src) weights
@@ -33,6 +34,7 @@ from torch import Tensor
 from . import graphs, pretrained
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict
+from .ensemble import Ensemble, check_combine, check_compatible
 from .errors import CheckpointError, MTError, first_line
 from .model import CELLS, Seq2Seq
 from .pretrained import is_hub_id
@@ -151,22 +153,44 @@ class Translator:
         # search steps replayed from CUDA graphs (auto: on CUDA), kept across translate() calls
         on = resolve_cuda_graphs(cuda_graphs, self.device, key="cuda_graphs", task="decoding")
         self.graphs = graphs.GraphedDecoder(self.model) if on else None
+        # an ensemble's members (`Translator.ensemble`): per model {"model": where it came from,
+        # "step", "metrics", "parameters", "cell"}; None for a single model
+        self.members: list[dict[str, Any]] | None = None
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.model, Ensemble)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
         cls,
-        path_or_id: str | os.PathLike,
+        path_or_id: str | os.PathLike | list[str | os.PathLike] | tuple[str | os.PathLike, ...],
         revision: str | None = None,
         device: str = "auto",
         cell: str | None = None,
         max_src_len: int | None = None,
         cuda_graphs: str | bool = "auto",
         cache_dir: str | os.PathLike | None = None,
+        combine: str = "logprob",
     ) -> Translator:
         """Whatever a command's --checkpoint names: an existing file is a checkpoint
         (`from_checkpoint`), an existing folder a model folder, anything else a Hugging Face
-        model id USER/NAME (both `from_pretrained`). Not found: a one-line CheckpointError."""
+        model id USER/NAME (both `from_pretrained`). Not found: a one-line CheckpointError.
+        A list of several: each loaded so, decoding as one ensemble (`ensemble`; `combine`:
+        logprob or prob, mt/ensemble.py); a list of one is that one model."""
+        check_combine(combine)
+        if isinstance(path_or_id, (list, tuple)):
+            sources = list(path_or_id)
+            if not sources:
+                raise MTError("no checkpoint given")
+            if len(sources) > 1:
+                dev = resolve_device(device)
+                resolve_cuda_graphs(cuda_graphs, dev, key="cuda_graphs", task="decoding")  # fail before loading
+                kw = dict(revision=revision, device=device, cell=cell, max_src_len=max_src_len, cache_dir=cache_dir)
+                loaded = [cls.load(s, cuda_graphs=False, **kw) for s in sources]
+                return cls.ensemble(loaded, [str(s) for s in sources], combine, max_src_len, cuda_graphs)
+            path_or_id = sources[0]
         p = Path(path_or_id).expanduser()
         if p.is_file():
             if revision is not None:
@@ -237,6 +261,43 @@ class Translator:
         saved = meta.get("training") or {}  # load_folder checked it is an object
         training = {"step": saved.get("step"), "metrics": dict(saved.get("validation") or {})}
         return cls(model, tok, cfg, dev, max_src_len, cuda_graphs, training)
+
+    @classmethod
+    def ensemble(
+        cls,
+        translators: list[Translator],
+        names: list[str] | None = None,
+        combine: str = "logprob",
+        max_src_len: int | None = None,
+        cuda_graphs: str | bool = "auto",
+    ) -> Translator:
+        """One Translator decoding with the models of `translators` together (mt/ensemble.py),
+        on the first one's device. They must share the tokenizer and the language pair (else a
+        one-line MTError naming the two, `names` or "model N"); their architectures may differ.
+        The tokenizer, config (decoding defaults, max_src_len) and training record are the first
+        model's; `members` lists each model's."""
+        if not translators:
+            raise MTError("an ensemble needs at least one model")
+        names = names or [f"model {i}" for i in range(1, len(translators) + 1)]
+        check_compatible([t.tokenizer for t in translators], [(t.src_lang, t.tgt_lang) for t in translators], names)
+        first = translators[0]
+        devices = {str(t.device) for t in translators}
+        if len(devices) > 1:
+            raise MTError(f"an ensemble's models must be on one device (got {', '.join(sorted(devices))})")
+        model = Ensemble([t.model for t in translators], combine)
+        max_src_len = max_src_len if max_src_len is not None else first.max_src_len
+        tr = cls(model, first.tokenizer, first.config, first.device, max_src_len, cuda_graphs, first.training)
+        tr.members = [
+            {
+                "model": name,
+                "step": t.training.get("step"),
+                "metrics": dict(t.training.get("metrics") or {}),
+                "parameters": sum(p.numel() for p in t.model.parameters()),
+                "cell": t.config.model.cell,
+            }
+            for name, t in zip(names, translators)
+        ]
+        return tr
 
     @property
     def src_lang(self) -> str:

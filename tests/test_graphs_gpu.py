@@ -26,6 +26,9 @@ about graphs.
   decode_graph_vs_emulated  greedy and beam 5 with GraphedDecoder (the encoder and the search step
                             each its own graph) against emulate=True: identical tokens, scores
                             within 1e-4; the encoder's graph captured once and replayed.
+  decode_ensemble_graph_vs_emulated
+                            greedy and beam 5 with an mt.ensemble.Ensemble of two models of
+                            different shapes: the same agreement as one model's.
   decode_graph_vs_eager     fp32: the graphed decoder against plain eager decoding (no padding):
                             >= 95% of the sentences identical (padding changes float rounding; an
                             untrained model has near-ties), scores of identical outputs within 1e-3.
@@ -262,3 +265,25 @@ def test_decode_graph_vs_eager(device, cell, beam):
         max_rel([s for s, ok in zip(outs[-1].scores, agree) if ok], [s for s, ok in zip(eager.scores, agree) if ok])
         <= 1e-3
     )
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+@pytest.mark.parametrize("device, cell, dtype", cases(("fp32",), ("bf16",)))
+def test_decode_ensemble_graph_vs_emulated(device, cell, dtype, beam):
+    from mt.ensemble import Ensemble
+
+    amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+
+    other = HIDDEN[device] // 2
+    second = tiny_model(
+        cell, torch.float32, seed=1, vocab=VOCAB, emb_dim=other, hidden_dim=other, dec_layers=1, attention="dot"
+    )
+    ens = Ensemble([small_model(device, cell, 0.0), second.to(device)]).eval()
+    batch = make_batch(37, 19, 2, seed=7, vocab=VOCAB)
+    decoder = graphs.GraphedDecoder(ens)
+    outs = [decode(device, ens, batch, decoder, beam, amp) for _ in range(3)]
+    ref = decode(device, ens, batch, graphs.GraphedDecoder(ens, emulate=True), beam, amp)
+    assert all(o.tokens == ref.tokens for o in outs)
+    assert max(max_rel(o.scores, ref.scores) for o in outs) <= 1e-4
+    if device == "cuda":
+        assert decoder.encoder_stats.get("captured") == 1 and decoder.stats.get("replayed", 0) > 0

@@ -507,3 +507,35 @@ def test_triton_members_take_the_fused_search_kernels_on_the_combined_log_probs(
         assert out.tokens == ref.tokens
         assert out.scores == pytest.approx(ref.scores, rel=1e-5)
     assert set(gathered) == {2 * 2 + 1, 2 * 1 + 1}  # each member's h, c and feed: one launch per member
+
+
+def test_an_ensemble_scores_what_its_search_reported(pair, ckpt, other_ckpt, tmp_path):
+    """Forced scoring (mt/scoring.py) through an ensemble: its greedy outputs and every beam
+    n-best entry score what the ensemble's search reported; the CLI takes -c twice with
+    --score-targets."""
+    hyps = pair.translate(GOLDEN, beam=1, length_penalty=None)
+    scored = pair.score(GOLDEN, [h.ids for h in hyps], length_penalty=None)
+    for h, s in zip(hyps, scored, strict=True):
+        assert s.ids == h.ids and s.log_prob == pytest.approx(h.log_prob, abs=1e-5)
+    nbest = pair.translate(GOLDEN[:3], beam=4, nbest=4, length_penalty=1.0)
+    entries = [(line, h) for line, hs in zip(GOLDEN[:3], nbest) for h in hs if h.ids and len(h.attention) > len(h.ids)]
+    assert entries
+    forced = pair.score([e[0] for e in entries], [e[1].ids for e in entries], length_penalty=1.0)
+    for (_, h), s in zip(entries, forced, strict=True):
+        assert s.score == pytest.approx(h.score, abs=1e-5)
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_text("\n".join(GOLDEN[:3]) + "\n", encoding="utf-8")
+    tgt.write_text("\n".join(h.text for h in hyps[:3]) + "\n", encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "mt.translate", "-c", str(ckpt), "-c", str(other_ckpt), "--device", "cpu", "-q"]
+        + ["--input", str(src), "--score-targets", str(tgt), "--length-penalty", "none"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert len(rows) == 3
+    for row, s in zip(rows, scored[:3], strict=True):
+        assert float(row[1]) == pytest.approx(s.log_prob, abs=1e-3) and int(row[2]) == s.ntokens

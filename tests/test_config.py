@@ -61,3 +61,16 @@ def test_multi30k_recipes_have_a_direction_and_a_cpu_variant_within_an_hour(name
         assert cfg.optim.scheduler == "cosine" and cfg.trainer.patience == 0  # the schedule ends the run
     assert full.trainer.device == "cuda" and full.model.cell == "auto"
     assert cpu.trainer.device == "cpu" and cpu.trainer.num_threads == 2 and 0 < cpu.trainer.max_minutes < 60
+
+
+@pytest.mark.parametrize("name,src,tgt", [("tatoeba_de_en", "de", "en"), ("tatoeba_en_de", "en", "de")])
+def test_tatoeba_recipes_have_a_direction_a_cpu_variant_and_need_a_path(name, src, tgt):
+    """The corpus is a local folder: without data.path the placeholder path is what training
+    refuses in one line (tests/test_data.py covers that error)."""
+    full = OmegaConf.to_object(compose("train", overrides=[f"experiment={name}"]))
+    cpu = OmegaConf.to_object(compose("train", overrides=[f"experiment={name}_cpu", "data.path=/data/t"]))
+    assert full.data.path == "/path/to/tatoeba_de_en" and cpu.data.path == "/data/t"
+    for cfg in (full, cpu):
+        assert (cfg.data.src, cfg.data.tgt) == (src, tgt) and cfg.trainer.average_last == 3
+        assert cfg.optim.scheduler == "cosine" and cfg.trainer.patience == 0
+    assert full.trainer.device == "cuda" and cpu.trainer.device == "cpu" and 0 < cpu.trainer.max_minutes < 60

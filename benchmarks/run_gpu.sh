@@ -12,6 +12,8 @@
 #     bench_decode    benchmarks/bench_decode.py --random-init on the Multi30k test file
 #                     (DATA/test.jsonl with DATA=/path/to/multi30k, else the one
 #                     benchmarks/gpu_bundle.sh packed)  -> bench_decode.json
+#     bench_ensemble  benchmarks/bench_decode.py --random-init --ensemble 1 2 4: what ensembles of
+#                     2 and 4 models cost against one, same test file  -> bench_ensemble.json
 #     bench_cell      benchmarks/bench_cell.py --quick  -> bench_cell.json
 #     profile_train   benchmarks/profile_train.py    -> profile_train.json
 #     profile_decode  benchmarks/profile_decode.py, every variant  -> profile_decode.json
@@ -23,7 +25,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-environment pytest bench_train bench_decode bench_cell profile_train profile_decode recipe}"
+STAGES="${STAGES:-environment pytest bench_train bench_decode bench_ensemble bench_cell profile_train profile_decode recipe}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET  # the compiled kernels, not the interpreter
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -56,6 +58,8 @@ for name in $STAGES; do
     bench_train) stage "$name" 110 "$PY" benchmarks/bench_train.py --json "$OUT/bench_train.json" ;;
     bench_decode) stage "$name" 300 "$PY" benchmarks/bench_decode.py --random-init --device cuda --data "$(test_file)" \
         --json "$OUT/bench_decode.json" ;;
+    bench_ensemble) stage "$name" 240 "$PY" benchmarks/bench_decode.py --random-init --device cuda --data "$(test_file)" \
+        --ensemble 1 2 4 --json "$OUT/bench_ensemble.json" ;;
     bench_cell) stage "$name" 90 "$PY" benchmarks/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
     profile_train) stage "$name" 90 "$PY" benchmarks/profile_train.py --json "$OUT/profile_train.json" ;;
     profile_decode) stage "$name" 180 "$PY" benchmarks/profile_decode.py --json "$OUT/profile_decode.json" \

@@ -221,10 +221,28 @@ def _padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: in
 
 
 def iter_columns(ds: Any, columns: Sequence[str], rows: int = 100_000) -> Iterator[pa.Table]:
-    """The split's list columns, `rows` rows at a time (an index mapping left by a filter is applied
-    per chunk, never to the whole column at once)."""
-    for start in range(0, len(ds), rows):
-        yield ds.with_format("arrow")[start : start + rows].select(list(columns))
+    """The split's `columns` as Arrow tables of `rows` rows at a time, in the split's order.
+
+    An index mapping (what `filter` and `select` leave) is applied here, one chunk at a time, with
+    one Arrow `take` over the span of rows the chunk's indices cover: `datasets` would gather such
+    rows one by one (a one-row record batch each), minutes and gigabytes for millions of rows."""
+    columns = list(columns)
+    indices, data = getattr(ds, "_indices", None), getattr(ds, "data", None)
+    table = getattr(data, "table", None)
+    if not isinstance(table, pa.Table) or not (indices is None or hasattr(indices, "column")):
+        for start in range(0, len(ds), rows):  # not a datasets.Dataset as expected: its own slicing
+            yield ds.with_format("arrow")[start : start + rows].select(columns)
+        return
+    table = table.select(columns)
+    if indices is None:
+        for start in range(0, table.num_rows, rows):
+            yield table.slice(start, rows)
+        return
+    mapping = indices.column(0)
+    for start in range(0, len(mapping), rows):
+        idx = mapping.slice(start, rows).to_numpy().astype(np.int64)  # (n,) rows of `table`
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        yield table.slice(lo, hi - lo).take(idx - lo)
 
 
 def _token_dtype(max_id: int | None) -> np.dtype:

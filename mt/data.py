@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from mt import corpus_files
 from mt.batching import iter_columns
 from mt.config import DataConfig, TokenizerConfig
 from mt.errors import DataError, first_line
-from mt.tokenizer import Tokenizer, train_tokenizer
+from mt.tokenizer import TextChunks, Tokenizer, train_tokenizer
 
 __all__ = ["Corpus", "load_splits", "prepare_corpus", "default_cache_dir"]
 
@@ -50,6 +50,7 @@ _DATA_EXTS = {
     "json", "jsonl", "ndjson", "csv", "tsv", "parquet", "arrow", "txt", "zip", "gz", "md",
     "py", "lock", "yaml", "yml", "xml", "model", "vocab",
 }  # fmt: skip
+_TEXT_CHUNK = 65_536  # sentences read from Arrow at a time for the tokenizer
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -370,8 +371,14 @@ def _list_lengths(ds: datasets.Dataset, column: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _texts(ds: datasets.Dataset, column: str) -> list[str]:
-    return ds.with_format("arrow")[column].to_pylist()
+def _texts(ds: datasets.Dataset, column: str) -> TextChunks:
+    """A string column as `TextChunks`: read from Arrow a chunk at a time whenever they are read."""
+
+    def chunks() -> Iterator[list[str]]:
+        for t in iter_columns(ds, [column], rows=_TEXT_CHUNK):
+            yield t.column(0).to_pylist()
+
+    return TextChunks(len(ds), chunks)
 
 
 def _tokenizer_sample(train: datasets.Dataset, tok_cfg: TokenizerConfig) -> datasets.Dataset:

@@ -289,7 +289,7 @@ def test_sentencepiece_learns_from_a_seeded_sample_of_large_corpora(tiny_corpus_
     real = data_mod.train_tokenizer
 
     def recording(cfg, src, tgt, *args, **kw):
-        seen.append((src, tgt))
+        seen.append((list(src), list(tgt)))
         return real(cfg, src, tgt, *args, **kw)
 
     monkeypatch.setattr(data_mod, "train_tokenizer", recording)

@@ -426,11 +426,11 @@ def _list_lengths(ds: datasets.Dataset, column: str) -> np.ndarray:
 
 
 def _texts(ds: datasets.Dataset, column: str) -> TextChunks:
-    """A string column as `TextChunks`: read from Arrow a chunk at a time whenever they are read."""
+    """A string column as `TextChunks` of Arrow arrays, read a chunk at a time whenever they are read."""
 
-    def chunks() -> Iterator[list[str]]:
+    def chunks() -> Iterator[pa.Array]:
         for t in iter_columns(ds, [column], rows=_TEXT_CHUNK):
-            yield t.column(0).to_pylist()
+            yield t.column(0).combine_chunks()
 
     return TextChunks(len(ds), chunks)
 

@@ -183,15 +183,16 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------- training
 class TextChunks:
-    """Sentences as their count and a stream of chunks (lists of strings) that can be read again:
-    a sample of millions of sentences is hashed and written out a chunk at a time, never held
-    as one list of Python strings.
+    """Sentences as their count and a stream of chunks that can be read again: a sample of
+    millions of sentences is hashed and written out a chunk at a time, never held as one list of
+    Python strings.
 
-    ``TextChunks(n, chunks)``: `chunks` is a callable returning an iterable of sequences of str,
-    n strings in all. ``TextChunks.of(list_of_str)`` wraps a list; ``a + b`` is a then b.
+    ``TextChunks(n, chunks)``: `chunks` is a callable returning an iterable of chunks, n strings in
+    all; a chunk is a sequence of str or a pyarrow string array without nulls (hashed straight
+    from its buffers). ``TextChunks.of(list_of_str)`` wraps a list; ``a + b`` is a then b.
     """
 
-    def __init__(self, n: int, chunks: Callable[[], Iterable[Sequence[str]]]) -> None:
+    def __init__(self, n: int, chunks: Callable[[], Iterable[Any]]) -> None:
         self.n, self._chunks = int(n), chunks
 
     @classmethod
@@ -203,8 +204,8 @@ class TextChunks:
         texts = texts if isinstance(texts, Sequence) else list(texts)
         return cls(len(texts), lambda: (texts[i : i + _HASH_CHUNK] for i in range(0, len(texts), _HASH_CHUNK)))
 
-    def chunks(self) -> Iterator[Sequence[str]]:
-        """The chunks, checked to add up to len(self) strings."""
+    def chunks(self) -> Iterator[Any]:
+        """The chunks as given (lists or Arrow arrays), checked to add up to len(self) strings."""
         seen = 0
         for chunk in self._chunks():
             seen += len(chunk)
@@ -212,38 +213,68 @@ class TextChunks:
         if seen != self.n:
             raise ValueError(f"TextChunks: the chunks hold {seen} strings, not {self.n}")
 
+    def lists(self) -> Iterator[Sequence[str]]:
+        """The chunks as sequences of str."""
+        for chunk in self.chunks():
+            yield _strings(chunk)
+
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[str]:
-        for chunk in self.chunks():
+        for chunk in self.lists():
             yield from chunk
 
     def __add__(self, other: TextChunks) -> TextChunks:
         return TextChunks(self.n + other.n, lambda: itertools.chain(self.chunks(), other.chunks()))
 
 
+def _strings(chunk: Any) -> Sequence[str]:
+    return chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk
+
+
+def _nul_joined(chunk: Any) -> Any:
+    """The chunk's strings as NUL-separated UTF-8 (bytes, or a uint8 array read from an Arrow
+    string array's own buffers: no Python string per sentence)."""
+    if hasattr(chunk, "buffers") and not chunk.null_count and str(chunk.type) in ("string", "large_string"):
+        import numpy as np
+
+        width = np.int32 if str(chunk.type) == "string" else np.int64
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2]
+        utf8 = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        utf8 = utf8[offsets[0] : offsets[-1]]
+        return np.insert(utf8, (offsets[1:-1] - offsets[0]).astype(np.int64), 0)  # a NUL before each but the first
+    return "\0".join(_strings(chunk)).encode("utf-8", "surrogatepass")
+
+
 def _text_digest(texts: TextChunks) -> str:
     """sha256 over the sentences: their count, then each run of _HASH_CHUNK of them (counted from
     the first) as NUL + NUL-separated UTF-8, so the digest of a list and of the same sentences in
-    other chunks agree (and cached models trained on either are found)."""
+    other chunks, lists or Arrow arrays, agree (and cached models trained on either are found)."""
     h = hashlib.sha256(str(len(texts)).encode())
-    pending: list[str] = []
+    run: list[Any] = []  # pieces of the current run of _HASH_CHUNK sentences
+    in_run = 0
 
-    def update(run: Sequence[str]) -> None:
+    def flush() -> None:
         h.update(b"\0")
-        h.update("\0".join(run).encode("utf-8", "surrogatepass"))
+        for k, piece in enumerate(run):
+            if k:
+                h.update(b"\0")
+            h.update(_nul_joined(piece))
+        run.clear()
 
     for chunk in texts.chunks():
-        if not pending and len(chunk) == _HASH_CHUNK:
-            update(chunk)
-            continue
-        pending.extend(chunk)
-        while len(pending) >= _HASH_CHUNK:
-            update(pending[:_HASH_CHUNK])
-            del pending[:_HASH_CHUNK]
-    if pending:
-        update(pending)
+        at = 0
+        while at < len(chunk):
+            take = min(_HASH_CHUNK - in_run, len(chunk) - at)
+            run.append(chunk[at : at + take] if (at or take < len(chunk)) else chunk)
+            at, in_run = at + take, in_run + take
+            if in_run == _HASH_CHUNK:
+                flush()
+                in_run = 0
+    if run:
+        flush()
     return h.hexdigest()
 
 
@@ -337,7 +368,7 @@ def _write_sentences(texts: TextChunks, path: str) -> int:
     written a chunk at a time; returns how many."""
     n = 0
     with open(path, "w", encoding="utf-8") as f:
-        for chunk in texts.chunks():
+        for chunk in texts.lists():
             kept = _nonempty(chunk)
             if kept:
                 f.write("\n".join(s.replace("\n", " ") for s in kept))
@@ -376,7 +407,7 @@ def _spm_train(cfg: TokenizerConfig, texts: Sequence[str] | TextChunks) -> bytes
         if len(texts) > CHILD_PROCESS_SENTENCES:
             n = _write_sentences(texts, path)
         else:
-            for chunk in texts.chunks():
+            for chunk in texts.lists():
                 in_memory += _nonempty(chunk)
             n = len(in_memory)
         if not n:

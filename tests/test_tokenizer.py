@@ -7,6 +7,7 @@ import json
 import pickle
 from dataclasses import replace
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -199,6 +200,13 @@ def test_text_chunks_give_the_digest_and_model_a_list_gives(monkeypatch, tmp_pat
     for sizes in ([65536], [1000], [70000, 3], [150_000]):
         assert tokenizer_mod._text_digest(chunked(sizes)) == want.hexdigest(), sizes
     assert tokenizer_mod._text_digest(TextChunks.of(texts)) == want.hexdigest()
+    for kind in (pa.string(), pa.large_string()):  # Arrow arrays, hashed from their buffers
+        column = pa.chunked_array([pa.array(texts[:70_001], kind), pa.array(texts[70_001:], kind)])
+        arrow = TextChunks(
+            len(texts), lambda c=column: (c.slice(i, 999).combine_chunks() for i in range(0, len(texts), 999))
+        )
+        assert tokenizer_mod._text_digest(arrow) == want.hexdigest(), kind
+        assert list(arrow) == texts
     half = len(texts) // 2
     assert tokenizer_mod._text_digest(TextChunks.of(texts[:half]) + TextChunks.of(texts[half:])) == want.hexdigest()
     with pytest.raises(ValueError, match="hold 150000 strings, not 150001"):

@@ -170,7 +170,7 @@ def test_iter_columns_applies_every_kind_of_index_mapping_in_one_take_per_chunk(
     `datasets`' gather of one row at a time."""
     from datasets.table import Table
 
-    from mt.batching import iter_columns
+    from mt.batching import _own_map, iter_columns
 
     base = datasets.concatenate_datasets([_tokenized(500), _tokenized(700)])
     base.save_to_disk(tmp_path / "split", max_shard_size="20KB")
@@ -186,6 +186,9 @@ def test_iter_columns_applies_every_kind_of_index_mapping_in_one_take_per_chunk(
         "memory-mapped, filtered": mapped.filter(lambda r: len(r["tgt_ids"]) % 2 == 0),
     }
     want = {name: ds.with_format("arrow")[:].select(["tgt_ids", "src_ids"]) for name, ds in cases.items()}
+    # a split in several Arrow files is read through memory maps of the pass's own
+    assert len(mapped.cache_files) > 1 and _own_map(cases["memory-mapped, filtered"], mapped.data.table) is not None
+    assert _own_map(base, base.data.table) is None  # in memory: nothing to map
 
     def one_row_at_a_time(*args, **kw):
         raise AssertionError("datasets' row-by-row gather was used")

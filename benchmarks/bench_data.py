@@ -14,7 +14,10 @@ From the child's log it reads the time of each preparation stage (the "data: ...
 from /proc it samples the resident memory of the child and its worker processes together every
 0.1 s: the peak while preparing (until the first step) and the peak while training, split into
 anonymous memory (the process's own) and file-backed pages (memory-mapped caches, which the
-kernel can drop). Time to the first step is from the child's launch to its "first step" line.
+kernel can drop), and the peak within each stage (from the previous stage's line, the first from
+the child's launch; "to the first step" runs from the last stage's line to the first step: the
+model, the loaders and their token files). Time to the first step is from the child's launch to
+its "first step" line.
 
 A row per (corpus, cold|warm); --json writes them all. Linux only (/proc).
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGE = re.compile(r"^\[(?P<ts>[\d-]+ [\d:,]+)\]\[[^\]]+\]\[INFO\] - (?P<msg>.*)$")
 STAGE_TIME = re.compile(r"^data: (?P<what>.+) in (?P<s>[\d.]+)s$")
+AFTER_STAGES = "to the first step"  # the last stage's line to the "first step" line: model, loaders, token files
 
 
 # ============================================================================ memory sampling
@@ -141,15 +145,19 @@ def run_once(corpus: Path, caches: Path, out: Path, args: argparse.Namespace) ->
     if child.returncode != 0:
         raise SystemExit(f"error: mt.train failed on {corpus}: {err.strip().splitlines()[-1] if err else '?'}")
     lines = _log_lines(out / "train.log")
-    stages = {}
-    for _, msg in lines:
+    first = next((ts for ts, msg in lines if msg.startswith("first step")), t_end)
+    stages, stage_peaks, began = {}, {}, t0
+    for ts, msg in lines:
         m = STAGE_TIME.match(msg)
         if m:
             stages[m["what"]] = float(m["s"])
-    first = next((ts for ts, msg in lines if msg.startswith("first step")), t_end)
+            stage_peaks[m["what"]] = sampler.peak(began, ts)["peak_rss_gb"]
+            began = ts
+    stage_peaks[AFTER_STAGES] = sampler.peak(began, first)["peak_rss_gb"]
     vocab = next((m[1] for _, msg in lines if (m := re.search(r"training tokens; vocab (\d+)", msg))), None)
     row = {
         "stages_s": stages,
+        "stage_peak_rss_gb": stage_peaks,
         "prepare_s": round(sum(stages.values()), 1),
         "first_step_s": round(first - t0, 1),
         "prepare": sampler.peak(t0, first),
@@ -193,8 +201,8 @@ def main() -> None:
     corpora += [(str(Path(c).name), Path(c).resolve()) for c in args.corpus]
     rows = []
     print("| corpus | run | prepare (s) | stages (s) | first step (s) | peak RSS preparing, GB (anon + file) "
-          "| peak RSS training, GB (anon + file) |", flush=True)  # fmt: skip
-    print("|---|---|---|---|---|---|---|", flush=True)
+          f"| peak RSS per stage and {AFTER_STAGES}, GB | peak RSS training, GB (anon + file) |", flush=True)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for name, corpus in corpora:
         caches = args.work / f"caches-{corpus.name}"
         shutil.rmtree(caches, ignore_errors=True)
@@ -202,10 +210,11 @@ def main() -> None:
             row = {"corpus": name, "path": str(corpus), "run": run, **run_once(corpus, caches, args.work / "run", args)}
             rows.append(row)
             stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages_s"].items())
+            peaks = ", ".join(f"{v:.2f}" for v in row["stage_peak_rss_gb"].values())
             pr, tr = row["prepare"], row["training"]
             print(
                 f"| {name} | {run} | {row['prepare_s']:.1f} | {stages} | {row['first_step_s']:.1f} "
-                f"| {pr['peak_rss_gb']:.2f} ({pr['anon_gb']:.2f} + {pr['file_gb']:.2f}) "
+                f"| {pr['peak_rss_gb']:.2f} ({pr['anon_gb']:.2f} + {pr['file_gb']:.2f}) | {peaks} "
                 f"| {tr['peak_rss_gb']:.2f} ({tr['anon_gb']:.2f} + {tr['file_gb']:.2f}) |",
                 flush=True,
             )

@@ -220,11 +220,47 @@ def _padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: in
     return out
 
 
+def _own_map(ds: Any, table: pa.Table) -> pa.Table | None:
+    """The split's table read from its Arrow cache files through memory maps of this pass's own
+    (None where they do not add up to `table`): the pages a pass reads leave the process's
+    resident memory when the pass ends, not when the split is dropped."""
+    try:
+        from datasets.table import list_table_cache_files
+
+        files = list_table_cache_files(ds.data)  # the rows' files, not an index mapping's
+        parts = [pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in files]
+    except (ImportError, AttributeError, OSError, pa.ArrowInvalid, TypeError):
+        return None
+    if not parts or sum(t.num_rows for t in parts) != table.num_rows or any(t.schema != table.schema for t in parts):
+        return None
+    return pa.concat_tables(parts)
+
+
 def iter_columns(ds: Any, columns: Sequence[str], rows: int = 100_000) -> Iterator[pa.Table]:
-    """The split's list columns, `rows` rows at a time (an index mapping left by a filter is applied
-    per chunk, never to the whole column at once)."""
-    for start in range(0, len(ds), rows):
-        yield ds.with_format("arrow")[start : start + rows].select(list(columns))
+    """The split's `columns` as Arrow tables of `rows` rows at a time, in the split's order.
+
+    An index mapping (what `filter` and `select` leave) is applied here, one chunk at a time, with
+    one Arrow `take` over the span of rows the chunk's indices cover: `datasets` would gather such
+    rows one by one (a one-row record batch each), minutes and gigabytes for millions of rows.
+    A split in Arrow files is read through memory maps opened for the pass (`_own_map`)."""
+    columns = list(columns)
+    indices, data = getattr(ds, "_indices", None), getattr(ds, "data", None)
+    table = getattr(data, "table", None)
+    if not isinstance(table, pa.Table) or not (indices is None or hasattr(indices, "column")):
+        for start in range(0, len(ds), rows):  # not a datasets.Dataset as expected: its own slicing
+            yield ds.with_format("arrow")[start : start + rows].select(columns)
+        return
+    own = _own_map(ds, table)
+    table = (table if own is None else own).select(columns)
+    if indices is None:
+        for start in range(0, table.num_rows, rows):
+            yield table.slice(start, rows)
+        return
+    mapping = indices.column(0)
+    for start in range(0, len(mapping), rows):
+        idx = mapping.slice(start, rows).to_numpy().astype(np.int64)  # (n,) rows of `table`
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        yield table.slice(lo, hi - lo).take(idx - lo)
 
 
 def _token_dtype(max_id: int | None) -> np.dtype:

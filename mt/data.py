@@ -17,11 +17,12 @@ Everything a user can get wrong raises `DataError` with a one-line message sayin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from mt import corpus_files
 from mt.batching import iter_columns
 from mt.config import DataConfig, TokenizerConfig
 from mt.errors import DataError, first_line
-from mt.tokenizer import Tokenizer, train_tokenizer
+from mt.tokenizer import TextChunks, Tokenizer, train_tokenizer
 
 __all__ = ["Corpus", "load_splits", "prepare_corpus", "default_cache_dir"]
 
@@ -50,6 +51,7 @@ _DATA_EXTS = {
     "json", "jsonl", "ndjson", "csv", "tsv", "parquet", "arrow", "txt", "zip", "gz", "md",
     "py", "lock", "yaml", "yml", "xml", "model", "vocab",
 }  # fmt: skip
+_TEXT_CHUNK = 65_536  # sentences read from Arrow at a time for the tokenizer
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -198,6 +200,57 @@ def _check_utf8(ds: datasets.Dataset, local: Path) -> None:
         raise _bad_utf8_error(local, first_line(e)) from None
 
 
+_JSON_EXTS = (".jsonl", ".json", ".ndjson")
+
+
+def _null_count(ds: datasets.Dataset, lang: str) -> int:
+    """Rows whose `lang` text is null: a flat column `lang` or the field of a 'translation' struct."""
+    table = ds.data.table
+    if lang in table.column_names:
+        return table.column(lang).null_count
+    if "translation" in table.column_names and pa.types.is_struct(table.schema.field("translation").type):
+        column = table.column("translation")
+        if column.type.get_field_index(lang) < 0:
+            return 0  # _normalize names the missing language
+        return pc.struct_field(column, lang).null_count  # a null struct counts too
+    return 0
+
+
+def _check_json_keys(ds: datasets.Dataset, local: Path, role: str, langs: Sequence[str]) -> None:
+    """A JSON row without one of the languages is an error naming its file and line.
+
+    Arrow reads a missing key as null, like an explicit ``null``: only when the split has nulls are
+    its JSON files read again, line by line, for the first row that lacks the key (an explicit
+    ``null`` still reads as an empty side, as an empty CSV cell does)."""
+    missing = [lang for lang in langs if _null_count(ds, lang)]
+    if not missing:
+        return
+    if local.is_file():
+        files = [local] if local.suffix.lower() in _JSON_EXTS else []
+    else:
+        found = [f for f in sorted(local.rglob("*")) if f.is_file() and f.suffix.lower() in _JSON_EXTS]
+        aliases = SPLIT_ALIASES[role]
+        files = sorted(found, key=lambda f: not f.name.lower().startswith(aliases))  # this split's first
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for lineno, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break  # a .json file that is one document, not a row a line: not ours to report
+                if not isinstance(row, dict):
+                    break
+                pair = row["translation"] if isinstance(row.get("translation"), dict) else row
+                absent = [lang for lang in missing if lang not in pair]
+                if absent:
+                    raise DataError(
+                        f"{f}: line {lineno} has no '{absent[0]}' key; every row needs both "
+                        f"'{langs[0]}' and '{langs[1]}' (an empty string for an empty side)"
+                    )
+
+
 def _load_with_datasets(cfg: DataConfig, local: Path | None) -> datasets.DatasetDict:
     from datasets.data_files import EmptyDatasetError
     from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
@@ -264,16 +317,18 @@ def load_splits(cfg: DataConfig, roles: Sequence[str] = ("train", "validation", 
             raw, normalized = {role: _read_tsv(p, cfg) for role, p in tsv.items()}, True
         else:
             raw = _select_roles(_load_with_datasets(cfg, local), cfg, where, roles)
-            for ds in raw.values():
+            for role, ds in raw.items():
                 _check_utf8(ds, local)
+                _check_json_keys(ds, local, role, (cfg.src, cfg.tgt))
     elif local.is_file():
         where = str(local)
         if local.suffix.lower() == ".tsv":
             raw, normalized = {"train": _read_tsv(local, cfg)}, True
         else:
             raw = _select_roles(_load_with_datasets(cfg, local), cfg, where, roles)
-            for ds in raw.values():
+            for role, ds in raw.items():
                 _check_utf8(ds, local)
+                _check_json_keys(ds, local, role, (cfg.src, cfg.tgt))
     elif _looks_like_hub_id(path):
         where = f"'{path}'"
         raw = _select_roles(_load_with_datasets(cfg, None), cfg, where, roles)
@@ -370,8 +425,14 @@ def _list_lengths(ds: datasets.Dataset, column: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _texts(ds: datasets.Dataset, column: str) -> list[str]:
-    return ds.with_format("arrow")[column].to_pylist()
+def _texts(ds: datasets.Dataset, column: str) -> TextChunks:
+    """A string column as `TextChunks` of Arrow arrays, read a chunk at a time whenever they are read."""
+
+    def chunks() -> Iterator[pa.Array]:
+        for t in iter_columns(ds, [column], rows=_TEXT_CHUNK):
+            yield t.column(0).combine_chunks()
+
+    return TextChunks(len(ds), chunks)
 
 
 def _tokenizer_sample(train: datasets.Dataset, tok_cfg: TokenizerConfig) -> datasets.Dataset:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
@@ -178,13 +182,99 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------- training
-def _text_digest(texts: Sequence[str]) -> str:
-    """sha256 over the sentences (count + NUL-separated UTF-8), chunked to bound memory."""
+class TextChunks:
+    """Sentences as their count and a stream of chunks that can be read again: a sample of
+    millions of sentences is hashed and written out a chunk at a time, never held as one list of
+    Python strings.
+
+    ``TextChunks(n, chunks)``: `chunks` is a callable returning an iterable of chunks, n strings in
+    all; a chunk is a sequence of str or a pyarrow string array without nulls (hashed straight
+    from its buffers). ``TextChunks.of(list_of_str)`` wraps a list; ``a + b`` is a then b.
+    """
+
+    def __init__(self, n: int, chunks: Callable[[], Iterable[Any]]) -> None:
+        self.n, self._chunks = int(n), chunks
+
+    @classmethod
+    def of(cls, texts: Sequence[str] | TextChunks) -> TextChunks:
+        if isinstance(texts, TextChunks):
+            return texts
+        if isinstance(texts, str):
+            raise TypeError("train_tokenizer takes lists of sentences, not one string")
+        texts = texts if isinstance(texts, Sequence) else list(texts)
+        return cls(len(texts), lambda: (texts[i : i + _HASH_CHUNK] for i in range(0, len(texts), _HASH_CHUNK)))
+
+    def chunks(self) -> Iterator[Any]:
+        """The chunks as given (lists or Arrow arrays), checked to add up to len(self) strings."""
+        seen = 0
+        for chunk in self._chunks():
+            seen += len(chunk)
+            yield chunk
+        if seen != self.n:
+            raise ValueError(f"TextChunks: the chunks hold {seen} strings, not {self.n}")
+
+    def lists(self) -> Iterator[Sequence[str]]:
+        """The chunks as sequences of str."""
+        for chunk in self.chunks():
+            yield _strings(chunk)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.lists():
+            yield from chunk
+
+    def __add__(self, other: TextChunks) -> TextChunks:
+        return TextChunks(self.n + other.n, lambda: itertools.chain(self.chunks(), other.chunks()))
+
+
+def _strings(chunk: Any) -> Sequence[str]:
+    return chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk
+
+
+def _nul_joined(chunk: Any) -> Any:
+    """The chunk's strings as NUL-separated UTF-8 (bytes, or a uint8 array read from an Arrow
+    string array's own buffers: no Python string per sentence)."""
+    if hasattr(chunk, "buffers") and not chunk.null_count and str(chunk.type) in ("string", "large_string"):
+        import numpy as np
+
+        width = np.int32 if str(chunk.type) == "string" else np.int64
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2]
+        utf8 = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        utf8 = utf8[offsets[0] : offsets[-1]]
+        return np.insert(utf8, (offsets[1:-1] - offsets[0]).astype(np.int64), 0)  # a NUL before each but the first
+    return "\0".join(_strings(chunk)).encode("utf-8", "surrogatepass")
+
+
+def _text_digest(texts: TextChunks) -> str:
+    """sha256 over the sentences: their count, then each run of _HASH_CHUNK of them (counted from
+    the first) as NUL + NUL-separated UTF-8, so the digest of a list and of the same sentences in
+    other chunks, lists or Arrow arrays, agree (and cached models trained on either are found)."""
     h = hashlib.sha256(str(len(texts)).encode())
-    for start in range(0, len(texts), _HASH_CHUNK):
-        chunk = texts[start : start + _HASH_CHUNK]
+    run: list[Any] = []  # pieces of the current run of _HASH_CHUNK sentences
+    in_run = 0
+
+    def flush() -> None:
         h.update(b"\0")
-        h.update("\0".join(chunk).encode("utf-8", "surrogatepass"))
+        for k, piece in enumerate(run):
+            if k:
+                h.update(b"\0")
+            h.update(_nul_joined(piece))
+        run.clear()
+
+    for chunk in texts.chunks():
+        at = 0
+        while at < len(chunk):
+            take = min(_HASH_CHUNK - in_run, len(chunk) - at)
+            run.append(chunk[at : at + take] if (at or take < len(chunk)) else chunk)
+            at, in_run = at + take, in_run + take
+            if in_run == _HASH_CHUNK:
+                flush()
+                in_run = 0
+    if run:
+        flush()
     return h.hexdigest()
 
 
@@ -215,10 +305,11 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
-# Above this many sentences SentencePiece trains in a child process: what it allocates (several GB
-# for a 2M-sentence sample) goes back to the system when the child exits, instead of staying in
-# the training process's heap for the whole run.
+# Above this many sentences SentencePiece trains in a child process, reading them from a file the
+# parent writes a chunk at a time: what SentencePiece allocates (several GB for a 2M-sentence
+# sample) goes back to the system when the child exits, and the parent holds no copy meanwhile.
 CHILD_PROCESS_SENTENCES = 200_000
+_CHILD_ERROR = 3  # the child's exit status when SentencePiece itself refused (its message on stderr)
 
 
 def _spm_options(cfg: TokenizerConfig) -> dict[str, Any]:
@@ -242,6 +333,10 @@ def _spm_options(cfg: TokenizerConfig) -> dict[str, Any]:
     )
 
 
+def _nonempty(chunk: Sequence[str]) -> list[str]:
+    return [t for t in chunk if t and not t.isspace()]
+
+
 def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterable[str]) -> bytes:
     writer = io.BytesIO()
     spm.set_random_generator_seed(seed)
@@ -255,46 +350,89 @@ def _train_from_file(options: dict[str, Any], seed: int, path: str) -> bytes:
         return _train_in_this_process(options, seed, (line.rstrip("\n") for line in f))
 
 
-def _train_in_a_child(options: dict[str, Any], seed: int, sentences: list[str]) -> bytes:
-    import multiprocessing
+def _child_main(argv: Sequence[str]) -> None:
+    """``python -c 'import mt.tokenizer as t; t._child_main(sys.argv[1:])' OPTIONS SEED SENTENCES MODEL``:
+    train on the SENTENCES file, write the model to MODEL; SentencePiece's own refusal exits with
+    _CHILD_ERROR and its message as the last line on stderr."""
+    options, seed, path, out = json.loads(argv[0]), int(argv[1]), argv[2], argv[3]
+    try:
+        proto = _train_from_file(options, seed, path)
+    except (RuntimeError, ValueError) as e:
+        print(" ".join(f"{type(e).__name__}: {e}".split()), file=sys.stderr, flush=True)
+        raise SystemExit(_CHILD_ERROR) from None
+    pathlib.Path(out).write_bytes(proto)
 
+
+def _write_sentences(texts: TextChunks, path: str) -> int:
+    """The non-empty sentences of `texts`, one a line (a newline inside one becomes a space),
+    written a chunk at a time; returns how many."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for chunk in texts.lists():
+            kept = _nonempty(chunk)
+            if kept:
+                f.write("\n".join(s.replace("\n", " ") for s in kept))
+                f.write("\n")
+                n += len(kept)
+    return n
+
+
+def _train_in_a_child(options: dict[str, Any], seed: int, path: str) -> bytes:
+    """Train on the sentences of `path` in a fresh interpreter that imports only this module (not
+    the training script and torch, as multiprocessing's spawn would)."""
+    out = path + ".model"
+    code = "import sys, mt.tokenizer as t; t._child_main(sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}  # mt importable as here
+    cmd = [sys.executable, "-c", code, json.dumps(options), str(seed), path, out]
+    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    if r.returncode == _CHILD_ERROR:
+        raise RuntimeError(last.split(": ", 1)[-1])
+    if r.returncode != 0:
+        raise DataError(
+            f"SentencePiece training in a child process failed (exit status {r.returncode}"
+            f"{', killed: out of memory?' if r.returncode < 0 else ''}){': ' + last if last else ''}; "
+            f"lower tokenizer.input_sentence_size to train on fewer sentences"
+        )
+    return pathlib.Path(out).read_bytes()
+
+
+def _spm_train(cfg: TokenizerConfig, texts: Sequence[str] | TextChunks) -> bytes:
+    """Train one SentencePiece model on `texts` (empty ones skipped) and return its serialized proto."""
+    texts = TextChunks.of(texts)
+    options = _spm_options(cfg)
     with tempfile.TemporaryDirectory(prefix="mt-spm-") as tmp:
         path = os.path.join(tmp, "sentences.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            for s in sentences:
-                f.write(s.replace("\n", " ") + "\n")
-        # spawn, not fork: the training process has torch's thread pools, which a fork would copy
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_train_from_file, (options, seed, path))
-
-
-def _spm_train(cfg: TokenizerConfig, texts: Sequence[str]) -> bytes:
-    """Train one SentencePiece model on `texts` and return its serialized proto."""
-    nonempty = [t for t in texts if t and not t.isspace()]
-    if not nonempty:
-        raise DataError("cannot train a tokenizer: the training text is empty")
-    if 0 < cfg.input_sentence_size <= 100:  # SentencePiece refuses these
-        raise DataError(
-            f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
-            f"(all sentences) or a value above 100"
-        )
-    options = _spm_options(cfg)
-    try:
-        if len(nonempty) > CHILD_PROCESS_SENTENCES:
-            return _train_in_a_child(options, int(cfg.seed), nonempty)
-        return _train_in_this_process(options, int(cfg.seed), nonempty)
-    except (RuntimeError, ValueError) as e:
-        msg = " ".join(str(e).split())
-        raise DataError(
-            f"SentencePiece training failed ({msg}); check tokenizer.vocab_size / "
-            f"tokenizer.model_type / tokenizer.character_coverage"
-        ) from None
+        in_memory: list[str] = []
+        if len(texts) > CHILD_PROCESS_SENTENCES:
+            n = _write_sentences(texts, path)
+        else:
+            for chunk in texts.lists():
+                in_memory += _nonempty(chunk)
+            n = len(in_memory)
+        if not n:
+            raise DataError("cannot train a tokenizer: the training text is empty")
+        if 0 < cfg.input_sentence_size <= 100:  # SentencePiece refuses these
+            raise DataError(
+                f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
+                f"(all sentences) or a value above 100"
+            )
+        try:
+            if not in_memory:
+                return _train_in_a_child(options, int(cfg.seed), path)
+            return _train_in_this_process(options, int(cfg.seed), in_memory)
+        except (RuntimeError, ValueError) as e:
+            msg = " ".join(str(e).split())
+            raise DataError(
+                f"SentencePiece training failed ({msg}); check tokenizer.vocab_size / "
+                f"tokenizer.model_type / tokenizer.character_coverage"
+            ) from None
 
 
 def _train_or_load(
     cfg: TokenizerConfig,
     role: str,
-    texts: Sequence[str],
+    texts: TextChunks,
     cache_dir: pathlib.Path,
     log: Callable[[str], Any],
 ) -> bytes:
@@ -318,22 +456,23 @@ def _train_or_load(
 
 def train_tokenizer(
     cfg: TokenizerConfig,
-    src_texts: Sequence[str],
-    tgt_texts: Sequence[str],
+    src_texts: Sequence[str] | TextChunks,
+    tgt_texts: Sequence[str] | TextChunks,
     cache_dir: pathlib.Path,
     log: Callable[[str], Any] = print,
 ) -> Tokenizer:
     """Train SentencePiece on the training text, or load the cached model trained on the same
     text with the same options (``cache_dir/spm/<hash>.model``).
 
-    joint: one model on src + tgt sentences; otherwise one model per side.
+    joint: one model on src + tgt sentences; otherwise one model per side. The texts are lists of
+    sentences or `TextChunks` (the same sentences give the same model and cache entry either way).
     """
+    src, tgt = TextChunks.of(src_texts), TextChunks.of(tgt_texts)
     if cfg.joint:
-        texts = list(src_texts) + list(tgt_texts)
-        proto = _train_or_load(cfg, "joint", texts, cache_dir, log)
+        proto = _train_or_load(cfg, "joint", src + tgt, cache_dir, log)
         tok = Tokenizer(proto, None, cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id)
     else:
-        src = _train_or_load(cfg, "source", list(src_texts), cache_dir, log)
-        tgt = _train_or_load(cfg, "target", list(tgt_texts), cache_dir, log)
-        tok = Tokenizer(src, tgt, cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id)
+        src_proto = _train_or_load(cfg, "source", src, cache_dir, log)
+        tgt_proto = _train_or_load(cfg, "target", tgt, cache_dir, log)
+        tok = Tokenizer(src_proto, tgt_proto, cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id)
     return tok

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -161,6 +162,42 @@ def _tokenized(n: int = 300) -> datasets.Dataset:
         }
     )
     return datasets.Dataset.from_dict({"src_ids": src, "tgt_ids": tgt}, features=feats)
+
+
+def test_iter_columns_applies_every_kind_of_index_mapping_in_one_take_per_chunk(tmp_path, monkeypatch):
+    """iter_columns gives the rows `datasets` gives, in its order, for splits filtered, selected
+    (unsorted, repeated), shuffled, sharded and memory-mapped over several record batches, without
+    `datasets`' gather of one row at a time."""
+    from datasets.table import Table
+
+    from mt.batching import _own_map, iter_columns
+
+    base = datasets.concatenate_datasets([_tokenized(500), _tokenized(700)])
+    base.save_to_disk(tmp_path / "split", max_shard_size="20KB")
+    mapped = datasets.load_from_disk(str(tmp_path / "split"))
+    rng = np.random.default_rng(0)
+    cases = {
+        "flat": base,
+        "filtered": base.filter(lambda r: len(r["tgt_ids"]) % 3 != 0),
+        "selected": base.select(rng.permutation(len(base))[:400]),
+        "filtered then selected": base.filter(lambda r: len(r["src_ids"]) > 2).select([7, 1, 1, 300, 0]),
+        "shuffled": base.shuffle(seed=1),
+        "sharded": base.shard(3, 1),
+        "memory-mapped, filtered": mapped.filter(lambda r: len(r["tgt_ids"]) % 2 == 0),
+    }
+    want = {name: ds.with_format("arrow")[:].select(["tgt_ids", "src_ids"]) for name, ds in cases.items()}
+    # a split in several Arrow files is read through memory maps of the pass's own
+    assert len(mapped.cache_files) > 1 and _own_map(cases["memory-mapped, filtered"], mapped.data.table) is not None
+    assert _own_map(base, base.data.table) is None  # in memory: nothing to map
+
+    def one_row_at_a_time(*args, **kw):
+        raise AssertionError("datasets' row-by-row gather was used")
+
+    monkeypatch.setattr(Table, "fast_gather", one_row_at_a_time)
+    for name, ds in cases.items():
+        chunks = list(iter_columns(ds, ["tgt_ids", "src_ids"], rows=97))
+        assert all(t.num_rows <= 97 for t in chunks) and len(chunks) == -(-len(ds) // 97), name
+        assert pa.concat_tables(chunks).equals(want[name]), name
 
 
 def test_pair_dataset_matches_rows_after_filtering():

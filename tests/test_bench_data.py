@@ -53,5 +53,8 @@ def test_smoke_run_cold_then_warm(tmp_path):
     for row in rows:
         assert "read 3000 training pairs" in row["stages_s"] and "tokenizer ready" in row["stages_s"]
         assert 0 <= row["prepare_s"] < row["first_step_s"] < row["wall_s"]
+        peaks = row["stage_peak_rss_gb"]
+        assert list(peaks) == [*row["stages_s"], "to the first step"]
+        assert 0 < max(peaks.values()) <= row["prepare"]["peak_rss_gb"]
         assert row["prepare"]["peak_rss_gb"] > 0.1 and row["training"]["peak_rss_gb"] > 0.1
     assert r.stdout.count("| generated 3,000 pairs (text) |") == 2  # one table row per run

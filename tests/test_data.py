@@ -185,6 +185,26 @@ def test_invalid_utf8_in_jsonl_names_file_and_line(tmp_path):
         load_splits(DataConfig(path=str(tmp_path)))
 
 
+def test_jsonl_row_without_a_language_key_names_file_and_line(tmp_path):
+    """A JSON row that lacks a language key is a one-line error naming the file and line (flat and
+    nested rows, any split); an explicit null still reads as an empty side, like an empty CSV cell."""
+    rows = [{"de": "eins", "en": "one"}, {"de": "zwei", "en": "two"}]
+    _write_jsonl(tmp_path / "flat" / "train.jsonl", [*rows, {"de": "drei"}, {"de": "vier", "en": "four"}])
+    with pytest.raises(DataError, match=r"flat/train\.jsonl: line 3 has no 'en' key; every row needs both") as e:
+        load_splits(DataConfig(path=str(tmp_path / "flat")))
+    assert "\n" not in str(e.value)
+    nested = [{"translation": r} for r in rows]
+    _write_jsonl(tmp_path / "nested" / "train.jsonl", nested)
+    _write_jsonl(tmp_path / "nested" / "validation.jsonl", [*nested, {"translation": {"en": "three"}}])
+    with pytest.raises(DataError, match=r"nested/validation\.jsonl: line 3 has no 'de' key"):
+        load_splits(DataConfig(path=str(tmp_path / "nested")))
+    _write_jsonl(tmp_path / "one.jsonl", [{"en": "one", "de": "eins"}, {"en": "two"}])
+    with pytest.raises(DataError, match=r"one\.jsonl: line 2 has no 'de' key"):
+        load_splits(DataConfig(path=str(tmp_path / "one.jsonl")))
+    _write_jsonl(tmp_path / "nulls" / "train.jsonl", [*rows, {"de": "drei", "en": None}])
+    assert load_splits(DataConfig(path=str(tmp_path / "nulls")))["train"]["tgt"] == ["one", "two", ""]
+
+
 def test_no_train_split(tmp_path):
     _write_lines(tmp_path / "valid.de", ["hund"])
     _write_lines(tmp_path / "valid.en", ["dog"])
@@ -289,7 +309,7 @@ def test_sentencepiece_learns_from_a_seeded_sample_of_large_corpora(tiny_corpus_
     real = data_mod.train_tokenizer
 
     def recording(cfg, src, tgt, *args, **kw):
-        seen.append((src, tgt))
+        seen.append((list(src), list(tgt)))
         return real(cfg, src, tgt, *args, **kw)
 
     monkeypatch.setattr(data_mod, "train_tokenizer", recording)

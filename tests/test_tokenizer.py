@@ -7,6 +7,7 @@ import json
 import pickle
 from dataclasses import replace
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -166,3 +167,68 @@ def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch
     with pytest.raises(DataError, match="SentencePiece training failed .*Vocabulary size is smaller") as e:
         tokenizer_mod._spm_train(TokenizerConfig(vocab_size=5, input_sentence_size=0), texts)
     assert "\n" not in str(e.value) and children == [1, 1]
+
+
+def test_text_chunks_give_the_digest_and_model_a_list_gives(monkeypatch, tmp_path):
+    """Sentences handed over in chunks of any size (as data.py reads them from Arrow) hash like the
+    same sentences in one list, with the digest cached models were stored under, and train the same
+    model; above CHILD_PROCESS_SENTENCES the child gets a file, the parent keeps no list."""
+    import hashlib
+    import random
+
+    import mt.tokenizer as tokenizer_mod
+    from mt.config import TokenizerConfig
+    from mt.tokenizer import TextChunks
+
+    rng = random.Random(1)
+    words = ["hund", "katze", "baum", "haus", "auto", "rot", "blau", "gross", "klein", "und", "größer"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 7))) for _ in range(150_000)]
+    texts[5] = "zwei\nzeilen"
+
+    def chunked(sizes):
+        def chunks():
+            at, k = 0, 0
+            while at < len(texts):
+                yield texts[at : at + sizes[k % len(sizes)]]
+                at, k = at + sizes[k % len(sizes)], k + 1
+
+        return TextChunks(len(texts), chunks)
+
+    want = hashlib.sha256(str(len(texts)).encode())  # the digest as it has always been computed
+    for start in range(0, len(texts), 65536):
+        want.update(b"\0" + "\0".join(texts[start : start + 65536]).encode("utf-8", "surrogatepass"))
+    for sizes in ([65536], [1000], [70000, 3], [150_000]):
+        assert tokenizer_mod._text_digest(chunked(sizes)) == want.hexdigest(), sizes
+    assert tokenizer_mod._text_digest(TextChunks.of(texts)) == want.hexdigest()
+    for kind in (pa.string(), pa.large_string()):  # Arrow arrays, hashed from their buffers
+        column = pa.chunked_array([pa.array(texts[:70_001], kind), pa.array(texts[70_001:], kind)])
+        arrow = TextChunks(
+            len(texts), lambda c=column: (c.slice(i, 999).combine_chunks() for i in range(0, len(texts), 999))
+        )
+        assert tokenizer_mod._text_digest(arrow) == want.hexdigest(), kind
+        assert list(arrow) == texts
+    half = len(texts) // 2
+    assert tokenizer_mod._text_digest(TextChunks.of(texts[:half]) + TextChunks.of(texts[half:])) == want.hexdigest()
+    with pytest.raises(ValueError, match="hold 150000 strings, not 150001"):
+        tokenizer_mod._text_digest(TextChunks(len(texts) + 1, chunked([1000])._chunks))
+
+    cfg = TokenizerConfig(vocab_size=40, input_sentence_size=0)
+    here = tokenizer_mod._spm_train(cfg, texts[:3000])
+    files = []
+    real = tokenizer_mod._train_in_a_child
+    monkeypatch.setattr(
+        tokenizer_mod, "_train_in_a_child", lambda opts, seed, path: files.append(path) or real(opts, seed, path)
+    )
+    monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
+    small = TextChunks(3000, lambda: (texts[i : min(i + 7, 3000)] for i in range(0, 3000, 7)))
+    assert tokenizer_mod._spm_train(cfg, small) == here and len(files) == 1 and isinstance(files[0], str)
+
+    class Died:
+        returncode, stderr = -9, ""
+
+    monkeypatch.setattr(tokenizer_mod.subprocess, "run", lambda *a, **kw: Died())
+    with pytest.raises(
+        DataError, match=r"child process failed \(exit status -9, killed: out of memory\?\); lower"
+    ) as e:
+        tokenizer_mod._spm_train(cfg, small)
+    assert "\n" not in str(e.value)

@@ -567,10 +567,10 @@ class Trainer:
         self.time_up = self.time_up or bool(timed_out)  # the validation may have used up the time
         return bool(stop)
 
-    def score_validation(self) -> tuple[dict[str, Any], functools.partial]:
-        """Loss and BLEU of the validation split now (BLEU picks the best checkpoint); the rest of
-        the report (report_validation) is returned to run in the background."""
-        tc, tok, step = self.tc, self.tok, self.state.step
+    def decode_validation(self):
+        """The validation loss (teacher forcing) and the greedy decode of the validation split,
+        with the weights the model holds now."""
+        tc, tok = self.tc, self.tok
         vloss = validation_loss(self.model, self.valid_loader, self.device, self.amp_dtype, tok.pad_id)
         with autocast(self.device, self.amp_dtype):
             decoded = decode_dataset(
@@ -583,6 +583,13 @@ class Trainer:
                 max_len_b=tc.valid_max_len_b,
                 graphs=self.decoder_graphs,
             )
+        return vloss, decoded
+
+    def score_validation(self) -> tuple[dict[str, Any], functools.partial]:
+        """Loss and BLEU of the validation split now (BLEU picks the best checkpoint); the rest of
+        the report (report_validation) is returned to run in the background."""
+        tc, tok, step = self.tc, self.tok, self.state.step
+        vloss, decoded = self.decode_validation()
         hyps, refs, srcs = tok.decode_tgt(decoded.tokens), self.valid_refs, self.valid_srcs
         metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, refs, names=("bleu",))}
         for k in ("loss", "ppl", "bleu"):
@@ -615,20 +622,8 @@ class Trainer:
         """Loss and the three scores of the validation split for the weights the model holds now
         (the EMA's, an average's), on TensorBoard under `tag`/: what best.pt's weights are
         compared with."""
-        tc, tok, step = self.tc, self.tok, self.state.step
-        vloss = validation_loss(self.model, self.valid_loader, self.device, self.amp_dtype, tok.pad_id)
-        with autocast(self.device, self.amp_dtype):
-            decoded = decode_dataset(
-                self.model,
-                self.valid_src_ids,
-                tok,
-                self.device,
-                batch_size=tc.valid_batch_size,
-                max_len_a=tc.valid_max_len_a,
-                max_len_b=tc.valid_max_len_b,
-                graphs=self.decoder_graphs,
-            )
-        hyps = tok.decode_tgt(decoded.tokens)
+        vloss, decoded = self.decode_validation()
+        hyps, step = self.tok.decode_tgt(decoded.tokens), self.state.step
         metrics = {"loss": vloss, "ppl": math.exp(min(vloss, 50)), **corpus_scores(hyps, self.valid_refs)}
         for k in ("loss", "bleu", "chrf", "bleu_lc"):
             self.writer.add_scalar(f"{tag}/{k}", metrics[k], step)

@@ -129,11 +129,9 @@ def multi30k_dir() -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The debug=tiny model trained for 300 steps on the toy corpus, once per test session:
-    {"checkpoint": best.pt, "corpus": the corpus folder, "run": the run folder, "summary": train()'s}.
-    Shared by the training, decoding, translation and evaluation tests."""
+def train_toy(corpus: Path, cache: Path, run: Path, *overrides: str) -> dict:
+    """mt.train's debug=tiny model on a toy corpus, on the CPU in fp32, with `overrides` on top;
+    train()'s summary. torch's thread count is restored afterwards (training sets it)."""
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -141,7 +139,6 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from mt.config import register_configs
     from mt.train import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = OmegaConf.to_object(
@@ -149,22 +146,36 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 "train",
                 overrides=[
                     "debug=tiny",
-                    f"data.path={tiny_corpus_dir}",
-                    f"data.cache_dir={root / 'cache'}",
+                    f"data.path={corpus}",
+                    f"data.cache_dir={cache}",
                     "trainer.device=cpu",
                     "trainer.precision=fp32",
-                    "trainer.max_steps=300",
-                    "trainer.eval_every=150",
                     "trainer.progress=false",
-                    "model.cell=torch",
+                    *overrides,
                 ],
             )
         )
     threads = torch.get_num_threads()
     try:
-        summary = train(cfg, root / "run")
+        return train(cfg, run)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The debug=tiny model trained for 300 steps on the toy corpus, once per test session:
+    {"checkpoint": best.pt, "corpus": the corpus folder, "run": the run folder, "summary": train()'s}.
+    Shared by the training, decoding, translation and evaluation tests."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    summary = train_toy(
+        tiny_corpus_dir,
+        root / "cache",
+        root / "run",
+        "trainer.max_steps=300",
+        "trainer.eval_every=150",
+        "model.cell=torch",
+    )
     return {
         "checkpoint": Path(summary["best_path"]),
         "corpus": tiny_corpus_dir,

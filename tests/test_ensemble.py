@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, toy_translate
+from conftest import REPO, toy_translate, train_toy
 
 from mt import kernels
 from mt.config import ModelConfig
@@ -250,42 +250,21 @@ def ckpt(tiny_run):
 def other_ckpt(tiny_run, tmp_path_factory):
     """A second toy model of another shape (wider, two decoder layers, dot attention, cuDNN
     cell), trained briefly with the tokenizer of `tiny_run` (its SentencePiece cache)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mt.config import register_configs
-    from mt.train import train
-
     root = tmp_path_factory.mktemp("other_run")
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = OmegaConf.to_object(
-            compose(
-                "train",
-                overrides=[
-                    "debug=tiny",
-                    f"data.path={tiny_run['corpus']}",
-                    f"data.cache_dir={tiny_run['run'].parent / 'cache'}",
-                    "trainer.device=cpu",
-                    "trainer.precision=fp32",
-                    "trainer.max_steps=200",
-                    "trainer.eval_every=200",
-                    "trainer.progress=false",
-                    "model.cell=cudnn",
-                    "model.hidden_dim=48",
-                    "model.emb_dim=24",
-                    "model.tie_output=false",
-                    "model.dec_layers=2",
-                    "model.attention=dot",
-                    "decoding.beam=3",
-                ],
-            )
-        )
-    threads = torch.get_num_threads()
-    try:
-        summary = train(cfg, root / "run")
-    finally:
-        torch.set_num_threads(threads)
+    summary = train_toy(
+        tiny_run["corpus"],
+        tiny_run["run"].parent / "cache",
+        root / "run",
+        "trainer.max_steps=200",
+        "trainer.eval_every=200",
+        "model.cell=cudnn",
+        "model.hidden_dim=48",
+        "model.emb_dim=24",
+        "model.tie_output=false",
+        "model.dec_layers=2",
+        "model.attention=dot",
+        "decoding.beam=3",
+    )
     return summary["best_path"]
 
 

@@ -40,7 +40,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import batching, data, graphs, precompile
-from .averaging import EMA, average_checkpoints, choose_for_average, prune_step_checkpoints, step_checkpoint_name
+from .averaging import (
+    EMA,
+    average_checkpoints,
+    choose_for_average,
+    prune_step_checkpoints,
+    step_checkpoint_name,
+    step_checkpoints,
+)
 from .checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .distributed import Distributed, rng_state, seed_everything, set_rng_state
@@ -704,13 +711,13 @@ class Trainer:
             "last_path": str(self.last_path),
             "ema_bleu": self.ema_metrics.get("bleu"),
             "averaged_bleu": self.averaged_metrics.get("bleu"),
-            "chosen_path": str(self.chosen()[0]),
+            "chosen_path": str(self.chosen()[1]),
         }
 
     def average_last(self) -> None:
         """averaged.pt: the mean of the last trainer.average_last step_<k>.pt, validated (rank 0)."""
         n = self.tc.average_last
-        paths = choose_for_average(self.ckpt_dir, min(n, len(list(self.ckpt_dir.glob("step_*.pt")))))
+        paths = choose_for_average(self.ckpt_dir, min(n, len(step_checkpoints(self.ckpt_dir))))
         t0 = time.perf_counter()
         state = average_checkpoints(paths)
         live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -731,24 +738,27 @@ class Trainer:
             self.averaged_path,
         )
 
-    def chosen(self) -> tuple[Path, str]:
-        """The checkpoint of this run with the best validation BLEU (greedy, as every validation
-        decodes): best.pt, ema.pt (its last validation) or averaged.pt; and why, in words."""
+    def candidates(self) -> list[tuple[float, Path]]:
+        """(validation BLEU, checkpoint) of this run's weights, greedy as every validation
+        decodes: best.pt, then ema.pt (its last validation) and averaged.pt where written."""
         best = self.best_path if self.best_path.exists() else self.last_path
-        candidates = [(self.state.best_bleu, best)]
+        found = [(self.state.best_bleu, best)]
         if self.ema_metrics and self.ema_path.exists():
-            candidates.append((self.ema_metrics["bleu"], self.ema_path))
+            found.append((self.ema_metrics["bleu"], self.ema_path))
         if self.averaged_metrics and self.averaged_path.exists():
-            candidates.append((self.averaged_metrics["bleu"], self.averaged_path))
-        bleu, path = max(candidates, key=lambda c: c[0])  # ties: the first (best.pt)
-        why = ", ".join(f"{p.name} {b:.2f}" for b, p in candidates)
-        return path, why
+            found.append((self.averaged_metrics["bleu"], self.averaged_path))
+        return found
+
+    def chosen(self) -> tuple[float, Path]:
+        """The candidate with the best validation BLEU (ties: the first, best.pt)."""
+        return max(self.candidates(), key=lambda c: c[0])
 
     def log_next_steps(self) -> None:
         """The commands that use this run, with its real paths: for its checkpoint with the best
         validation BLEU."""
-        path, why = self.chosen()
-        if len(why.split(",")) > 1:
+        candidates, (_, path) = self.candidates(), self.chosen()
+        if len(candidates) > 1:
+            why = ", ".join(f"{p.name} {b:.2f}" for b, p in candidates)
             log.info("validation BLEU (greedy): %s -> %s", why, path.name)
         best = shlex.quote(str(path))
         src, tgt = self.cfg.data.src, self.cfg.data.tgt

@@ -12,7 +12,9 @@ checked again when a model is loaded, so the model's embedding rows and the batc
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -36,6 +38,7 @@ _SPM_OPTIONS = (
     "vocab_size",
     "character_coverage",
     "input_sentence_size",
+    "train_on",
     "seed",
     "pad_id",
     "unk_id",
@@ -333,8 +336,22 @@ def _spm_options(cfg: TokenizerConfig) -> dict[str, Any]:
     )
 
 
-def _nonempty(chunk: Sequence[str]) -> list[str]:
+def _nonempty(chunk: Sequence[str], keep: Any = None, at: int = 0) -> list[str]:
+    """The chunk's non-empty sentences (of those at `keep[at:]`, a boolean mask, if given)."""
+    if keep is not None:
+        chunk = [t for t, k in zip(chunk, keep[at : at + len(chunk)]) if k]
     return [t for t in chunk if t and not t.isspace()]
+
+
+def _sample_mask(n: int, size: int, seed: int) -> Any:
+    """Which of n sentences a seeded sample of `size` keeps (None: all of them)."""
+    if size <= 0 or n <= size:
+        return None
+    import numpy as np
+
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(seed).choice(n, size=size, replace=False)] = True
+    return keep
 
 
 def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterable[str]) -> bytes:
@@ -344,32 +361,106 @@ def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterab
     return writer.getvalue()
 
 
-def _train_from_file(options: dict[str, Any], seed: int, path: str) -> bytes:
+# ---- learning from word counts (tokenizer.train_on=words)
+# SentencePiece never lets a piece cross a space (split_by_whitespace, on by default), so its EM
+# over sentences splits into independent sums over their words: the same objective comes from each
+# distinct word once, weighted by its count (SentencePiece's "tsv" input). What it would not take
+# from counts is the unigram seed vocabulary: it rebuilds the text, every word as often as it
+# occurs, and finds frequent substrings with a suffix array of ~13 bytes a character (over 5 GB
+# for 2M sentences of 25 words). The seeds are counted here instead, in a table that grows with
+# the distinct words, not with the text.
+_SEED_PIECES = 1_000_000  # SentencePiece's seed_sentencepiece_size
+_MAX_PIECE = 16  # and max_sentencepiece_length (characters), both left at their defaults
+
+
+def _word_counts(sentences: Iterable[str]) -> collections.Counter[str]:
+    """How often each whitespace-separated word occurs in the sentences."""
+    return collections.Counter(w for s in sentences for w in s.split())
+
+
+def _seed_pieces(words: dict[str, int], limit: int = _SEED_PIECES) -> list[tuple[str, int]]:
+    """The unigram seed vocabulary from word counts, ranked as SentencePiece ranks its own: every
+    substring of 2.._MAX_PIECE characters of a normalized word (with its leading "\u2581"), counted
+    as often as it occurs in the text (the word's count times its occurrences in the word); those
+    seen at least twice, the `limit` with the highest count x length. SentencePiece adds the
+    single characters itself and drops pieces it does not allow (e.g. across scripts)."""
+    normalize = spm.SentencePieceNormalizer(rule_name="nmt_nfkc").normalize
+    counts: dict[str, int] = {}
+    get = counts.get
+    for word, n in words.items():
+        for part in normalize(word).split("\u2581"):  # a word whose normalized form holds a space
+            if not part:
+                continue
+            w = "\u2581" + part
+            for i in range(len(w)):
+                for j in range(i + 2, min(len(w), i + _MAX_PIECE) + 1):
+                    piece = w[i:j]
+                    counts[piece] = get(piece, 0) + n
+    kept = [(p, n) for p, n in counts.items() if n >= 2]
+    del counts
+    if len(kept) > limit:
+        kept = heapq.nlargest(limit, kept, key=lambda pn: (pn[1] * len(pn[0]), pn[0]))
+    return kept
+
+
+def _train_on_words(options: dict[str, Any], seed: int, sentences: Iterable[str], workdir: str) -> bytes:
+    """SentencePiece on the sentences' word counts, with the seed pieces counted by _seed_pieces."""
+    words = _word_counts(sentences)
+    options = dict(options, input_format="tsv", input_sentence_size=0)
+    if options["model_type"] == "unigram":
+        seeds = os.path.join(workdir, "seeds.tsv")
+        with open(seeds, "w", encoding="utf-8") as f:
+            for piece, n in _seed_pieces(words):
+                f.write(f"{piece}\t{n}\n")
+        options["seed_sentencepieces_file"] = seeds
+    proto = _train_in_this_process(options, seed, (f"{w}\t{n}" for w, n in words.items()))
+    return _forget_seed_file(proto)
+
+
+def _forget_seed_file(proto: bytes) -> bytes:
+    """The model without the seed file's temporary path in its recorded options, so the same text
+    gives the same bytes wherever it was trained."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    model.trainer_spec.ClearField("seed_sentencepieces_file")
+    return model.SerializeToString()
+
+
+def _train(options: dict[str, Any], seed: int, sentences: Iterable[str], train_on: str, workdir: str) -> bytes:
+    if train_on == "words":
+        return _train_on_words(options, seed, sentences, workdir)
+    return _train_in_this_process(options, seed, sentences)
+
+
+def _train_from_file(options: dict[str, Any], seed: int, path: str, train_on: str) -> bytes:
     """The child process's work: the sentences of `path`, one a line."""
     with open(path, encoding="utf-8") as f:
-        return _train_in_this_process(options, seed, (line.rstrip("\n") for line in f))
+        return _train(options, seed, (line.rstrip("\n") for line in f), train_on, os.path.dirname(path))
 
 
 def _child_main(argv: Sequence[str]) -> None:
-    """``python -c 'import mt.tokenizer as t; t._child_main(sys.argv[1:])' OPTIONS SEED SENTENCES MODEL``:
+    """``python -c 'import mt.tokenizer as t; t._child_main(sys.argv[1:])' OPTIONS SEED SENTENCES MODEL TRAIN_ON``:
     train on the SENTENCES file, write the model to MODEL; SentencePiece's own refusal exits with
     _CHILD_ERROR and its message as the last line on stderr."""
-    options, seed, path, out = json.loads(argv[0]), int(argv[1]), argv[2], argv[3]
+    options, seed, path, out, train_on = json.loads(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
     try:
-        proto = _train_from_file(options, seed, path)
+        proto = _train_from_file(options, seed, path, train_on)
     except (RuntimeError, ValueError) as e:
         print(" ".join(f"{type(e).__name__}: {e}".split()), file=sys.stderr, flush=True)
         raise SystemExit(_CHILD_ERROR) from None
     pathlib.Path(out).write_bytes(proto)
 
 
-def _write_sentences(texts: TextChunks, path: str) -> int:
-    """The non-empty sentences of `texts`, one a line (a newline inside one becomes a space),
-    written a chunk at a time; returns how many."""
-    n = 0
+def _write_sentences(texts: TextChunks, path: str, keep: Any = None) -> int:
+    """The non-empty sentences of `texts` (those `keep` marks, if given), one a line (a newline
+    inside one becomes a space), written a chunk at a time; returns how many."""
+    n = at = 0
     with open(path, "w", encoding="utf-8") as f:
         for chunk in texts.lists():
-            kept = _nonempty(chunk)
+            kept = _nonempty(chunk, keep, at)
+            at += len(chunk)
             if kept:
                 f.write("\n".join(s.replace("\n", " ") for s in kept))
                 f.write("\n")
@@ -377,13 +468,13 @@ def _write_sentences(texts: TextChunks, path: str) -> int:
     return n
 
 
-def _train_in_a_child(options: dict[str, Any], seed: int, path: str) -> bytes:
+def _train_in_a_child(options: dict[str, Any], seed: int, path: str, train_on: str) -> bytes:
     """Train on the sentences of `path` in a fresh interpreter that imports only this module (not
     the training script and torch, as multiprocessing's spawn would)."""
     out = path + ".model"
     code = "import sys, mt.tokenizer as t; t._child_main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}  # mt importable as here
-    cmd = [sys.executable, "-c", code, json.dumps(options), str(seed), path, out]
+    cmd = [sys.executable, "-c", code, json.dumps(options), str(seed), path, out, train_on]
     r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     last = (r.stderr.strip().splitlines() or [""])[-1]
     if r.returncode == _CHILD_ERROR:
@@ -400,27 +491,33 @@ def _train_in_a_child(options: dict[str, Any], seed: int, path: str) -> bytes:
 def _spm_train(cfg: TokenizerConfig, texts: Sequence[str] | TextChunks) -> bytes:
     """Train one SentencePiece model on `texts` (empty ones skipped) and return its serialized proto."""
     texts = TextChunks.of(texts)
+    if cfg.train_on not in ("words", "sentences"):
+        raise DataError(f"tokenizer.train_on={cfg.train_on!r}: use words or sentences")
+    if 0 < cfg.input_sentence_size <= 100:  # SentencePiece refuses these
+        raise DataError(
+            f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
+            f"(all sentences) or a value above 100"
+        )
     options = _spm_options(cfg)
+    # Word counts are made from a sample drawn here; SentencePiece samples sentences itself.
+    keep = _sample_mask(len(texts), cfg.input_sentence_size, cfg.seed) if cfg.train_on == "words" else None
     with tempfile.TemporaryDirectory(prefix="mt-spm-") as tmp:
         path = os.path.join(tmp, "sentences.txt")
         in_memory: list[str] = []
         if len(texts) > CHILD_PROCESS_SENTENCES:
-            n = _write_sentences(texts, path)
+            n = _write_sentences(texts, path, keep)
         else:
+            at = 0
             for chunk in texts.lists():
-                in_memory += _nonempty(chunk)
+                in_memory += _nonempty(chunk, keep, at)
+                at += len(chunk)
             n = len(in_memory)
         if not n:
             raise DataError("cannot train a tokenizer: the training text is empty")
-        if 0 < cfg.input_sentence_size <= 100:  # SentencePiece refuses these
-            raise DataError(
-                f"tokenizer.input_sentence_size={cfg.input_sentence_size} is too small: use 0 "
-                f"(all sentences) or a value above 100"
-            )
         try:
             if not in_memory:
-                return _train_in_a_child(options, int(cfg.seed), path)
-            return _train_in_this_process(options, int(cfg.seed), in_memory)
+                return _train_in_a_child(options, int(cfg.seed), path, cfg.train_on)
+            return _train(options, int(cfg.seed), in_memory, cfg.train_on, tmp)
         except (RuntimeError, ValueError) as e:
             msg = " ".join(str(e).split())
             raise DataError(

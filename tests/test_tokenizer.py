@@ -217,7 +217,9 @@ def test_text_chunks_give_the_digest_and_model_a_list_gives(monkeypatch, tmp_pat
     files = []
     real = tokenizer_mod._train_in_a_child
     monkeypatch.setattr(
-        tokenizer_mod, "_train_in_a_child", lambda opts, seed, path: files.append(path) or real(opts, seed, path)
+        tokenizer_mod,
+        "_train_in_a_child",
+        lambda opts, seed, path, *a: files.append(path) or real(opts, seed, path, *a),
     )
     monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
     small = TextChunks(3000, lambda: (texts[i : min(i + 7, 3000)] for i in range(0, 3000, 7)))

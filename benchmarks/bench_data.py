@@ -9,7 +9,8 @@ For each size it writes a corpus with benchmarks/make_corpus.py (kept in --work 
 run), then runs `python -m mt.train` on it twice in a child process: cold, with fresh caches
 (SentencePiece, the corpus read into Arrow, tokenized splits, HF datasets), and warm, again on the
 caches the cold run left. Each run trains --steps steps of a small model (E = H = 256, 1 layer,
-the joint --vocab SentencePiece model on a --spm-sample sentence sample, data.num_proc = CPUs).
+the joint --vocab SentencePiece model on a --spm-sample sentence sample, learnt from its word
+counts or, with --train-on sentences, from its sentences; data.num_proc = CPUs).
 From the child's log it reads the time of each preparation stage (the "data: ... in X s" lines);
 from /proc it samples the resident memory of the child and its worker processes together every
 0.1 s: the peak while preparing (until the first step) and the peak while training, split into
@@ -128,6 +129,7 @@ def run_once(corpus: Path, caches: Path, out: Path, args: argparse.Namespace) ->
         sys.executable, "-m", "mt.train",
         f"data.path={corpus}", "data.src=de", "data.tgt=en", f"data.num_proc={args.num_proc}",
         f"tokenizer.vocab_size={args.vocab}", f"tokenizer.input_sentence_size={args.spm_sample}",
+        f"tokenizer.train_on={args.train_on}",
         "model.emb_dim=256", "model.hidden_dim=256", "model.enc_layers=1", "model.dec_layers=1", "model.cell=cudnn",
         "trainer.device=cpu", f"trainer.max_steps={args.steps}", f"trainer.eval_every={args.steps * 10}",
         "trainer.log_every=10", "trainer.progress=false", "data.max_valid_examples=200",
@@ -164,6 +166,7 @@ def run_once(corpus: Path, caches: Path, out: Path, args: argparse.Namespace) ->
         "training": sampler.peak(first, t_end),
         "wall_s": round(t_end - t0, 1),
         "vocab": int(vocab) if vocab else None,
+        "train_on": args.train_on,
     }
     return row
 
@@ -188,6 +191,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="corpora, caches and run folders go here")
     p.add_argument("--vocab", type=int, default=32000, help="joint SentencePiece vocabulary")
     p.add_argument("--spm-sample", type=int, default=2_000_000, help="sentences SentencePiece trains on")
+    p.add_argument("--train-on", choices=["words", "sentences"], default="words", help="tokenizer.train_on")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="data.num_proc")
     p.add_argument("--steps", type=int, default=30, help="training steps per run (memory while training)")
     p.add_argument("--quick", action="store_true", help="a small vocabulary and sample: a smoke test")

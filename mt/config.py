@@ -201,4 +201,7 @@ def from_dict(d: dict) -> TrainConfig:
     from omegaconf import OmegaConf
 
     base = OmegaConf.structured(TrainConfig)
+    tok = d.get("tokenizer")
+    if isinstance(tok, dict) and "train_on" not in tok:  # saved before the option: SentencePiece read sentences
+        d = {**d, "tokenizer": {**tok, "train_on": "sentences"}}
     return OmegaConf.to_object(OmegaConf.merge(base, d))  # type: ignore[return-value]

@@ -366,66 +366,139 @@ def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterab
 # over sentences splits into independent sums over their words: the same objective comes from each
 # distinct word once, weighted by its count (SentencePiece's "tsv" input). What it would not take
 # from counts is the unigram seed vocabulary: it rebuilds the text, every word as often as it
-# occurs, and finds frequent substrings with a suffix array of ~13 bytes a character (over 5 GB
-# for 2M sentences of 25 words). The seeds are counted here instead, in a table that grows with
-# the distinct words, not with the text.
+# occurs, and finds frequent substrings with a suffix array over every character. The seeds are
+# counted here instead, in tables that grow with the distinct words, not with the text.
+# (A change to what _word_counts or _seed_pieces compute must bump _FORMAT: cached models.)
 _SEED_PIECES = 1_000_000  # SentencePiece's seed_sentencepiece_size
 _MAX_PIECE = 16  # and max_sentencepiece_length (characters), both left at their defaults
+_WORDS_PER_PASS = 250_000  # distinct words whose substrings one counting pass holds at a time
+_TSV_UNSAFE = ("\t", "\n", "\r")
+
+
+def _words(sentence: str) -> list[str]:
+    """The sentence split at spaces, tabs and line breaks (what SentencePiece's normalizer turns
+    into the other whitespace, and control characters it drops, stay inside a word: the word is
+    normalized like the sentence would be)."""
+    if any(c in sentence for c in _TSV_UNSAFE):
+        sentence = sentence.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    return sentence.split(" ")
 
 
 def _word_counts(sentences: Iterable[str]) -> collections.Counter[str]:
-    """How often each whitespace-separated word occurs in the sentences."""
-    return collections.Counter(w for s in sentences for w in s.split())
+    """How often each word occurs in the sentences."""
+    counts = collections.Counter(w for s in sentences for w in _words(s))
+    counts.pop("", None)
+    return counts
 
 
 def _seed_pieces(words: dict[str, int], limit: int = _SEED_PIECES) -> list[tuple[str, int]]:
-    """The unigram seed vocabulary from word counts, ranked as SentencePiece ranks its own: every
-    substring of 2.._MAX_PIECE characters of a normalized word (with its leading "\u2581"), counted
-    as often as it occurs in the text (the word's count times its occurrences in the word); those
-    seen at least twice, the `limit` with the highest count x length. SentencePiece adds the
-    single characters itself and drops pieces it does not allow (e.g. across scripts)."""
+    """The unigram seed vocabulary from word counts, ranked as SentencePiece ranks its own, best
+    first: every substring of 2.._MAX_PIECE characters of a normalized word (with its leading
+    "\u2581"), counted as often as it occurs in the text (the word's count times its occurrences
+    in the word); those seen at least twice, the `limit` with the highest count x length (ties: by
+    the piece). SentencePiece adds the single characters itself and drops pieces it does not allow
+    (e.g. across scripts). The substrings are counted in passes, each over those starting with
+    one share of the character pairs, so that one pass's table stays small at any corpus size."""
     normalize = spm.SentencePieceNormalizer(rule_name="nmt_nfkc").normalize
-    counts: dict[str, int] = {}
-    get = counts.get
-    for word, n in words.items():
-        for part in normalize(word).split("\u2581"):  # a word whose normalized form holds a space
-            if not part:
-                continue
-            w = "\u2581" + part
-            for i in range(len(w)):
+    units = [("\u2581" + part, n) for word, n in words.items() for part in normalize(word).split("\u2581") if part]
+    passes = max(1, -(-len(units) // _WORDS_PER_PASS))
+    best: list[tuple[int, str, int]] = []  # a min-heap of (count x length, piece, count), at most `limit`
+    for k in range(passes):
+        counts: dict[str, int] = {}
+        get = counts.get
+        for w, n in units:
+            for i in range(len(w) - 1):
+                if passes > 1 and (ord(w[i]) * 131 + ord(w[i + 1])) % passes != k:
+                    continue
                 for j in range(i + 2, min(len(w), i + _MAX_PIECE) + 1):
                     piece = w[i:j]
                     counts[piece] = get(piece, 0) + n
-    kept = [(p, n) for p, n in counts.items() if n >= 2]
-    del counts
-    if len(kept) > limit:
-        kept = heapq.nlargest(limit, kept, key=lambda pn: (pn[1] * len(pn[0]), pn[0]))
-    return kept
+        for piece, n in counts.items():
+            if n < 2:
+                continue
+            entry = (n * len(piece), piece, n)
+            if len(best) < limit:
+                heapq.heappush(best, entry)
+            elif entry > best[0]:
+                heapq.heapreplace(best, entry)
+        del counts
+    return [(piece, n) for _, piece, n in sorted(best, reverse=True)]
 
 
 def _train_on_words(options: dict[str, Any], seed: int, sentences: Iterable[str], workdir: str) -> bytes:
-    """SentencePiece on the sentences' word counts, with the seed pieces counted by _seed_pieces."""
+    """SentencePiece on the sentences' word counts, with the seed pieces counted by _seed_pieces
+    (written best first: SentencePiece reads at most seed_sentencepiece_size of them)."""
     words = _word_counts(sentences)
     options = dict(options, input_format="tsv", input_sentence_size=0)
-    if options["model_type"] == "unigram":
-        seeds = os.path.join(workdir, "seeds.tsv")
-        with open(seeds, "w", encoding="utf-8") as f:
-            for piece, n in _seed_pieces(words):
-                f.write(f"{piece}\t{n}\n")
-        options["seed_sentencepieces_file"] = seeds
+    if str(options["model_type"]).lower() != "unigram":
+        return _train_in_this_process(options, seed, (f"{w}\t{n}" for w, n in words.items()))
+    seeds = os.path.join(workdir, "seeds.tsv")
+    with open(seeds, "w", encoding="utf-8") as f:
+        for piece, n in _seed_pieces(words):
+            f.write(f"{piece}\t{n}\n")
+    options["seed_sentencepieces_file"] = seeds
     proto = _train_in_this_process(options, seed, (f"{w}\t{n}" for w, n in words.items()))
-    return _forget_seed_file(proto)
+    return _without_trainer_option(proto, _SEED_FILE_FIELD)
 
 
-def _forget_seed_file(proto: bytes) -> bytes:
-    """The model without the seed file's temporary path in its recorded options, so the same text
-    gives the same bytes wherever it was trained."""
-    from sentencepiece import sentencepiece_model_pb2
+# The model records its training options (ModelProto field 2, TrainerSpec); the seed file's path
+# among them (TrainerSpec field 54) is a temporary one. Dropped from the wire format directly:
+# sentencepiece's generated protobuf module demands the protobuf version it was built with.
+_TRAINER_SPEC_FIELD, _SEED_FILE_FIELD = 2, 54
 
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(proto)
-    model.trainer_spec.ClearField("seed_sentencepieces_file")
-    return model.SerializeToString()
+
+def _varint(buf: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, at
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, value = value & 0x7F, value >> 7
+        out.append(b | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """(field number, its key and length bytes, its value bytes) of each field of a message."""
+    at = 0
+    while at < len(buf):
+        start = at
+        key, at = _varint(buf, at)
+        wire = key & 7
+        if wire == 0:
+            _, end = _varint(buf, at)
+        elif wire == 1:
+            end = at + 8
+        elif wire == 5:
+            end = at + 4
+        elif wire == 2:
+            size, at = _varint(buf, at)
+            end = at + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield key >> 3, buf[start:at], buf[at:end]
+        at = end
+
+
+def _without_trainer_option(proto: bytes, field: int) -> bytes:
+    """The serialized ModelProto without TrainerSpec field `field`; everything else byte for byte."""
+    out = bytearray()
+    for number, head, value in _proto_fields(proto):
+        if number == _TRAINER_SPEC_FIELD:
+            spec = b"".join(h + v for n, h, v in _proto_fields(value) if n != field)
+            out += _encode_varint(number << 3 | 2) + _encode_varint(len(spec)) + spec
+        else:
+            out += head + value
+    return bytes(out)
 
 
 def _train(options: dict[str, Any], seed: int, sentences: Iterable[str], train_on: str, workdir: str) -> bytes:

@@ -102,8 +102,10 @@ def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming needs the same model and vocabulary; other settings (steps, lr...) may change."""
     for group in ("model", "tokenizer"):
         a, b = asdict(getattr(saved, group)), asdict(getattr(cfg, group))
-        # the cell backend is free: same parameters on every backend
-        diff = [f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k] and k != "cell"]
+        # free: the cell backend (same parameters on every backend) and how the tokenizer, which
+        # the checkpoint brings along, was trained from the text
+        free = ("cell", "train_on")
+        diff = [f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k] and k not in free]
         if diff:
             raise CheckpointError(f"checkpoint {path} does not fit this config ({'; '.join(diff[:3])})")
     if (saved.data.src, saved.data.tgt) != (cfg.data.src, cfg.data.tgt):
@@ -222,6 +224,7 @@ class Trainer:
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.last_path} has an unusable config or tokenizer: {e}") from None
         check_compatible(saved_cfg, self.cfg, self.last_path)
+        self.cfg.tokenizer.train_on = saved_cfg.tokenizer.train_on  # what the checkpoints record of it stays true
         return state, tokenizer
 
     def prepare_data(self, tokenizer: Tokenizer | None) -> None:

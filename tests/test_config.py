@@ -37,6 +37,14 @@ def test_each_option_composes_to_typed_config(override):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def test_configs_saved_before_train_on_read_as_sentences():
+    """Checkpoints from before tokenizer.train_on trained SentencePiece on sentences; their config says so."""
+    d = to_dict(TrainConfig())
+    assert from_dict(d).tokenizer.train_on == "words"
+    del d["tokenizer"]["train_on"]
+    assert from_dict(d).tokenizer.train_on == "sentences" and "train_on" not in d["tokenizer"]
+
+
 def test_every_yaml_opens_with_its_command():
     for yaml in [CONF / "train.yaml", *CONF.glob("*/*.yaml")]:
         lines = [ln for ln in yaml.read_text().splitlines() if ln.strip() and not ln.startswith("# @package")]

@@ -145,7 +145,8 @@ def test_model_with_other_special_ids_is_rejected(joint_tok):
         Tokenizer(proto, None, pad_id=1, unk_id=0, bos_id=2, eos_id=3)
 
 
-def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch):
+@pytest.mark.parametrize("train_on", ["words", "sentences"])
+def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch, train_on):
     """Above CHILD_PROCESS_SENTENCES SentencePiece runs in a spawned child (its memory then goes
     back to the system): the model is byte-identical, and its errors are still one-line DataErrors."""
     import random
@@ -157,7 +158,7 @@ def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch
     rng = random.Random(0)
     words = ["hund", "katze", "baum", "haus", "auto", "rot", "blau", "gross", "klein", "und"]
     texts = [" ".join(rng.choice(words) for _ in range(6)) for _ in range(3000)]
-    cfg = TokenizerConfig(vocab_size=40, input_sentence_size=0)
+    cfg = TokenizerConfig(vocab_size=40, input_sentence_size=0, train_on=train_on)
     here = tokenizer_mod._spm_train(cfg, texts)
     children = []
     real = tokenizer_mod._train_in_a_child
@@ -165,7 +166,7 @@ def test_large_samples_train_in_a_child_process_with_the_same_result(monkeypatch
     monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
     assert tokenizer_mod._spm_train(cfg, texts) == here and children == [1]
     with pytest.raises(DataError, match="SentencePiece training failed .*Vocabulary size is smaller") as e:
-        tokenizer_mod._spm_train(TokenizerConfig(vocab_size=5, input_sentence_size=0), texts)
+        tokenizer_mod._spm_train(replace(cfg, vocab_size=5), texts)
     assert "\n" not in str(e.value) and children == [1, 1]
 
 
@@ -234,3 +235,97 @@ def test_text_chunks_give_the_digest_and_model_a_list_gives(monkeypatch, tmp_pat
     ) as e:
         tokenizer_mod._spm_train(cfg, small)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------- learning from word counts
+def test_seed_pieces_are_the_texts_substrings_counted_within_words(monkeypatch):
+    """_seed_pieces from word counts equals the definition worked out on the written-out text:
+    every substring of 2..16 characters inside a normalized word, as often as the text holds it,
+    kept from 2 occurrences on; with a limit, the highest count x length."""
+    import collections
+
+    import sentencepiece as spm
+
+    import mt.tokenizer as tokenizer_mod
+    from mt.tokenizer import _seed_pieces, _word_counts
+
+    # "ﬁ": NFKC makes it "fi"; a zero-width space stays inside a word and normalizes to a space
+    sentences = ["abab  ab", "abab x\tx", "ﬁne x abcdefghijklmnopqrs", "x x cd\u200bab", "cdab"]
+    words = _word_counts(sentences)
+    assert words == {"abab": 2, "ab": 1, "x": 5, "ﬁne": 1, "abcdefghijklmnopqrs": 1, "cd\u200bab": 1, "cdab": 1}
+    text = spm.SentencePieceNormalizer(rule_name="nmt_nfkc").normalize(" ".join(sentences))
+    want: collections.Counter[str] = collections.Counter()
+    for word in text.split("\u2581")[1:]:
+        w = "\u2581" + word
+        want.update(w[i:j] for i in range(len(w)) for j in range(i + 2, min(len(w), i + 16) + 1))
+    want = {p: n for p, n in want.items() if n >= 2}
+    ranked = sorted(want.items(), key=lambda pn: (pn[1] * len(pn[0]), pn[0]), reverse=True)  # ties: by piece
+    assert _seed_pieces(words) == ranked  # best first: SentencePiece reads the file's first N
+    got = dict(ranked)
+    assert got["ab"] == 8 and got["\u2581x"] == 5 and got["\u2581cd"] == 2 and "\u2581fine" not in got
+    assert "d\u2581a" not in got and not any(len(p) > 16 for p in got)
+    assert _seed_pieces(words, limit=3) == ranked[:3]
+    monkeypatch.setattr(tokenizer_mod, "_WORDS_PER_PASS", 2)  # four passes over the character pairs
+    assert _seed_pieces(words) == ranked
+
+
+def test_words_mode_learns_from_word_counts_alone(tmp_path):
+    """train_on=words: the same words in other sentences give the same model byte for byte (only
+    their counts count); train_on=sentences trains SentencePiece on the sentences and is cached
+    apart."""
+    import random
+
+    from mt.tokenizer import _spm_train
+
+    rng = random.Random(3)
+    vocab = ["hund", "hunde", "katze", "katzen", "haus", "häuser", "baum", "bäume", "und", "oder", "rot", "rote"]
+    words = [rng.choice(vocab) for _ in range(6000)]
+    as_sentences = [" ".join(words[i : i + 6]) for i in range(0, len(words), 6)]
+    regrouped = [" ".join(words[i : i + 4]) for i in range(0, len(words), 4)][::-1]
+    cfg = TokenizerConfig(vocab_size=60, input_sentence_size=0)
+    model = _spm_train(cfg, as_sentences)
+    assert _spm_train(cfg, regrouped) == model
+    assert _spm_train(replace(cfg, train_on="sentences"), as_sentences) != model
+    train_tokenizer(cfg, as_sentences, as_sentences, tmp_path, log=lambda m: None)
+    tok = train_tokenizer(replace(cfg, train_on="sentences"), as_sentences, as_sentences, tmp_path, log=lambda m: None)
+    assert len(list((tmp_path / "spm").glob("*.model"))) == 2
+    assert tok.decode_src(tok.encode_src(as_sentences[:5])) == as_sentences[:5]
+
+
+def test_words_mode_samples_input_sentence_size_sentences(toy_texts, monkeypatch):
+    """With more sentences than input_sentence_size, the word counts come from a seeded sample of
+    that many: the model is the one trained on exactly those sentences, whether they come as one
+    list or in chunks, in this process or (through its file) in a child."""
+    import mt.tokenizer as tokenizer_mod
+    from mt.tokenizer import TextChunks, _sample_mask, _spm_train
+
+    texts = toy_texts[0] + toy_texts[1]
+    cfg = replace(CFG, input_sentence_size=300)
+    keep = _sample_mask(len(texts), 300, cfg.seed)
+    assert keep.sum() == 300 and (keep == _sample_mask(len(texts), 300, cfg.seed)).all()
+    sample = [t for t, k in zip(texts, keep) if k]
+    model = _spm_train(replace(cfg, input_sentence_size=0), sample)
+    assert _spm_train(cfg, texts) == model
+    chunked = TextChunks(len(texts), lambda: (texts[i : i + 7] for i in range(0, len(texts), 7)))
+    assert _spm_train(cfg, chunked) == model
+    monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
+    assert _spm_train(cfg, chunked) == model
+    assert _sample_mask(len(texts), 0, 1) is None and _sample_mask(len(texts), len(texts), 1) is None
+
+
+def test_words_mode_trains_from_the_counted_seeds(toy_texts, monkeypatch):
+    """The unigram model grows from _seed_pieces (without them it is another model), and the
+    seed file's temporary path is not left in the model's recorded options."""
+    import mt.tokenizer as tokenizer_mod
+    from mt.tokenizer import _spm_train
+
+    texts = toy_texts[0] + toy_texts[1]
+    model = _spm_train(CFG, texts)
+    assert b"seeds.tsv" not in model and b"mt-spm-" not in model
+    monkeypatch.setattr(tokenizer_mod, "_seed_pieces", lambda words: [])
+    assert _spm_train(CFG, texts) != model
+
+
+def test_unknown_train_on_is_a_one_line_error(toy_texts, tmp_path):
+    with pytest.raises(DataError, match=r"^tokenizer.train_on='chars': use words or sentences$"):
+        train_tokenizer(replace(CFG, train_on="chars"), *toy_texts, tmp_path, log=lambda m: None)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_STEPS
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,21 +49,21 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    """conftest's tiny model: debug=tiny, 300 steps, validated every 150."""
+    """conftest's tiny model: debug=tiny, TINY_STEPS steps, validated twice."""
     return tiny_run["run"], tiny_run["summary"]
 
 
 @pytest.mark.slow
 def test_learns_the_toy_corpus(trained):
     out, summary = trained
-    assert summary["step"] == 300
+    assert summary["step"] == TINY_STEPS
     losses = scalars(out)["train/loss"]
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < 0.25 * first, (first, last)
     assert summary["best_bleu"] > 80, summary
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert ck["step"] == 300 and ck["tokenizer"]["src_model"] and ck["config"]["model"]["hidden_dim"] == 32
+    assert ck["step"] == TINY_STEPS and ck["tokenizer"]["src_model"] and ck["config"]["model"]["hidden_dim"] == 32
 
 
 @pytest.mark.slow
@@ -135,6 +136,24 @@ def test_resume_refuses_bad_checkpoints(tiny_corpus_dir, tmp_path, trained):
     wider = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.resume=true", "model.hidden_dim=64", "model.emb_dim=64")
     with pytest.raises(CheckpointError, match="hidden_dim"):
         train(wider, tmp_path / "other")
+
+
+def test_resume_keeps_how_the_checkpoints_tokenizer_was_trained(tiny_corpus_dir, tmp_path, trained):
+    """A checkpoint saved before tokenizer.train_on existed (its SentencePiece read sentences)
+    resumes under today's default, and the checkpoints after it still say "sentences": the
+    tokenizer is the checkpoint's own."""
+    from mt.checkpoint import save_checkpoint
+
+    src, summary = trained
+    state = load_checkpoint(src / "checkpoints" / "last.pt")
+    del state["config"]["tokenizer"]["train_on"]
+    save_checkpoint(state, tmp_path / "old" / "checkpoints" / "last.pt")
+    cfg = make_cfg(tiny_corpus_dir, tmp_path / "c", "trainer.resume=true", f"trainer.max_steps={summary['step'] + 5}")
+    assert cfg.tokenizer.train_on == "words"
+    assert train(cfg, tmp_path / "old")["step"] == summary["step"] + 5
+    after = load_checkpoint(tmp_path / "old" / "checkpoints" / "last.pt")
+    assert after["config"]["tokenizer"]["train_on"] == "sentences"
+    assert after["tokenizer"] == state["tokenizer"]
 
 
 @pytest.mark.parametrize("first_nan,last_saved", [(16, 10), (20, 10), (10, None)])

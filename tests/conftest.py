@@ -162,9 +162,14 @@ def train_toy(corpus: Path, cache: Path, run: Path, *overrides: str) -> dict:
         torch.set_num_threads(threads)
 
 
+# Steps of the shared tiny run: at 300 the toy task was learnt or not depending on the initial
+# weights (valid BLEU 85-99 over seeds); from 400 it is learnt whatever the seed.
+TINY_STEPS = 400
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The debug=tiny model trained for 300 steps on the toy corpus, once per test session:
+    """The debug=tiny model trained for TINY_STEPS steps on the toy corpus, once per test session:
     {"checkpoint": best.pt, "corpus": the corpus folder, "run": the run folder, "summary": train()'s}.
     Shared by the training, decoding, translation and evaluation tests."""
     root = tmp_path_factory.mktemp("tiny_run")
@@ -172,8 +177,8 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         tiny_corpus_dir,
         root / "cache",
         root / "run",
-        "trainer.max_steps=300",
-        "trainer.eval_every=150",
+        f"trainer.max_steps={TINY_STEPS}",
+        f"trainer.eval_every={TINY_STEPS // 2}",
         "model.cell=torch",
     )
     return {

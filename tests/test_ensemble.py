@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, toy_translate, train_toy
+from conftest import REPO, TINY_STEPS, toy_translate, train_toy
 
 from mt import kernels
 from mt.config import ModelConfig
@@ -428,7 +428,10 @@ def test_mt_serve_with_two_models(ckpt, other_ckpt):
         assert [m["model"] for m in info["ensemble"]["models"]] == [str(ckpt), str(other_ckpt)]
         assert [m["cell"] for m in info["ensemble"]["models"]] == ["torch", "cudnn"]
         assert info["parameters"] == sum(m["parameters"] for m in info["ensemble"]["models"])
-        assert info["ensemble"]["models"][0]["step"] == 300 and "bleu" in info["ensemble"]["models"][1]["validation"]
+        assert (
+            info["ensemble"]["models"][0]["step"] == TINY_STEPS
+            and "bleu" in info["ensemble"]["models"][1]["validation"]
+        )
         r = client.post("/translate", json={"text": GOLDEN, "beam": 2, "nbest": 2, "align": True})
         assert r.status_code == 200
         assert [t["text"] for t in r.json()["translations"]] == [toy_translate(s) for s in GOLDEN]

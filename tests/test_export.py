@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, TINY_STEPS
 
 from mt import pretrained
 from mt.errors import CheckpointError
@@ -160,8 +160,8 @@ def test_training_command_prefers_the_runs_own_overrides(ckpt, tmp_path):
         f"data.cache_dir={config['data']['cache_dir']}",
         "trainer.device=cpu",
         "trainer.precision=fp32",
-        "trainer.max_steps=300",
-        "trainer.eval_every=150",
+        f"trainer.max_steps={TINY_STEPS}",
+        f"trainer.eval_every={TINY_STEPS // 2}",
         "trainer.progress=false",
         "model.cell=torch",
     ]

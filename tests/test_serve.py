@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import REPO, toy_translate
+from conftest import REPO, TINY_STEPS, toy_translate
 from fastapi.testclient import TestClient
 
 from mt.serve import Limits, create_app, load_model, main
@@ -85,7 +85,7 @@ def test_health_and_info(client, tr, ckpt):
     assert info["model"] == "toy.pt"
     assert info["languages"] == {"src": "de", "tgt": "en"}
     assert info["decoding"] == {"beam": tr.config.decoding.beam, "length_penalty": tr.config.decoding.length_penalty}
-    assert info["step"] == state["step"] == 300
+    assert info["step"] == state["step"] == TINY_STEPS
     for key in ("bleu", "chrf", "bleu_lc"):
         assert info["validation"][key] == pytest.approx(state["metrics"][key])
         assert info["validation"][f"{key}_signature"] == state["metrics"][f"{key}_signature"]
@@ -111,7 +111,7 @@ def test_an_exported_model_folder_serves_the_same(ckpt, loaded, tmp_path):
     folder = export(ckpt, tmp_path / "model")
     ftr, fmeta = load_model(str(folder), device="cpu")
     tr, meta = loaded
-    assert fmeta["step"] == meta["step"] == 300
+    assert fmeta["step"] == meta["step"] == TINY_STEPS
     for key in ("bleu", "chrf", "bleu_lc"):
         assert fmeta["metrics"][key] == pytest.approx(meta["metrics"][key])
     assert fmeta["metrics"]["bleu_signature"] == meta["metrics"]["bleu_signature"]
@@ -119,7 +119,7 @@ def test_an_exported_model_folder_serves_the_same(ckpt, loaded, tmp_path):
     with serve(ftr, metadata=fmeta) as c:
         info = c.get("/info").json()
         got = c.post("/translate", json={"text": lines, "beam": 2}).json()["translations"]
-    assert info["step"] == 300 and info["validation"]["bleu"] == pytest.approx(meta["metrics"]["bleu"])
+    assert info["step"] == TINY_STEPS and info["validation"]["bleu"] == pytest.approx(meta["metrics"]["bleu"])
     assert [t["text"] for t in got] == [h.text for h in tr.translate(lines, beam=2)]
 
 

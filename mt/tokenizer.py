@@ -376,9 +376,9 @@ _TSV_UNSAFE = ("\t", "\n", "\r")
 
 
 def _words(sentence: str) -> list[str]:
-    """The sentence split at spaces, tabs and line breaks (what SentencePiece's normalizer turns
-    into the other whitespace, and control characters it drops, stay inside a word: the word is
-    normalized like the sentence would be)."""
+    """The sentence's words, split at spaces, tabs and line breaks only: other characters that
+    SentencePiece's normalizer turns into a space (or drops) stay inside a word and are normalized
+    with it, as they would be in the sentence (tabs and line breaks cannot: the input is TSV)."""
     if any(c in sentence for c in _TSV_UNSAFE):
         sentence = sentence.replace("\t", " ").replace("\n", " ").replace("\r", " ")
     return sentence.split(" ")

@@ -54,7 +54,7 @@ class TokenizerConfig:
     character_coverage: float = 1.0
     input_sentence_size: int = 2_000_000  # sample this many sentences for training (0 = all)
     # words: SentencePiece learns from the sample's word counts, its memory grows with the distinct
-    # words; sentences: from the sentences themselves (its suffix array: ~13 bytes a character)
+    # words; sentences: from the sentences themselves (its suffix array over every character)
     train_on: str = "words"
     seed: int = 1
     pad_id: int = 0

@@ -36,7 +36,7 @@ from mt import corpus_files
 from mt.batching import iter_columns
 from mt.config import DataConfig, TokenizerConfig
 from mt.errors import DataError, first_line
-from mt.tokenizer import TextChunks, Tokenizer, train_tokenizer
+from mt.tokenizer import TextChunks, Tokenizer, sample_rows, train_tokenizer
 
 __all__ = ["Corpus", "load_splits", "prepare_corpus", "default_cache_dir"]
 
@@ -440,10 +440,8 @@ def _tokenizer_sample(train: datasets.Dataset, tok_cfg: TokenizerConfig) -> data
     their sentences exceed tokenizer.input_sentence_size. SentencePiece would sample as many
     itself, but only after every sentence had been copied into Python and into its own memory."""
     size, per_pair = tok_cfg.input_sentence_size, 2 if tok_cfg.joint else 1
-    if size <= 0 or len(train) * per_pair <= size:
-        return train
-    rows = np.random.default_rng(tok_cfg.seed).choice(len(train), size=size // per_pair, replace=False)
-    return train.select(np.sort(rows))
+    rows = sample_rows(len(train), size // per_pair, tok_cfg.seed)
+    return train if rows is None else train.select(rows)
 
 
 def _num_proc(data_cfg: DataConfig, n_pairs: int) -> int | None:

@@ -336,22 +336,26 @@ def _spm_options(cfg: TokenizerConfig) -> dict[str, Any]:
     )
 
 
-def _nonempty(chunk: Sequence[str], keep: Any = None, at: int = 0) -> list[str]:
-    """The chunk's non-empty sentences (of those at `keep[at:]`, a boolean mask, if given)."""
-    if keep is not None:
-        chunk = [t for t, k in zip(chunk, keep[at : at + len(chunk)]) if k]
+def _nonempty(chunk: Sequence[str]) -> list[str]:
     return [t for t in chunk if t and not t.isspace()]
 
 
-def _sample_mask(n: int, size: int, seed: int) -> Any:
-    """Which of n sentences a seeded sample of `size` keeps (None: all of them)."""
+def _kept_chunks(texts: TextChunks, keep: Any = None) -> Iterator[list[str]]:
+    """Each chunk's non-empty sentences, of those the boolean mask `keep` marks (all if None)."""
+    at = 0
+    for chunk in texts.lists():
+        marks, at = (None if keep is None else keep[at : at + len(chunk)]), at + len(chunk)
+        yield _nonempty(chunk if marks is None else [t for t, k in zip(chunk, marks) if k])
+
+
+def sample_rows(n: int, size: int, seed: int) -> Any:
+    """The sorted row numbers of a seeded random sample of `size` of n rows; None when size <= 0
+    or n <= size (all of them). The tokenizer's training text is sampled with it (mt.data)."""
     if size <= 0 or n <= size:
         return None
     import numpy as np
 
-    keep = np.zeros(n, dtype=bool)
-    keep[np.random.default_rng(seed).choice(n, size=size, replace=False)] = True
-    return keep
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
 def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterable[str]) -> bytes:
@@ -430,15 +434,14 @@ def _train_on_words(options: dict[str, Any], seed: int, sentences: Iterable[str]
     (written best first: SentencePiece reads at most seed_sentencepiece_size of them)."""
     words = _word_counts(sentences)
     options = dict(options, input_format="tsv", input_sentence_size=0)
-    if str(options["model_type"]).lower() != "unigram":
-        return _train_in_this_process(options, seed, (f"{w}\t{n}" for w, n in words.items()))
-    seeds = os.path.join(workdir, "seeds.tsv")
-    with open(seeds, "w", encoding="utf-8") as f:
-        for piece, n in _seed_pieces(words):
-            f.write(f"{piece}\t{n}\n")
-    options["seed_sentencepieces_file"] = seeds
+    unigram = str(options["model_type"]).lower() == "unigram"
+    if unigram:
+        options["seed_sentencepieces_file"] = seeds = os.path.join(workdir, "seeds.tsv")
+        with open(seeds, "w", encoding="utf-8") as f:
+            for piece, n in _seed_pieces(words):
+                f.write(f"{piece}\t{n}\n")
     proto = _train_in_this_process(options, seed, (f"{w}\t{n}" for w, n in words.items()))
-    return _without_trainer_option(proto, _SEED_FILE_FIELD)
+    return _without_trainer_option(proto, _SEED_FILE_FIELD) if unigram else proto
 
 
 # The model records its training options (ModelProto field 2, TrainerSpec); the seed file's path
@@ -529,11 +532,9 @@ def _child_main(argv: Sequence[str]) -> None:
 def _write_sentences(texts: TextChunks, path: str, keep: Any = None) -> int:
     """The non-empty sentences of `texts` (those `keep` marks, if given), one a line (a newline
     inside one becomes a space), written a chunk at a time; returns how many."""
-    n = at = 0
+    n = 0
     with open(path, "w", encoding="utf-8") as f:
-        for chunk in texts.lists():
-            kept = _nonempty(chunk, keep, at)
-            at += len(chunk)
+        for kept in _kept_chunks(texts, keep):
             if kept:
                 f.write("\n".join(s.replace("\n", " ") for s in kept))
                 f.write("\n")
@@ -573,17 +574,21 @@ def _spm_train(cfg: TokenizerConfig, texts: Sequence[str] | TextChunks) -> bytes
         )
     options = _spm_options(cfg)
     # Word counts are made from a sample drawn here; SentencePiece samples sentences itself.
-    keep = _sample_mask(len(texts), cfg.input_sentence_size, cfg.seed) if cfg.train_on == "words" else None
+    rows = sample_rows(len(texts), cfg.input_sentence_size, cfg.seed) if cfg.train_on == "words" else None
+    keep = None
+    if rows is not None:
+        import numpy as np
+
+        keep = np.zeros(len(texts), dtype=bool)
+        keep[rows] = True
     with tempfile.TemporaryDirectory(prefix="mt-spm-") as tmp:
         path = os.path.join(tmp, "sentences.txt")
         in_memory: list[str] = []
         if len(texts) > CHILD_PROCESS_SENTENCES:
             n = _write_sentences(texts, path, keep)
         else:
-            at = 0
-            for chunk in texts.lists():
-                in_memory += _nonempty(chunk, keep, at)
-                at += len(chunk)
+            for kept in _kept_chunks(texts, keep):
+                in_memory += kept
             n = len(in_memory)
         if not n:
             raise DataError("cannot train a tokenizer: the training text is empty")

@@ -100,11 +100,11 @@ class TrainState:
 
 def check_compatible(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming needs the same model and vocabulary; other settings (steps, lr...) may change."""
+    # free: the cell backend (same parameters on every backend) and how the tokenizer, which the
+    # checkpoint brings along, was trained from the text
+    free = ("cell", "train_on")
     for group in ("model", "tokenizer"):
         a, b = asdict(getattr(saved, group)), asdict(getattr(cfg, group))
-        # free: the cell backend (same parameters on every backend) and how the tokenizer, which
-        # the checkpoint brings along, was trained from the text
-        free = ("cell", "train_on")
         diff = [f"{group}.{k}: {a[k]!r} in checkpoint, {b[k]!r} now" for k in a if a[k] != b[k] and k not in free]
         if diff:
             raise CheckpointError(f"checkpoint {path} does not fit this config ({'; '.join(diff[:3])})")

@@ -297,20 +297,21 @@ def test_words_mode_samples_input_sentence_size_sentences(toy_texts, monkeypatch
     that many: the model is the one trained on exactly those sentences, whether they come as one
     list or in chunks, in this process or (through its file) in a child."""
     import mt.tokenizer as tokenizer_mod
-    from mt.tokenizer import TextChunks, _sample_mask, _spm_train
+    from mt.tokenizer import TextChunks, _spm_train, sample_rows
 
     texts = toy_texts[0] + toy_texts[1]
     cfg = replace(CFG, input_sentence_size=300)
-    keep = _sample_mask(len(texts), 300, cfg.seed)
-    assert keep.sum() == 300 and (keep == _sample_mask(len(texts), 300, cfg.seed)).all()
-    sample = [t for t, k in zip(texts, keep) if k]
+    rows = sample_rows(len(texts), 300, cfg.seed)
+    assert len(set(rows.tolist())) == 300 and (rows == sample_rows(len(texts), 300, cfg.seed)).all()
+    assert list(rows) == sorted(rows)
+    sample = [texts[i] for i in rows]
     model = _spm_train(replace(cfg, input_sentence_size=0), sample)
     assert _spm_train(cfg, texts) == model
     chunked = TextChunks(len(texts), lambda: (texts[i : i + 7] for i in range(0, len(texts), 7)))
     assert _spm_train(cfg, chunked) == model
     monkeypatch.setattr(tokenizer_mod, "CHILD_PROCESS_SENTENCES", 100)
     assert _spm_train(cfg, chunked) == model
-    assert _sample_mask(len(texts), 0, 1) is None and _sample_mask(len(texts), len(texts), 1) is None
+    assert sample_rows(len(texts), 0, 1) is None and sample_rows(len(texts), len(texts), 1) is None
 
 
 def test_words_mode_trains_from_the_counted_seeds(toy_texts, monkeypatch):

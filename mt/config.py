@@ -127,6 +127,9 @@ class TrainerConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 (fp16 refused: no loss scaling)
+    # fp32 matrix products on GPUs with TF32 (mt.runtime.set_tf32): auto = PyTorch's defaults (cuDNN
+    # and our Triton cell in TF32, other matmuls IEEE) | true = TF32 for every matmul too | false = IEEE fp32 everywhere
+    tf32: str = "auto"
     resume: bool = False  # continue from <run dir>/checkpoints/last.pt
     num_workers: int = 0
     valid_batch_size: int = 64  # sentences per greedy-decoding batch during validation
@@ -138,7 +141,8 @@ class TrainerConfig:
     num_threads: int = 0  # torch CPU threads (0 = torch default)
     # CUDA graphs: capture the whole training step (forward, backward, clipping, optimizer) once
     # per batch shape and replay it, and the greedy search step during validation decoding.
-    # auto = on when training on CUDA in a single process, off elsewhere; true on CPU is an error.
+    # auto = on when training on CUDA (under torchrun too: the gradients' all-reduce is captured
+    # with the step, mt.distributed.FlatGradients), off elsewhere; true on CPU is an error.
     cuda_graphs: str = "auto"  # auto | true | false
     # The fixed shapes batches are padded to (mt/graphs.py, README "GPU speed"): a batch whose
     # longest side (source or target, EOS/BOS included) is m goes to the smallest length L >= m

@@ -2,8 +2,19 @@
 
     torchrun --nproc_per_node=2 -m mt.train hydra.run.dir=OUT ...
 
-`Distributed` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); with one process
-every collective is a no-op, so the training loop is written once for both cases.
+`Distributed` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); outside torchrun
+every collective is a no-op, so the training loop is written once for both cases. Under torchrun
+the process group exists even for a world of one, so that the data-parallel code paths (DDP, or
+the captured step's `FlatGradients`) can be run and checked on a single GPU.
+
+Two ways to average the gradients over the ranks:
+  - eager steps: PyTorch's DistributedDataParallel, whose backward hooks all-reduce gradient
+    buckets while the backward still runs;
+  - CUDA-graph steps (mt.graphs.GraphedTrainStep): `FlatGradients`. Every parameter's `.grad` is a
+    view of one flat buffer, so after the backward ONE all-reduce of that buffer averages every
+    gradient. It is plain tensor work with fixed addresses, so the NCCL all-reduce is captured in
+    the step's graph like the rest (PyTorch's CUDA-graph notes: NCCL >= 2.9.6 collectives can be
+    captured), and torchrun users keep the graphed speed.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
+        # torchrun (torch.distributed.run) sets TORCHELASTIC_RUN_ID: a world of one is still a process group
+        self.enabled = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
     def init(self, device: torch.device) -> None:
         if self.enabled and not dist.is_initialized():
@@ -51,6 +63,13 @@ class Distributed:
             dist.broadcast(t, 0)
         return t.tolist()
 
+    def broadcast_module_(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers, copied into every rank's `module` in place (what DDP
+        does when it wraps a model; the captured step does without the wrapper)."""
+        if self.enabled:
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, 0)
+
     def gather_objects(self, obj: Any) -> list[Any]:
         if not self.enabled:
             return [obj]
@@ -61,6 +80,49 @@ class Distributed:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class FlatGradients:
+    """The gradients of `params` as views of one flat buffer per dtype, averaged over the ranks by
+    one all-reduce each: DistributedDataParallel's averaging without its hooks, as fixed-address
+    tensor work that a CUDA graph captures (mt.graphs.GraphedTrainStep calls `average_` after the
+    backward, inside the step).
+
+        flat = FlatGradients(model.parameters(), ddp)   # before the first backward
+        loss.backward()                                  # accumulates into the views, in place
+        flat.average_()                                  # every rank: the mean of the ranks' gradients
+
+    The backward accumulates into an existing `.grad` in place, so the views stay views as long
+    as the gradients are zeroed in place (never set to None). Like DDP, each rank's gradient is
+    that of its own loss (sum / its own tokens) and the result is their mean.
+    """
+
+    def __init__(self, params, ddp: Distributed):
+        self.ddp = ddp
+        params = [p for p in params if p.requires_grad]
+        self.buffers: list[torch.Tensor] = []
+        for dtype in dict.fromkeys(p.dtype for p in params):  # first-seen order: the same on every rank
+            group = [p for p in params if p.dtype == dtype]
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
+            offset = 0
+            for p in group:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)  # (a view: shares flat's memory)
+                offset += p.numel()
+            self.buffers.append(flat)
+        self.params = params
+
+    def views_intact(self) -> bool:
+        """Whether every parameter's gradient is still a view of the flat buffers."""
+        spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in self.buffers]
+        return all(p.grad is not None and any(lo <= p.grad.data_ptr() < hi for lo, hi in spans) for p in self.params)
+
+    def average_(self) -> None:
+        """Sum every buffer over the ranks and divide by the world size, in place, on the stream."""
+        if not self.ddp.enabled:
+            return
+        for flat in self.buffers:
+            dist.all_reduce(flat)
+            flat.div_(self.ddp.world)
 
 
 def seed_everything(seed: int) -> None:

@@ -414,6 +414,11 @@ class GraphedTrainStep:
     The returned tensors are views of `out`, overwritten by the next step: read them first.
     `stats` counts replays, captures, warm-ups and eager (no fitting shape) steps.
     `emulate=True` (any device; forced on CPU) runs the same padded static-shape steps eagerly.
+    Under torchrun, `grad_sync` (an mt.distributed.FlatGradients made before the first step)
+    averages the gradients over the ranks inside the step: one all-reduce of the flat gradient
+    buffer between the backward and the clipping, captured in each graph with the rest. Every
+    step, whatever its shape, issues that same all-reduce once, so ranks replaying graphs of
+    different shapes still pair their collectives.
     """
 
     def __init__(
@@ -430,9 +435,11 @@ class GraphedTrainStep:
         warmup: int = 2,
         emulate: bool = False,
         ema=None,
+        grad_sync=None,
     ):
         self.device = torch.device(device)
         self.ema = ema  # an mt.averaging.EMA: its update is part of the captured step
+        self.grad_sync = grad_sync  # an mt.distributed.FlatGradients (torchrun), or None
         self.capture = self.device.type == "cuda" and not emulate
         if self.device.type != "cuda" and not emulate:
             raise MTError(
@@ -471,6 +478,8 @@ class GraphedTrainStep:
         )
         (loss_sum / ntok).backward()
         with torch.no_grad():
+            if self.grad_sync is not None:  # the mean over the ranks (captured: an NCCL all-reduce node)
+                self.grad_sync.average_()
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
             with warnings.catch_warnings():  # capturable=True outside a capture warns once
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")

@@ -3,7 +3,7 @@ autocast region every forward pass of mt runs in.
 
     device = resolve_device("auto")                       # cuda if there is one, else cpu
     amp_dtype = resolve_precision("auto", device)          # bf16 on CUDA, None (fp32) elsewhere
-    use_graphs = resolve_cuda_graphs("auto", device)       # on for single-process CUDA work
+    use_graphs = resolve_cuda_graphs("auto", device)       # on for CUDA work (torchrun too)
     with autocast(device, amp_dtype):
         logits, _ = model(src, src_len, tgt_in)
 
@@ -66,24 +66,43 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return table[name]
 
 
+def set_tf32(value: Any) -> None:
+    """trainer.tf32: how fp32 matrix products run on GPUs that have TF32 (Ampere and newer).
+
+    auto   PyTorch's own defaults: cuDNN (and so the cuDNN LSTM, and our Triton cell, which follows
+           the same flag: mt.kernels.triton_cell.fp32_precision) in TF32, other matmuls in IEEE fp32
+    true   TF32 for every fp32 matmul as well (`torch.backends.cuda.matmul.allow_tf32`)
+    false  IEEE fp32 everywhere: cuDNN, matmuls and our cell (for exact comparisons)
+
+    bf16 training (the GPU default) is not affected. Sets the process-wide torch flags."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return
+    if v in ("true", "1", "yes", "on"):
+        on = True
+    elif v in ("false", "0", "no", "off"):
+        on = False
+    else:
+        raise MTError(f"unknown trainer.tf32={value!r}; use auto, true or false")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
 def resolve_cuda_graphs(
     value: Any,
     device: torch.device,
-    distributed: bool = False,
     *,
     key: str = "trainer.cuda_graphs",
     task: str = "training",
 ) -> bool:
-    """auto | true | false -> on/off: auto = on for single-process CUDA work; true where it
-    cannot work is an MTError. key/task name the setting and the work in the messages."""
+    """auto | true | false -> on/off: auto = on for CUDA work (under torchrun too: the ranks then
+    average their gradients inside the captured step, over NCCL; mt.distributed.FlatGradients);
+    true where it cannot work is an MTError. key/task name the setting and the work in the messages."""
     v = str(value).strip().lower()
     if v == "auto":
-        return device.type == "cuda" and not distributed
+        return device.type == "cuda"
     if v in ("true", "1", "yes", "on"):
         if device.type != "cuda":
             raise MTError(f"{key}=true needs CUDA, but {task} runs on {device}; use {key}=auto or false")
-        if distributed:
-            raise MTError(f"{key}=true is not supported with several processes (DDP) yet; use {key}=false")
         return True
     if v in ("false", "0", "no", "off", "none"):
         return False

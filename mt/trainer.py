@@ -50,14 +50,14 @@ from .averaging import (
 )
 from .checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
-from .distributed import Distributed, rng_state, seed_everything, set_rng_state
+from .distributed import Distributed, FlatGradients, rng_state, seed_everything, set_rng_state
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .kernels.precompile import CompileWatch, CompileWorkers
 from .metrics import corpus_scores
 from .model import Seq2Seq, cell_backend, count_parameters
 from .optim import make_optimizer, make_scheduler, steps_per_update
 from .pace import Pace
-from .runtime import autocast, resolve_cuda_graphs, resolve_device, resolve_precision
+from .runtime import autocast, resolve_cuda_graphs, resolve_device, resolve_precision, set_tf32
 from .search import decode_dataset, parse_length_penalty
 from .step_stats import SUMMED, StepStats, step_values
 from .tokenizer import Tokenizer
@@ -329,7 +329,8 @@ class Trainer:
 
     def make_stepper(self) -> None:
         """One training step: eager (DDP-wrapped under torchrun), or replayed from CUDA graphs
-        (mt/graphs.py; docs/gpu.md), one graph per bucket shape."""
+        (mt/graphs.py; docs/gpu.md), one graph per bucket shape (under torchrun with the gradients'
+        all-reduce inside: mt.distributed.FlatGradients)."""
         cfg, tc, model = self.cfg, self.tc, self.model
         kw = dict(
             pad_id=self.tok.pad_id, amp_dtype=self.amp_dtype, clip_norm=self.oc.clip_grad_norm, device=self.device
@@ -352,8 +353,12 @@ class Trainer:
             lengths=tc.graph_lengths,
             batch_sizes=tc.graph_batch_sizes,
         )
+        grad_sync = None
+        if self.ddp.enabled:  # DDP's job inside the graphs: rank 0's weights, then one all-reduce a step
+            self.ddp.broadcast_module_(model)
+            grad_sync = FlatGradients(model.parameters(), self.ddp)
         self.stepper = graphs.GraphedTrainStep(
-            model, self.optimizer, self.criterion, buckets=self.buckets, ema=self.ema, **kw
+            model, self.optimizer, self.criterion, buckets=self.buckets, ema=self.ema, grad_sync=grad_sync, **kw
         )
         self.decoder_graphs = graphs.GraphedDecoder(model)
         if self.ddp.main:
@@ -799,7 +804,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     tc = cfg.trainer
     device = resolve_device(tc.device, ddp.local_rank, ddp.enabled)
     amp_dtype = resolve_precision(tc.precision, device)
-    use_graphs = resolve_cuda_graphs(tc.cuda_graphs, device, ddp.enabled)
+    set_tf32(tc.tf32)  # before anything runs (the Triton cell reads it at each launch, precompile's dry run too)
+    use_graphs = resolve_cuda_graphs(tc.cuda_graphs, device)
     backend = cell_backend(cfg.model.cell, device)  # an unusable model.cell fails now, before the data
     n_compile = precompile.resolve_workers(tc.precompile_workers, device, backend)
     triton_on_cuda = backend == "triton" and device.type == "cuda"

@@ -55,6 +55,22 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def ieee_fp32_on_gpu(request):
+    """Tests marked `gpu` compare fp32 results at IEEE tolerances: TF32 off for them (cuDNN, matmuls
+    and our cell, which follows cuDNN's flag), restored afterwards. A test marked `tf32` keeps
+    PyTorch's defaults."""
+    if "gpu" not in request.keywords or "tf32" in request.keywords:
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 # fake-German -> fake-English, one word each (20 pairs).
 TOY_LEXICON: dict[str, str] = {
     "hund": "dog",

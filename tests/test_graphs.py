@@ -37,7 +37,7 @@ from mt.graphs import (
     portable_state,
 )
 from mt.model import Seq2Seq
-from mt.runtime import resolve_cuda_graphs
+from mt.runtime import resolve_cuda_graphs, set_tf32
 from mt.search import beam_search, greedy_search, search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,15 +281,37 @@ def test_resolve_cuda_graphs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_cuda_graphs("auto", cpu) is False
     assert resolve_cuda_graphs("auto", cuda) is True
-    assert resolve_cuda_graphs("auto", cuda, distributed=True) is False
     assert resolve_cuda_graphs("True", cuda) is True  # OmegaConf hands `true` to a str field as "True"
     assert resolve_cuda_graphs("false", cuda) is False
     with pytest.raises(MTError, match="needs CUDA"):
         resolve_cuda_graphs("true", cpu)
-    with pytest.raises(MTError, match="DDP"):
-        resolve_cuda_graphs("true", cuda, distributed=True)
     with pytest.raises(MTError, match="unknown trainer.cuda_graphs"):
         resolve_cuda_graphs("sometimes", cuda)
+
+
+def test_set_tf32(monkeypatch):
+    """trainer.tf32: auto leaves PyTorch's flags (and so our cell's fp32 dots) as they are; true and
+    false set matmuls and cuDNN together; the cell follows cuDNN's flag."""
+    from mt.kernels import triton_cell  # (pure dispatch: no kernel runs)
+
+    monkeypatch.delenv("MT_TRITON_FP32_PRECISION", raising=False)
+
+    def flags():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    saved = flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch's defaults
+        set_tf32("auto")
+        assert flags() == (False, True) and triton_cell.fp32_precision() == "tf32"
+        set_tf32("False")  # (OmegaConf's spelling)
+        assert flags() == (False, False) and triton_cell.fp32_precision() == "ieee"
+        set_tf32("true")
+        assert flags() == (True, True)
+        with pytest.raises(MTError, match="unknown trainer.tf32='often'"):
+            set_tf32("often")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_train_with_cuda_graphs_true_on_cpu_is_a_clear_error(tiny_corpus_dir, tmp_path):

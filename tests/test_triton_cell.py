@@ -452,3 +452,37 @@ def test_compiled_variants_do_not_depend_on_batch_size_or_length(monkeypatch):
     assert len(set(variants.values())) == 1, {s: len(v) for s, v in variants.items()}
     # one variant per kernel here: the backward's first launch (no later step) is not another
     assert len(next(iter(variants.values()))) == 4
+
+
+def test_fp32_dots_follow_cudnn_tf32_flag(monkeypatch):
+    """fp32 dots run as PyTorch lets cuDNN run (TF32 by default, IEEE with the flag off, as
+    trainer.tf32=false sets it); MT_TRITON_FP32_PRECISION overrides; 16-bit operands are unaffected."""
+    monkeypatch.delenv("MT_TRITON_FP32_PRECISION", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert triton_cell.fp32_precision() == "tf32"
+    assert triton_cell._precision(torch.float32) == "tf32" and triton_cell._precision(torch.bfloat16) == "ieee"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert triton_cell.fp32_precision() == "ieee"
+    monkeypatch.setenv("MT_TRITON_FP32_PRECISION", "tf32x3")
+    assert triton_cell.fp32_precision() == "tf32x3"
+    monkeypatch.setenv("MT_TRITON_FP32_PRECISION", "fast")
+    with pytest.raises(ValueError, match="MT_TRITON_FP32_PRECISION='fast'"):
+        triton_cell.fp32_precision()
+
+
+@interpreted
+@pytest.mark.parametrize("allow", [True, False])
+def test_launches_pass_the_fp32_precision(monkeypatch, allow):
+    """Every kernel of an fp32 step that has a dot compiles for the precision the flag selects."""
+    monkeypatch.delenv("MT_TRITON_FP32_PRECISION", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+    keys = record_variants(monkeypatch)
+    xproj = torch.randn(1, 3, 4, 64, requires_grad=True)
+    w_hh = (torch.randn(1, 16, 64) / 4).requires_grad_()
+    out, h_n, c_n = triton_cell.lstm_sequence(xproj, w_hh, torch.tensor([4, 2, 3]))
+    h, c = triton_cell.cell_step(torch.randn(3, 32, requires_grad=True), torch.zeros(3, 16), torch.randn(32, 64))
+    (out.sum() + h.sum() + c.sum()).backward()
+    with_dots = [dict(k[2:])["INPUT_PRECISION"] for k in keys if "INPUT_PRECISION" in dict(k[2:])]
+    assert len(with_dots) == 3 and set(with_dots) == {"tf32" if allow else "ieee"}, (
+        keys
+    )  # (the cell's backward: no dot)

@@ -30,8 +30,10 @@ Kernels (one launch per LSTM step, gate order i, f, g, o as in PyTorch):
 
 Numerics: tl.dot accumulates in fp32; the gate maths and the cell state are fp32 (c_new is stored
 in c's dtype for `cell_step`, fp32 for `lstm_sequence`); activations are saved in fp32. fp32
-dots use `input_precision=FP32_INPUT_PRECISION` ("ieee" by default, so fp32 matches the reference
-tightly; set the env var MT_TRITON_FP32_PRECISION=tf32 for speed). tanh is 2*sigmoid(2x)-1, which
+dots use TF32 where PyTorch lets cuDNN use it (`torch.backends.cudnn.allow_tf32`, on by default),
+so an fp32 model on our cell does the arithmetic of the cuDNN LSTM it stands in for, and IEEE fp32
+(matching the reference tightly) where that flag is off: `trainer.tf32=false`, or
+`fp32_precision`'s override MT_TRITON_FP32_PRECISION=ieee|tf32|tf32x3. tanh is 2*sigmoid(2x)-1, which
 is finite for any |x| (sigmoid(x) = 1/(1+exp(-x)) goes to 0 or 1, never NaN).
 
 float64 inputs are not run by Triton: both functions fall back to the reference (fp64 is for
@@ -68,7 +70,7 @@ from torch import Tensor
 
 from . import reference
 
-FP32_INPUT_PRECISION = os.environ.get("MT_TRITON_FP32_PRECISION", "ieee")
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot's input_precision for fp32 operands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,8 +610,20 @@ def _pick_blocks(B: int, H: int, K: int, device: torch.device) -> tuple[int, int
     return block_b, block_h, block_k, 4
 
 
+def fp32_precision() -> str:
+    """How the kernels' fp32 dots run, read at every launch: MT_TRITON_FP32_PRECISION if set, else
+    "tf32" when PyTorch allows cuDNN TF32 (`torch.backends.cudnn.allow_tf32`, its default) and
+    "ieee" when not. (Each value is its own compiled variant; the interpreter computes all in fp32.)"""
+    override = os.environ.get("MT_TRITON_FP32_PRECISION")
+    if override:
+        if override not in FP32_PRECISIONS:
+            raise ValueError(f"MT_TRITON_FP32_PRECISION={override!r}: use one of {', '.join(FP32_PRECISIONS)}")
+        return override
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    return FP32_INPUT_PRECISION if dtype == torch.float32 else "ieee"
+    return fp32_precision() if dtype == torch.float32 else "ieee"
 
 
 def _upcast(device: torch.device) -> bool:

@@ -28,6 +28,9 @@ Columns (milliseconds, and the ratio to the cuDNN column: < 1 is faster than cuD
              `GraphedLSTMSequence` (graphed_sequence.py) per layer; decoder: the whole step loop through
              `torch.cuda.make_graphed_callables`, or a hand-captured graph for forward-only)
 
+fp32 rows compute as `--tf32` says (trainer.tf32's values; default auto: PyTorch's defaults, under
+which cuDNN and our cell, which follows cuDNN's flag, use TF32); `--tf32 false` compares IEEE fp32.
+
 Timing: CUDA events after warm-up (median of --iters) on GPU; time.perf_counter on CPU.
 On a CPU-only machine only the reference and cuDNN (nn.LSTM on CPU) columns run, at small sizes,
 unless --interpret is given: then TRITON_INTERPRET=1 is set and the Triton column runs through
@@ -70,6 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="timed iterations per measurement (median reported)")
     p.add_argument("--workload", nargs="+", choices=["encoder", "decoder"], default=None)
     p.add_argument("--interpret", action="store_true", help="CPU: run Triton via TRITON_INTERPRET=1")
+    p.add_argument(
+        "--tf32",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="fp32 rows, as trainer.tf32: auto (PyTorch's defaults: cuDNN and our cell TF32), true, false (IEEE)",
+    )
     p.add_argument("--json", type=Path, help="write results to this JSON file")
     args = p.parse_args(argv)
 
@@ -364,6 +373,12 @@ def environment(args) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        env["tf32"] = dict(
+            setting=args.tf32,
+            matmul=torch.backends.cuda.matmul.allow_tf32,
+            cudnn=torch.backends.cudnn.allow_tf32,
+            ours=os.environ.get("MT_TRITON_FP32_PRECISION") or ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee"),
+        )
     else:
         env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
@@ -406,12 +421,16 @@ def main(argv=None) -> int:
         backends.append("triton")
         if args.device == "cuda":
             backends.append("graph")
+    from mt.runtime import set_tf32
+
+    set_tf32(args.tf32)
     env = environment(args)
     print(
         f"# bench_cell  device={env.get('gpu') or env.get('cpu')} ({args.device})  "
         f"torch {env['torch']}  triton {env['triton']}  "
         + (f"CUDA {env['cuda']} cuDNN {env['cudnn']}  " if args.device == "cuda" else "")
         + f"{env['date']}"
+        + (f"  fp32: {env['tf32']}" if "tf32" in env else "")
     )
     if args.device == "cpu":
         print("# the cudnn column is nn.LSTM / nn.LSTMCell: cuDNN on GPU, PyTorch's CPU kernels here")

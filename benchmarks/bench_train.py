@@ -7,12 +7,27 @@ datasets; the model is built from mt.config.ModelConfig + mt.model.Seq2Seq direc
     python benchmarks/bench_train.py --batch 64 --steps 30       # other shapes (--hidden, --emb, --vocab, ...)
     python benchmarks/bench_train.py --quick                     # CPU: tiny sizes, eager columns only
     python benchmarks/bench_train.py --quick --interpret         # CPU: "ours" through the Triton interpreter
+    python benchmarks/bench_train.py --preset wmt --json bench_train_wmt.json                  # WMT-size, lengths <= 128
+    python benchmarks/bench_train.py --preset wmt --max-len 256 --json bench_train_wmt256.json # ... <= 256
 
 Model (defaults): 2-layer bidirectional LSTM encoder, 2-layer input-feeding LSTM decoder, Luong
 general attention, E = H = 512, V = 8000 (source and target), dropout 0.3, tied output layer:
 the shape of the Multi30k recipe. Batches are random token ids with real shapes: B sentences,
 source and target lengths uniform in [T/2, T] (EOS/BOS included), the longest exactly T, so
 every batch has the shape (B, T, T); the same batches for every column.
+
+--preset wmt: the WMT-size model (4-layer bidirectional encoder, 4-layer input-feeding decoder,
+E = H = 1024, V = 32000) trained as mt.train trains it: token-budget batches (--max-tokens 16384,
+at most --max-sentences 256) made by mt.batching.TokenBucketSampler from the lengths of
+--pairs synthetic sentence pairs (source lengths log-normal around --median-len pieces, targets
+within about 15 % of their source, all below --max-len), and, in the graph columns, one CUDA graph
+per bucket of mt.graphs.ShapeBuckets.from_budget (the buckets mt.train derives). Every bucket is
+warmed up and captured before the timing (`capture_s`: the time that takes, for all buckets);
+then --iters of the sampler's batches are timed. Decoding: --decode-batch sentences of lengths
+from the same distribution. `peak_mem_gb`: torch.cuda.max_memory_reserved() over the column (the
+graphs' shared memory pool included), `peak_alloc_gb` the allocated part. --max-tokens alone
+(without the preset) runs the bucketed mode on the default model. --emulate-graphs runs the graph
+columns without capturing (emulate=True) off CUDA: a check of the script's own logic.
 
 Columns (the same model, same initial weights, same batches):
   cudnn_eager    model.cell=cudnn (nn.LSTM packed / nn.LSTMCell), eager: trainer.cuda_graphs=false
@@ -74,14 +89,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few iterations (CPU smoke test)")
+    p.add_argument("--preset", choices=("multi30k", "wmt"), default="multi30k", help="model and batch sizes")
+    p.add_argument("--max-tokens", type=int, help="bucketed mode: token budget per batch (wmt: 16384; quick 256)")
+    p.add_argument("--max-sentences", type=int, default=256, help="bucketed mode: sentences per batch at most")
+    p.add_argument("--max-len", type=int, help="bucketed mode: longest sentence, EOS/BOS included (wmt: 128; quick 16)")
+    p.add_argument(
+        "--median-len", type=float, help="bucketed mode: median source length in pieces (default 24; quick 6)"
+    )
+    p.add_argument("--pairs", type=int, default=20000, help="bucketed mode: synthetic pairs the batches are made of")
+    p.add_argument("--emulate-graphs", action="store_true", help="off CUDA: graph columns emulated (logic check)")
     p.add_argument("--interpret", action="store_true", help="CPU: run ours through TRITON_INTERPRET=1")
     p.add_argument("--batch", type=int, help="sentences per training batch (default 128; quick 8)")
     p.add_argument("--steps", type=int, help="T: longest source and target length (default 20; quick 6)")
     p.add_argument("--emb", type=int, help="embedding size E (default 512; quick 32)")
     p.add_argument("--hidden", type=int, help="hidden size H (default 512; quick 32)")
     p.add_argument("--vocab", type=int, help="source and target vocabulary (default 8000; quick 64)")
-    p.add_argument("--enc-layers", type=int, default=2)
-    p.add_argument("--dec-layers", type=int, default=2)
+    p.add_argument("--enc-layers", type=int, help="default 2 (wmt: 4)")
+    p.add_argument("--dec-layers", type=int, help="default 2 (wmt: 4)")
     p.add_argument("--attention", default="general", help="dot, general, concat or bahdanau")
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
@@ -103,21 +127,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.quick and args.device == "cpu"
+    wmt = args.preset == "wmt"
     defaults = dict(
         batch=8 if small else 128,
         steps=6 if small else 20,
-        emb=32 if small else 512,
-        hidden=32 if small else 512,
-        vocab=64 if small else 8000,
+        emb=32 if small else (1024 if wmt else 512),
+        hidden=32 if small else (1024 if wmt else 512),
+        vocab=64 if small else (32000 if wmt else 8000),
+        enc_layers=4 if wmt else 2,
+        dec_layers=4 if wmt else 2,
+        max_tokens=(256 if small else 16384) if wmt else None,
+        max_len=16 if small else 128,
+        median_len=6 if small else 24,
         warmup=1 if small else 5,
-        iters=2 if small else (10 if args.quick else 30),
-        decode_batch=4 if small else 128,
+        iters=2 if small else (10 if args.quick else (60 if wmt else 30)),
+        decode_batch=4 if small else (64 if wmt else 128),
         decode_iters=1 if small else 3,
         max_len_b=2 if small else 10,
     )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.bucketed = args.max_tokens is not None
+    if args.bucketed:
+        args.steps = args.max_len  # the longest side any batch can have
     if args.precision == "auto":
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     args.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
@@ -155,23 +188,73 @@ def random_lengths(g: torch.Generator, n: int, longest: int) -> list[int]:
     return [longest] + rest
 
 
-def random_batches(args, count: int, n: int, seed: int) -> list:
+def make_batch(args, g: torch.Generator, src_l: list[int], tgt_l: list[int]):
+    """A collated batch of random token ids: source i has src_l[i] - 1 pieces (+EOS), target
+    tgt_l[i] - 1 (+BOS/EOS)."""
     from mt.batching import collate
 
+    rows = [
+        {
+            "src_ids": torch.randint(4, args.vocab, (ls - 1,), generator=g).tolist(),
+            "tgt_ids": torch.randint(4, args.vocab, (lt - 1,), generator=g).tolist(),
+            "idx": i,
+        }
+        for i, (ls, lt) in enumerate(zip(src_l, tgt_l))
+    ]
+    return collate(rows, PAD, BOS, EOS)
+
+
+def random_batches(args, count: int, n: int, seed: int) -> list:
     out = []
     for k in range(count):
         g = torch.Generator().manual_seed(seed + k)
-        src_l, tgt_l = random_lengths(g, n, args.steps), random_lengths(g, n, args.steps)
-        rows = [
-            {
-                "src_ids": torch.randint(4, args.vocab, (ls - 1,), generator=g).tolist(),
-                "tgt_ids": torch.randint(4, args.vocab, (lt - 1,), generator=g).tolist(),
-                "idx": i,
-            }
-            for i, (ls, lt) in enumerate(zip(src_l, tgt_l))
-        ]
-        out.append(collate(rows, PAD, BOS, EOS))
+        out.append(make_batch(args, g, random_lengths(g, n, args.steps), random_lengths(g, n, args.steps)))
     return out
+
+
+def corpus_lengths(args, n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Piece counts of n synthetic pairs (EOS/BOS not included): sources log-normal around
+    --median-len, targets within about 15 % of their source, both in [1, max_len - 1]."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.exp(torch.randn(n, generator=g) * 0.6) * args.median_len
+    tgt = src * torch.exp(torch.randn(n, generator=g) * 0.15)
+    top = args.max_len - 1
+
+    def clip(x):
+        return x.round().clamp(1, top).long().tolist()
+
+    return clip(src), clip(tgt)
+
+
+def bucketed_batches(args, count: int, seed: int) -> list:
+    """The first `count` batches mt.train's TokenBucketSampler makes of --pairs synthetic pairs."""
+    from mt.batching import TokenBucketSampler
+
+    src, tgt = corpus_lengths(args, args.pairs, seed)
+    sampler = TokenBucketSampler(src, tgt, args.max_tokens, args.max_sentences, shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for rows in sampler:
+        out.append(make_batch(args, g, [src[i] + 1 for i in rows], [tgt[i] + 1 for i in rows]))
+        if len(out) == count:
+            break
+    return out
+
+
+def bucket_shapes(args):
+    """The graph shapes mt.train derives for this budget (bucketed mode), or the one (B, T, T)."""
+    from mt import graphs
+
+    if not args.bucketed:
+        return graphs.ShapeBuckets([(args.batch, args.steps, args.steps)])
+    return graphs.ShapeBuckets.from_budget(args.max_tokens, args.max_sentences, args.max_len)
+
+
+def filling_batch(args, shape, seed: int):
+    """A batch that fills a bucket shape (B, L, L): B sentences, the longest exactly L."""
+    B, S, T = shape
+    g = torch.Generator().manual_seed(seed)
+    return make_batch(args, g, random_lengths(g, B, S), random_lengths(g, B, T))
 
 
 def sync(device: str) -> None:
@@ -186,8 +269,8 @@ def sync(device: str) -> None:
 
 def train_step(args, cell: str, graphed: bool, warmup: int = 2):
     """The bench's training step for `cell`: (optimizer, step). Graphed: mt.graphs.GraphedTrainStep
-    for the one (batch, T, T) shape, capturable Adam, `warmup` eager steps before the capture
-    (emulated, no capture, off CUDA); else mt.graphs.TrainStep."""
+    for the bucket shapes (`bucket_shapes`), capturable Adam, `warmup` eager steps of each shape
+    before its capture (emulated, no capture, off CUDA); else mt.graphs.TrainStep."""
     from mt import graphs
 
     model = build_model(args, cell).train()
@@ -199,9 +282,8 @@ def train_step(args, cell: str, graphed: bool, warmup: int = 2):
     cuda = args.device == "cuda"
     if cuda:  # (capturable Adam runs on CUDA only)
         graphs.make_capturable(opt, args.device)
-    shape = (args.batch, args.steps, args.steps)
     return opt, graphs.GraphedTrainStep(
-        model, opt, crit, buckets=graphs.ShapeBuckets([shape]), warmup=warmup, emulate=not cuda, **kw
+        model, opt, crit, buckets=bucket_shapes(args), warmup=warmup, emulate=not cuda, **kw
     )
 
 
@@ -222,7 +304,19 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
         )
         losses.extend(row[0] / ntok for ntok, row in pending.ready())
 
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t_warm = time.perf_counter()
+    capture_s = None
+    if graphed and args.bucketed:  # every bucket warmed up and captured first (mt.train meets them as they come)
+        for k, shape in enumerate(step.buckets):
+            b = filling_batch(args, shape, seed=5000 + k)
+            for _ in range(3):  # 2 eager warm-up steps, then the capture
+                one(b)
+        losses.clear()
+        sync(args.device)
+        capture_s = time.perf_counter() - t_warm
     for i in range(args.warmup):
         one(batches[i % len(batches)])
     losses.extend(row[0] / ntok for ntok, row in pending.drain())
@@ -245,6 +339,12 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
         last_loss=losses[-1],
         warmup_s=warmup_s,
     )
+    if capture_s is not None:
+        res.update(capture_s=capture_s, buckets=len(step.buckets))
+    if args.device == "cuda":
+        res.update(
+            peak_mem_gb=torch.cuda.max_memory_reserved() / 1e9, peak_alloc_gb=torch.cuda.max_memory_allocated() / 1e9
+        )
     if graphed:
         res["stats"] = dict(step.stats)
     return res
@@ -256,7 +356,7 @@ def bench_decode(args, cell: str, graphed: bool, batch, beam: int) -> dict:
     from mt.search import search
 
     model = build_model(args, cell).eval()
-    runner = graphs.GraphedDecoder(model) if graphed else None
+    runner = graphs.GraphedDecoder(model, emulate=args.device != "cuda") if graphed else None
     src, src_len = batch.src.to(args.device), batch.src_len.to(args.device)
     amp = args.amp_dtype
 
@@ -361,6 +461,15 @@ def print_table(results: dict, columns: list[str], args) -> None:
         a, b = cols.get("ours_graphs", {}), cols.get("cudnn_graphs", {})
         if "per_s" in a and "per_s" in b:
             print(f"# {task}: ours_graphs / cudnn_graphs = {a['per_s'] / b['per_s']:.2f}")
+        if "peak_mem_gb" in a and "peak_mem_gb" in b:
+            print(
+                f"# {task}: peak memory (GB, reserved) "
+                + ", ".join(f"{c} {r['peak_mem_gb']:.2f}" for c, r in cols.items() if "peak_mem_gb" in r)
+            )
+            print(f"# {task}: ours_graphs / cudnn_graphs peak memory = {a['peak_mem_gb'] / b['peak_mem_gb']:.2f}")
+        for c, r in cols.items():
+            if r.get("capture_s") is not None:
+                print(f"# {task} {c}: {r['buckets']} buckets warmed up and captured in {r['capture_s']:.1f} s")
         for c, r in cols.items():
             if "error" in r:
                 print(f"! {task} {c}: {r['error']}")
@@ -371,7 +480,7 @@ def main(argv=None) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (lazily, by mt.kernels)
     ours = "triton" if args.device == "cuda" or args.interpret else "torch"
-    columns = [c for c in args.columns if args.device == "cuda" or not c.endswith("_graphs")]
+    columns = [c for c in args.columns if args.device == "cuda" or args.emulate_graphs or not c.endswith("_graphs")]
     env = environment(args, ours)
     print(
         f"# bench_train  device={env.get('gpu') or env.get('cpu')} ({args.device})  torch {env['torch']}  "
@@ -382,13 +491,28 @@ def main(argv=None) -> int:
     print(
         f"# model: {args.enc_layers}-layer bi-LSTM encoder, {args.dec_layers}-layer input-feeding decoder, "
         f"{args.attention} attention, E={args.emb} H={args.hidden} V={args.vocab}, dropout {args.dropout}; "
-        f"train B={args.batch} S=T={args.steps}, {args.precision}; decode {args.decode_batch} sentences, "
-        f"beam {args.beam}; ours = model.cell={ours}"
+        + (
+            f"train batches of <= {args.max_tokens} tokens and <= {args.max_sentences} sentences, lengths <= "
+            f"{args.max_len} (median source {args.median_len:g}), {len(bucket_shapes(args))} graph buckets"
+            if args.bucketed
+            else f"train B={args.batch} S=T={args.steps}"
+        )
+        + f", {args.precision}; decode {args.decode_batch} sentences, beam {args.beam}; ours = model.cell={ours}"
     )
     if args.device != "cuda":
-        print("# no CUDA: graph columns skipped; the cudnn columns run PyTorch's CPU LSTM kernels")
-    train_batches = random_batches(args, args.batches, args.batch, seed=1000 + args.seed)
-    decode_batch = random_batches(args, 1, args.decode_batch, seed=2000 + args.seed)[0]
+        print(
+            "# no CUDA: graph columns "
+            + ("emulated (no capture: a logic check)" if args.emulate_graphs else "skipped")
+            + "; the cudnn columns run PyTorch's CPU LSTM kernels"
+        )
+    if args.bucketed:  # mt.train's batches: no cycling, each timed step a new batch
+        train_batches = bucketed_batches(args, args.warmup + args.iters, seed=1000 + args.seed)
+        g = torch.Generator().manual_seed(2000 + args.seed)
+        src, tgt = corpus_lengths(args, args.decode_batch, seed=2000 + args.seed)
+        decode_batch = make_batch(args, g, [n + 1 for n in src], [n + 1 for n in tgt])
+    else:
+        train_batches = random_batches(args, args.batches, args.batch, seed=1000 + args.seed)
+        decode_batch = random_batches(args, 1, args.decode_batch, seed=2000 + args.seed)[0]
     results: dict = {t: {} for t in args.tasks}
     for col in columns:
         cell = "cudnn" if col.startswith("cudnn") else ours

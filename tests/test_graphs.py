@@ -479,6 +479,36 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
     assert "x cudnn eager" in proc.stdout
 
 
+def test_bench_train_bucketed_wmt_mode_on_cpu(tmp_path):
+    """--preset wmt's bucketed mode at --quick sizes, graph columns emulated: token-budget batches
+    from the sampler, every one of them inside a derived bucket (no eager fallback), each bucket
+    warmed up and "captured" (3 emulated steps) before the timed steps."""
+    out = tmp_path / "bench_train_wmt.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--device", "cpu"]
+    cmd += ["--preset", "wmt", "--emulate-graphs", "--tasks", "train", "beam", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    cfg = res["config"]
+    assert cfg["bucketed"] and (cfg["enc_layers"], cfg["dec_layers"], cfg["max_tokens"], cfg["max_len"]) == (
+        4,
+        4,
+        256,
+        16,
+    )
+    n_buckets = len(ShapeBuckets.from_budget(256, 256, 16))
+    train = res["results"]["train"]
+    assert set(train) == {"cudnn_eager", "cudnn_graphs", "ours_eager", "ours_graphs"}
+    for name in ("cudnn_graphs", "ours_graphs"):
+        col = train[name]
+        assert col["buckets"] == n_buckets and col["capture_s"] > 0, col
+        steps = 3 * n_buckets + cfg["warmup"] + cfg["iters"]
+        assert col["stats"] == {"emulated": steps}, col["stats"]  # no batch fell outside the buckets
+    assert all(0 < c["tokens_per_step"] <= 256 for c in train.values())
+    assert all(c["per_s"] > 0 for c in res["results"]["beam"].values())
+    assert f"{n_buckets} buckets warmed up and captured" in proc.stdout
+
+
 def test_profile_train_script_runs_on_cpu(tmp_path):
     """benchmarks/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
     kernel table needs CUDA); its kernel groups on kernel names as GPU profiles show them."""

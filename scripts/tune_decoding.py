@@ -3,6 +3,7 @@
 
     python scripts/tune_decoding.py RUN/checkpoints/best.pt --data /path/to/multi30k
     python scripts/tune_decoding.py CKPT --beams 1 5 10 --length-penalties none 0.6 1.0 avg --json tune.json
+    python scripts/tune_decoding.py RUN_A/checkpoints/best.pt RUN_B/checkpoints/best.pt --data DIR   # an ensemble
 
 Loads the checkpoint and the split once, decodes it with every (beam, length penalty) pair of the
 grid (beam 1 is greedy search and is run once, without a length penalty), scores each with
@@ -11,6 +12,10 @@ then the earlier length penalty in the list) and the `python -m mt.evaluate` com
 test2016 with it, and the `decoding:` lines to put in the experiment YAML (saved in the
 checkpoint, they become the defaults of mt.evaluate and translate.py). --json writes every row,
 the choice and the signatures.
+
+Several checkpoints decode as one ensemble (mt/ensemble.py; `--combine prob` for the average of
+probabilities), so an ensemble's decoding is chosen the same way, and the printed command scores
+that same ensemble (`checkpoint=[A,B]`).
 
 Tuning on a test split is refused: a test score chosen by looking at test is not a test score.
 A missing or corrupt checkpoint, a missing split or a bad setting prints one `error: ...` line
@@ -44,7 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "checkpoint",
-        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id",
+        nargs="+",
+        help="checkpoint file (e.g. RUN/checkpoints/best.pt), model folder (mt-export) or Hugging Face model id; "
+        "several: an ensemble",
+    )
+    p.add_argument(
+        "--combine",
+        choices=("logprob", "prob"),
+        default="logprob",
+        help="an ensemble's combination: mean log-probabilities or mean probabilities",
     )
     p.add_argument("--revision", default=None, help="with a Hugging Face model id: branch, tag or commit")
     p.add_argument("--data", default=None, help="data.path override (default: the checkpoint's)")
@@ -97,13 +110,21 @@ def yaml_lp(length_penalty) -> str:
 def evaluate_command(args: argparse.Namespace, best: dict) -> str:
     """The mt.evaluate command that decodes test exactly as the chosen row decoded validation."""
     lp = yaml_lp(best["length_penalty"])
-    words = ["python", "-m", "mt.evaluate", f"checkpoint={args.checkpoint}"]
+    many = len(args.checkpoint) > 1
+    words = [
+        "python",
+        "-m",
+        "mt.evaluate",
+        f"checkpoint=[{','.join(args.checkpoint)}]" if many else f"checkpoint={args.checkpoint[0]}",
+    ]
     if args.revision:
         words.append(f"revision={args.revision}")
+    if many and args.combine != "logprob":
+        words.append(f"ensemble_combine={args.combine}")
     if args.data:
         words.append(f"data.path={args.data}")
     words += ["split=test", f"beam={best['beam']}", f"length_penalty={lp}"]
-    defaults = parse_args([args.checkpoint])
+    defaults = parse_args(args.checkpoint)
     for name in ("max_len_a", "max_len_b", "batch_size"):  # these change the output: pass them on
         if getattr(args, name) != getattr(defaults, name):
             words.append(f"{name}={getattr(args, name)}")
@@ -129,7 +150,9 @@ def tune(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     pairs = grid(args.beams, args.length_penalties)
-    tr = Translator.load(args.checkpoint, revision=args.revision, device=args.device, cuda_graphs=args.cuda_graphs)
+    tr = Translator.load(
+        args.checkpoint, revision=args.revision, device=args.device, cuda_graphs=args.cuda_graphs, combine=args.combine
+    )
     data_cfg, srcs, refs = load_split(tr, EvalDataConfig(path=args.data), args.split)
     src_ids = tr.tokenizer.encode_src(srcs)
     log.info(
@@ -172,7 +195,8 @@ def tune(args: argparse.Namespace) -> dict:
     best = best_row(rows)
     command = evaluate_command(args, best)
     result = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else list(args.checkpoint),
+        "combine": args.combine if len(args.checkpoint) > 1 else None,
         "data_path": data_cfg.path,
         "split": args.split,
         "src": data_cfg.src,

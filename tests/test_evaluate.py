@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -182,6 +183,24 @@ def test_tune_decoding_grid_and_choice(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test once with: python -m mt.evaluate" in printed
     assert f"decoding:\n  beam: {best['beam']}\n  length_penalty: {lp}\n" in printed
+
+
+def test_tune_decoding_an_ensemble(tiny, tmp_path):
+    """Several checkpoints are tuned as one ensemble: its rows score as mt.evaluate scores that
+    ensemble, and the printed command names the same ensemble (and its combination)."""
+    tuner = load_tuner()
+    out = tmp_path / "tune.json"
+    ck = str(tiny["checkpoint"])
+    argv = [ck, ck, "--combine", "prob", "--data", str(tiny["corpus"]), "--beams", "3", "--lps", "1.0"]
+    assert tuner.main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoint"] == [ck, ck] and result["combine"] == "prob"
+    command = shlex.split(result["test_command"])  # (the brackets come quoted for the shell)
+    assert command[3:6] == [f"checkpoint=[{ck},{ck}]", "ensemble_combine=prob", f"data.path={tiny['corpus']}"]
+    overrides = [f"checkpoint=[{ck},{ck}]", "ensemble_combine=prob", f"data.path={tiny['corpus']}"]
+    overrides += ["split=validation", "beam=3", "length_penalty=1.0", "device=cpu"]
+    ev = evaluate(compose_eval(overrides), tmp_path / "ev")
+    assert ev["bleu"] == pytest.approx(result["rows"][0]["bleu"])
 
 
 def test_tune_decoding_ties_go_to_the_smaller_beam():

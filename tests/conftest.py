@@ -206,6 +206,20 @@ def tiny_run(tiny_corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
+def ckpt(tiny_run: dict) -> Path:
+    """The shared tiny run's best.pt."""
+    return tiny_run["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def tr(ckpt: Path):
+    """A Translator of `ckpt` on the CPU, one per test module (tests may change its settings)."""
+    from mt.translator import Translator
+
+    return Translator.from_checkpoint(ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (and do not fight other test processes).
     Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""

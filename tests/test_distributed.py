@@ -36,7 +36,7 @@ from mt import graphs
 from mt.distributed import Distributed, FlatGradients
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = {"cpu": 6, "cuda": 10}  # on CUDA: each bucket warmed up twice, captured, then replayed
 
 
 def test_flat_gradients_are_views(one_thread):
@@ -78,11 +78,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_batches(rank: int) -> list:
+def _rank_batches(rank: int, steps: int) -> list:
     """Each rank its own batches, of other shapes than the other rank's (so under graphs the ranks
     run different slots, the eager fallback included, and must still pair their all-reduces)."""
     shapes = [(40, 9, 9)] if rank == 0 else [(8, 20, 18)]  # (40, ...) fits no bucket: eager
-    shapes += [(16, 12, 11) if (k + rank) % 2 == 0 else (8, 20, 18) for k in range(STEPS - 1)]
+    shapes += [(16, 12, 11) if (k + rank) % 2 == 0 else (8, 20, 18) for k in range(steps - 1)]
     return [make_batch(*s, seed=100 * rank + k, vocab=60) for k, s in enumerate(shapes)]
 
 
@@ -119,7 +119,7 @@ def _worker(rank: int, world: int, port: int, device: str, out: str) -> None:
                 model, opt, criterion(), buckets=buckets, emulate=device != "cuda", grad_sync=flat, **kw
             )
         losses = []
-        for b in _rank_batches(rank):
+        for b in _rank_batches(rank, STEPS[device]):
             loss_sum, _ = step.forward_backward(b)
             losses.append(loss_sum.item())
             step.update()
@@ -156,7 +156,10 @@ def test_graphed_ddp_matches_ddp(tmp_path):
     ranks = _run_ranks(2, "cpu", tmp_path)
     _check_against_ddp(ranks, rtol=1e-5, atol=1e-7)  # (the loss is summed in fp32)
     stats = [res["graphed"]["stats"] for res in ranks]
-    assert stats == [{"eager": 1, "emulated": STEPS - 1}, {"emulated": STEPS}]  # rank 0's first batch fits no bucket
+    assert stats == [
+        {"eager": 1, "emulated": STEPS["cpu"] - 1},
+        {"emulated": STEPS["cpu"]},
+    ]  # rank 0's first batch fits no bucket
     # the control: without the all-reduce each rank follows its own gradients
     a, b = ranks[0]["graphed_unsynced"]["weights"], ranks[1]["graphed_unsynced"]["weights"]
     assert any(not torch.allclose(x, y) for x, y in zip(a, b, strict=True))
@@ -169,7 +172,7 @@ def test_captured_ddp_matches_ddp(tmp_path):
     _check_against_ddp(ranks, rtol=1e-3, atol=1e-5)  # padding and the Adam implementation: rounding only
     for res in ranks:
         stats = res["graphed"]["stats"]
-        assert stats.get("captured") == 2 and stats.get("replayed", 0) >= 1, stats
+        assert stats.get("captured") == 2 and stats.get("replayed", 0) >= 2, stats
 
 
 @pytest.mark.gpu

@@ -242,11 +242,6 @@ def test_emulated_graphed_ensemble_under_autocast_casts_every_member():
 
 # ----------------------------------------------------------------------------- trained checkpoints
 @pytest.fixture(scope="module")
-def ckpt(tiny_run):
-    return tiny_run["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def other_ckpt(tiny_run, tmp_path_factory):
     """A second toy model of another shape (wider, two decoder layers, dot attention, cuDNN
     cell), trained briefly with the tokenizer of `tiny_run` (its SentencePiece cache)."""

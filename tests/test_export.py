@@ -34,11 +34,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_run):
-    return tiny_run["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "toy-de-en"
     assert export_main([str(ckpt), str(out), "--repo-id", "someone/toy-de-en"]) == 0

@@ -14,7 +14,6 @@ from conftest import toy_translate
 from mt import scoring
 from mt.errors import MTError
 from mt.translate import main
-from mt.translator import Translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,16 +25,6 @@ LINES = [
     "hund katze haus baum auto mann frau",
     "rot blau",
 ]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_run):
-    return tiny_run["checkpoint"]
-
-
-@pytest.fixture(scope="module")
-def tr(ckpt) -> Translator:
-    return Translator.from_checkpoint(ckpt, device="cpu")
 
 
 def ended_with_eos(h) -> bool:

@@ -33,11 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_run):
-    return tiny_run["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def loaded(ckpt) -> tuple[Translator, dict]:
     return load_model(str(ckpt), device="cpu")
 

@@ -25,16 +25,6 @@ GOLDEN = ["hund sieht katze", "rot auto und blau haus", "frau liest buch nicht",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_run):
-    return tiny_run["checkpoint"]
-
-
-@pytest.fixture(scope="module")
-def tr(ckpt) -> Translator:
-    return Translator.from_checkpoint(ckpt, device="cpu")
-
-
 def run_script(*args, stdin: bytes = b"", timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(

@@ -148,6 +148,22 @@ def test_cell_step_on_cuda_matches_reference(dtype, tol):
     """The compiled kernels (fp32 with IEEE dots, and bf16) against the reference on CUDA, with
     `pre`, a bias and a transposed weight view, more than one tile of B and K: h', c' and every
     gradient within `tol` of 1 + the reference's largest value."""
+    err = _cell_step_err_on_cuda(dtype)
+    assert err < tol, err
+
+
+@pytest.mark.gpu
+@pytest.mark.tf32
+@compiled
+def test_cell_step_on_cuda_in_tf32_by_default():
+    """PyTorch's defaults (cuDNN TF32 on): the fp32 kernels compile with TF32 dots, and stay
+    within TF32's rounding (10 bits of mantissa) of the IEEE reference."""
+    assert torch.backends.cudnn.allow_tf32 and triton_cell.fp32_precision() == "tf32"
+    err = _cell_step_err_on_cuda(torch.float32)
+    assert err < 1e-2, err
+
+
+def _cell_step_err_on_cuda(dtype) -> float:
     torch.manual_seed(0)
     dev = "cuda"
     B, K, H = 37, 96, 64
@@ -162,8 +178,7 @@ def test_cell_step_on_cuda_matches_reference(dtype, tol):
         h2, c2 = impl.cell_step(args[0], args[1], args[2], pre=args[3], bias=args[4])
         (h2.float().square().sum() + (c2 * 0.5).sum()).backward()
         outs.append([h2.float(), c2.float()] + [a.grad.float() for a in args])
-    err = _scaled_err(*outs)
-    assert err < tol, err
+    return _scaled_err(*outs)
 
 
 @pytest.mark.gpu

@@ -314,6 +314,7 @@ def bench_train(args, cell: str, graphed: bool, batches: list) -> dict:
             b = filling_batch(args, shape, seed=5000 + k)
             for _ in range(3):  # 2 eager warm-up steps, then the capture
                 one(b)
+        pending.drain()  # (the last warm-up step's numbers: not the timed run's)
         losses.clear()
         sync(args.device)
         capture_s = time.perf_counter() - t_warm

@@ -58,7 +58,7 @@ test_file() {  # the Multi30k test file: DATA's, else gpu_bundle.sh's, unpacked
 for name in $STAGES; do
     case $name in
     environment) stage "$name" 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__, torch.cuda.get_device_name())'" ;;
-    pytest) stage "$name" 400 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml" tests ;;
+    pytest) stage "$name" 500 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml" tests ;;
     bench_train) stage "$name" 110 "$PY" benchmarks/bench_train.py --json "$OUT/bench_train.json" ;;
     bench_train_wmt) stage "$name" 300 "$PY" benchmarks/bench_train.py --preset wmt --json "$OUT/bench_train_wmt.json" ;;
     bench_train_wmt256) stage "$name" 400 "$PY" benchmarks/bench_train.py --preset wmt --max-len 256 \

@@ -12,9 +12,9 @@ Two ways to average the gradients over the ranks:
     buckets while the backward still runs;
   - CUDA-graph steps (mt.graphs.GraphedTrainStep): `FlatGradients`. Every parameter's `.grad` is a
     view of one flat buffer, so after the backward ONE all-reduce of that buffer averages every
-    gradient. It is plain tensor work with fixed addresses, so the NCCL all-reduce is captured in
-    the step's graph like the rest (PyTorch's CUDA-graph notes: NCCL >= 2.9.6 collectives can be
-    captured), and torchrun users keep the graphed speed.
+    gradient. It is plain tensor work with fixed addresses, so the NCCL all-reduce is captured
+    (NCCL >= 2.9 collectives can be), in the step's update graph, which every rank replays once a
+    step whatever its batch shape (mt/graphs.py), and torchrun users keep the graphed speed.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class FlatGradients:
     """The gradients of `params` as views of one flat buffer per dtype, averaged over the ranks by
     one all-reduce each: DistributedDataParallel's averaging without its hooks, as fixed-address
     tensor work that a CUDA graph captures (mt.graphs.GraphedTrainStep calls `average_` after the
-    backward, inside the step).
+    backward, in its update graph).
 
         flat = FlatGradients(model.parameters(), ddp)   # before the first backward
         loss.backward()                                  # accumulates into the views, in place

@@ -20,6 +20,10 @@ Training (`GraphedTrainStep`, used by mt.train when `trainer.cuda_graphs` is on)
     step later (mt/step_stats.py); the padded batch reaches the graph's inputs through pinned
     memory with non-blocking copies (`to_device`, `_TrainSlot.load`). Nothing in the loop waits
     for the GPU, so the host prepares the next step while the GPU runs this one.
+  - Under torchrun the update (the gradients' all-reduce, clipping, optimizer, EMA) is a graph
+    of its own, one for all shapes, replayed by every rank once a step: a captured NCCL
+    collective must be launched from the same capture on every rank, and the ranks' batches take
+    different shapes (mt/distributed.py, `FlatGradients`).
   - The optimizer must be `capturable=True` with the learning rate as a device tensor
     (`make_capturable`): torch 2.13's Adam/AdamW accept `lr` as a 1-element Tensor when
     capturable=True (or fused=True), and its LR schedulers update a tensor lr in place
@@ -292,9 +296,9 @@ class _SlotRunner:
     then `fn` is captured, all slots in one memory pool, and replayed (capturing runs nothing).
     `stats` counts each way."""
 
-    def __init__(self, warmup: int, stats: Counter):
+    def __init__(self, warmup: int, stats: Counter, pool=None):
         self.warmup, self.stats = max(1, warmup), stats
-        self._pool = None
+        self._pool = pool  # a graph memory pool shared with another runner, or None: the first capture's
         self._side: torch.cuda.Stream | None = None
 
     def run(self, slot: Any, fn, device: torch.device, capture: bool) -> None:
@@ -415,10 +419,14 @@ class GraphedTrainStep:
     `stats` counts replays, captures, warm-ups and eager (no fitting shape) steps.
     `emulate=True` (any device; forced on CPU) runs the same padded static-shape steps eagerly.
     Under torchrun, `grad_sync` (an mt.distributed.FlatGradients made before the first step)
-    averages the gradients over the ranks inside the step: one all-reduce of the flat gradient
-    buffer between the backward and the clipping, captured in each graph with the rest. Every
-    step, whatever its shape, issues that same all-reduce once, so ranks replaying graphs of
-    different shapes still pair their collectives.
+    averages the gradients over the ranks: one all-reduce of the flat gradient buffer between the
+    backward and the clipping. NCCL lets a captured collective run only where every rank launches
+    the graph of the same collective capture, but each rank's batches fall into their own buckets
+    (or none). So with `grad_sync` the step is two graphs: the shape's (zero the gradients,
+    forward, loss, backward) and ONE update graph for every shape (all-reduce, clipping,
+    optimizer, EMA). Every rank runs the update graph once a step, warms it up and captures it
+    at the same step, so the captured all-reduces pair; both graphs share one memory pool.
+    `update_stats` counts the update graph's runs.
     """
 
     def __init__(
@@ -459,10 +467,18 @@ class GraphedTrainStep:
         self.out = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, NLL sum, grad norm
         self.stats: Counter = Counter()
         self._slots: dict[Shape, _TrainSlot] = {}
-        self._runner = _SlotRunner(warmup, self.stats)
+        pool = torch.cuda.graph_pool_handle() if self.capture and grad_sync is not None else None
+        self._runner = _SlotRunner(warmup, self.stats, pool)
+        self.update_stats: Counter = Counter()  # the update graph (with grad_sync only)
+        self._update_slot = _Graphed()
+        self._update_runner = _SlotRunner(warmup, self.update_stats, pool)
 
     # the step itself: everything a graph captures (no host sync, no allocation that outlives it)
     def _run(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
+        self._forward_backward(src, src_len, tgt_in, tgt_out, ntok)
+        self._update()
+
+    def _forward_backward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor, ntok: Tensor) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:  # allocated by the first step, zeroed in place ever after
             torch._foreach_zero_(grads)
@@ -478,6 +494,12 @@ class GraphedTrainStep:
         )
         (loss_sum / ntok).backward()
         with torch.no_grad():
+            self.out[0].copy_(loss_sum.detach())
+            self.out[1].copy_(nll_sum)
+
+    def _update(self) -> None:
+        """The same for every shape: (the mean over the ranks,) clipping, optimizer, EMA."""
+        with torch.no_grad():
             if self.grad_sync is not None:  # the mean over the ranks (captured: an NCCL all-reduce node)
                 self.grad_sync.average_()
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -486,8 +508,6 @@ class GraphedTrainStep:
                 self.optimizer.step()
             if self.ema is not None:  # device tensors only (the count too): captured like the rest
                 self.ema.update()
-            self.out[0].copy_(loss_sum.detach())
-            self.out[1].copy_(nll_sum)
             self.out[2].copy_(grad_norm)
 
     def _keep_lr_tensors(self) -> None:
@@ -507,17 +527,21 @@ class GraphedTrainStep:
         shape = None
         if self.buckets is not None:
             shape = self.buckets.find(batch.src.shape[0], batch.src.shape[1], batch.tgt_in.shape[1])
+        split = self.grad_sync is not None  # the update apart, one graph for all shapes (see the class)
         if shape is None:  # no fitting shape: the same step, eagerly, on the batch as it is
             b = to_device(batch, self.device)
             ntok = torch.full((), float(max(1, b.ntokens)), device=self.device)  # (no host-to-device copy)
-            self._run(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
+            (self._forward_backward if split else self._run)(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
             self.stats["eager"] += 1
-            return self.out[0], self.out[1]
-        slot = self._slots.get(shape)
-        if slot is None:
-            slot = self._slots[shape] = _TrainSlot(shape, self.device)
-        slot.load(pad_batch(batch, shape, self.pad_id, pin_memory=self.device.type == "cuda"))
-        self._runner.run(slot, lambda: self._run(*slot.inputs), self.device, self.capture)
+        else:
+            slot = self._slots.get(shape)
+            if slot is None:
+                slot = self._slots[shape] = _TrainSlot(shape, self.device)
+            slot.load(pad_batch(batch, shape, self.pad_id, pin_memory=self.device.type == "cuda"))
+            fn = self._forward_backward if split else self._run
+            self._runner.run(slot, lambda: fn(*slot.inputs), self.device, self.capture)
+        if split:  # every rank, every step, whatever the shape: the update graph
+            self._update_runner.run(self._update_slot, self._update, self.device, self.capture)
         return self.out[0], self.out[1]
 
     def update(self) -> Tensor:
@@ -527,7 +551,13 @@ class GraphedTrainStep:
     def summary(self) -> str:
         return (
             f"{sum(s.graph is not None for s in self._slots.values())} graphs of {len(self.buckets or [])} "
-            f"shapes; steps: " + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()))
+            f"shapes; steps: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()))
+            + (
+                "; update graph: " + ", ".join(f"{k} {v}" for k, v in sorted(self.update_stats.items()))
+                if self.update_stats
+                else ""
+            )
         )
 
 

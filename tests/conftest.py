@@ -60,7 +60,7 @@ def ieee_fp32_on_gpu(request):
     """Tests marked `gpu` compare fp32 results at IEEE tolerances: TF32 off for them (cuDNN, matmuls
     and our cell, which follows cuDNN's flag), restored afterwards. A test marked `tf32` keeps
     PyTorch's defaults."""
-    if "gpu" not in request.keywords or "tf32" in request.keywords:
+    if request.node.get_closest_marker("gpu") is None or request.node.get_closest_marker("tf32") is not None:
         yield
         return
     import torch

@@ -10,10 +10,12 @@ all-reduces, against PyTorch's DistributedDataParallel on the same batches.
   graphed_ddp_matches_ddp       2 ranks (gloo, CPU, fp64), each its own batches of its own shapes:
                                 GraphedTrainStep (emulated) with FlatGradients against TrainStep
                                 on a DDP-wrapped model: the same losses and weights on every rank,
-                                the same weights on both ranks, and (the control) without the
-                                all-reduce the ranks' weights part
-  captured_ddp_matches_ddp      gpu: the same on CUDA with the step captured (NCCL all-reduce in
-                                the graph), a world of one (two where there are two GPUs)
+                                the same weights on both ranks, the update (all-reduce included)
+                                run once a step on each, and (the control) without the all-reduce
+                                the ranks' weights part
+  captured_ddp_matches_ddp      gpu: the same on CUDA with the steps captured (the NCCL all-reduce
+                                in the one update graph), a world of one (two where there are two
+                                GPUs: ranks in different buckets, one in the eager fallback)
   torchrun_cuda_graphs          gpu: `torchrun --nproc_per_node=1 -m mt.train trainer.cuda_graphs=true`
                                 trains with the captured step and the same losses as eager DDP
 """
@@ -24,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,14 +131,25 @@ def _worker(rank: int, world: int, port: int, device: str, out: str) -> None:
             "weights": [p.detach().cpu().clone() for p in model.parameters()],
             "views_intact": flat.views_intact() if flat is not None else None,
             "stats": dict(getattr(step, "stats", {})),
+            "update_stats": dict(getattr(step, "update_stats", {})),
         }
+        del step  # (its graphs hold captured NCCL work: gone before the process group)
+    if device == "cuda":
+        torch.cuda.synchronize()
     torch.save(results, Path(out) / f"rank{rank}.pt")
     ddp.barrier()
     ddp.close()
 
 
-def _run_ranks(world: int, device: str, tmp_path: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world, _free_port(), device, str(tmp_path)), nprocs=world, join=True)
+def _run_ranks(world: int, device: str, tmp_path: Path, timeout_s: float = 300) -> list[dict]:
+    """`_worker` on `world` processes; a rank that hangs (unpaired collectives) fails the test."""
+    ctx = mp.spawn(_worker, args=(world, _free_port(), device, str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {world} ranks did not finish in {timeout_s:.0f} s (a hang in a collective?)")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -156,6 +170,7 @@ def test_graphed_ddp_matches_ddp(tmp_path):
     ranks = _run_ranks(2, "cpu", tmp_path)
     _check_against_ddp(ranks, rtol=1e-5, atol=1e-7)  # (the loss is summed in fp32)
     stats = [res["graphed"]["stats"] for res in ranks]
+    assert [res["graphed"]["update_stats"] for res in ranks] == [{"emulated": STEPS["cpu"]}] * 2  # every step
     assert stats == [
         {"eager": 1, "emulated": STEPS["cpu"] - 1},
         {"emulated": STEPS["cpu"]},
@@ -173,6 +188,8 @@ def test_captured_ddp_matches_ddp(tmp_path):
     for res in ranks:
         stats = res["graphed"]["stats"]
         assert stats.get("captured") == 2 and stats.get("replayed", 0) >= 2, stats
+        # the update graph (all-reduce inside): warmed up, captured and replayed at the same steps on every rank
+        assert res["graphed"]["update_stats"] == {"warmup": 2, "captured": 1, "replayed": STEPS["cuda"] - 3}
 
 
 @pytest.mark.gpu
@@ -191,6 +208,7 @@ def test_torchrun_cuda_graphs(tiny_corpus_dir, tmp_path):
             "trainer.log_every=10",
             "trainer.precision=fp32",
             "trainer.tf32=false",
+            "trainer.precompile_workers=0",  # (a tiny model: its kernels compile at first launch)
             f"trainer.cuda_graphs={graphed}",
         ]
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -373,11 +373,13 @@ def environment(args) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        from mt.kernels.triton_cell import fp32_precision
+
         env["tf32"] = dict(
             setting=args.tf32,
             matmul=torch.backends.cuda.matmul.allow_tf32,
             cudnn=torch.backends.cudnn.allow_tf32,
-            ours=os.environ.get("MT_TRITON_FP32_PRECISION") or ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee"),
+            ours=fp32_precision(),
         )
     else:
         env["cpu"] = cpu_name()

@@ -528,17 +528,17 @@ class GraphedTrainStep:
         if self.buckets is not None:
             shape = self.buckets.find(batch.src.shape[0], batch.src.shape[1], batch.tgt_in.shape[1])
         split = self.grad_sync is not None  # the update apart, one graph for all shapes (see the class)
+        fn = self._forward_backward if split else self._run
         if shape is None:  # no fitting shape: the same step, eagerly, on the batch as it is
             b = to_device(batch, self.device)
             ntok = torch.full((), float(max(1, b.ntokens)), device=self.device)  # (no host-to-device copy)
-            (self._forward_backward if split else self._run)(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
+            fn(b.src, b.src_len, b.tgt_in, b.tgt_out, ntok)
             self.stats["eager"] += 1
         else:
             slot = self._slots.get(shape)
             if slot is None:
                 slot = self._slots[shape] = _TrainSlot(shape, self.device)
             slot.load(pad_batch(batch, shape, self.pad_id, pin_memory=self.device.type == "cuda"))
-            fn = self._forward_backward if split else self._run
             self._runner.run(slot, lambda: fn(*slot.inputs), self.device, self.capture)
         if split:  # every rank, every step, whatever the shape: the update graph
             self._update_runner.run(self._update_slot, self._update, self.device, self.capture)

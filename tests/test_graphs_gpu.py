@@ -171,17 +171,8 @@ def test_train_graph_updates_the_ema(device, cell):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 matmuls and convolutions in IEEE fp32 (TF32 off), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("device, cell", cases())
-def test_train_graph_vs_eager(device, cell, no_tf32):
+def test_train_graph_vs_eager(device, cell):  # (gpu cases in IEEE fp32: conftest's ieee_fp32_on_gpu)
     batches = training_batches(STEPS[device])
     g, _ = run_training(device, cell, "graph", batches, None, 0.0)
     e, _ = run_training(device, cell, "eager", batches, None, 0.0)

@@ -7,6 +7,11 @@ the graphed training step (mt.graphs) and the validation loss (mt.validation).
 
 Sums, not means: the caller divides by the batch's token count (a device tensor under CUDA
 graphs) and sums over ranks before dividing for the log.
+
+The criterion is `nn.CrossEntropyLoss(reduction="sum")` or, with `trainer.fused_loss=true`,
+`FusedCrossEntropyLoss`: the same loss, where both sums and the gradient come from one Triton
+kernel on the logits in the compute dtype (mt/kernels/cross_entropy.py) instead of a dozen ops
+on an fp32 copy of them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .runtime import autocast
+
+
+class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
+    """`nn.CrossEntropyLoss(ignore_index, label_smoothing, reduction="sum")` computed by
+    `kernels.cross_entropy_sums`: the Triton kernel where it runs (CUDA; CPU tensors under
+    TRITON_INTERPRET=1), its PyTorch reference elsewhere. Class weights are not supported."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0):
+        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
+
+    def sums(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """logits (N, V) in any float dtype, target (N,) -> (loss sum, NLL sum), fp32."""
+        backend = "triton" if kernels.triton_available() else "torch"
+        return kernels.cross_entropy_sums(logits, target, self.label_smoothing, self.ignore_index, backend)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.sums(logits, target)[0]
 
 
 def loss_sums(
@@ -35,8 +58,10 @@ def loss_sums(
     the NLL only (validation). The NLL sum (no label smoothing) carries no gradient."""
     with autocast(src.device, amp_dtype):
         logits, _ = model(src, src_len, tgt_in)  # (B, T, V)
-    logits = logits.float().flatten(0, 1)  # (B*T, V)
     target = tgt_out.flatten()  # (B*T,)
+    if isinstance(criterion, FusedCrossEntropyLoss):
+        return criterion.sums(logits.flatten(0, 1), target)  # the compute dtype: no fp32 copy
+    logits = logits.float().flatten(0, 1)  # (B*T, V)
     loss_sum = criterion(logits, target) if criterion is not None else None
     with torch.no_grad():
         nll_sum = F.cross_entropy(logits, target, ignore_index=pad_id, reduction="sum")

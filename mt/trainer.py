@@ -53,6 +53,7 @@ from .config import TrainConfig, from_dict, to_dict
 from .distributed import Distributed, FlatGradients, rng_state, seed_everything, set_rng_state
 from .errors import CheckpointError, MTError, TrainingDiverged, first_line
 from .kernels.precompile import CompileWatch, CompileWorkers
+from .loss import FusedCrossEntropyLoss
 from .metrics import corpus_scores
 from .model import Seq2Seq, cell_backend, count_parameters
 from .optim import make_optimizer, make_scheduler, steps_per_update
@@ -206,9 +207,12 @@ class Trainer:
         if tc.ema_decay > 0:
             self.ema = EMA(self.model, tc.ema_decay)
         self.scheduler = make_scheduler(self.optimizer, self.oc, tc.max_steps)
-        self.criterion = nn.CrossEntropyLoss(
-            ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing, reduction="sum"
-        )
+        if tc.fused_loss:  # one Triton kernel for the loss and its gradient (mt/kernels/cross_entropy.py)
+            self.criterion = FusedCrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss(
+                ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing, reduction="sum"
+            )
         return resume_state
 
     def read_resume_checkpoint(self) -> tuple[dict[str, Any], Tokenizer]:

@@ -16,6 +16,10 @@ candidates (mt.search, `search_topk.py`):
 `search_beam.py`, which also has the decoder state's reorder and the rebuild of beam search's
 hypotheses at the end; `mt.search` calls them, or their references `reference.greedy_update`,
 `beam_update`, `gather_rows` and `backtrack`. Helpers several kernel modules use: `common.py`.)
+And one for training, the label-smoothed loss with its gradient (`cross_entropy.py`; mt.loss
+calls it where `trainer.fused_loss` is on):
+
+    cross_entropy_sums(logits, target, label_smoothing, ignore_index, backend=...) -> (loss_sum, nll_sum)
 
 Backends:
   "torch"   the pure-PyTorch reference (any device; the test oracle)
@@ -134,3 +138,20 @@ def log_softmax_topk(
         if search_topk.supported(logits, k):
             return search_topk.log_softmax_topk(logits, k, row_bias=row_bias, banned=banned)
     return reference.log_softmax_topk(logits, k, row_bias=row_bias, banned=banned)
+
+
+def cross_entropy_sums(
+    logits: Tensor,
+    target: Tensor,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The training loss's two sums; see `reference.cross_entropy_sums`. Triton: one kernel for the
+    loss and its gradient (`cross_entropy.py`)."""
+    if resolve_backend(backend, logits.device) == "triton":
+        from . import cross_entropy
+
+        if cross_entropy.supported(logits):
+            return cross_entropy.cross_entropy_sums(logits, target, label_smoothing, ignore_index)
+    return reference.cross_entropy_sums(logits, target, label_smoothing, ignore_index)

@@ -52,6 +52,7 @@ KERNEL_MODULES = (
     "mt.kernels.search_topk",
     "mt.kernels.search_greedy",
     "mt.kernels.search_beam",
+    "mt.kernels.cross_entropy",
 )
 
 

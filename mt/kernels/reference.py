@@ -9,6 +9,7 @@ PyTorch cell, shapes a kernel refuses).
     best_candidates, beam_update      beam search's bookkeeping     (search_beam.py)
     gather_rows                       the decoder state's reorder   (search_beam.py)
     backtrack                         beam search's output rebuild  (search_beam.py)
+    cross_entropy_sums                the training loss             (cross_entropy.py)
 
 The LSTM gate cell:
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -123,6 +125,21 @@ def log_softmax_topk(
         v = v.index_fill(1, banned, float("-inf"))
     vals, cols = v.sort(dim=-1, descending=True, stable=True)
     return vals[:, :k], cols[:, :k]
+
+
+def cross_entropy_sums(
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """The training loss: logits (N, V), target (N,) -> (the label-smoothed cross-entropy summed
+    over the rows whose target is not `ignore_index`, the same without smoothing), both fp32, on
+    the logits in fp32. The NLL sum carries no gradient. The oracle of `cross_entropy.py`'s kernel."""
+    logits = logits.float()  # (N, V)
+    loss_sum = F.cross_entropy(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+    )
+    with torch.no_grad():
+        nll_sum = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return loss_sum, nll_sum
 
 
 def attention_context(scores: Tensor, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

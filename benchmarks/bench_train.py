@@ -38,7 +38,8 @@ Columns (the same model, same initial weights, same batches):
   ours_graphs    model.cell=triton under mt.graphs
 
 Rows:
-  train   target tokens per second of a full training step: forward, label-smoothed loss,
+  train   target tokens per second of a full training step: forward, label-smoothed loss
+          (PyTorch's ops; --fused-loss: mt/kernels/cross_entropy.py's kernel, in every column),
           backward, clip_grad_norm_, Adam, and reading the step's numbers back a step late
           (mt.step_stats, as mt.train does: the host prepares step k+1 while the GPU runs k).
           Eager: mt.graphs.TrainStep, plain Adam. Graphs: mt.graphs.GraphedTrainStep (one
@@ -99,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=20000, help="bucketed mode: synthetic pairs the batches are made of")
     p.add_argument("--emulate-graphs", action="store_true", help="off CUDA: graph columns emulated (logic check)")
     p.add_argument("--interpret", action="store_true", help="CPU: run ours through TRITON_INTERPRET=1")
+    p.add_argument(
+        "--fused-loss", action="store_true", help="every column: the loss in one Triton kernel (trainer.fused_loss)"
+    )
     p.add_argument("--batch", type=int, help="sentences per training batch (default 128; quick 8)")
     p.add_argument("--steps", type=int, help="T: longest source and target length (default 20; quick 6)")
     p.add_argument("--emb", type=int, help="embedding size E (default 512; quick 32)")
@@ -267,6 +271,17 @@ def sync(device: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def make_criterion(args) -> nn.Module:
+    """The label-smoothed loss (0.1, as the recipes), summed: PyTorch's, or with --fused-loss
+    mt.loss.FusedCrossEntropyLoss (trainer.fused_loss=true: one Triton kernel for the loss and
+    its gradient) in every column."""
+    if getattr(args, "fused_loss", False):
+        from mt.loss import FusedCrossEntropyLoss
+
+        return FusedCrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1)
+    return nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+
+
 def train_step(args, cell: str, graphed: bool, warmup: int = 2):
     """The bench's training step for `cell`: (optimizer, step). Graphed: mt.graphs.GraphedTrainStep
     for the bucket shapes (`bucket_shapes`), capturable Adam, `warmup` eager steps of each shape
@@ -275,7 +290,7 @@ def train_step(args, cell: str, graphed: bool, warmup: int = 2):
 
     model = build_model(args, cell).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-    crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+    crit = make_criterion(args)
     kw = dict(pad_id=PAD, amp_dtype=args.amp_dtype, clip_norm=5.0, device=args.device)
     if not graphed:
         return opt, graphs.TrainStep(model, opt, crit, **kw)

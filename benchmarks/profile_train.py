@@ -19,7 +19,8 @@ Cells: ours (our Triton gate cell, the decoder's attention as mt/kernels/decode_
 forward and backward kernels, the decoder steps' weight gradients as one matmul after the loop:
 triton_cell.DeferredWeightGrad), ours-torch-attention (the attention as PyTorch's ops: what that
 pair of kernels gives), ours-per-step-weight-grads (a weight-gradient matmul and an addition per
-step and layer, as autograd does by itself), cudnn.
+step and layer, as autograd does by itself), ours-fused-loss (the label-smoothed loss and its
+gradient in one Triton kernel, mt/kernels/cross_entropy.py: trainer.fused_loss=true), cudnn.
 """
 
 from __future__ import annotations
@@ -88,9 +89,17 @@ def _step_weights_without_bank(self, dtype, defer_grads: bool = False):
     return _step_weights(self, dtype, defer_grads=False)
 
 
-VARIANTS = {  # our cell with a kernel off: (module, attribute, what it is set to), ...
+def _fused_criterion(args):
+    """bench_train.make_criterion as with --fused-loss: the loss in one Triton kernel."""
+    from mt.loss import FusedCrossEntropyLoss
+
+    return FusedCrossEntropyLoss(ignore_index=bt.PAD, label_smoothing=0.1)
+
+
+VARIANTS = {  # our cell with a kernel off or on: (module, attribute, what it is set to), ...
     "ours-torch-attention": (("mt.kernels.decode_attention", "supported", _OFF),),  # the attention as PyTorch's ops
     "ours-per-step-weight-grads": (("mt.modules.lstm", "DecoderLSTM.step_weights", _step_weights_without_bank),),
+    "ours-fused-loss": (("bench_train", "make_criterion", _fused_criterion),),  # trainer.fused_loss=true
 }
 
 
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--cells",
         nargs="+",
-        default=["ours", "ours-torch-attention", "ours-per-step-weight-grads", "cudnn"],
+        default=["ours", "ours-torch-attention", "ours-per-step-weight-grads", "ours-fused-loss", "cudnn"],
         choices=["ours", "cudnn", *VARIANTS],
     )
     p.add_argument("--json", type=Path)

@@ -12,6 +12,10 @@
 #     bench_train_wmt benchmarks/bench_train.py --preset wmt: the WMT-size model, 16k-token batches,
 #                     every bucket up to length 128 captured  -> bench_train_wmt.json
 #     bench_train_wmt256  the same up to length 256   -> bench_train_wmt256.json
+#     bench_train_fused   bench_train.py --fused-loss: the graphed training columns with the loss in
+#                     one Triton kernel (trainer.fused_loss=true)  -> bench_train_fused.json
+#     bench_loss      benchmarks/bench_loss.py: the loss alone, PyTorch's against the fused kernel,
+#                     Multi30k and WMT-size logits  -> bench_loss.json
 #     bench_decode    benchmarks/bench_decode.py --random-init on the Multi30k test file
 #                     (DATA/test.jsonl with DATA=/path/to/multi30k, else the one
 #                     benchmarks/gpu_bundle.sh packed)  -> bench_decode.json
@@ -19,7 +23,7 @@
 #                     2 and 4 models cost against one, same test file  -> bench_ensemble.json
 #     bench_cell      benchmarks/bench_cell.py --quick  -> bench_cell.json (fp32 rows: TF32 as PyTorch's defaults allow)
 #     bench_cell_ieee the fp32 rows again in IEEE fp32 (--tf32 false)  -> bench_cell_ieee.json
-#     profile_train   benchmarks/profile_train.py    -> profile_train.json
+#     profile_train   benchmarks/profile_train.py (ours-fused-loss among its cells)  -> profile_train.json
 #     profile_decode  benchmarks/profile_decode.py, every variant  -> profile_decode.json
 #     recipe          benchmarks/gpu_recipe.sh, training bounded by RECIPE_MINUTES (default 1.5)
 #                     -> recipe_train.log, recipe_timing.json (needs gpu_bundle.sh's folders)
@@ -29,7 +33,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-environment pytest bench_train bench_train_wmt bench_train_wmt256 bench_decode bench_ensemble bench_cell bench_cell_ieee profile_train profile_decode recipe}"
+STAGES="${STAGES:-environment pytest bench_train bench_train_wmt bench_train_wmt256 bench_train_fused bench_loss bench_decode bench_ensemble bench_cell bench_cell_ieee profile_train profile_decode recipe}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET  # the compiled kernels, not the interpreter
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -63,6 +67,9 @@ for name in $STAGES; do
     bench_train_wmt) stage "$name" 300 "$PY" benchmarks/bench_train.py --preset wmt --json "$OUT/bench_train_wmt.json" ;;
     bench_train_wmt256) stage "$name" 400 "$PY" benchmarks/bench_train.py --preset wmt --max-len 256 \
         --json "$OUT/bench_train_wmt256.json" ;;
+    bench_train_fused) stage "$name" 110 "$PY" benchmarks/bench_train.py --fused-loss --tasks train \
+        --columns cudnn_graphs ours_graphs --json "$OUT/bench_train_fused.json" ;;
+    bench_loss) stage "$name" 90 "$PY" benchmarks/bench_loss.py --json "$OUT/bench_loss.json" ;;
     bench_decode) stage "$name" 300 "$PY" benchmarks/bench_decode.py --random-init --device cuda --data "$(test_file)" \
         --json "$OUT/bench_decode.json" ;;
     bench_ensemble) stage "$name" 240 "$PY" benchmarks/bench_decode.py --random-init --device cuda --data "$(test_file)" \
@@ -70,7 +77,7 @@ for name in $STAGES; do
     bench_cell) stage "$name" 90 "$PY" benchmarks/bench_cell.py --quick --json "$OUT/bench_cell.json" ;;
     bench_cell_ieee) stage "$name" 90 "$PY" benchmarks/bench_cell.py --quick --dtype fp32 --tf32 false \
         --json "$OUT/bench_cell_ieee.json" ;;
-    profile_train) stage "$name" 90 "$PY" benchmarks/profile_train.py --json "$OUT/profile_train.json" ;;
+    profile_train) stage "$name" 120 "$PY" benchmarks/profile_train.py --json "$OUT/profile_train.json" ;;
     profile_decode) stage "$name" 180 "$PY" benchmarks/profile_decode.py --json "$OUT/profile_decode.json" \
         --cells ours ours-row-topk ours-topk-only ours-host-output ours-torch-attention ours-torch-search cudnn ;;
     recipe) stage "$name" 200 env RECIPE_MINUTES="${RECIPE_MINUTES:-1.5}" OUT="$OUT" PYTHON="$PY" \

@@ -526,6 +526,7 @@ def test_profile_train_script_runs_on_cpu(tmp_path):
         "ours",
         "ours-torch-attention",
         "ours-per-step-weight-grads",
+        "ours-fused-loss",
         "cudnn",
     ]
     for r in res["results"]:

@@ -11,8 +11,8 @@ of what mt.loss.loss_sums does after the model's forward: the loss sum and the N
 Columns:
   torch   PyTorch: logits.float(), F.cross_entropy with label smoothing 0.1, a second one for
           the NLL under no_grad, and autograd's backward
-  fused   kernels.cross_entropy_sums with backend triton: one kernel for both sums and the
-          gradient, the backward a scale of that gradient
+  fused   kernels.cross_entropy_sums with backend triton: one kernel for both sums, one in the
+          backward for the gradient
 
 Rows per column: `eager_ms` (median of --reps passes of --iters calls, synchronized at both ends),
 `graph_ms` (the same calls captured once in a CUDA graph and replayed: what the call costs inside
@@ -100,6 +100,7 @@ def bench_column(column: str, logits, target, args) -> dict:
         times.append((time.perf_counter() - t0) / args.iters * 1e3)
     res["eager_ms"] = statistics.median(times)
     if device == "cuda":
+        logits.grad = None  # the call frees the previous gradient first: not part of the base
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--emulate-graphs", action="store_true", help="off CUDA: graph columns emulated (logic check)")
     p.add_argument("--interpret", action="store_true", help="CPU: run ours through TRITON_INTERPRET=1")
     p.add_argument(
-        "--fused-loss", action="store_true", help="every column: the loss in one Triton kernel (trainer.fused_loss)"
+        "--fused-loss", action="store_true", help="every column: the loss in Triton kernels (trainer.fused_loss)"
     )
     p.add_argument("--batch", type=int, help="sentences per training batch (default 128; quick 8)")
     p.add_argument("--steps", type=int, help="T: longest source and target length (default 20; quick 6)")
@@ -273,7 +273,7 @@ def sync(device: str) -> None:
 
 def make_criterion(args) -> nn.Module:
     """The label-smoothed loss (0.1, as the recipes), summed: PyTorch's, or with --fused-loss
-    mt.loss.FusedCrossEntropyLoss (trainer.fused_loss=true: one Triton kernel for the loss and
+    mt.loss.FusedCrossEntropyLoss (trainer.fused_loss=true: Triton kernels for the loss and
     its gradient) in every column."""
     if getattr(args, "fused_loss", False):
         from mt.loss import FusedCrossEntropyLoss

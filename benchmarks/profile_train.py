@@ -20,7 +20,7 @@ forward and backward kernels, the decoder steps' weight gradients as one matmul 
 triton_cell.DeferredWeightGrad), ours-torch-attention (the attention as PyTorch's ops: what that
 pair of kernels gives), ours-per-step-weight-grads (a weight-gradient matmul and an addition per
 step and layer, as autograd does by itself), ours-fused-loss (the label-smoothed loss and its
-gradient in one Triton kernel, mt/kernels/cross_entropy.py: trainer.fused_loss=true), cudnn.
+gradient in two Triton kernels, mt/kernels/cross_entropy.py: trainer.fused_loss=true), cudnn.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _step_weights_without_bank(self, dtype, defer_grads: bool = False):
 
 
 def _fused_criterion(args):
-    """bench_train.make_criterion as with --fused-loss: the loss in one Triton kernel."""
+    """bench_train.make_criterion as with --fused-loss: the loss in Triton kernels."""
     from mt.loss import FusedCrossEntropyLoss
 
     return FusedCrossEntropyLoss(ignore_index=bt.PAD, label_smoothing=0.1)

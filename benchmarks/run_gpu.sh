@@ -13,7 +13,7 @@
 #                     every bucket up to length 128 captured  -> bench_train_wmt.json
 #     bench_train_wmt256  the same up to length 256   -> bench_train_wmt256.json
 #     bench_train_fused   bench_train.py --fused-loss: the graphed training columns with the loss in
-#                     one Triton kernel (trainer.fused_loss=true)  -> bench_train_fused.json
+#                     Triton kernels (trainer.fused_loss=true)  -> bench_train_fused.json
 #     bench_loss      benchmarks/bench_loss.py: the loss alone, PyTorch's against the fused kernel,
 #                     Multi30k and WMT-size logits  -> bench_loss.json
 #     bench_decode    benchmarks/bench_decode.py --random-init on the Multi30k test file

@@ -144,7 +144,7 @@ class TrainerConfig:
     # auto = on when training on CUDA (under torchrun too: the gradients' all-reduce is captured
     # with the step, mt.distributed.FlatGradients), off elsewhere; true on CPU is an error.
     cuda_graphs: str = "auto"  # auto | true | false
-    # The training loss (label-smoothed cross-entropy) and its gradient in one Triton kernel on the
+    # The training loss (label-smoothed cross-entropy) and its gradient in two Triton kernels on the
     # logits in the compute dtype (mt/kernels/cross_entropy.py, docs/gpu.md "Fused loss") instead
     # of PyTorch's ops on an fp32 copy; where Triton cannot run, the same loss in PyTorch.
     fused_loss: bool = False

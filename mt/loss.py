@@ -9,8 +9,8 @@ Sums, not means: the caller divides by the batch's token count (a device tensor 
 graphs) and sums over ranks before dividing for the log.
 
 The criterion is `nn.CrossEntropyLoss(reduction="sum")` or, with `trainer.fused_loss=true`,
-`FusedCrossEntropyLoss`: the same loss, where both sums and the gradient come from one Triton
-kernel on the logits in the compute dtype (mt/kernels/cross_entropy.py) instead of a dozen ops
+`FusedCrossEntropyLoss`: the same loss, where both sums and the gradient come from two Triton
+kernels on the logits in the compute dtype (mt/kernels/cross_entropy.py) instead of a dozen ops
 on an fp32 copy of them.
 """
 
@@ -60,6 +60,8 @@ def loss_sums(
         logits, _ = model(src, src_len, tgt_in)  # (B, T, V)
     target = tgt_out.flatten()  # (B*T,)
     if isinstance(criterion, FusedCrossEntropyLoss):
+        if criterion.ignore_index != pad_id:  # its NLL sum ignores the criterion's index
+            raise ValueError(f"FusedCrossEntropyLoss ignores {criterion.ignore_index}, the padding id is {pad_id}")
         return criterion.sums(logits.flatten(0, 1), target)  # the compute dtype: no fp32 copy
     logits = logits.float().flatten(0, 1)  # (B*T, V)
     loss_sum = criterion(logits, target) if criterion is not None else None

@@ -207,7 +207,7 @@ class Trainer:
         if tc.ema_decay > 0:
             self.ema = EMA(self.model, tc.ema_decay)
         self.scheduler = make_scheduler(self.optimizer, self.oc, tc.max_steps)
-        if tc.fused_loss:  # one Triton kernel for the loss and its gradient (mt/kernels/cross_entropy.py)
+        if tc.fused_loss:  # Triton kernels for the loss and its gradient (mt/kernels/cross_entropy.py)
             self.criterion = FusedCrossEntropyLoss(ignore_index=tok.pad_id, label_smoothing=self.oc.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss(

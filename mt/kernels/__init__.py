@@ -148,7 +148,7 @@ def cross_entropy_sums(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The training loss's two sums; see `reference.cross_entropy_sums`. Triton: one kernel for the
-    loss and its gradient (`cross_entropy.py`)."""
+    sums, one in the backward for the gradient (`cross_entropy.py`)."""
     if resolve_backend(backend, logits.device) == "triton":
         from . import cross_entropy
 

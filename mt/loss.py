@@ -26,7 +26,7 @@ from .runtime import autocast
 
 class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
     """`nn.CrossEntropyLoss(ignore_index, label_smoothing, reduction="sum")` computed by
-    `kernels.cross_entropy_sums`: the Triton kernel where it runs (CUDA; CPU tensors under
+    `kernels.cross_entropy_sums`: the Triton kernels where they run (CUDA; CPU tensors under
     TRITON_INTERPRET=1), its PyTorch reference elsewhere. Class weights are not supported."""
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0):

@@ -145,6 +145,19 @@ def multi30k_dir() -> Path:
     return d
 
 
+def run_benchmark(tmp_path: Path, script: str, *args: str, timeout: int = 300):
+    """benchmarks/<script> with `args` and `--json` into tmp_path, in a fresh Python from the
+    repository root: it must exit 0. -> (its JSON, its stdout)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{Path(script).stem}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
 def train_toy(corpus: Path, cache: Path, run: Path, *overrides: str) -> dict:
     """mt.train's debug=tiny model on a toy corpus, on the CPU in fp32, with `overrides` on top;
     train()'s summary. torch's thread count is restored afterwards (training sets it)."""

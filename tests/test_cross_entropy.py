@@ -170,22 +170,9 @@ def test_training_with_fused_loss_matches_pytorch_loss(tiny_corpus_dir, tmp_path
 def test_bench_loss_script_runs_on_cpu(tmp_path):
     """benchmarks/bench_loss.py's CPU smoke run (the interpreter): both columns timed on both
     sizes, the fused sums within 1e-5 of PyTorch's; the graph and memory rows need CUDA."""
-    import json
-    import subprocess
-    import sys
+    from conftest import run_benchmark
 
-    from kernel_utils import REPO
-
-    out = tmp_path / "bench_loss.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_loss.py"), "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res, _ = run_benchmark(tmp_path, "bench_loss.py", "--quick")
     assert res["environment"]["interpreter"] is True
     assert [(r["size"], r["V"]) for r in res["results"]] == [("tiny", 300), ("two-tiles", 3000)]
     for r in res["results"]:

@@ -9,7 +9,6 @@ Imports only torch, numpy and mt (the GPU machine has no hydra-core, omegaconf o
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_benchmark
 from torch import nn
 
 from mt.averaging import EMA
@@ -456,19 +456,7 @@ def test_gpu_side_modules_import_without_hydra_omegaconf_or_datasets():
 
 
 def test_bench_train_script_runs_on_cpu(tmp_path):
-    out = tmp_path / "bench_train.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "bench_train.py"),
-        "--quick",
-        "--device",
-        "cpu",
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res, stdout = run_benchmark(tmp_path, "bench_train.py", "--quick", "--device", "cpu")
     assert res["environment"]["device"] == "cpu"
     for task in ("train", "greedy", "beam"):
         cols = res["results"][task]
@@ -476,19 +464,15 @@ def test_bench_train_script_runs_on_cpu(tmp_path):
         for col in cols.values():
             assert not col.get("error"), col
             assert col["per_s"] > 0 and col["warmup_s"] > 0
-    assert "x cudnn eager" in proc.stdout
+    assert "x cudnn eager" in stdout
 
 
 def test_bench_train_bucketed_wmt_mode_on_cpu(tmp_path):
     """--preset wmt's bucketed mode at --quick sizes, graph columns emulated: token-budget batches
     from the sampler, every one of them inside a derived bucket (no eager fallback), each bucket
     warmed up and "captured" (3 emulated steps) before the timed steps."""
-    out = tmp_path / "bench_train_wmt.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--device", "cpu"]
-    cmd += ["--preset", "wmt", "--emulate-graphs", "--tasks", "train", "beam", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    args = ["--quick", "--device", "cpu", "--preset", "wmt", "--emulate-graphs", "--tasks", "train", "beam"]
+    res, stdout = run_benchmark(tmp_path, "bench_train.py", *args)
     cfg = res["config"]
     assert cfg["bucketed"] and (cfg["enc_layers"], cfg["dec_layers"], cfg["max_tokens"], cfg["max_len"]) == (
         4,
@@ -506,22 +490,13 @@ def test_bench_train_bucketed_wmt_mode_on_cpu(tmp_path):
         assert col["stats"] == {"emulated": steps}, col["stats"]  # no batch fell outside the buckets
     assert all(0 < c["tokens_per_step"] <= 256 for c in train.values())
     assert all(c["per_s"] > 0 for c in res["results"]["beam"].values())
-    assert f"{n_buckets} buckets warmed up and captured" in proc.stdout
+    assert f"{n_buckets} buckets warmed up and captured" in stdout
 
 
 def test_profile_train_script_runs_on_cpu(tmp_path):
     """benchmarks/profile_train.py's CPU smoke run: both cells' emulated graphed steps timed (the
     kernel table needs CUDA); its kernel groups on kernel names as GPU profiles show them."""
-    out = tmp_path / "profile_train.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "profile_train.py"), "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res, _ = run_benchmark(tmp_path, "profile_train.py", "--quick")
     assert [r["name"] for r in res["results"]] == [
         "ours",
         "ours-torch-attention",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,15 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["TokenBucketSampler", "Batch", "collate", "PairDataset", "make_loader", "iter_columns"]
+__all__ = [
+    "TokenBucketSampler",
+    "ResegmentingSampler",
+    "Batch",
+    "collate",
+    "PairDataset",
+    "make_loader",
+    "iter_columns",
+]
 
 
 class TokenBucketSampler(Sampler[list[int]]):
@@ -79,6 +87,14 @@ class TokenBucketSampler(Sampler[list[int]]):
         """Select the epoch's shuffle; `start` skips this rank's first batches (resuming mid-epoch)."""
         self.epoch = int(epoch)
         self.start = int(start)
+
+    def set_lengths(self, src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray) -> None:
+        """New example lengths (the same examples, segmented anew): batches are packed again."""
+        src, tgt = np.asarray(src_lens, dtype=np.int64) + 1, np.asarray(tgt_lens, dtype=np.int64) + 1
+        if src.shape != self.src_lens.shape or tgt.shape != self.tgt_lens.shape:
+            raise ValueError(f"set_lengths needs {len(self.src_lens)} lengths a side")
+        self.src_lens, self.tgt_lens = src, tgt
+        self._cache = None
 
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
@@ -337,6 +353,20 @@ class PairDataset(Dataset):
         self.src_lens = np.diff(self._src_off)  # (N,)
         self.tgt_lens = np.diff(self._tgt_off)  # (N,)
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the ids are held in (uint16 or int32)."""
+        return self._src.dtype
+
+    def set_tokens(self, src: np.ndarray, src_off: np.ndarray, tgt: np.ndarray, tgt_off: np.ndarray) -> None:
+        """Hold another segmentation of the same pairs (mt/subword_sampling.py): flat ids and
+        offsets as this class keeps them."""
+        if len(src_off) != len(self._src_off) or len(tgt_off) != len(self._tgt_off):
+            raise ValueError(f"set_tokens needs offsets for {len(self)} pairs a side")
+        self._src, self._src_off, self._tgt, self._tgt_off = src, src_off, tgt, tgt_off
+        self.src_lens = np.diff(src_off)  # (N,)
+        self.tgt_lens = np.diff(tgt_off)  # (N,)
+
     def __len__(self) -> int:
         return len(self.src_lens)
 
@@ -378,6 +408,26 @@ class PairDataset(Dataset):
         )
 
 
+class ResegmentingSampler(TokenBucketSampler):
+    """A TokenBucketSampler over a PairDataset that is segmented anew every epoch (subword
+    regularization, mt/subword_sampling.py): `set_epoch(e)` first puts ``segment(e)`` (a
+    `Segmentation`: flat ids and offsets) into the dataset and packs batches by its lengths.
+    `last` is the segmentation in use."""
+
+    def __init__(self, data: PairDataset, segment: Callable[[int], Any], **kwargs: Any) -> None:
+        super().__init__(data.src_lens, data.tgt_lens, **kwargs)
+        self.data, self.segment = data, segment
+        self.last: Any = None
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if self.last is None or self.last.epoch != int(epoch):
+            seg = self.segment(int(epoch))
+            self.data.set_tokens(seg.src, seg.src_off, seg.tgt, seg.tgt_off)
+            self.set_lengths(self.data.src_lens, self.data.tgt_lens)
+            self.last = seg
+        super().set_epoch(epoch, start)
+
+
 class _LoaderView(Dataset):
     """What make_loader's DataLoader reads: with a batch sampler, DataLoader hands
     `__getitems__` a whole batch of indices at once, and PairDataset.batch pads it in one go."""
@@ -410,14 +460,14 @@ def make_loader(
     rank: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    segment: Callable[[PairDataset], Callable[[int], Any]] | None = None,
 ) -> DataLoader:
     """A DataLoader of `Batch`es over a tokenized split; ``loader.batch_sampler.set_epoch(e)``
-    reshuffles (call it every epoch)."""
+    reshuffles (call it every epoch). `segment`, given the split's PairDataset, returns what
+    segments it anew for each epoch (`ResegmentingSampler`; mt.subword_sampling)."""
     vocab = [getattr(tokenizer, f"{side}_vocab_size", None) for side in ("src", "tgt")]
     data = PairDataset(ds, None if None in vocab else max(vocab) - 1)
-    sampler = TokenBucketSampler(
-        data.src_lens,
-        data.tgt_lens,
+    packing = dict(
         max_tokens=max_tokens,
         max_sentences=max_sentences,
         shuffle=shuffle,
@@ -425,13 +475,18 @@ def make_loader(
         num_replicas=num_replicas,
         rank=rank,
     )
+    if segment is None:
+        sampler: TokenBucketSampler = TokenBucketSampler(data.src_lens, data.tgt_lens, **packing)
+    else:
+        sampler = ResegmentingSampler(data, segment(data), **packing)
     return DataLoader(
         _LoaderView(data, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id),
         batch_sampler=sampler,
         collate_fn=_already_collated,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        # workers made anew each epoch when the epoch brings new tokens: they copy the dataset then
+        persistent_workers=num_workers > 0 and segment is None,
         # Its own generator: otherwise every new iterator draws a seed from the global RNG,
         # which would shift dropout masks after a resume mid-epoch.
         generator=torch.Generator().manual_seed(seed),

@@ -148,6 +148,12 @@ class TrainerConfig:
     # logits in the compute dtype (mt/kernels/cross_entropy.py, docs/gpu.md "Fused loss") instead
     # of PyTorch's ops on an fp32 copy; where Triton cannot run, the same loss in PyTorch.
     fused_loss: bool = False
+    # Subword regularization (mt/subword_sampling.py, docs/training.md): > 0 trains every epoch on a
+    # segmentation of the training pairs sampled by SentencePiece (unigram: from the subword_nbest
+    # best, -1 = all, with probabilities ~ P^alpha; BPE: each merge dropped with probability
+    # alpha); validation, test and translation keep the best segmentation. 0 = off.
+    subword_alpha: float = 0.0
+    subword_nbest: int = -1
     # The fixed shapes batches are padded to (mt/graphs.py, README "GPU speed"): a batch whose
     # longest side (source or target, EOS/BOS included) is m goes to the smallest length L >= m
     # and is padded to (batch size for L, L, L). None = derived: lengths 8, 10, 12, ..., 22, 26,

@@ -405,7 +405,7 @@ def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, lis
 _REASONS = ("src_len", "tgt_len", "ratio")
 
 
-def _drop_codes(ls: np.ndarray, lt: np.ndarray, max_src: int, max_tgt: int, ratio: float) -> np.ndarray:
+def length_filter_codes(ls: np.ndarray, lt: np.ndarray, max_src: int, max_tgt: int, ratio: float) -> np.ndarray:
     """0 = keep, k = dropped for _REASONS[k-1]. Lengths are subword tokens without eos."""
     ls, lt = np.asarray(ls, dtype=np.int64), np.asarray(lt, dtype=np.int64)
     code = np.zeros(len(ls), dtype=np.int8)
@@ -541,11 +541,11 @@ def _prepare(
 
     limits = (data_cfg.max_src_len, data_cfg.max_tgt_len, data_cfg.max_len_ratio)
     src_lens, tgt_lens = _list_lengths(train, "src_ids"), _list_lengths(train, "tgt_ids")
-    codes = _drop_codes(src_lens, tgt_lens, *limits)
+    codes = length_filter_codes(src_lens, tgt_lens, *limits)
     counts = np.bincount(codes, minlength=len(_REASONS) + 1)
     for k, reason in enumerate(_REASONS, start=1):
         stats[f"dropped_{reason}"] = int(counts[k])
-    if counts[1:].sum():  # the rows _drop_codes keeps, selected from the lengths already read
+    if counts[1:].sum():  # the rows length_filter_codes keeps, selected from the lengths already read
         train = train.select(np.flatnonzero(codes == 0))
     if len(train) == 0:
         raise DataError(

@@ -103,6 +103,19 @@ class Tokenizer:
         """Piece ids of each target sentence (no bos/eos)."""
         return self._encode(self._tgt, texts)
 
+    def sample(self, side: str, texts: Sequence[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
+        """Piece ids of a SAMPLED segmentation of each sentence of `side` ("src" or "tgt"), for
+        subword regularization (mt/subword_sampling.py): a unigram model draws from its `nbest`
+        best segmentations (-1: all of them) with probabilities ~ P^alpha; a BPE model drops each
+        merge with probability `alpha`. The same (texts, alpha, nbest, seed) give the same ids."""
+        if isinstance(texts, str):
+            raise TypeError("sample takes a list of strings, not one string")
+        sp = {"src": self._src, "tgt": self._tgt}[side]
+        # SentencePiece's generator is seeded per call; one thread, because several threads
+        # take sentences in whatever order they get to them, and the draws follow that order.
+        spm.set_random_generator_seed(int(seed))
+        return sp.encode(list(texts), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest, num_threads=1)
+
     # ----------------------------------------------------------------------------- decoding
     def _clean(self, ids: Iterable[Any]) -> list[int]:
         out: list[int] = []

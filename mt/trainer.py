@@ -61,6 +61,7 @@ from .pace import Pace
 from .runtime import autocast, resolve_cuda_graphs, resolve_device, resolve_precision, set_tf32
 from .search import decode_dataset, parse_length_penalty
 from .step_stats import SUMMED, StepStats, step_values
+from .subword_sampling import EpochSegmentations, check_settings
 from .tokenizer import Tokenizer
 from .validation import report_validation, validation_loss
 
@@ -151,6 +152,8 @@ class Trainer:
         self.decoder_graphs = self.buckets = None
         self.writer = self.progress = None
         self.last_eval_step = -1  # the step of the last validation (-1: none in this run yet)
+        self.segmentations: EpochSegmentations | None = None  # trainer.subword_alpha > 0
+        self.segmentation_logged = -1  # the epoch whose sampled segmentation was logged
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -167,6 +170,7 @@ class Trainer:
         while not done and s.epoch < tc.max_epochs:
             # resuming: the epoch starts after the batches already trained on
             self.train_loader.batch_sampler.set_epoch(s.epoch, start=s.batch_in_epoch)
+            self.log_segmentation()
             for batch in self.train_loader:
                 self.train_step(batch)
                 if s.step % tc.eval_every == 0 or s.step >= tc.max_steps:
@@ -197,6 +201,7 @@ class Trainer:
         if cfg.decoding.beam < 1:  # a recipe's decoding typo fails now, not when the run is over
             raise MTError(f"decoding.beam must be >= 1 (got {cfg.decoding.beam})")
         parse_length_penalty(cfg.decoding.length_penalty)
+        check_settings(tc.subword_alpha, tc.subword_nbest)
         resume_state, tokenizer = self.read_resume_checkpoint() if tc.resume else (None, None)
         self.prepare_data(tokenizer)
         tok = self.tok
@@ -371,7 +376,7 @@ class Trainer:
     def make_loaders(self) -> None:
         tc, ddp, s = self.tc, self.ddp, self.state
 
-        def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world, pin_memory=False):
+        def loader_for(ds, shuffle: bool, rank=ddp.rank, world=ddp.world, pin_memory=False, segment=None):
             return batching.make_loader(
                 ds,
                 self.tok,
@@ -383,12 +388,28 @@ class Trainer:
                 rank=rank,
                 num_workers=tc.num_workers,
                 pin_memory=pin_memory,
+                segment=segment,
             )
 
         # eager on CUDA: batches pinned by the loader, copied without waiting (graphs.to_device);
         # under graphs pad_batch makes the pinned copy
         pin = self.device.type == "cuda" and not self.use_graphs
-        self.train_loader = loader_for(self.corpus.train, shuffle=True, pin_memory=pin)
+        segment = None
+        if tc.subword_alpha > 0:  # subword regularization: every epoch segmented anew
+
+            def segment(best: batching.PairDataset) -> EpochSegmentations:
+                self.segmentations = EpochSegmentations(
+                    self.tok,
+                    self.corpus.train,
+                    best,
+                    alpha=tc.subword_alpha,
+                    nbest=tc.subword_nbest,
+                    seed=tc.seed,
+                    limits=(self.cfg.data.max_src_len, self.cfg.data.max_tgt_len, self.cfg.data.max_len_ratio),
+                )
+                return self.segmentations
+
+        self.train_loader = loader_for(self.corpus.train, shuffle=True, pin_memory=pin, segment=segment)
         self.valid_loader = loader_for(self.corpus.valid, shuffle=False, rank=0, world=1)
         if len(self.train_loader) == 0:
             raise MTError("the training split is empty after filtering; check data.max_src_len/max_tgt_len")
@@ -400,6 +421,27 @@ class Trainer:
             ddp.world,
             len(self.train_loader),
             sorted(first)[:8],
+        )
+
+    def log_segmentation(self) -> None:
+        """Subword regularization: what this epoch's sampled segmentation came to, once an epoch."""
+        seg = getattr(self.train_loader.batch_sampler, "last", None)
+        if seg is None or not self.ddp.main or seg.epoch == self.segmentation_logged:
+            return
+        self.segmentation_logged = seg.epoch
+        src, tgt = seg.pieces()
+        stats = self.corpus.stats
+        log.info(
+            "epoch %d: sampled segmentation, %d source / %d target pieces (best: %d / %d), %d pairs kept the best "
+            "(length limits); %d batches; sampled in %.1f s",
+            seg.epoch,
+            src,
+            tgt,
+            stats["train_src_tokens"],
+            stats["train_tgt_tokens"],
+            seg.kept_best,
+            len(self.train_loader),
+            seg.seconds,
         )
 
     def warm_up(self) -> None:
@@ -687,6 +729,8 @@ class Trainer:
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         s = self.state
+        if self.segmentations is not None:
+            self.segmentations.close()  # the next epoch's sampling, queued in the background
         if self.ddp.main:
             self.progress.close()
             self.saver.wait()  # the last validation's report (TensorBoard, log) and checkpoint are done

@@ -358,6 +358,11 @@ class PairDataset(Dataset):
         """The dtype the ids are held in (uint16 or int32)."""
         return self._src.dtype
 
+    def tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(src, src_off, tgt, tgt_off): the flat ids and offsets held now (`set_tokens` replaces
+        them, it does not write into them)."""
+        return self._src, self._src_off, self._tgt, self._tgt_off
+
     def set_tokens(self, src: np.ndarray, src_off: np.ndarray, tgt: np.ndarray, tgt_off: np.ndarray) -> None:
         """Hold another segmentation of the same pairs (mt/subword_sampling.py): flat ids and
         offsets as this class keeps them."""

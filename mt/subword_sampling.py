@@ -87,7 +87,10 @@ class EpochSegmentations:
             raise MTError("subword sampling needs trainer.subword_alpha > 0")
         if len(train) != len(best):
             raise ValueError(f"the split has {len(train)} rows, its token arrays {len(best)}")
-        self.tokenizer, self.train, self.best = tokenizer, train, best
+        self.tokenizer, self.train = tokenizer, train
+        # the best segmentation's arrays, kept: the loader puts each epoch's sample into `best`
+        self.best = dict(zip(("src", "src_off", "tgt", "tgt_off"), best.tokens()))
+        self.rows = len(best)
         self.alpha, self.nbest, self.seed, self.limits = float(alpha), int(nbest), int(seed), limits
         self.chunk_rows = int(chunk_rows)
         self.dtype = best.dtype
@@ -131,16 +134,17 @@ class EpochSegmentations:
             ls = np.fromiter(map(len, ids["src"]), dtype=np.int64, count=table.num_rows)  # (n,)
             lt = np.fromiter(map(len, ids["tgt"]), dtype=np.int64, count=table.num_rows)  # (n,)
             for i in np.flatnonzero(length_filter_codes(ls, lt, *self.limits)).tolist():
-                pair = self.best[row + i]
-                ids["src"][i], ids["tgt"][i] = pair["src_ids"].tolist(), pair["tgt_ids"].tolist()
+                for side in ("src", "tgt"):
+                    values, off = self.best[side], self.best[f"{side}_off"]
+                    ids[side][i] = values[off[row + i] : off[row + i + 1]].tolist()
                 kept_best += 1
             for side in ("src", "tgt"):
                 values, lens = _flat(ids[side], self.dtype)
                 parts[side].append(values)
                 parts[f"{side}_len"].append(lens)
             row += table.num_rows
-        if row != len(self.best):
-            raise RuntimeError(f"sampled {row} rows of a split of {len(self.best)}")
+        if row != self.rows:
+            raise RuntimeError(f"sampled {row} rows of a split of {self.rows}")
         offsets = {}
         for side in ("src", "tgt"):
             lens = np.concatenate(parts[f"{side}_len"]) if row else np.zeros(0, dtype=np.int64)

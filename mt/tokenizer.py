@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -52,6 +53,9 @@ def _load_proto(proto: bytes) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     return sp
+
+
+_SAMPLING = threading.Lock()  # Tokenizer.sample: SentencePiece's random seed is one per process
 
 
 class Tokenizer:
@@ -111,10 +115,14 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TypeError("sample takes a list of strings, not one string")
         sp = {"src": self._src, "tgt": self._tgt}[side]
-        # SentencePiece's generator is seeded per call; one thread, because several threads
+        # SentencePiece's seed is process-wide: seeding and drawing happen under one lock, or
+        # another thread's sampling could reseed in between. One encoding thread, because several
         # take sentences in whatever order they get to them, and the draws follow that order.
-        spm.set_random_generator_seed(int(seed))
-        return sp.encode(list(texts), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest, num_threads=1)
+        with _SAMPLING:
+            spm.set_random_generator_seed(int(seed))
+            return sp.encode(
+                list(texts), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest, num_threads=1
+            )
 
     # ----------------------------------------------------------------------------- decoding
     def _clean(self, ids: Iterable[Any]) -> list[int]:

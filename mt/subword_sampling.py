@@ -21,6 +21,8 @@ it on for the training split (docs/training.md, "Subword regularization").
 from __future__ import annotations
 
 import itertools
+import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,12 +37,27 @@ from mt.errors import MTError
 __all__ = ["Segmentation", "EpochSegmentations", "check_settings"]
 
 
-def check_settings(alpha: float, nbest: int) -> None:
-    """One-line errors for trainer.subword_alpha / subword_nbest (alpha 0 turns sampling off)."""
-    if not alpha >= 0:
-        raise MTError(f"trainer.subword_alpha must be >= 0 (0 = off; got {alpha})")
-    if alpha > 0 and not (nbest == -1 or nbest > 1):
+def check_settings(alpha: float, nbest: int, tokenizer: Any = None) -> None:
+    """One-line errors for trainer.subword_alpha / subword_nbest (alpha 0 turns sampling off),
+    and, given the tokenizer, for models that cannot sample."""
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise MTError(f"trainer.subword_alpha must be a number >= 0 (0 = off; got {alpha})")
+    if alpha == 0:
+        return
+    if not (nbest == -1 or nbest > 1):
         raise MTError(f"trainer.subword_nbest must be -1 (all segmentations) or > 1 (got {nbest})")
+    for side in ("src", "tgt") if tokenizer is not None else ():
+        kind = tokenizer.model_type(side)
+        if kind not in ("unigram", "bpe"):
+            raise MTError(f"trainer.subword_alpha needs a unigram or BPE tokenizer; the {side} model is {kind}")
+        if kind == "bpe" and alpha >= 1:
+            raise MTError(
+                f"trainer.subword_alpha is BPE-dropout's probability with a BPE tokenizer: it must be < 1 (got {alpha})"
+            )
+
+
+class _Stopped(Exception):
+    """close() was called while an epoch was being sampled."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +98,9 @@ class EpochSegmentations:
         seed: int,
         limits: tuple[int, int, float],
         chunk_rows: int = 20_000,
+        epochs: int | None = None,
     ) -> None:
-        check_settings(alpha, nbest)
+        check_settings(alpha, nbest, tokenizer)
         if alpha == 0:
             raise MTError("subword sampling needs trainer.subword_alpha > 0")
         if len(train) != len(best):
@@ -93,6 +111,8 @@ class EpochSegmentations:
         self.rows = len(best)
         self.alpha, self.nbest, self.seed, self.limits = float(alpha), int(nbest), int(seed), limits
         self.chunk_rows = int(chunk_rows)
+        self.epochs = epochs  # epochs 0 .. epochs - 1 are trained: none past them is sampled ahead
+        self._stop = threading.Event()
         self.dtype = best.dtype
         # One worker: SentencePiece's generator is process-wide, so draws are reproducible only
         # if one thread samples at a time.
@@ -106,12 +126,14 @@ class EpochSegmentations:
         if epoch not in self._futures:
             self._futures[epoch] = self._pool.submit(self.sample, epoch)
         seg = self._futures[epoch].result()
-        if epoch + 1 not in self._futures:
+        if epoch + 1 not in self._futures and (self.epochs is None or epoch + 1 < self.epochs):
             self._futures[epoch + 1] = self._pool.submit(self.sample, epoch + 1)
         return seg
 
     def close(self) -> None:
-        """Drop queued work (a sampling under way finishes in its thread)."""
+        """Stop sampling: queued epochs are dropped, one under way stops after its current chunk
+        (the process would otherwise wait for it at exit)."""
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._futures.clear()
 
@@ -125,6 +147,8 @@ class EpochSegmentations:
         parts: dict[str, list[np.ndarray]] = {"src": [], "tgt": [], "src_len": [], "tgt_len": []}
         kept_best = row = 0
         for chunk, table in enumerate(iter_columns(self.train, ["src", "tgt"], rows=self.chunk_rows)):
+            if self._stop.is_set():
+                raise _Stopped(f"closed while sampling epoch {epoch}")
             ids = {
                 side: self.tokenizer.sample(
                     side, table[side].to_pylist(), self.alpha, self.nbest, self._chunk_seed(epoch, chunk, k)

@@ -107,6 +107,14 @@ class Tokenizer:
         """Piece ids of each target sentence (no bos/eos)."""
         return self._encode(self._tgt, texts)
 
+    def model_type(self, side: str) -> str:
+        """ "unigram", "bpe", "word" or "char": how `side`'s SentencePiece model segments."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._src_proto if side == "src" else self._tgt_proto)
+        kind = proto.trainer_spec.model_type
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(kind).lower()
+
     def sample(self, side: str, texts: Sequence[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
         """Piece ids of a SAMPLED segmentation of each sentence of `side` ("src" or "tgt"), for
         subword regularization (mt/subword_sampling.py): a unigram model draws from its `nbest`
@@ -381,8 +389,9 @@ def sample_rows(n: int, size: int, seed: int) -> Any:
 
 def _train_in_this_process(options: dict[str, Any], seed: int, sentences: Iterable[str]) -> bytes:
     writer = io.BytesIO()
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=writer, **options)
+    with _SAMPLING:  # the seed is process-wide: not while a Tokenizer.sample runs in another thread
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=writer, **options)
     return writer.getvalue()
 
 

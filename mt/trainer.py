@@ -157,6 +157,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
+        try:
+            return self.train_and_finish()
+        finally:
+            self.stop_sampling()
+
+    def train_and_finish(self) -> dict[str, Any]:
         tc, s = self.tc, self.state
         resume_from = self.set_up()  # data, model, optimizer (resuming: with last.pt's tokenizer)
         if resume_from is not None:
@@ -189,6 +195,7 @@ class Trainer:
                     break
             else:  # the epoch ran out
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        self.stop_sampling()  # no epoch after this one: its sampling would only slow the validation
         self.settle(self.pending.drain())  # the last step's numbers: its NaN check and log line
         if self.last_eval_step != s.step:  # max_epochs or max_minutes reached between validations
             self.validate()
@@ -406,6 +413,7 @@ class Trainer:
                     nbest=tc.subword_nbest,
                     seed=tc.seed,
                     limits=(self.cfg.data.max_src_len, self.cfg.data.max_tgt_len, self.cfg.data.max_len_ratio),
+                    epochs=tc.max_epochs,
                 )
                 return self.segmentations
 
@@ -422,6 +430,11 @@ class Trainer:
             len(self.train_loader),
             sorted(first)[:8],
         )
+
+    def stop_sampling(self) -> None:
+        """Subword regularization: drop the next epoch's sampling, queued or under way."""
+        if self.segmentations is not None:
+            self.segmentations.close()
 
     def log_segmentation(self) -> None:
         """Subword regularization: what this epoch's sampled segmentation came to, once an epoch."""
@@ -729,8 +742,6 @@ class Trainer:
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         s = self.state
-        if self.segmentations is not None:
-            self.segmentations.close()  # the next epoch's sampling, queued in the background
         if self.ddp.main:
             self.progress.close()
             self.saver.wait()  # the last validation's report (TensorBoard, log) and checkpoint are done

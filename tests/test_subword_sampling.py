@@ -60,6 +60,10 @@ def test_a_sample_spells_the_sentence_and_follows_its_seed(tok, texts):
     assert sum(map(len, a)) > sum(map(len, tok.encode_src(src)))
     with pytest.raises(TypeError):
         tok.sample("tgt", "one string", alpha, -1, seed=1)
+    # one sentence, after other draws in the same thread: the seed still decides
+    one = tok.sample("src", src[:1], alpha, -1, seed=7)
+    tok.sample("src", src, alpha, -1, seed=9)
+    assert tok.sample("src", src[:1], alpha, -1, seed=7) == one == a[:1]
 
 
 def test_epochs_differ_and_a_fresh_sampler_repeats_them(tok, texts):
@@ -94,41 +98,57 @@ def test_chunks_draw_from_their_own_seeds(tok):
     assert rows_of(seg, "src") != rows_of(seg, "tgt")  # the two sides draw apart too
 
 
-def test_a_sample_past_a_length_limit_keeps_the_best_segmentation(tok, texts):
+@pytest.mark.parametrize("limit", ["length", "ratio"])
+def test_a_sample_past_a_length_limit_keeps_the_best_segmentation(tok, texts, limit):
     src, tgt = texts[0][:300], texts[1][:300]
     ds, best = split_of(tok, src, tgt)
-    limit = int(max(best.src_lens.max(), best.tgt_lens.max()))  # every best segmentation fits
+    longest = int(max(best.src_lens.max(), best.tgt_lens.max()))  # every best segmentation fits
+    ratio = float(
+        np.max(np.maximum(best.src_lens, best.tgt_lens) / np.maximum(1, np.minimum(best.src_lens, best.tgt_lens)))
+    )
+    limits = (longest, longest, 0.0) if limit == "length" else (0, 0, ratio)
     best_rows = {side: [best[i][f"{side}_ids"].tolist() for i in range(len(best))] for side in ("src", "tgt")}
-    segs = EpochSegmentations(tok, ds, best, alpha=0.1, nbest=-1, seed=1, limits=(limit, limit, 0.0))
-    free = EpochSegmentations(tok, ds, best, alpha=0.1, nbest=-1, seed=1, limits=NO_LIMITS).sample(1)
+    # several chunks, so a pair's place in its chunk and in the split differ
+    segs = EpochSegmentations(tok, ds, best, alpha=0.1, nbest=-1, seed=1, limits=limits, chunk_rows=64)
+    free = EpochSegmentations(tok, ds, best, alpha=0.1, nbest=-1, seed=1, limits=NO_LIMITS, chunk_rows=64).sample(1)
     # the loader puts each epoch's sample into the dataset: the fallback must not read it from there
     e0 = segs.sample(0)
     best.set_tokens(e0.src, e0.src_off, e0.tgt, e0.tgt_off)
     seg = segs.sample(1)
-    too_long = [
-        i for i, (s, t) in enumerate(zip(rows_of(free, "src"), rows_of(free, "tgt"))) if max(len(s), len(t)) > limit
-    ]
-    assert too_long and seg.kept_best == len(too_long)
+    pairs = list(zip(rows_of(free, "src"), rows_of(free, "tgt")))
+    if limit == "length":
+        too_long = [i for i, (s, t) in enumerate(pairs) if max(len(s), len(t)) > longest]
+    else:
+        too_long = [i for i, (s, t) in enumerate(pairs) if max(len(s), len(t)) / max(1, min(len(s), len(t))) > ratio]
+    assert too_long and seg.kept_best == len(too_long) and max(too_long) >= 64
     got_src, got_tgt = rows_of(seg, "src"), rows_of(seg, "tgt")
     for i in range(len(src)):
         if i in too_long:
             assert got_src[i] == best_rows["src"][i] and got_tgt[i] == best_rows["tgt"][i]
         else:
             assert got_src[i] == rows_of(free, "src")[i]
-        assert len(got_src[i]) <= limit and len(got_tgt[i]) <= limit
+        if limit == "length":
+            assert len(got_src[i]) <= longest and len(got_tgt[i]) <= longest
 
 
-def test_the_loader_batches_each_epochs_segmentation(tok, texts):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_loader_batches_each_epochs_segmentation(tok, texts, workers):
+    """Two ranks, each with its own sampler as under DDP; loader workers (made anew each epoch)
+    must batch that epoch's sample, not the one they started with."""
     ds, _ = split_of(tok, *texts)
     made = []
 
     def segment(data):
         made.append(EpochSegmentations(tok, ds, data, alpha=0.1, nbest=-1, seed=5, limits=NO_LIMITS))
-        return made[0]
+        return made[-1]
 
     loaders = [
-        make_loader(ds, tok, 300, 64, shuffle=True, seed=5, num_replicas=2, rank=r, segment=segment) for r in (0, 1)
+        make_loader(
+            ds, tok, 300, 64, shuffle=True, seed=5, num_replicas=2, rank=r, num_workers=workers, segment=segment
+        )
+        for r in (0, 1)
     ]
+    assert len(made) == 2
     assert isinstance(loaders[0].batch_sampler, ResegmentingSampler)
     pad, eos = tok.pad_id, tok.eos_id
     seen = {}
@@ -148,15 +168,46 @@ def test_the_loader_batches_each_epochs_segmentation(tok, texts):
         assert len(rows) == len(set(rows))  # the ranks' batches are disjoint
         assert len(rows) > 0.8 * len(ds)
         seen[epoch] = rows_of(loaders[0].batch_sampler.last, "src")
+        assert seen[epoch] == rows_of(loaders[1].batch_sampler.last, "src")  # both ranks drew the same
     assert seen[0] != seen[1]
     for s in made:
         s.close()
 
 
-@pytest.mark.parametrize("alpha, nbest", [(-0.1, -1), (0.1, 0), (0.1, 1), (float("nan"), -1)])
+@pytest.mark.parametrize("alpha, nbest", [(-0.1, -1), (0.1, 0), (0.1, 1), (float("nan"), -1), (float("inf"), -1)])
 def test_bad_settings_get_one_line_errors(alpha, nbest):
     with pytest.raises(MTError, match="trainer.subword_"):
         check_settings(alpha, nbest)
+
+
+@pytest.mark.parametrize("model_type", ["char", "word"])
+def test_a_model_that_cannot_sample_is_refused(texts, tmp_path, model_type):
+    other = train_tokenizer(replace(CFG, model_type=model_type, vocab_size=300), *texts, tmp_path, log=lambda m: None)
+    assert other.model_type("src") == model_type
+    with pytest.raises(MTError, match=f"needs a unigram or BPE tokenizer; the src model is {model_type}"):
+        check_settings(0.1, -1, other)
+
+
+def test_bpe_dropout_must_be_a_probability(tok):
+    kind = tok.model_type("tgt")
+    check_settings(0.5, -1, tok)
+    if kind == "bpe":
+        with pytest.raises(MTError, match="BPE-dropout's probability"):
+            check_settings(1.0, -1, tok)
+    else:
+        check_settings(2.0, -1, tok)  # a unigram model: alpha > 1 sharpens the draw
+
+
+def test_close_stops_sampling_and_nothing_is_queued_past_the_last_epoch(tok, texts):
+    ds, best = split_of(tok, *texts)
+    segs = EpochSegmentations(tok, ds, best, alpha=0.1, nbest=-1, seed=0, limits=NO_LIMITS, chunk_rows=50, epochs=2)
+    segs(0)
+    assert set(segs._futures) == {0, 1}
+    segs(1)
+    assert set(segs._futures) == {1}  # epoch 0 let go, epoch 2 never trained
+    segs.close()
+    with pytest.raises(Exception, match="closed while sampling epoch 3"):
+        segs.sample(3)  # what a sampling under way meets at its next chunk
 
 
 def test_off_needs_no_nbest():

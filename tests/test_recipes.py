@@ -117,3 +117,22 @@ def test_bare_cli_trains_the_cpu_recipe_and_records_it(tiny_corpus_dir, tmp_path
     assert recorded[0] == "experiment=multi30k_de_en_cpu" and set(args[:-1]) <= set(recorded)
     saved = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
     assert saved["model"]["enc_layers"] == 1 and saved["model"]["hidden_dim"] == 32
+
+
+def test_the_bf16_cpu_recipe_is_the_fp32_one_in_bf16_with_more_steps():
+    from dataclasses import asdict
+
+    fp32, bf16 = (
+        asdict(composed([f"experiment={name}"])) for name in ("multi30k_de_en_cpu", "multi30k_de_en_cpu_bf16")
+    )
+    changed = {
+        (group, key): (fp32[group][key], bf16[group][key])
+        for group in fp32
+        if isinstance(fp32[group], dict)
+        for key in fp32[group]
+        if fp32[group][key] != bf16[group][key]
+    }
+    assert changed == {("trainer", "precision"): ("auto", "bf16"), ("trainer", "max_steps"): (3000, 3600)}
+    assert {k: v for k, v in fp32.items() if not isinstance(v, dict)} == {
+        k: v for k, v in bf16.items() if not isinstance(v, dict)
+    }

@@ -353,11 +353,6 @@ class PairDataset(Dataset):
         self.src_lens = np.diff(self._src_off)  # (N,)
         self.tgt_lens = np.diff(self._tgt_off)  # (N,)
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype the ids are held in (uint16 or int32)."""
-        return self._src.dtype
-
     def tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(src, src_off, tgt, tgt_off): the flat ids and offsets held now (`set_tokens` replaces
         them, it does not write into them)."""

@@ -77,12 +77,6 @@ class Segmentation:
         return int(self.src_off[-1]), int(self.tgt_off[-1])
 
 
-def _flat(rows: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))  # (n,)
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(lens.sum()))
-    return values, lens
-
-
 class EpochSegmentations:
     """``segs(epoch)`` -> that epoch's `Segmentation` of the training split `train` (a tokenized
     split with its text columns src and tgt; `best` is its PairDataset), and the next epoch's
@@ -113,7 +107,6 @@ class EpochSegmentations:
         self.chunk_rows = int(chunk_rows)
         self.epochs = epochs  # epochs 0 .. epochs - 1 are trained: none past them is sampled ahead
         self._stop = threading.Event()
-        self.dtype = best.dtype
         # One worker: SentencePiece's generator is process-wide, so draws are reproducible only
         # if one thread samples at a time.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="subword-sampling")
@@ -155,17 +148,20 @@ class EpochSegmentations:
                 )
                 for k, side in enumerate(("src", "tgt"))
             }
-            ls = np.fromiter(map(len, ids["src"]), dtype=np.int64, count=table.num_rows)  # (n,)
-            lt = np.fromiter(map(len, ids["tgt"]), dtype=np.int64, count=table.num_rows)  # (n,)
-            for i in np.flatnonzero(length_filter_codes(ls, lt, *self.limits)).tolist():
+            # (n,) pieces a pair, a side: read by the length filter, then by the flattening
+            lens = {
+                side: np.fromiter(map(len, rows), dtype=np.int64, count=table.num_rows) for side, rows in ids.items()
+            }
+            for i in np.flatnonzero(length_filter_codes(lens["src"], lens["tgt"], *self.limits)).tolist():
                 for side in ("src", "tgt"):
                     values, off = self.best[side], self.best[f"{side}_off"]
                     ids[side][i] = values[off[row + i] : off[row + i + 1]].tolist()
+                    lens[side][i] = len(ids[side][i])
                 kept_best += 1
             for side in ("src", "tgt"):
-                values, lens = _flat(ids[side], self.dtype)
-                parts[side].append(values)
-                parts[f"{side}_len"].append(lens)
+                flat = itertools.chain.from_iterable(ids[side])
+                parts[side].append(np.fromiter(flat, dtype=self.best[side].dtype, count=int(lens[side].sum())))
+                parts[f"{side}_len"].append(lens[side])
             row += table.num_rows
         if row != self.rows:
             raise RuntimeError(f"sampled {row} rows of a split of {self.rows}")
@@ -176,9 +172,9 @@ class EpochSegmentations:
             np.cumsum(lens, out=offsets[side][1:])
         return Segmentation(
             epoch=epoch,
-            src=np.concatenate(parts["src"]) if row else np.zeros(0, self.dtype),
+            src=np.concatenate(parts["src"]) if row else np.zeros(0, self.best["src"].dtype),
             src_off=offsets["src"],
-            tgt=np.concatenate(parts["tgt"]) if row else np.zeros(0, self.dtype),
+            tgt=np.concatenate(parts["tgt"]) if row else np.zeros(0, self.best["tgt"].dtype),
             tgt_off=offsets["tgt"],
             kept_best=kept_best,
             seconds=time.perf_counter() - t0,
